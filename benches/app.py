@@ -1,0 +1,157 @@
+"""The bench app: config -> workload -> implementation -> measurement -> tidy rows -> results file.
+
+Run: ``python -m benches.app [overrides]`` (one point) or ``python -m benches.app -m ...`` (a
+sweep); ``nox -s bench`` wraps it. Each job writes ``results.csv`` into its own output directory;
+the :mod:`benches.callbacks` callback aggregates a run or sweep and draws its figure.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import ttrec
+from ttrec.workloads import Batch, Workload, batch_stats, generate_batch
+
+from .config import BenchConfig, register, to_objects
+from .environment import capture
+from .results import RESULTS_FILE, write_rows
+from .timing import Stats, measure
+
+log = logging.getLogger("ttrec.bench")
+register()
+
+
+def build_module(cfg: BenchConfig) -> torch.nn.Module:
+    t = cfg.tt
+    return ttrec.build_embedding(
+        cfg.impl.name.value, cfg.table.num_embeddings, cfg.table.embedding_dim,
+        tt_ranks=t.rank, tt_p_shapes=t.p_shapes, tt_q_shapes=t.q_shapes, d=t.d, init=t.init.value,
+        backend=cfg.impl.backend.value, mode=cfg.workload.pooling.value, sparse=cfg.impl.sparse,
+        seed=cfg.seed, device=cfg.device,
+    )
+
+
+def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Callable[[], object]:
+    """The timed callable: a forward (no autograd), or forward + backward + optimizer step."""
+    args = (batch.indices, batch.offsets, batch.per_sample_weights)
+    if cfg.mode.name.value == "forward":
+        def forward():
+            with torch.no_grad():
+                return module(*args)
+        return forward
+    opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
+    opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    grad_out = torch.randn(cfg.workload.batch_size, cfg.table.embedding_dim, generator=gen).to(batch.indices.device)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        module(*args).backward(grad_out)
+        opt.step()
+    return train_step
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: got {device!r}, but torch.cuda.is_available() is False; use device=cpu")
+        return
+    raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N")
+
+
+def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:
+    """The config values (and measured workload ratios) that identify one measured point."""
+    is_tt = isinstance(module, ttrec.TTEmbeddingBag)
+    spec = module.spec if is_tt else None
+    w = cfg.workload
+    cols = {
+        "experiment": experiment,
+        "impl": cfg.impl.name.value,
+        "backend": module.resolved_backend() if is_tt and cfg.impl.name.value == "tt" else ("torch" if is_tt else "aten"),
+        "device": cfg.device,
+        "table": cfg.table.name,
+        "num_embeddings": cfg.table.num_embeddings,
+        "embedding_dim": cfg.table.embedding_dim,
+        "tt_p_shapes": "x".join(map(str, spec.tt_p_shapes)) if is_tt else None,
+        "tt_q_shapes": "x".join(map(str, spec.tt_q_shapes)) if is_tt else None,
+        "tt_rank": cfg.tt.rank if is_tt else None,
+        "tt_d": spec.d if is_tt else None,
+        "init": cfg.tt.init.value if is_tt else "uniform_dlrm",
+        "param_bytes": spec.param_bytes if is_tt else cfg.table.num_embeddings * cfg.table.embedding_dim * 4,
+        "compression_ratio": spec.compression_ratio if is_tt else 1.0,
+        "batch_size": w.batch_size,
+        "pooling_factor": w.pooling_factor,
+        "pooling": w.pooling.value,
+        "distribution": w.distribution.value,
+        "zipf_alpha": w.zipf_alpha if w.distribution.value == "zipf" else None,
+        "permute": w.permute,
+        "weighted": w.weighted,
+        "workload_seed": w.seed,
+        "mode": cfg.mode.name.value,
+        "optimizer": cfg.mode.optimizer.value if cfg.mode.name.value == "train" else None,
+        "lr": cfg.mode.lr if cfg.mode.name.value == "train" else None,
+        "seed": cfg.seed,
+    }
+    cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
+    return cols
+
+
+def _metric(name: str, unit: str, stats: Stats) -> dict:
+    return {"metric": name, "unit": unit, "median": stats.median, "q1": stats.q1, "q3": stats.q3,
+            "iqr": stats.iqr, "n": stats.n}
+
+
+def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
+    """Build and time one point; return its tidy rows (one per metric) with the environment."""
+    _check_device(cfg.device)
+    torch.set_num_threads(cfg.timing.threads)
+    torch.manual_seed(cfg.seed)
+    w = cfg.workload
+    workload = Workload(distribution=w.distribution.value, zipf_alpha=w.zipf_alpha, permute=w.permute,
+                        batch_size=w.batch_size, pooling_factor=w.pooling_factor, weighted=w.weighted, seed=w.seed)
+    batch = generate_batch(workload, cfg.table.num_embeddings, device=cfg.device)
+    module = build_module(cfg)
+    step = build_step(module, batch, cfg)
+    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else None
+    t = cfg.timing
+    stats = measure(step, warmup=t.warmup, min_repeats=t.min_repeats, max_repeats=t.max_repeats,
+                    target_time_s=t.target_time_s, synchronize=sync)
+    lookups = max(1, batch.num_lookups)
+    metrics = [
+        _metric("time_per_batch", "ms", stats.map(lambda s: s * 1e3)),
+        _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups)),
+        _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s)),
+    ]
+    if isinstance(module, ttrec.TTEmbeddingBag) and cfg.impl.name.value == "tt":
+        flops = module.spec.flops_per_lookup() * lookups
+        metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
+    point, env = point_columns(cfg, module, batch, experiment), capture()
+    return [{**point, **m, **env} for m in metrics]
+
+
+def _describe(rows: list[dict]) -> str:
+    r = rows[0]
+    per_lookup = next(x for x in rows if x["metric"] == "time_per_lookup")
+    return (f"{r['impl']}[{r['backend']}] {r['mode']} rank={r['tt_rank']} pooling={r['pooling_factor']} "
+            f"batch={r['batch_size']}: {per_lookup['median']:.1f} ns/lookup (IQR {per_lookup['iqr']:.1f}, n={per_lookup['n']})")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    rows = measure_point(to_objects(cfg), experiment=hc.runtime.choices.get("experiment") or "none")
+    path = write_rows(rows, Path(hc.runtime.output_dir) / RESULTS_FILE)
+    log.info("%s -> %s", _describe(rows), path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Environment capture: what a reader needs to trust a number (commit, versions, CPU, GPU, threads)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+__all__ = ["capture"]
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _gpu() -> dict[str, str]:
+    if not torch.cuda.is_available():
+        return {"gpu_name": "not available: torch.cuda.is_available() is False", "gpu_driver": "not available"}
+    out = {"gpu_name": torch.cuda.get_device_name(), "gpu_driver": "not available: nvidia-ml-py not installed"}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out["gpu_driver"] = str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception as exc:  # NVML missing or failing must not lose the measurement
+        out["gpu_driver"] = f"not available: {exc}"
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _static() -> dict[str, str]:
+    import hydra
+    import numpy
+
+    sha = _git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    try:
+        import cupy
+
+        cupy_version = cupy.__version__
+    except Exception:
+        cupy_version = "not installed"
+    return {
+        "git_sha": sha,
+        "git_dirty": str(dirty),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
+        "cupy": cupy_version,
+        "numpy": numpy.__version__,
+        "hydra": hydra.__version__,
+        "cpu_model": _cpu_model(),
+        "cpu_count": str(os.cpu_count()),
+        "hostname": platform.node(),
+        **_gpu(),
+    }
+
+
+def capture() -> dict[str, str]:
+    """Environment columns for a result row; ``threads`` is torch's intra-op thread count now."""
+    return {**_static(), "threads": str(torch.get_num_threads())}

@@ -1,0 +1,135 @@
+"""Validation and normalization of nn.EmbeddingBag-style inputs, shared by every implementation.
+
+Every backend (reference, native CPU, CUDA, baselines) receives a :class:`Bags` that has passed
+these checks, so no kernel ever sees an out-of-range index or a malformed offsets array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Bags", "MODES", "make_bags"]
+
+MODES = ("sum", "mean")
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Bags:
+    """A batch of bags in CSR form.
+
+    indices: int64 (n,) row ids, all in [0, num_embeddings).
+    offsets: int64 (num_bags + 1,), non-decreasing, offsets[0] == 0, offsets[-1] == n.
+    per_sample_weights: floating (n,) or None.
+    """
+
+    indices: torch.Tensor
+    offsets: torch.Tensor
+    per_sample_weights: torch.Tensor | None
+
+    @property
+    def num_bags(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def num_lookups(self) -> int:
+        return self.indices.numel()
+
+    def bag_ids(self) -> torch.Tensor:
+        """int64 (n,): the bag each lookup belongs to."""
+        counts = self.offsets[1:] - self.offsets[:-1]
+        return torch.repeat_interleave(torch.arange(self.num_bags, device=self.indices.device), counts)
+
+    def bag_sizes(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+def _fail(param: str, value: str, allowed: str) -> None:
+    raise ValueError(f"{param}: got {value}; {allowed}")
+
+
+def make_bags(
+    input: torch.Tensor,
+    offsets: torch.Tensor | None,
+    per_sample_weights: torch.Tensor | None,
+    *,
+    num_embeddings: int,
+    mode: str,
+    include_last_offset: bool = False,
+) -> Bags:
+    """Check nn.EmbeddingBag forward arguments and return them as :class:`Bags`.
+
+    Accepts a 1D ``input`` with ``offsets`` (bag starts; with ``include_last_offset`` the last
+    entry is the end) or a 2D ``input`` (B, L) of fixed-size bags without offsets.
+    Raises ValueError/TypeError naming the parameter, the value and what is allowed.
+    """
+    if mode not in MODES:
+        _fail("mode", repr(mode), f"allowed: {MODES}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: got {type(input).__name__}; expected a torch.Tensor of int32/int64 indices")
+    if input.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"input: got dtype {input.dtype}; allowed index dtypes: torch.int32, torch.int64")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            _fail("per_sample_weights", "a tensor with mode='mean'",
+                  "per_sample_weights are only supported with mode='sum' (as in nn.EmbeddingBag)")
+        if not isinstance(per_sample_weights, torch.Tensor) or not per_sample_weights.is_floating_point():
+            raise TypeError(f"per_sample_weights: got {getattr(per_sample_weights, 'dtype', type(per_sample_weights))}; "
+                            "expected a floating-point tensor")
+        if per_sample_weights.shape != input.shape:
+            _fail("per_sample_weights", f"shape {tuple(per_sample_weights.shape)}",
+                  f"it must have the shape of input, {tuple(input.shape)}")
+        if per_sample_weights.device != input.device:
+            _fail("per_sample_weights", f"device {per_sample_weights.device}", f"must be on input's device {input.device}")
+
+    if input.dim() == 2:
+        if offsets is not None:
+            _fail("offsets", "a tensor with 2D input", "offsets must be None when input is 2D (B, L)")
+        b, length = input.shape
+        indices = input.reshape(-1)
+        offs = torch.arange(0, (b + 1) * length, length, device=input.device, dtype=torch.int64)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    elif input.dim() == 1:
+        if offsets is None:
+            _fail("offsets", "None with 1D input", "1D input needs offsets (a 1D int32/int64 tensor of bag starts)")
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype not in _INDEX_DTYPES or offsets.dim() != 1:
+            _fail("offsets", f"{getattr(offsets, 'dtype', type(offsets))} with shape {tuple(getattr(offsets, 'shape', ()))}",
+                  "offsets must be a 1D int32/int64 tensor")
+        if offsets.device != input.device:
+            _fail("offsets", f"device {offsets.device}", f"must be on input's device {input.device}")
+        indices = input
+        n = indices.numel()
+        offs = offsets.to(torch.int64)
+        if offs.numel() == 0 or (include_last_offset and offs.numel() < 1):
+            _fail("offsets", "an empty tensor", "offsets needs at least one entry (the first bag's start, 0)")
+        if int(offs[0]) != 0:
+            _fail("offsets", f"offsets[0]={int(offs[0])}", "the first bag must start at 0")
+        steps = offs[1:] - offs[:-1]
+        if steps.numel() and bool((steps < 0).any()):
+            j = int(torch.nonzero(steps < 0)[0])
+            _fail("offsets", f"offsets[{j}]={int(offs[j])} > offsets[{j + 1}]={int(offs[j + 1])}",
+                  "offsets must be non-decreasing")
+        if include_last_offset:
+            if int(offs[-1]) != n:
+                _fail("offsets", f"last offset {int(offs[-1])} with include_last_offset=True",
+                      f"the last offset must equal len(input)={n}")
+        else:
+            if int(offs[-1]) > n:
+                _fail("offsets", f"offsets[-1]={int(offs[-1])}", f"offsets must be <= len(input)={n}")
+            offs = torch.cat([offs, torch.tensor([n], dtype=torch.int64, device=offs.device)])
+    else:
+        _fail("input", f"a {input.dim()}D tensor of shape {tuple(input.shape)}",
+              "input must be 1D (with offsets) or 2D (B, L)")
+
+    indices = indices.to(torch.int64)
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= num_embeddings:
+            bad_pos = int(torch.nonzero((indices < 0) | (indices >= num_embeddings))[0])
+            _fail("input", f"index {int(indices[bad_pos])} at position {bad_pos}",
+                  f"indices must be in [0, num_embeddings={num_embeddings})")
+    return Bags(indices.contiguous(), offs.contiguous(),
+                None if per_sample_weights is None else per_sample_weights.contiguous())

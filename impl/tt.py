@@ -1,0 +1,125 @@
+"""TTEmbeddingBag: an nn.EmbeddingBag-compatible module whose table is stored as TT cores.
+
+The module owns the cores and dispatches the lookup to a backend:
+
+- ``torch``: the reference algorithm in plain PyTorch (:mod:`ttrec.reference`), any device;
+- ``cpu``: the native CPU kernel (when built);
+- ``cuda``: the CUDA kernels through CuPy (when a GPU and CuPy are present);
+- ``auto`` (default): ``cuda`` for CUDA tensors, else ``cpu`` when available, else ``torch``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .bags import MODES, Bags, make_bags
+from .init import INIT_SCHEMES, init_tt_cores
+from .reference import tt_embedding_bag, tt_to_dense
+from .shapes import TTSpec, suggest_tt_shapes
+
+__all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status"]
+
+# name -> (forward(cores, spec, bags, mode) -> (num_bags, D), availability() -> None | reason)
+BackendFn = Callable[[list[torch.Tensor], TTSpec, Bags, str], torch.Tensor]
+BACKENDS: dict[str, tuple[BackendFn, Callable[[], str | None]]] = {
+    "torch": (tt_embedding_bag, lambda: None),
+}
+BACKEND_NAMES = ("auto", "torch", "cpu", "cuda")
+
+
+def register_backend(name: str, forward: BackendFn, unavailable: Callable[[], str | None]) -> None:
+    """Add a backend; ``unavailable()`` returns None when usable, else the reason it is not."""
+    BACKENDS[name] = (forward, unavailable)
+
+
+def backend_status(name: str) -> str | None:
+    """None if backend ``name`` can run here, else why not."""
+    if name not in BACKENDS:
+        return f"backend {name!r} is not built into this installation"
+    return BACKENDS[name][1]()
+
+
+class TTEmbeddingBag(nn.Module):
+    """Embedding bag over a TT-compressed (num_embeddings x embedding_dim) table.
+
+    Args:
+        num_embeddings, embedding_dim: the logical table.
+        tt_ranks: inner ranks R_1..R_{d-1} (a sequence), or one int used for every bond.
+        tt_p_shapes, tt_q_shapes: factorizations of rows (product >= num_embeddings) and columns
+            (product == embedding_dim); suggested when None.
+        mode: "sum" or "mean" pooling. include_last_offset: as nn.EmbeddingBag.
+        init: one of ``INIT_SCHEMES``; d: number of cores when shapes are suggested.
+        backend: "auto", "torch", "cpu" or "cuda". seed: seeds the init (None: torch's RNG).
+
+    forward(input, offsets=None, per_sample_weights=None) -> (num_bags, embedding_dim), like
+    nn.EmbeddingBag: int32/int64 ``input`` 1D with offsets or 2D (B, L); empty bags give zeros.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        tt_ranks: int | Sequence[int],
+        tt_p_shapes: Sequence[int] | None = None,
+        tt_q_shapes: Sequence[int] | None = None,
+        mode: str = "sum",
+        include_last_offset: bool = False,
+        init: str = "calibrated",
+        d: int = 3,
+        backend: str = "auto",
+        seed: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend: got {backend!r}; allowed: {BACKEND_NAMES}")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"init: got {init!r}; allowed: {INIT_SCHEMES}")
+        if tt_p_shapes is None or tt_q_shapes is None:
+            p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if tt_p_shapes is None else len(tt_p_shapes))
+            tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
+            tt_q_shapes = q if tt_q_shapes is None else tt_q_shapes
+        d = len(tt_p_shapes)
+        ranks = (tt_ranks,) * (d - 1) if isinstance(tt_ranks, int) else tuple(tt_ranks)
+        self.spec = TTSpec(num_embeddings, embedding_dim, tuple(tt_p_shapes), tuple(tt_q_shapes), ranks)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.mode, self.include_last_offset, self.init, self.backend = mode, include_last_offset, init, backend
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cores = init_tt_cores(self.spec, init, generator=gen, dtype=dtype)
+        self.tt_cores = nn.ParameterList(nn.Parameter(c.to(device)) for c in cores)
+
+    def resolved_backend(self) -> str:
+        """The backend a forward call uses now, after resolving "auto"."""
+        if self.backend != "auto":
+            return self.backend
+        if self.tt_cores[0].is_cuda:
+            return "cuda"
+        return "cpu" if backend_status("cpu") is None else "torch"
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
+                         mode=self.mode, include_last_offset=self.include_last_offset)
+        if bags.indices.device != self.tt_cores[0].device:
+            raise ValueError(f"input: got device {bags.indices.device}; the cores are on {self.tt_cores[0].device}")
+        name = self.resolved_backend()
+        reason = backend_status(name)
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
+        return BACKENDS[name][0](list(self.tt_cores), self.spec, bags, self.mode)
+
+    @torch.no_grad()
+    def full_weight(self) -> torch.Tensor:
+        """The reconstructed dense table (num_embeddings, embedding_dim); for tests and small tables."""
+        return tt_to_dense(list(self.tt_cores), self.spec)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"{s.num_embeddings}, {s.embedding_dim}, tt_ranks={s.tt_ranks}, tt_p_shapes={s.tt_p_shapes}, "
+                f"tt_q_shapes={s.tt_q_shapes}, mode={self.mode!r}, backend={self.backend!r}, init={self.init!r}")

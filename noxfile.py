@@ -1,0 +1,37 @@
+"""Sessions: tests, bench (Hydra overrides after --), figures.
+
+nox creates and reuses its own virtualenvs (.nox/). torch is pinned to TTREC_TORCH (default
+torch==2.13.0): on the project's CPU machines pip takes it from a local wheel; elsewhere pip
+takes the registry's build of that version (a CUDA build on Linux x86_64).
+"""
+
+import os
+
+import nox
+
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests"]
+
+TORCH = os.environ.get("TTREC_TORCH", "torch==2.13.0")
+
+
+def _install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    spec = ".[" + ",".join(extras) + "]" if extras else "."
+    session.install("-e", spec)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (pytest; pass pytest arguments after --)."""
+    _install(session, "test")
+    session.run("pytest", "-q", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the bench app. No arguments: the default sweep (experiment=default).
+    With arguments: Hydra overrides, e.g. `nox -s bench -- -m impl=tt,dense tt.rank=8,32`."""
+    _install(session)
+    args = session.posargs or ["experiment=default"]
+    session.run("python", "-m", "benches.app", *args)

@@ -1,0 +1,75 @@
+"""Figures from aggregated result tables (seaborn, one style, labelled axes with units).
+
+Each function takes the tidy table (benches.results.collect) and an output directory, writes a PNG
+and a PDF, and returns the PNG's path. Nothing here measures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["IMPL_LABELS", "plot_rank_sweep", "save"]
+
+IMPL_LABELS = {"tt": "TT-EmbeddingBag", "t3nsor": "T3nsor-style (decompress)", "dense": "nn.EmbeddingBag"}
+
+
+def _style() -> None:
+    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
+
+
+def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = out_dir / f"{name}.png"
+    fig.savefig(png, dpi=150, bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
+    plt.close(fig)
+    return png
+
+
+def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_time_vs_rank",
+                    mode: str = "forward") -> Path:
+    """Time per lookup (ns, median with IQR bars) against TT rank, one panel per pooling factor.
+
+    The shape of the paper's Figure 11. nn.EmbeddingBag has no rank: it is drawn as a horizontal
+    line at the median of its measurements in the same run.
+    """
+    _style()
+    d = df[(df["metric"] == "time_per_lookup") & (df["mode"] == mode)].copy()
+    if d.empty:
+        raise ValueError(f"no time_per_lookup rows with mode={mode!r} to plot")
+    d["implementation"] = d["impl"].map(IMPL_LABELS).fillna(d["impl"])
+    poolings = sorted(d["pooling_factor"].unique())
+    fig, axes = plt.subplots(1, len(poolings), figsize=(4.2 * len(poolings), 3.6), squeeze=False, sharey=False)
+    palette = dict(zip(IMPL_LABELS.values(), sns.color_palette("colorblind", len(IMPL_LABELS))))
+    for ax, pooling in zip(axes[0], poolings):
+        part = d[d["pooling_factor"] == pooling]
+        ranked = part[part["tt_rank"].notna()]
+        for label, g in ranked.groupby("implementation"):
+            g = g.groupby("tt_rank").agg(median=("median", "median"), q1=("q1", "median"), q3=("q3", "median"))
+            ax.errorbar(g.index, g["median"], yerr=[g["median"] - g["q1"], g["q3"] - g["median"]],
+                        marker="o", capsize=3, label=label, color=palette.get(label))
+        for label, g in part[part["tt_rank"].isna()].groupby("implementation"):
+            ax.axhline(g["median"].median(), ls="--", label=label, color=palette.get(label))
+        ax.set_xscale("log", base=2)
+        ranks = sorted(ranked["tt_rank"].unique())
+        if ranks:
+            ax.set_xticks(ranks, [str(int(r)) for r in ranks])
+        ax.set_yscale("log")
+        ax.set_title(f"pooling factor {int(pooling)}")
+        ax.set_xlabel("TT rank")
+        ax.set_ylabel("time per lookup (ns, median, IQR bars)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.08), frameon=False)
+    env = d.iloc[0]
+    fig.suptitle(f"{mode}: {env['table']} table ({int(env['num_embeddings']):,} x {int(env['embedding_dim'])}), "
+                 f"batch {int(env['batch_size'])}, {env['threads']} threads, {env['cpu_model']}", fontsize=9)
+    fig.tight_layout()
+    return save(fig, out_dir, name)

@@ -49,7 +49,7 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
     opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
     opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    grad_out = torch.randn(cfg.workload.batch_size, cfg.table.embedding_dim, generator=gen).to(batch.indices.device)
+    grad_out = torch.randn(batch.offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batch.indices.device)
 
     def train_step():
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ objects (:func:`to_objects`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import List, Optional
@@ -159,8 +160,23 @@ def register() -> None:
     cs.store(name="bench_schema", node=BenchConfig)
 
 
+def _reject_unknown_keys(node: DictConfig, path: str = "") -> None:
+    """``+key=value`` bypasses the schema (OmegaConf would drop the key silently): refuse it."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        allowed = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in allowed:
+                raise ValueError(f"{path}{key}: got {node[key]!r}; not a key of {schema.__name__}, allowed: {allowed}")
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none():
+            _reject_unknown_keys(child, f"{path}{key}.")
+
+
 def to_objects(cfg: DictConfig) -> BenchConfig:
-    """Instantiate the dataclasses, running their range checks."""
+    """Instantiate the dataclasses, running their range checks; unknown keys are an error."""
+    _reject_unknown_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, BenchConfig):
         raise TypeError("the bench config must compose onto bench_schema (is `- bench_schema` first in its defaults?)")

@@ -1,0 +1,151 @@
+"""The Hydra harness: configs compose, bad configs fail clearly, the app runs end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from benches.app import measure_point
+from benches.config import BenchConfig, register, to_objects
+from benches.results import AGGREGATE_FILE, collect
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+QUICK = ["timing=quick", "timing.target_time_s=0.01", "timing.min_repeats=2", "timing.max_repeats=2", "timing.warmup=1"]
+
+register()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="bench", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,options", [
+    ("impl", ["tt", "tt_reference", "t3nsor", "dense"]),
+    ("table", ["small", "tiny", "kaggle_largest", "terabyte_largest"]),
+    ("workload", ["uniform", "zipf"]),
+    ("timing", ["default", "quick"]),
+    ("mode", ["forward", "train"]),
+])
+def test_every_group_option_composes_to_the_schema(group, options):
+    for option in options:
+        cfg = to_objects(_compose(f"{group}={option}"))
+        assert isinstance(cfg, BenchConfig)
+    listed = sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    assert listed == sorted(options), "a config file exists that this test does not compose"
+
+
+def test_experiment_default_sets_a_sweep():
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=["experiment=default"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert set(cfg.hydra.sweeper.params) == {"impl", "tt.rank", "workload.pooling_factor"}
+    assert cfg.workload.batch_size == 256
+
+
+def test_table_kaggle_largest_is_the_papers_table():
+    cfg = to_objects(_compose("table=kaggle_largest"))
+    assert (cfg.table.num_embeddings, cfg.table.embedding_dim) == (10131227, 16)
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("impl.foo=1", "foo"),                       # unknown key
+    ("+tt.rankk=3", "rankk"),                    # unknown key added
+    ("tt.init=gaussian", "calibrated"),          # enum lists what is allowed
+    ("impl.name=faiss", "t3nsor"),
+    ("tt.rank=abc", "rank"),                     # wrong type
+    ("table=huge", "huge"),                      # unknown group option
+])
+def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
+    with pytest.raises((ConfigCompositionException, ValidationError, ValueError)) as exc:
+        to_objects(_compose(override))
+    text = str(exc.value) + str(exc.value.__cause__ or "")
+    assert needle in text
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("tt.rank=0", "tt.rank"), ("tt.d=1", "tt.d"), ("timing.threads=0", "timing.threads"),
+    ("workload.batch_size=0", "workload.batch_size"), ("timing.max_repeats=1", "timing.max_repeats"),
+])
+def test_out_of_range_values_fail_with_the_key(override, needle):
+    with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
+        to_objects(_compose(override))
+
+
+@pytest.mark.parametrize("impl", ["tt", "t3nsor", "dense"])
+@pytest.mark.parametrize("mode", ["forward", "train"])
+def test_measure_point_rows(impl, mode):
+    cfg = to_objects(_compose(f"impl={impl}", f"mode={mode}", "table=tiny", "tt.rank=4",
+                              "workload.batch_size=16", "workload.pooling_factor=3", *QUICK))
+    rows = measure_point(cfg, experiment="test")
+    df = pd.DataFrame(rows)
+    expected = {"time_per_batch", "time_per_lookup", "throughput"} | ({"gflops"} if impl == "tt" else set())
+    assert set(df["metric"]) == expected
+    assert (df["median"] > 0).all() and (df["n"] == 2).all()
+    r = rows[0]
+    assert r["impl"] == impl and r["mode"] == mode and r["pooling_factor"] == 3 and r["threads"] == "2"
+    assert r["num_embeddings"] == 1000 and r["experiment"] == "test"
+    if impl == "dense":
+        assert r["tt_rank"] is None and r["param_bytes"] == 1000 * 16 * 4
+    else:
+        assert r["tt_rank"] == 4 and r["tt_p_shapes"] == "10x10x10"
+        assert r["param_bytes"] == 4 * (1 * 10 * 2 * 4 + 4 * 10 * 2 * 4 + 4 * 10 * 4 * 1)
+    # time per lookup is time per batch spread over batch_size * pooling lookups
+    per_batch = df.set_index("metric").loc["time_per_batch", "median"]
+    per_lookup = df.set_index("metric").loc["time_per_lookup", "median"]
+    assert per_lookup == pytest.approx(per_batch * 1e6 / 48, rel=1e-9)
+
+
+def test_train_mode_changes_parameters():
+    cfg = to_objects(_compose("impl=tt", "mode=train", "table=tiny", "tt.rank=4", *QUICK))
+    from benches.app import build_module, build_step
+    from ttrec.workloads import Workload, generate_batch
+
+    module = build_module(cfg)
+    before = [p.detach().clone() for p in module.parameters()]
+    build_step(module, generate_batch(Workload(batch_size=8), 1000), cfg)()
+    assert any(not (a == b.detach()).all() for a, b in zip(before, module.parameters()))
+
+
+def _run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "benches.app", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_app_sweep_end_to_end_in_a_subprocess(tmp_path):
+    sweep = tmp_path / "sweep"
+    figs = tmp_path / "figs"
+    done = _run_app(tmp_path, "-m", "impl=tt,t3nsor,dense", "tt.rank=2,4", "workload.pooling_factor=1,5",
+                    "table=tiny", "workload.batch_size=8", *QUICK,
+                    f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = pd.read_csv(sweep / AGGREGATE_FILE)
+    assert len(df) == 3 * 2 * 2 * 3 + 2 * 2  # 12 jobs x 3 metrics, + gflops for the 4 tt jobs
+    assert len(collect(sweep)) == len(df) and df['job_dir'].nunique() == 12
+    points = df[df["metric"] == "time_per_lookup"]
+    assert sorted(points.groupby(["impl"]).size().items()) == [("dense", 4), ("t3nsor", 4), ("tt", 4)]
+    assert set(points["pooling_factor"]) == {1, 5}
+    assert set(points.loc[points["impl"] != "dense", "tt_rank"]) == {2, 4}
+    for col in ("git_sha", "torch", "cpu_model", "threads", "median", "iqr", "unit"):
+        assert col in df.columns
+    assert (figs / "fig11_time_vs_rank.png").stat().st_size > 10_000
+    assert (figs / "fig11_time_vs_rank.pdf").exists()
+
+
+@pytest.mark.slow
+def test_app_bad_override_exits_nonzero_with_message(tmp_path):
+    done = _run_app(tmp_path, "tt.rank=0", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode != 0
+    assert "tt.rank" in done.stderr and "0" in done.stderr
+    assert not (tmp_path / "run" / "results.csv").exists()

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .bags import MODES, Bags, make_bags
+from .cpu import ops as cpu_ops
 from .init import INIT_SCHEMES, init_tt_cores
 from .reference import tt_embedding_bag, tt_to_dense
 from .shapes import TTSpec, suggest_tt_shapes
@@ -26,7 +27,9 @@ __all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status"]
 BackendFn = Callable[[list[torch.Tensor], TTSpec, Bags, str], torch.Tensor]
 BACKENDS: dict[str, tuple[BackendFn, Callable[[], str | None]]] = {
     "torch": (tt_embedding_bag, lambda: None),
+    "cpu": (cpu_ops.tt_bag_cpu, cpu_ops.unavailable_reason),
 }
+FUSED_OPTIMIZERS = ("sgd", "adagrad")
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda")
 
 
@@ -53,6 +56,9 @@ class TTEmbeddingBag(nn.Module):
         mode: "sum" or "mean" pooling. include_last_offset: as nn.EmbeddingBag.
         init: one of ``INIT_SCHEMES``; d: number of cores when shapes are suggested.
         backend: "auto", "torch", "cpu" or "cuda". seed: seeds the init (None: torch's RNG).
+        optimizer: None (cores get .grad through autograd), or "sgd"/"adagrad": a fused sparse
+            update of exactly the touched core slices runs inside backward (native backends only),
+            with ``learning_rate`` and Adagrad's ``eps``; the cores then get no .grad.
 
     forward(input, offsets=None, per_sample_weights=None) -> (num_bags, embedding_dim), like
     nn.EmbeddingBag: int32/int64 ``input`` 1D with offsets or 2D (B, L); empty bags give zeros.
@@ -73,6 +79,9 @@ class TTEmbeddingBag(nn.Module):
         seed: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        optimizer: str | None = None,
+        learning_rate: float = 0.01,
+        eps: float = 1e-10,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -81,6 +90,12 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError(f"backend: got {backend!r}; allowed: {BACKEND_NAMES}")
         if init not in INIT_SCHEMES:
             raise ValueError(f"init: got {init!r}; allowed: {INIT_SCHEMES}")
+        if optimizer is not None and optimizer not in FUSED_OPTIMIZERS:
+            raise ValueError(f"optimizer: got {optimizer!r}; allowed: None, {FUSED_OPTIMIZERS}")
+        if optimizer is not None and backend == "torch":
+            raise ValueError("optimizer: the fused sparse update needs backend 'cpu', 'cuda' or 'auto', got backend='torch'")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate: got {learning_rate}; must be > 0")
         if tt_p_shapes is None or tt_q_shapes is None:
             p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if tt_p_shapes is None else len(tt_p_shapes))
             tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
@@ -93,6 +108,18 @@ class TTEmbeddingBag(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         cores = init_tt_cores(self.spec, init, generator=gen, dtype=dtype)
         self.tt_cores = nn.ParameterList(nn.Parameter(c.to(device)) for c in cores)
+        self.optimizer, self.learning_rate, self.eps = optimizer, learning_rate, eps
+        if optimizer == "adagrad":
+            for k, c in enumerate(self.tt_cores):
+                self.register_buffer(f"adagrad_state_{k}", torch.zeros_like(c.detach()))
+        self._scratch: list[torch.Tensor] | None = None
+
+    def _fused_update(self, cores, spec, bags, mode, grad_out) -> None:
+        if self._scratch is None:
+            self._scratch = [torch.zeros_like(c.detach()) for c in cores]
+        state = [getattr(self, f"adagrad_state_{k}") for k in range(spec.d)] if self.optimizer == "adagrad" else None
+        cpu_ops.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
+                              self.learning_rate, self.eps, self._scratch, state)
 
     def resolved_backend(self) -> str:
         """The backend a forward call uses now, after resolving "auto"."""
@@ -100,7 +127,9 @@ class TTEmbeddingBag(nn.Module):
             return self.backend
         if self.tt_cores[0].is_cuda:
             return "cuda"
-        return "cpu" if backend_status("cpu") is None else "torch"
+        if backend_status("cpu") is None and cpu_ops.check_supported(list(self.tt_cores), self.spec) is None:
+            return "cpu"
+        return "torch"
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,7 +141,13 @@ class TTEmbeddingBag(nn.Module):
         reason = backend_status(name)
         if reason is not None:
             raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
-        return BACKENDS[name][0](list(self.tt_cores), self.spec, bags, self.mode)
+        fn = BACKENDS[name][0]
+        if self.optimizer is not None:
+            if name == "torch":
+                raise RuntimeError(f"optimizer={self.optimizer!r} (fused update) has no torch backend; "
+                                   f"backend 'auto' resolved to 'torch' because: {backend_status('cpu') or cpu_ops.check_supported(list(self.tt_cores), self.spec)}")
+            return fn(list(self.tt_cores), self.spec, bags, self.mode, fused=self._fused_update)
+        return fn(list(self.tt_cores), self.spec, bags, self.mode)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

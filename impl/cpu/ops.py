@@ -1,0 +1,162 @@
+"""The native CPU backend of TTEmbeddingBag: ctypes calls wrapped in an autograd Function.
+
+Inputs reach here only as validated :class:`ttrec.bags.Bags`; this module checks what the kernel
+itself needs (fp32, CPU, contiguous, d <= 4) before any pointer is passed to native code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from ..bags import Bags
+from ..shapes import TTSpec
+from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
+
+__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "check_supported",
+           "unavailable_reason", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 32 << 20
+_last_stats: dict[str, int] = {}
+
+
+def _shape(spec: TTSpec) -> TTShape:
+    s = TTShape()
+    s.d = spec.d
+    for k in range(spec.d):
+        s.p[k], s.q[k] = spec.tt_p_shapes[k], spec.tt_q_shapes[k]
+    for k, r in enumerate(spec.ranks):
+        s.r[k] = r
+    return s
+
+
+def _ptrs(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
+    """None if the native kernel can run these cores, else why not."""
+    if spec.d > TT_MAX_D:
+        return f"d={spec.d} cores; the native kernel supports 2..{TT_MAX_D}"
+    for k, c in enumerate(cores):
+        if c.device.type != "cpu":
+            return f"core {k} is on {c.device}; the native CPU kernel needs CPU tensors"
+        if c.dtype != torch.float32:
+            return f"core {k} has dtype {c.dtype}; the native CPU kernel supports torch.float32"
+        if tuple(c.shape) != spec.core_shape(k):
+            return f"core {k} has shape {tuple(c.shape)}, expected {spec.core_shape(k)}"
+    return None
+
+
+def _require(cores, spec):
+    reason = check_supported(cores, spec)
+    if reason is not None:
+        raise ValueError(f"backend='cpu': {reason}")
+
+
+def _planted_repeat() -> int:
+    """TTREC_PLANT_SLOWDOWN=N makes the forward kernel repeat its work N times (CI-gate testing only)."""
+    value = os.environ.get("TTREC_PLANT_SLOWDOWN", "1")
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"TTREC_PLANT_SLOWDOWN: got {value!r}; expected a whole number >= 1") from None
+    if n < 1:
+        raise ValueError(f"TTREC_PLANT_SLOWDOWN: got {n}; expected a whole number >= 1")
+    return n
+
+
+def _weights(bags: Bags):
+    w = bags.per_sample_weights
+    return None if w is None else w.detach().to(torch.float32).contiguous()
+
+
+def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
+            chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """Pooled rows (num_bags, D), fp32, no autograd."""
+    _require(cores, spec)
+    cores = [c.detach().contiguous() for c in cores]
+    out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
+    w = _weights(bags)
+    stats = TTStats()
+    library().tt_forward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
+                         bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), out.data_ptr(),
+                         torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats))
+    _last_stats.update({name: getattr(stats, name) for name, _ in TTStats._fields_})
+    return out
+
+
+def last_stats() -> dict[str, int]:
+    """Of the last native forward call: lookups, unique prefixes and chunks, and the seconds spent
+    grouping (hash + sort), in the prefix chains + last core, and pooling."""
+    return dict(_last_stats)
+
+
+def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
+             grads: list[torch.Tensor] | None = None, touched: list[torch.Tensor] | None = None,
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
+    """Core gradients (added into ``grads`` when given, else new zero tensors)."""
+    _require(cores, spec)
+    cores = [c.detach().contiguous() for c in cores]
+    grad_out = grad_out.detach().to(torch.float32).contiguous()
+    if tuple(grad_out.shape) != (bags.num_bags, spec.embedding_dim):
+        raise ValueError(f"grad_out: got shape {tuple(grad_out.shape)}; expected {(bags.num_bags, spec.embedding_dim)}")
+    if grads is None:
+        grads = [torch.zeros_like(c) for c in cores]
+    w = _weights(bags)
+    library().tt_backward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
+                          bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), grad_out.data_ptr(),
+                          _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(), chunk_bytes)
+    return grads
+
+
+def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
+                  optimizer: str, lr: float, eps: float, scratch: list[torch.Tensor],
+                  state: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Fused backward + update of exactly the touched core slices, in place. Returns touched masks.
+
+    ``scratch`` are zero fp32 tensors shaped like the cores (left zero again afterwards);
+    ``state`` the Adagrad accumulators (same shapes), None for SGD.
+    """
+    if optimizer not in ("sgd", "adagrad"):
+        raise ValueError(f"optimizer: got {optimizer!r}; allowed: 'sgd', 'adagrad'")
+    if optimizer == "adagrad" and state is None:
+        raise ValueError("state: Adagrad needs accumulators shaped like the cores")
+    touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
+    backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched)
+    for c in cores:
+        if not c.is_contiguous():
+            raise ValueError("cores must be contiguous for the fused update")
+    library().tt_sparse_update(ctypes.byref(_shape(spec)), _ptrs([c.data for c in cores]), _ptrs(scratch),
+                               None if state is None else _ptrs(state), _ptrs(touched),
+                               int(optimizer == "adagrad"), lr, eps, torch.get_num_threads())
+    return touched
+
+
+class _TTBagCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, bags, mode, fused, *cores):
+        ctx.spec, ctx.bags, ctx.mode, ctx.fused = spec, bags, mode, fused
+        ctx.save_for_backward(*cores)
+        return forward(list(cores), spec, bags, mode)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cores = list(ctx.saved_tensors)
+        if ctx.fused is not None:  # the update happens here; autograd sees no core gradients
+            ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
+            return (None, None, None, None, *[None] * len(cores))
+        grads = backward(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
+        return (None, None, None, None, *grads)
+
+
+def tt_bag_cpu(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str = "sum", fused=None) -> torch.Tensor:
+    """Differentiable native lookup. ``fused(cores, spec, bags, mode, grad_out)``, when given, is
+    called in backward instead of returning core gradients (the fused sparse optimizer)."""
+    w = bags.per_sample_weights
+    if w is not None and w.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("per_sample_weights that require grad: the native CPU kernel gives no "
+                                  "gradient for the weights; use backend='torch' for that")
+    return _TTBagCPU.apply(spec, bags, mode, fused, *cores)

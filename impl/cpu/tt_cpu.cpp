@@ -1,0 +1,631 @@
+// Native CPU TT-EmbeddingBag: forward, core gradients and fused sparse SGD/Adagrad.
+//
+// Inputs are validated in Python (ttrec.bags, ttrec.native) before any call lands here.
+//
+// Per chunk of lookups:
+//   1. unique row prefixes (i_1..i_{d-1}) by hashing; every lookup maps to its prefix's slot;
+//   2. partial products P_k(u) = G_1[i_1] ... G_k[i_k] for each unique prefix u, k = 2..d-1,
+//      computed once per prefix (the reuse of EL-Rec/EcoRec), multi-threaded over prefixes;
+//   3. forward: per bag (threads over bags), row = P_{d-1}(u) @ G_d[:, i_d] computed in a
+//      D-float scratch and pooled straight into out[bag]: no per-lookup gathered cores;
+//   4. backward: dP_{d-1}(u) aggregated over the lookups sharing u; core gradients scattered by
+//      grouping the work by digit value (counting sort), one thread per digit value: no atomics,
+//      and results that do not depend on the thread count.
+// Layout: core k is (R_{k-1}, p_k, q_k, R_k) row-major fp32, as in ttrec.reference.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../include/tt_row.h"
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
+inline v16 splat16(float x) { return v16{} + x; }
+
+// C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb). Register-blocked: 2 rows x 64 cols.
+template <int NV>
+inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                     int64_t ldc) {
+  int m = 0;
+  for (; m + 2 <= M; m += 2) {
+    v16 c0[NV] = {}, c1[NV] = {};
+    const float* a0 = A + m * lda;
+    const float* a1 = a0 + lda;
+    for (int k = 0; k < K; ++k) {
+      const v16 x0 = splat16(a0[k]), x1 = splat16(a1[k]);
+      const float* b = B + k * ldb;
+      for (int v = 0; v < NV; ++v) {
+        const v16 bv = load16(b + 16 * v);
+        c0[v] += x0 * bv;
+        c1[v] += x1 * bv;
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      store16(C + m * ldc + 16 * v, c0[v]);
+      store16(C + (m + 1) * ldc + 16 * v, c1[v]);
+    }
+  }
+  for (; m < M; ++m) {
+    v16 c0[NV] = {};
+    for (int k = 0; k < K; ++k) {
+      const v16 x0 = splat16(A[m * lda + k]);
+      for (int v = 0; v < NV; ++v) c0[v] += x0 * load16(B + k * ldb + 16 * v);
+    }
+    for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c0[v]);
+  }
+}
+
+void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+             int64_t ldc) {
+  int n = 0;
+  for (; n + 64 <= N; n += 64) nn_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
+  if (n + 32 <= N) { nn_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
+  if (n + 16 <= N) { nn_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
+  if (n < N) tt_step_scalar(M, N - n, K, A, lda, B + n, ldb, C + n, ldc);
+}
+
+inline float dot(const float* a, const float* b, int K) {
+  v16 acc = {};
+  int k = 0;
+  for (; k + 16 <= K; k += 16) acc += load16(a + k) * load16(b + k);
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// Sums of 16 vectors as one vector: lane k = sum of acc[bitrev4(k)] (a transpose-add tree).
+inline v16 hsum16_bitrev(const v16* acc) {
+  v16 w[8], x[4], y[2];
+  const v16i l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  for (int i = 0; i < 8; ++i)
+    w[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1a) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1b);
+  const v16i l2a = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const v16i l2b = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  for (int i = 0; i < 4; ++i)
+    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], l2a) + __builtin_shuffle(w[2 * i], w[2 * i + 1], l2b);
+  const v16i l3a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const v16i l3b = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  for (int i = 0; i < 2; ++i)
+    y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], l3a) + __builtin_shuffle(x[2 * i], x[2 * i + 1], l3b);
+  const v16i l4a = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const v16i l4b = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
+}
+
+constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// The last chain step for one lookup: out[o] = dot(P[o / qd], St[o % qd]) for o < D, where P is
+// (D/qd x Rp) rows ldp apart and St (qd x Rp) the transposed last-core slice, zero-padded to Rp,
+// a multiple of 16. Needs D % 16 == 0; 16 dots at a time, reduced by one transpose-add tree.
+// ``arow[o]`` = (o / qd) * ldp and ``brow[o]`` = (o % qd) * Rp, in the bit-reversed order of each
+// group of 16 (precomputed: no division in the loop).
+inline void last_stage16(int D, int Rp, const float* P, const float* St, const int32_t* arow, const int32_t* brow,
+                         float* out) {
+  for (int g = 0; g < D; g += 16) {
+    v16 acc[16];
+    for (int l = 0; l < 16; ++l) {
+      const float* a = P + arow[g + l];
+      const float* b = St + brow[g + l];
+      v16 sum = load16(a) * load16(b);
+      for (int k = 16; k < Rp; k += 16) sum += load16(a + k) * load16(b + k);
+      acc[l] = sum;
+    }
+    store16(out + g, hsum16_bitrev(acc));
+  }
+}
+
+// C (M x N) (+)= A (M x K, lda) @ B^T, B is (N x K, ldb): dot-product form, K contiguous.
+void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+             bool accumulate) {
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      const float v = dot(A + m * lda, B + n * ldb, K);
+      C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
+    }
+}
+
+// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb): rank-1 updates, N contiguous.
+void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  for (int m = 0; m < M; ++m) {
+    const float* b = B + m * ldb;
+    for (int k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      float* c = C + k * ldc;
+      int n = 0;
+      const v16 av = splat16(a);
+      for (; n + 16 <= N; n += 16) store16(c + n, load16(c + n) + av * load16(b + n));
+      for (; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb): rank-1 updates, N contiguous.
+void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  for (int m = 0; m < M; ++m) {
+    float* c = C + m * ldc;
+    for (int k = 0; k < K; ++k) {
+      const float a = A[m * lda + k];
+      const float* b = B + k * ldb;
+      const v16 av = splat16(a);
+      int n = 0;
+      for (; n + 16 <= N; n += 16) store16(c + n, load16(c + n) + av * load16(b + n));
+      for (; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// Open-addressing map prefix -> slot, linear probing; sequential (cheap next to the GEMMs).
+struct PrefixMap {
+  std::vector<int64_t> keys;
+  std::vector<int32_t> vals;
+  int64_t mask = 0;
+  void reset(int64_t n) {
+    int64_t cap = 16;
+    while (cap < 2 * n) cap <<= 1;
+    keys.assign(cap, -1);
+    vals.resize(cap);
+    mask = cap - 1;
+  }
+  int32_t insert(int64_t key, int32_t next) {
+    uint64_t h = (uint64_t)key * 0x9E3779B97F4A7C15ull;
+    int64_t i = (int64_t)(h >> 20) & mask;
+    while (true) {
+      if (keys[i] == key) return vals[i];
+      if (keys[i] == -1) { keys[i] = key; vals[i] = next; return next; }
+      i = (i + 1) & mask;
+    }
+  }
+};
+
+// Group items 0..n-1 by key in [0, nkeys): CSR start[nkeys+1], order[n] (stable: ascending item).
+void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_t>& start, std::vector<int32_t>& order) {
+  start.assign(nkeys + 1, 0);
+  for (int64_t k : key) start[k + 1]++;
+  for (int64_t k = 0; k < nkeys; ++k) start[k + 1] += start[k];
+  order.resize(key.size());
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (size_t i = 0; i < key.size(); ++i) order[fill[key[i]]++] = (int32_t)i;
+}
+
+// Lookups of a chunk sorted by their row index with the digit i_{d-1} moved to the front:
+// entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) * p_d + i_d). Equal prefixes
+// form runs, runs sharing i_{d-1} are adjacent (so they share G_{d-1}'s slice in L1), and i_d is
+// read off the key. LSD radix sort, 11 bits a pass: stable, so ties keep lookup order.
+constexpr int kJBits = 24;
+constexpr int64_t kMaxChunk = (int64_t)1 << kJBits;
+
+void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
+                  std::vector<uint64_t>& tmp) {
+  const int d = s->d;
+  const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
+  int64_t pfront = 1;
+  for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  a.resize(n);
+  tmp.resize(n);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = idx[j], pre = i / pd;
+    const uint64_t key = (uint64_t)(((pre % plast) * pfront + pre / plast) * pd + (i - pre * pd));
+    a[j] = key << kJBits | (uint64_t)j;
+  }
+  const uint64_t key_range = (uint64_t)(plast * pfront * pd);
+  int bits = 0;
+  while (bits < 40 && ((uint64_t)1 << bits) < key_range) ++bits;
+  std::vector<int64_t> count(1 << 11);
+  for (int shift = 0; shift < bits; shift += 11) {
+    std::fill(count.begin(), count.end(), 0);
+    for (int64_t x = 0; x < n; ++x) count[(a[x] >> (kJBits + shift)) & 2047]++;
+    int64_t sum = 0;
+    for (auto& c : count) { const int64_t t = c; c = sum; sum += t; }
+    for (int64_t x = 0; x < n; ++x) tmp[count[(a[x] >> (kJBits + shift)) & 2047]++] = a[x];
+    a.swap(tmp);
+  }
+}
+
+struct Chunk {
+  // lookups [s, e) of the call; per lookup: slot of its prefix and its last digit
+  int64_t s = 0, e = 0;
+  std::vector<int32_t> slot;
+  std::vector<int64_t> last_digit;
+  // per unique prefix: its digits, and partial products level[k] (k = 1..d-2 -> P_{k+1})
+  int64_t n_unique = 0;
+  std::vector<int64_t> digits;   // n_unique x (d-1)
+  std::vector<std::vector<float>> level;
+};
+
+struct Ctx {
+  const tt_shape_t* s;
+  const float* const* cores;
+  int d;
+  int32_t width[TT_MAX_D];   // columns of the partial product after core k (q_1..q_k)
+  int Rp;                     // R_{d-1} rounded up to a multiple of 16
+  std::vector<float> last_t;  // G_d transposed to (p_d, q_d, Rp), zero-padded: dot-friendly last stage
+
+  Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
+    for (int k = 0; k < d; ++k) width[k] = tt_cols_through(s, k);
+    const int64_t pd = s->p[d - 1];
+    const int qd = s->q[d - 1], R = s->r[d - 1];
+    Rp = (R + 15) / 16 * 16;
+    last_t.assign((size_t)pd * qd * Rp, 0.f);
+    const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
+    for (int r = 0; r < R; ++r)
+      for (int64_t i = 0; i < pd; ++i)
+        for (int c = 0; c < qd; ++c) last_t[((size_t)i * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+  }
+
+  // P_k of prefix u as a (width[k-1] x R_k) row-major matrix; k = 1 points into core 1.
+  const float* partial(const Chunk& ch, int64_t u, int k) const {
+    if (k == 1) return cores[0] + ch.digits[u * (d - 1)] * (int64_t)s->q[0] * s->r[1];
+    return ch.level[k - 2].data() + u * (int64_t)width[k - 1] * s->r[k];
+  }
+
+  void build_chunk(Chunk& ch, const int64_t* idx, int64_t s0, int64_t e0, int threads) const {
+    ch.s = s0;
+    ch.e = e0;
+    const int64_t n = e0 - s0;
+    const int64_t pd = s->p[d - 1];
+    ch.slot.resize(n);
+    ch.last_digit.resize(n);
+    PrefixMap map;
+    map.reset(n);
+    std::vector<int64_t> uniq;
+    uniq.reserve(n);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t pre = idx[s0 + j] / pd;
+      ch.last_digit[j] = idx[s0 + j] % pd;
+      const int32_t u = map.insert(pre, (int32_t)uniq.size());
+      if (u == (int32_t)uniq.size()) uniq.push_back(pre);
+      ch.slot[j] = u;
+    }
+    ch.n_unique = (int64_t)uniq.size();
+    ch.digits.resize(ch.n_unique * (d - 1));
+    for (int64_t u = 0; u < ch.n_unique; ++u) {
+      int64_t pre = uniq[u];
+      for (int k = d - 2; k >= 0; --k) {
+        ch.digits[u * (d - 1) + k] = k ? pre % s->p[k] : pre;
+        pre /= s->p[k];
+      }
+    }
+    ch.level.resize(std::max(0, d - 2));
+    for (int k = 2; k <= d - 1; ++k) ch.level[k - 2].resize((size_t)ch.n_unique * width[k - 1] * s->r[k]);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t u = 0; u < ch.n_unique; ++u) {
+      for (int k = 2; k <= d - 1; ++k) {  // P_k = P_{k-1} (width[k-2] x R_{k-1}) @ G_k[:, i_k]
+        int64_t ld;
+        const float* S = tt_slice(s, cores[k - 1], k - 1, ch.digits[u * (d - 1) + k - 1], &ld);
+        const int N = s->q[k - 1] * s->r[k];
+        float* out = ch.level[k - 2].data() + u * (int64_t)width[k - 1] * s->r[k];
+        gemm_nn(width[k - 2], N, s->r[k - 1], partial(ch, u, k - 1), s->r[k - 1], S, ld, out, N);
+      }
+    }
+  }
+
+  // row (width[d-2] x q_d, i.e. D floats) of lookup j of the chunk
+  inline void row(const Chunk& ch, int64_t j, float* out) const {
+    const int qd = s->q[d - 1], R = s->r[d - 1];
+    const float* P = partial(ch, ch.slot[j], d - 1);
+    const float* St = last_t.data() + (size_t)ch.last_digit[j] * qd * Rp;
+    gemm_nt(width[d - 2], qd, R, P, R, St, Rp, out, qd, false);
+  }
+};
+
+inline int64_t chunk_lookups(const tt_shape_t* s, int64_t budget_bytes) {
+  int64_t per = 0;
+  for (int k = 1; k < s->d - 1; ++k) per += (int64_t)tt_cols_through(s, k) * s->r[k + 1] * 4;
+  per = std::max<int64_t>(per, 4) * 3;  // partial products + their gradients + slack
+  return std::max<int64_t>(1024, budget_bytes / per);
+}
+
+// lookups of bag b inside [s, e)
+inline void bag_range(const int64_t* offsets, int64_t b, int64_t s, int64_t e, int64_t* lo, int64_t* hi) {
+  *lo = std::max(offsets[b], s);
+  *hi = std::min(offsets[b + 1], e);
+}
+
+inline float bag_scale(const int64_t* offsets, int64_t b, int mean) {
+  const int64_t n = offsets[b + 1] - offsets[b];
+  return (mean && n > 0) ? 1.0f / (float)n : 1.0f;
+}
+
+}  // namespace
+
+extern "C" {
+
+typedef struct {
+  int64_t lookups;
+  int64_t unique_prefixes;  // summed over chunks
+  int64_t chunks;
+  double seconds_group;     // phases of the forward, summed over chunks (first repeat)
+  double seconds_chain;
+  double seconds_pool;
+} tt_stats_t;
+
+// out (n_bags x D) = pooled rows. Returns 0.
+//
+// Per chunk: lookups are grouped by prefix and prefixes ordered by their last prefix digit
+// i_{d-1}, so consecutive prefixes share the slice G_{d-1}[:, i_{d-1}] (kept in L1) and every
+// prefix's partial product lives only in a thread-local scratch while the rows of all lookups
+// sharing it are finished. Rows land in a chunk-sized buffer; bags are then pooled in lookup
+// order (deterministic for any thread count).
+int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+               int64_t n_bags, const float* weights, int mean, float* out, int threads, int64_t chunk_bytes,
+               int repeat, tt_stats_t* stats) {
+  Ctx ctx(s, cores);
+  const int d = s->d;
+  const int64_t n = offsets[n_bags];
+  const int D = ctx.width[d - 1];
+  const int qd = s->q[d - 1], R = s->r[d - 1], M = ctx.width[d - 2];
+  const int64_t pd = s->p[d - 1];
+  int64_t pfront = 1;
+  for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * (int64_t)D + 24)));
+  if (stats) *stats = tt_stats_t{n, 0, 0, 0.0, 0.0, 0.0};
+  thread_local std::vector<float> rows;
+  std::vector<uint64_t> sorted, tmp;
+  std::vector<int64_t> runs;
+  for (int rep = 0; rep < std::max(1, repeat); ++rep) {  // repeat > 1 only for the CI gate's planted slowdown
+    std::memset(out, 0, sizeof(float) * n_bags * D);
+    for (int64_t s0 = 0; s0 < n; s0 += C) {
+      const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
+      const double t0 = omp_get_wtime();
+      // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
+      sort_lookups(s, idx + s0, cn, sorted, tmp);
+      runs.clear();
+      for (int64_t x = 0; x < cn; ++x)
+        if (x == 0 || (sorted[x] >> kJBits) / pd != (sorted[x - 1] >> kJBits) / pd) runs.push_back(x);
+      const int64_t U = (int64_t)runs.size();
+      runs.push_back(cn);
+      if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
+      rows.resize((size_t)cn * D);
+      float* const rbuf = rows.data();  // thread_local: inside the parallel region use this pointer
+      const double t1 = omp_get_wtime();
+      // 2. per prefix: chain in scratch, then the rows of its lookups
+#pragma omp parallel num_threads(threads)
+      {
+        std::vector<float> scratch[TT_MAX_D];
+        for (int k = 1; k < d - 1; ++k) scratch[k].resize((size_t)ctx.width[k] * s->r[k + 1]);
+        const int Rp = ctx.Rp;
+        const bool fast = D % 16 == 0;
+        std::vector<float> padded(fast ? (size_t)M * Rp : 0, 0.f);
+        std::vector<int32_t> arow(D), brow(D);
+        const int64_t ldp_fast = Rp != R ? Rp : R;
+        for (int o = 0; o < D; ++o) {
+          const int oo = (o & ~15) + kBitrev4[o & 15];
+          arow[o] = (int32_t)((oo / qd) * ldp_fast);
+          brow[o] = (oo % qd) * Rp;
+        }
+        int64_t dig[TT_MAX_D];
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t t = 0; t < U; ++t) {
+          const int64_t key = (int64_t)(sorted[runs[t]] >> kJBits) / pd;  // i_{d-1} * Pfront + front
+          int64_t front = key % pfront;
+          dig[d - 2] = key / pfront;
+          for (int k = d - 3; k >= 0; --k) {
+            dig[k] = k ? front % s->p[k] : front;
+            front /= s->p[k];
+          }
+          const float* P = cores[0] + dig[0] * (int64_t)s->q[0] * s->r[1];  // (q_1 x R_1)
+          for (int k = 1; k < d - 1; ++k) {  // P <- P (width[k-1] x R_k) @ G_{k+1}[:, i_{k+1}]
+            int64_t ld;
+            const float* S = tt_slice(s, cores[k], k, dig[k], &ld);
+            gemm_nn(ctx.width[k - 1], s->q[k] * s->r[k + 1], s->r[k], P, s->r[k], S, ld, scratch[k].data(),
+                    (int64_t)s->q[k] * s->r[k + 1]);
+            P = scratch[k].data();
+          }
+          int64_t ldp = R;
+          if (fast && Rp != R) {  // zero-pad P's rows to Rp so the dots run on whole vectors
+            for (int m = 0; m < M; ++m) std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
+            P = padded.data();
+            ldp = Rp;
+          }
+          for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
+            const uint64_t e = sorted[x];
+            const int64_t j = (int64_t)(e & (kMaxChunk - 1));
+            const float* St = ctx.last_t.data() + (size_t)((int64_t)(e >> kJBits) % pd) * qd * Rp;
+            if (fast)
+              last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + j * D);
+            else
+              gemm_nt(M, qd, R, P, ldp, St, Rp, rbuf + j * D, qd, false);
+          }
+        }
+      }
+      const double t2 = omp_get_wtime();
+      // 3. pool: bags overlapping [s0, e0), lookups in order
+      const int64_t b0 = std::upper_bound(offsets, offsets + n_bags + 1, s0) - offsets - 1;
+      const int64_t b1 = std::lower_bound(offsets, offsets + n_bags + 1, e0) - offsets;
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t b = std::max<int64_t>(b0, 0); b < std::min(b1, n_bags); ++b) {
+        int64_t lo, hi;
+        bag_range(offsets, b, s0, e0, &lo, &hi);
+        float* o = out + b * D;
+        for (int64_t j = lo; j < hi; ++j) {
+          const float w = weights ? weights[j] : 1.0f;
+          const float* r = rbuf + (j - s0) * D;
+          for (int c = 0; c < D; ++c) o[c] += w * r[c];
+        }
+      }
+      if (stats && rep == 0) {
+        stats->seconds_group += t1 - t0;
+        stats->seconds_chain += t2 - t1;
+        stats->seconds_pool += omp_get_wtime() - t2;
+      }
+    }
+  }
+  if (mean)
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const float sc = bag_scale(offsets, b, 1);
+      for (int c = 0; c < D; ++c) out[b * D + c] *= sc;
+    }
+  return 0;
+}
+
+// grad_cores[k] (same shapes as cores) += dL/dG_k. touched[k] (optional, p_k bytes) marks the
+// digit values whose slices received gradient. Returns 0.
+int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+                int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
+                uint8_t* const* touched, int threads, int64_t chunk_bytes) {
+  Ctx ctx(s, cores);
+  const int d = s->d;
+  const int64_t n = offsets[n_bags];
+  const int D = ctx.width[d - 1];
+  const int qd = s->q[d - 1], R = s->r[d - 1], M = ctx.width[d - 2];
+  const int64_t pd = s->p[d - 1];
+  const int64_t C = chunk_lookups(s, chunk_bytes);
+  // bag of each lookup
+  std::vector<int64_t> bag_of(n);
+  for (int64_t b = 0; b < n_bags; ++b)
+    for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) bag_of[j] = b;
+  Chunk ch;
+  std::vector<int64_t> start;
+  std::vector<int32_t> order;
+  for (int64_t s0 = 0; s0 < n; s0 += C) {
+    const int64_t e0 = std::min(n, s0 + C);
+    ctx.build_chunk(ch, idx, s0, e0, threads);
+    const int64_t U = ch.n_unique;
+    // upstream gradient of lookup j: w_j * scale(bag) * grad_out[bag]
+    auto g_of = [&](int64_t j, float* g) {
+      const int64_t b = bag_of[s0 + j];
+      const float w = (weights ? weights[s0 + j] : 1.0f) * bag_scale(offsets, b, mean);
+      for (int c = 0; c < D; ++c) g[c] = w * grad_out[b * D + c];
+    };
+    // (a) last core, grouped by last digit: dG_d[:, i_d] (R x q_d) += P^T (R x M) @ g (M x q_d)
+    group_by(ch.last_digit, pd, start, order);
+    float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1): slice rows R apart by p_d*q_d
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> g(D);
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t i = 0; i < pd; ++i) {
+        if (start[i] == start[i + 1]) continue;
+        if (touched) touched[d - 1][i] = 1;
+        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
+          const int64_t j = order[t];
+          g_of(j, g.data());
+          gemm_tn_acc(M, qd, R, ctx.partial(ch, ch.slot[j], d - 1), R, g.data(), qd, gd + i * qd, pd * qd);
+        }
+      }
+    }
+    // (b) dP_{d-1}(u) = sum over lookups j of u: g_j (M x q_d) @ G_d[:, i_d]^T (q_d x R)
+    std::vector<int64_t> slot64(ch.slot.begin(), ch.slot.end());
+    group_by(slot64, U, start, order);
+    std::vector<float> dP((size_t)U * M * R);
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> g(D);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < U; ++u) {
+        float* dp = dP.data() + u * (int64_t)M * R;
+        std::fill(dp, dp + (int64_t)M * R, 0.f);
+        for (int64_t t = start[u]; t < start[u + 1]; ++t) {
+          const int64_t j = order[t];
+          g_of(j, g.data());
+          const float* St = ctx.last_t.data() + (size_t)ch.last_digit[j] * qd * ctx.Rp;  // (q_d x R), ld Rp
+          gemm_nn_acc(M, R, qd, g.data(), qd, St, ctx.Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+        }
+      }
+    }
+    // (c) cores d-1 .. 2: dG_k[:, i_k] += P_{k-1}^T @ dP_k ; dP_{k-1} = dP_k @ G_k[:, i_k]^T
+    for (int k = d - 1; k >= 2; --k) {
+      const int Mk = ctx.width[k - 2], Rk1 = s->r[k - 1], N = s->q[k - 1] * s->r[k];
+      std::vector<int64_t> dig(U);
+      for (int64_t u = 0; u < U; ++u) dig[u] = ch.digits[u * (d - 1) + k - 1];
+      const int64_t pk = s->p[k - 1];
+      group_by(dig, pk, start, order);
+      float* gk = grad_cores[k - 1];
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+      for (int64_t i = 0; i < pk; ++i) {
+        if (start[i] == start[i + 1]) continue;
+        if (touched) touched[k - 1][i] = 1;
+        int64_t ld;
+        tt_slice(s, cores[k - 1], k - 1, i, &ld);
+        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
+          const int64_t u = order[t];
+          // dP_k(u) is (Mk*q_k x R_k) == (Mk x N)
+          gemm_tn_acc(Mk, N, Rk1, ctx.partial(ch, u, k - 1), Rk1, dP.data() + u * (int64_t)Mk * N, N,
+                      gk + i * (int64_t)N, ld);
+        }
+      }
+      std::vector<float> dPn((size_t)U * Mk * Rk1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t u = 0; u < U; ++u) {
+        int64_t ld;
+        const float* S = tt_slice(s, cores[k - 1], k - 1, ch.digits[u * (d - 1) + k - 1], &ld);
+        gemm_nt(Mk, Rk1, N, dP.data() + u * (int64_t)Mk * N, N, S, ld, dPn.data() + u * (int64_t)Mk * Rk1, Rk1,
+                false);
+      }
+      dP.swap(dPn);
+    }
+    // (d) first core: dG_1[0, i_1] (q_1 x R_1) += dP_1(u)
+    {
+      std::vector<int64_t> dig(U);
+      for (int64_t u = 0; u < U; ++u) dig[u] = ch.digits[u * (d - 1)];
+      const int64_t p1 = s->p[0];
+      group_by(dig, p1, start, order);
+      const int64_t W = (int64_t)s->q[0] * s->r[1];
+      float* g1 = grad_cores[0];
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+      for (int64_t i = 0; i < p1; ++i) {
+        if (start[i] == start[i + 1]) continue;
+        if (touched) touched[0][i] = 1;
+        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
+          const float* src = dP.data() + order[t] * W;
+          for (int64_t c = 0; c < W; ++c) g1[i * W + c] += src[c];
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// Fused sparse update: with grads (dense scratch, zero on entry) from tt_backward and the touched
+// digit marks, update exactly the touched slices of every core:
+//   SGD:     G -= lr * g
+//   Adagrad: h += g^2 ; G -= lr * g / (sqrt(h) + eps)     (h has the cores' shapes)
+// Then zero the touched slices of grads, so the scratch is clean for the next call.
+int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
+                     uint8_t* const* touched, int adagrad, float lr, float eps, int threads) {
+  for (int k = 0; k < s->d; ++k) {
+    const int64_t pk = s->p[k];
+    const int64_t W = (int64_t)s->q[k] * s->r[k + 1];
+    const int Rk = s->r[k];
+#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
+    for (int64_t i = 0; i < pk; ++i) {
+      if (!touched[k][i]) continue;
+      for (int r = 0; r < Rk; ++r) {
+        const int64_t base = ((int64_t)r * pk + i) * W;
+        float* G = cores[k] + base;
+        float* g = grads[k] + base;
+        if (adagrad) {
+          float* h = state[k] + base;
+          for (int64_t c = 0; c < W; ++c) {
+            h[c] += g[c] * g[c];
+            G[c] -= lr * g[c] / (std::sqrt(h[c]) + eps);
+          }
+        } else {
+          for (int64_t c = 0; c < W; ++c) G[c] -= lr * g[c];
+        }
+        std::memset(g, 0, sizeof(float) * W);
+      }
+    }
+  }
+  return 0;
+}
+
+int tt_abi_version(void) { return 1; }
+
+}  // extern "C"

@@ -1,0 +1,212 @@
+"""The native CPU kernel against the reference backend (ttrec.reference) and torch optimizers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import ttrec
+from ttrec.bags import make_bags
+from ttrec.cpu import ops
+from ttrec.cpu.build import unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _spec(p, q, r, rows_short=0):
+    return ttrec.TTSpec(math.prod(p) - rows_short, math.prod(q), tuple(p), tuple(q), tuple(r))
+
+
+def _cores(spec, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [c.to(dtype) for c in ttrec.init_tt_cores(spec, "normal", generator=g)]
+
+
+@st.composite
+def problems(draw):
+    d = draw(st.integers(2, 4))
+    p = draw(st.lists(st.integers(1, 7), min_size=d, max_size=d))
+    q = draw(st.lists(st.integers(1, 4), min_size=d, max_size=d))
+    r = draw(st.lists(st.sampled_from([1, 2, 3, 5, 8, 16, 17]), min_size=d - 1, max_size=d - 1))
+    spec = _spec(p, q, r, rows_short=draw(st.integers(0, max(0, math.prod(p) - 1))))
+    sizes = draw(st.lists(st.integers(0, 6), min_size=1, max_size=8))
+    seed = draw(st.integers(0, 2**31 - 1))
+    mode = draw(st.sampled_from(["sum", "mean"]))
+    weighted = mode == "sum" and draw(st.booleans())
+    threads = draw(st.sampled_from([1, 2, 3]))
+    return spec, sizes, seed, mode, weighted, threads
+
+
+def _bags(spec, sizes, seed, mode, weighted, dtype=torch.int64):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    idx = torch.randint(0, spec.num_embeddings, (n,), generator=g).to(dtype)
+    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).to(dtype)
+    w = torch.rand(n, generator=g) if weighted else None
+    return make_bags(idx, offsets, w, num_embeddings=spec.num_embeddings, mode=mode)
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_forward_and_core_gradients_equal_reference(problem):
+    spec, sizes, seed, mode, weighted, threads = problem
+    torch.set_num_threads(threads)
+    cores = [c.requires_grad_() for c in _cores(spec, seed)]
+    ref_cores = [c.detach().double().requires_grad_() for c in cores]
+    bags = _bags(spec, sizes, seed, mode, weighted)
+    ref_bags = make_bags(bags.indices, bags.offsets[:-1], None if bags.per_sample_weights is None else
+                         bags.per_sample_weights.double(), num_embeddings=spec.num_embeddings, mode=mode)
+    out = ops.tt_bag_cpu(cores, spec, bags, mode)
+    ref = ttrec.tt_embedding_bag(ref_cores, spec, ref_bags, mode)
+    scale = ref.abs().max().item() + 1e-30
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * scale, rtol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = torch.autograd.grad(out, cores, grad_out.float())
+    want = torch.autograd.grad(ref, ref_cores, grad_out)
+    for g_native, g_ref in zip(got, want):
+        torch.testing.assert_close(g_native.double(), g_ref, atol=1e-5 * (g_ref.abs().max().item() + 1e-30), rtol=1e-4)
+
+
+@pytest.mark.parametrize("p,q,r", [((200, 220, 250), (2, 2, 4), (32, 32)), ((20, 21, 22), (4, 4, 4), (64, 64)),
+                                   ((30, 30, 30), (4, 4, 8), (8, 8)), ((5, 6, 7, 8), (2, 2, 2, 2), (4, 8, 4))])
+def test_paper_like_shapes_dims_16_64_128(p, q, r):
+    spec = _spec(p, q, r, rows_short=7)
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, spec.num_embeddings, (3000,), generator=g)
+    offsets = torch.arange(0, 3000, 30)  # pooling 30
+    bags = make_bags(idx, offsets, None, num_embeddings=spec.num_embeddings, mode="sum")
+    want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags)
+    got = ops.forward(cores, spec, bags, "sum")
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+
+
+def test_results_do_not_depend_on_thread_count_or_chunking():
+    spec = _spec((13, 17, 19), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, [3, 0, 50, 7] * 100, 3, "sum", True)
+    grad_out = torch.randn(bags.num_bags, 16)
+    outs, grads = [], []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(ops.forward(cores, spec, bags, "sum"))
+        grads.append(ops.backward(cores, spec, bags, "sum", grad_out))
+    outs.append(ops.forward(cores, spec, bags, "sum", chunk_bytes=1))  # the smallest chunk: 1024 lookups
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    for g in grads[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(g, grads[0]))
+    chunked = ops.backward(cores, spec, bags, "sum", grad_out, chunk_bytes=1)
+    for a, b in zip(chunked, grads[0]):  # chunks change the summation order only
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def test_unique_prefix_count_is_the_closed_form_count():
+    spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
+    cores = _cores(spec)
+    idx = torch.randint(0, spec.num_embeddings, (5000,))
+    bags = make_bags(idx, torch.arange(5000), None, num_embeddings=spec.num_embeddings, mode="sum")
+    ops.forward(cores, spec, bags, "sum")
+    stats = ops.last_stats()
+    assert stats["chunks"] == 1 and stats["lookups"] == 5000
+    assert stats["unique_prefixes"] == torch.unique(idx // 60).numel()
+
+
+def test_int32_indices_and_2d_input_through_the_module():
+    m = ttrec.TTEmbeddingBag(1000, 16, 8, backend="cpu", seed=0)
+    ref = ttrec.TTEmbeddingBag(1000, 16, 8, backend="torch", seed=0)
+    x = torch.randint(0, 1000, (6, 5), dtype=torch.int32)
+    torch.testing.assert_close(m(x), ref(x), rtol=1e-5, atol=1e-7)
+    assert m.resolved_backend() == "cpu" and ttrec.TTEmbeddingBag(1000, 16, 8).resolved_backend() == "cpu"
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+@pytest.mark.parametrize("p", [(12, 9, 11), (1100, 3), (3, 1500)])
+def test_fused_update_equals_torch_optimizer_and_touches_only_looked_up_slices(optimizer, p):
+    q = (2, 2, 4)[: len(p)] if len(p) == 3 else (4, 4)
+    r = (6,) * (len(p) - 1)
+    spec = _spec(p, q, r)
+    lr = 0.05
+    fused = ttrec.TTEmbeddingBag(spec.num_embeddings, spec.embedding_dim, r, p, q, backend="cpu", seed=0,
+                                 optimizer=optimizer, learning_rate=lr)
+    ref = ttrec.TTEmbeddingBag(spec.num_embeddings, spec.embedding_dim, r, p, q, backend="torch", seed=0,
+                               dtype=torch.float64)
+    with torch.no_grad():  # the same starting values, exactly
+        for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
+            c_ref.copy_(c.double())
+    opt = (torch.optim.SGD(ref.parameters(), lr=lr) if optimizer == "sgd"
+           else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10))
+    before = [c.detach().clone() for c in fused.tt_cores]
+    g = torch.Generator().manual_seed(5)
+    for step in range(2):  # two steps: Adagrad's state must carry over
+        # rows with the high digits of p_k (> 1024) included, so a launch that skips rows would show
+        idx = torch.cat([torch.randint(0, spec.num_embeddings, (40,), generator=g),
+                         torch.tensor([spec.num_embeddings - 1, spec.num_embeddings - 2])])
+        offsets = torch.tensor([0, 10, 10, 30])
+        grad_out = torch.randn(4, spec.embedding_dim, generator=g, dtype=torch.float64)
+        fused(idx, offsets).backward(grad_out.float())
+        opt.zero_grad()
+        ref(idx, offsets).backward(grad_out)
+        opt.step()
+        assert all(c.grad is None for c in fused.tt_cores)
+    for k, (c_fused, c_ref, c0) in enumerate(zip(fused.tt_cores, ref.tt_cores, before)):
+        torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
+        changed = (c_fused.detach() != c0).flatten(2).any(-1).any(0)  # per digit value of core k
+        # a digit's slice changes iff some lookup used it (exact set, computed from the reference)
+        used = (c_ref.detach() != c0.double()).flatten(2).any(-1).any(0)
+        assert torch.equal(changed, used), f"core {k}: touched slices differ"
+        assert changed.any()
+        assert changed[-1] or p[k] < 3  # the last digit value of a large p_k is updated too
+
+
+def test_fused_update_leaves_untouched_slices_bitwise_unchanged():
+    p, q, r = (1200, 5), (4, 4), (8,)
+    m = ttrec.TTEmbeddingBag(6000, 16, r, p, q, backend="cpu", seed=0, optimizer="adagrad", learning_rate=0.1)
+    before = [c.detach().clone() for c in m.tt_cores]
+    idx = torch.tensor([0, 5, 5999, 3000])  # digits i1 in {0, 1, 1199, 600}; i2 in {0, 4}
+    m(idx, torch.tensor([0, 2])).sum().backward()
+    c0, c1 = m.tt_cores[0].detach(), m.tt_cores[1].detach()
+    changed0 = (c0 != before[0]).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    changed1 = (c1 != before[1]).flatten(2).any(-1).any(0).nonzero().flatten().tolist()
+    assert changed0 == [0, 1, 600, 1199]
+    assert changed1 == [0, 4]
+
+
+BAD_INPUTS = [
+    (torch.tensor([0, -1]), torch.tensor([0]), None, "index -1"),
+    (torch.tensor([0, 1000]), torch.tensor([0]), None, "index 1000"),
+    (torch.tensor([0, 1, 2]), torch.tensor([0, 2, 1]), None, "non-decreasing"),
+    (torch.tensor([0, 1]), torch.tensor([0]), torch.ones(3), "shape"),
+    (torch.tensor([0.0, 1.0]), torch.tensor([0]), None, "dtype"),
+]
+
+
+@pytest.mark.parametrize("inp,offsets,weights,needle", BAD_INPUTS)
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bad_inputs_raise_the_same_clear_errors_as_the_reference(backend, inp, offsets, weights, needle):
+    m = ttrec.TTEmbeddingBag(1000, 16, 4, backend=backend, seed=0)
+    with pytest.raises((ValueError, TypeError), match=needle):
+        m(inp, offsets, weights)
+
+
+def test_unsupported_cores_are_refused_before_native_code():
+    m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu", dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        m(torch.tensor([1, 2]), torch.tensor([0]))
+    assert ttrec.TTEmbeddingBag(1000, 16, 4, dtype=torch.float64).resolved_backend() == "torch"
+    m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu")
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="per_sample_weights"):
+        m(torch.tensor([1, 2]), torch.tensor([0]), w)
+    with pytest.raises(ValueError, match="optimizer"):
+        ttrec.TTEmbeddingBag(1000, 16, 4, backend="torch", optimizer="sgd")

@@ -24,7 +24,7 @@ def _install(session: nox.Session, *extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (pytest; pass pytest arguments after --)."""
-    _install(session, "test")
+    _install(session, "test", "peers")
     session.run("pytest", "-q", *session.posargs)
 
 

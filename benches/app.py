@@ -34,8 +34,17 @@ def build_module(cfg: BenchConfig) -> torch.nn.Module:
         cfg.impl.name.value, cfg.table.num_embeddings, cfg.table.embedding_dim,
         tt_ranks=t.rank, tt_p_shapes=t.p_shapes, tt_q_shapes=t.q_shapes, d=t.d, init=t.init.value,
         backend=cfg.impl.backend.value, mode=cfg.workload.pooling.value, sparse=cfg.impl.sparse,
-        seed=cfg.seed, device=cfg.device,
+        seed=cfg.seed, device=cfg.device, optimizer=_fused_optimizer(cfg), learning_rate=cfg.mode.lr,
     )
+
+
+def _fused_optimizer(cfg: BenchConfig) -> str | None:
+    m = cfg.mode
+    if m.name.value != "train" or not m.fused:
+        return None
+    if cfg.impl.name.value != "tt":
+        raise ValueError(f"mode.fused: true needs impl=tt, got impl={cfg.impl.name.value}")
+    return m.optimizer.value
 
 
 def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Callable[[], object]:
@@ -46,10 +55,14 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
             with torch.no_grad():
                 return module(*args)
         return forward
-    opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
-    opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     grad_out = torch.randn(batch.offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batch.indices.device)
+    if getattr(module, "optimizer", None) is not None:  # fused: the update runs inside backward
+        def fused_step():
+            module(*args).backward(grad_out)
+        return fused_step
+    opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
+    opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -70,13 +83,16 @@ def _check_device(device: str) -> None:
 
 def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:
     """The config values (and measured workload ratios) that identify one measured point."""
-    is_tt = isinstance(module, ttrec.TTEmbeddingBag)
-    spec = module.spec if is_tt else None
+    spec = getattr(module, "spec", None)
+    is_tt = spec is not None
+    impl = cfg.impl.name.value
+    backend = {"tt": module.resolved_backend() if impl == "tt" else None, "t3nsor": "torch", "dense": "aten",
+               "tltorch": "tltorch"}[impl]
     w = cfg.workload
     cols = {
         "experiment": experiment,
         "impl": cfg.impl.name.value,
-        "backend": module.resolved_backend() if is_tt and cfg.impl.name.value == "tt" else ("torch" if is_tt else "aten"),
+        "backend": backend,
         "device": cfg.device,
         "table": cfg.table.name,
         "num_embeddings": cfg.table.num_embeddings,
@@ -99,6 +115,7 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
         "mode": cfg.mode.name.value,
         "optimizer": cfg.mode.optimizer.value if cfg.mode.name.value == "train" else None,
         "lr": cfg.mode.lr if cfg.mode.name.value == "train" else None,
+        "fused": bool(getattr(module, "optimizer", None)),
         "seed": cfg.seed,
     }
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
@@ -131,7 +148,7 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
         _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups)),
         _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s)),
     ]
-    if isinstance(module, ttrec.TTEmbeddingBag) and cfg.impl.name.value == "tt":
+    if getattr(module, "spec", None) is not None and cfg.impl.name.value in ("tt", "tltorch"):
         flops = module.spec.flops_per_lookup() * lookups
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
     point, env = point_columns(cfg, module, batch, experiment), capture()

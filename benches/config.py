@@ -23,6 +23,7 @@ class Impl(str, Enum):
     tt = "tt"
     t3nsor = "t3nsor"
     dense = "dense"
+    tltorch = "tltorch"
 
 
 class Backend(str, Enum):
@@ -133,11 +134,16 @@ class TimingConfig:
 
 @dataclass
 class ModeConfig:
-    """forward: the lookup alone; train: forward + backward + optimizer step."""
+    """forward: the lookup alone; train: forward + backward + optimizer step.
+
+    fused: for impl tt, the optimizer runs inside backward on exactly the touched core slices
+    (TTEmbeddingBag(optimizer=...)); otherwise torch.optim updates from autograd gradients.
+    """
 
     name: Mode = Mode.forward
     optimizer: Optimizer = Optimizer.sgd
     lr: float = 0.01
+    fused: bool = False
 
 
 @dataclass

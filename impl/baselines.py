@@ -5,9 +5,14 @@
   Gradients flow into the cores through the rebuild. Transient memory is O(num_embeddings * dim).
 - :class:`DenseEmbeddingBag`: nn.EmbeddingBag on the uncompressed table, with the suite's input
   checks so every implementation fails the same way on bad input.
+- :class:`TltorchEmbeddingBag` (optional peer, ``pip install .[peers]``): tensorly-torch's
+  FactorizedEmbedding (blocktt), which gathers core slices per requested row and contracts them
+  with einsum; pooled here with index_add. It starts from the same cores as TTEmbeddingBag.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +22,7 @@ from .bags import make_bags
 from .reference import tt_to_dense
 from .tt import TTEmbeddingBag
 
-__all__ = ["T3nsorEmbeddingBag", "DenseEmbeddingBag"]
+__all__ = ["T3nsorEmbeddingBag", "DenseEmbeddingBag", "TltorchEmbeddingBag", "tltorch_unavailable_reason"]
 
 
 class T3nsorEmbeddingBag(TTEmbeddingBag):
@@ -54,3 +59,52 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
                          mode=self.mode, include_last_offset=self.include_last_offset)
         return F.embedding_bag(bags.indices, self.weight, bags.offsets, mode=self.mode, sparse=self.sparse,
                                per_sample_weights=bags.per_sample_weights, include_last_offset=True)
+
+
+def tltorch_unavailable_reason() -> str | None:
+    try:
+        import tltorch  # noqa: F401
+    except Exception as exc:  # ImportError, or tensorly missing underneath
+        return f"tensorly-torch is not importable ({exc}); install the peers extra: pip install '.[peers]'"
+    return None
+
+
+class TltorchEmbeddingBag(nn.Module):
+    """tltorch.FactorizedEmbedding(factorization='blocktt') behind nn.EmbeddingBag's forward.
+
+    tltorch needs prod(p) == its row count, so it is built over prod(p) rows (the padding rows are
+    never looked up, as in TTEmbeddingBag). Its cores have our layout (R_{k-1}, p_k, q_k, R_k) and
+    are set to TTEmbeddingBag's init for the same arguments.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tt_ranks, tt_p_shapes=None, tt_q_shapes=None,
+                 mode: str = "sum", include_last_offset: bool = False, init: str = "calibrated", d: int = 3,
+                 seed: int | None = None, device=None) -> None:
+        super().__init__()
+        reason = tltorch_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"impl 'tltorch': {reason}")
+        import tltorch
+
+        tt = TTEmbeddingBag(num_embeddings, embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes, mode=mode,
+                            include_last_offset=include_last_offset, init=init, d=d, backend="torch", seed=seed)
+        self.spec, self.mode, self.include_last_offset = tt.spec, mode, include_last_offset
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        s = tt.spec
+        self.inner = tltorch.FactorizedEmbedding(
+            math.prod(s.tt_p_shapes), embedding_dim, auto_tensorize=False, tensorized_num_embeddings=s.tt_p_shapes,
+            tensorized_embedding_dim=s.tt_q_shapes, rank=list(s.ranks), factorization="blocktt", device=device)
+        with torch.no_grad():
+            for factor, core in zip(self.inner.weight.factors, tt.tt_cores):
+                factor.copy_(core)
+
+    def forward(self, input, offsets=None, per_sample_weights=None):
+        bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
+                         mode=self.mode, include_last_offset=self.include_last_offset)
+        rows = self.inner(bags.indices)
+        if bags.per_sample_weights is not None:
+            rows = rows * bags.per_sample_weights.unsqueeze(1).to(rows.dtype)
+        out = rows.new_zeros(bags.num_bags, self.embedding_dim).index_add(0, bags.bag_ids(), rows)
+        if self.mode == "mean":
+            out = out / bags.bag_sizes().clamp(min=1).unsqueeze(1).to(out.dtype)
+        return out

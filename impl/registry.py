@@ -6,12 +6,12 @@ from typing import Sequence
 
 from torch import nn
 
-from .baselines import DenseEmbeddingBag, T3nsorEmbeddingBag
+from .baselines import DenseEmbeddingBag, T3nsorEmbeddingBag, TltorchEmbeddingBag
 from .tt import TTEmbeddingBag
 
 __all__ = ["IMPLEMENTATIONS", "build_embedding"]
 
-IMPLEMENTATIONS = ("tt", "t3nsor", "dense")
+IMPLEMENTATIONS = ("tt", "t3nsor", "dense", "tltorch")
 
 
 def build_embedding(
@@ -29,17 +29,26 @@ def build_embedding(
     sparse: bool = False,
     seed: int | None = 0,
     device=None,
+    optimizer: str | None = None,
+    learning_rate: float = 0.01,
 ) -> nn.Module:
-    """An embedding-bag module: ``tt`` (TTEmbeddingBag), ``t3nsor`` or ``dense`` (nn.EmbeddingBag).
+    """An embedding-bag module: ``tt`` (TTEmbeddingBag), ``t3nsor``, ``dense`` (nn.EmbeddingBag) or
+    ``tltorch`` (optional peer).
 
-    TT arguments are ignored by ``dense``; ``sparse`` (sparse gradients) only applies to ``dense``.
+    TT arguments are ignored by ``dense``; ``sparse`` (sparse gradients) only applies to ``dense``;
+    ``optimizer``/``learning_rate`` (a fused sparse update inside backward) only to ``tt``.
     """
+    if optimizer is not None and impl != "tt":
+        raise ValueError(f"optimizer: a fused update exists for impl 'tt' only, got impl={impl!r}")
     if impl == "dense":
         return DenseEmbeddingBag(num_embeddings, embedding_dim, mode=mode, sparse=sparse, seed=seed, device=device)
     tt_kwargs = dict(tt_ranks=tt_ranks, tt_p_shapes=tt_p_shapes, tt_q_shapes=tt_q_shapes, d=d, init=init,
                      mode=mode, seed=seed, device=device)
     if impl == "tt":
-        return TTEmbeddingBag(num_embeddings, embedding_dim, backend=backend, **tt_kwargs)
+        return TTEmbeddingBag(num_embeddings, embedding_dim, backend=backend, optimizer=optimizer,
+                              learning_rate=learning_rate, **tt_kwargs)
     if impl == "t3nsor":
         return T3nsorEmbeddingBag(num_embeddings, embedding_dim, **tt_kwargs)
+    if impl == "tltorch":
+        return TltorchEmbeddingBag(num_embeddings, embedding_dim, **tt_kwargs)
     raise ValueError(f"impl: got {impl!r}; allowed: {IMPLEMENTATIONS}")

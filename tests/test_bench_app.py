@@ -30,7 +30,7 @@ def _compose(*overrides: str):
 
 
 @pytest.mark.parametrize("group,options", [
-    ("impl", ["tt", "tt_reference", "t3nsor", "dense"]),
+    ("impl", ["tt", "tt_reference", "tt_cpu", "t3nsor", "dense", "tltorch"]),
     ("table", ["small", "tiny", "kaggle_largest", "terabyte_largest"]),
     ("workload", ["uniform", "zipf"]),
     ("timing", ["default", "quick"]),
@@ -81,14 +81,14 @@ def test_out_of_range_values_fail_with_the_key(override, needle):
         to_objects(_compose(override))
 
 
-@pytest.mark.parametrize("impl", ["tt", "t3nsor", "dense"])
+@pytest.mark.parametrize("impl", ["tt", "t3nsor", "dense", "tltorch"])
 @pytest.mark.parametrize("mode", ["forward", "train"])
 def test_measure_point_rows(impl, mode):
     cfg = to_objects(_compose(f"impl={impl}", f"mode={mode}", "table=tiny", "tt.rank=4",
                               "workload.batch_size=16", "workload.pooling_factor=3", *QUICK))
     rows = measure_point(cfg, experiment="test")
     df = pd.DataFrame(rows)
-    expected = {"time_per_batch", "time_per_lookup", "throughput"} | ({"gflops"} if impl == "tt" else set())
+    expected = {"time_per_batch", "time_per_lookup", "throughput"} | ({"gflops"} if impl in ("tt", "tltorch") else set())
     assert set(df["metric"]) == expected
     assert (df["median"] > 0).all() and (df["n"] == 2).all()
     r = rows[0]
@@ -105,8 +105,9 @@ def test_measure_point_rows(impl, mode):
     assert per_lookup == pytest.approx(per_batch * 1e6 / 48, rel=1e-9)
 
 
-def test_train_mode_changes_parameters():
-    cfg = to_objects(_compose("impl=tt", "mode=train", "table=tiny", "tt.rank=4", *QUICK))
+@pytest.mark.parametrize("fused", [False, True])
+def test_train_mode_changes_parameters(fused):
+    cfg = to_objects(_compose("impl=tt", "mode=train", f"mode.fused={fused}", "table=tiny", "tt.rank=4", *QUICK))
     from benches.app import build_module, build_step
     from ttrec.workloads import Workload, generate_batch
 
@@ -114,6 +115,13 @@ def test_train_mode_changes_parameters():
     before = [p.detach().clone() for p in module.parameters()]
     build_step(module, generate_batch(Workload(batch_size=8), 1000), cfg)()
     assert any(not (a == b.detach()).all() for a, b in zip(before, module.parameters()))
+    assert (module.optimizer is not None) == fused
+
+
+def test_fused_mode_needs_tt():
+    cfg = to_objects(_compose("impl=dense", "mode=train", "mode.fused=true", "table=tiny"))
+    with pytest.raises(ValueError, match="mode.fused"):
+        measure_point(cfg)
 
 
 def _run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -35,3 +35,11 @@ def bench(session: nox.Session) -> None:
     _install(session)
     args = session.posargs or ["experiment=default"]
     session.run("python", "-m", "benches.app", *args)
+
+
+@nox.session
+def kernel(session: nox.Session) -> None:
+    """The CPU-kernel experiment: native vs reference, T3nsor-style, tltorch and nn.EmbeddingBag,
+    as ratios from one process (arguments after --, e.g. `--scale smoke`)."""
+    _install(session, "peers")
+    session.run("python", "-m", "benches.cpu_kernel", *session.posargs)

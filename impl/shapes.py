@@ -189,9 +189,16 @@ class TTSpec:
 
     def flops_per_lookup(self) -> int:
         """Multiply-adds x2 of the left-to-right chain for one row (DESIGN.md section 3)."""
+        return sum(self.chain_flops())
+
+    def chain_flops(self) -> tuple[int, int]:
+        """(FLOPs of the prefix chain through core d-1, FLOPs of the last core's step) for one row.
+
+        Lookups sharing a prefix (i_1..i_{d-1}) can share the first part; the second is per lookup.
+        """
         q, r = self.tt_q_shapes, self.ranks
-        flops, rows = 0, q[0]  # the partial product has prod(q[:k]) rows of width R_k
+        steps, rows = [], q[0]  # the partial product has prod(q[:k]) rows of width R_k
         for k in range(1, self.d):
-            flops += 2 * rows * r[k] * q[k] * r[k + 1]
+            steps.append(2 * rows * r[k] * q[k] * r[k + 1])
             rows *= q[k]
-        return flops
+        return sum(steps[:-1]), steps[-1]

@@ -15,6 +15,8 @@
 
 #include <omp.h>
 
+#include <mutex>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -170,29 +172,6 @@ void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* 
   }
 }
 
-// Open-addressing map prefix -> slot, linear probing; sequential (cheap next to the GEMMs).
-struct PrefixMap {
-  std::vector<int64_t> keys;
-  std::vector<int32_t> vals;
-  int64_t mask = 0;
-  void reset(int64_t n) {
-    int64_t cap = 16;
-    while (cap < 2 * n) cap <<= 1;
-    keys.assign(cap, -1);
-    vals.resize(cap);
-    mask = cap - 1;
-  }
-  int32_t insert(int64_t key, int32_t next) {
-    uint64_t h = (uint64_t)key * 0x9E3779B97F4A7C15ull;
-    int64_t i = (int64_t)(h >> 20) & mask;
-    while (true) {
-      if (keys[i] == key) return vals[i];
-      if (keys[i] == -1) { keys[i] = key; vals[i] = next; return next; }
-      i = (i + 1) & mask;
-    }
-  }
-};
-
 // Group items 0..n-1 by key in [0, nkeys): CSR start[nkeys+1], order[n] (stable: ascending item).
 void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_t>& start, std::vector<int32_t>& order) {
   start.assign(nkeys + 1, 0);
@@ -237,17 +216,6 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   }
 }
 
-struct Chunk {
-  // lookups [s, e) of the call; per lookup: slot of its prefix and its last digit
-  int64_t s = 0, e = 0;
-  std::vector<int32_t> slot;
-  std::vector<int64_t> last_digit;
-  // per unique prefix: its digits, and partial products level[k] (k = 1..d-2 -> P_{k+1})
-  int64_t n_unique = 0;
-  std::vector<int64_t> digits;   // n_unique x (d-1)
-  std::vector<std::vector<float>> level;
-};
-
 struct Ctx {
   const tt_shape_t* s;
   const float* const* cores;
@@ -268,68 +236,7 @@ struct Ctx {
         for (int c = 0; c < qd; ++c) last_t[((size_t)i * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
   }
 
-  // P_k of prefix u as a (width[k-1] x R_k) row-major matrix; k = 1 points into core 1.
-  const float* partial(const Chunk& ch, int64_t u, int k) const {
-    if (k == 1) return cores[0] + ch.digits[u * (d - 1)] * (int64_t)s->q[0] * s->r[1];
-    return ch.level[k - 2].data() + u * (int64_t)width[k - 1] * s->r[k];
-  }
-
-  void build_chunk(Chunk& ch, const int64_t* idx, int64_t s0, int64_t e0, int threads) const {
-    ch.s = s0;
-    ch.e = e0;
-    const int64_t n = e0 - s0;
-    const int64_t pd = s->p[d - 1];
-    ch.slot.resize(n);
-    ch.last_digit.resize(n);
-    PrefixMap map;
-    map.reset(n);
-    std::vector<int64_t> uniq;
-    uniq.reserve(n);
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t pre = idx[s0 + j] / pd;
-      ch.last_digit[j] = idx[s0 + j] % pd;
-      const int32_t u = map.insert(pre, (int32_t)uniq.size());
-      if (u == (int32_t)uniq.size()) uniq.push_back(pre);
-      ch.slot[j] = u;
-    }
-    ch.n_unique = (int64_t)uniq.size();
-    ch.digits.resize(ch.n_unique * (d - 1));
-    for (int64_t u = 0; u < ch.n_unique; ++u) {
-      int64_t pre = uniq[u];
-      for (int k = d - 2; k >= 0; --k) {
-        ch.digits[u * (d - 1) + k] = k ? pre % s->p[k] : pre;
-        pre /= s->p[k];
-      }
-    }
-    ch.level.resize(std::max(0, d - 2));
-    for (int k = 2; k <= d - 1; ++k) ch.level[k - 2].resize((size_t)ch.n_unique * width[k - 1] * s->r[k]);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t u = 0; u < ch.n_unique; ++u) {
-      for (int k = 2; k <= d - 1; ++k) {  // P_k = P_{k-1} (width[k-2] x R_{k-1}) @ G_k[:, i_k]
-        int64_t ld;
-        const float* S = tt_slice(s, cores[k - 1], k - 1, ch.digits[u * (d - 1) + k - 1], &ld);
-        const int N = s->q[k - 1] * s->r[k];
-        float* out = ch.level[k - 2].data() + u * (int64_t)width[k - 1] * s->r[k];
-        gemm_nn(width[k - 2], N, s->r[k - 1], partial(ch, u, k - 1), s->r[k - 1], S, ld, out, N);
-      }
-    }
-  }
-
-  // row (width[d-2] x q_d, i.e. D floats) of lookup j of the chunk
-  inline void row(const Chunk& ch, int64_t j, float* out) const {
-    const int qd = s->q[d - 1], R = s->r[d - 1];
-    const float* P = partial(ch, ch.slot[j], d - 1);
-    const float* St = last_t.data() + (size_t)ch.last_digit[j] * qd * Rp;
-    gemm_nt(width[d - 2], qd, R, P, R, St, Rp, out, qd, false);
-  }
 };
-
-inline int64_t chunk_lookups(const tt_shape_t* s, int64_t budget_bytes) {
-  int64_t per = 0;
-  for (int k = 1; k < s->d - 1; ++k) per += (int64_t)tt_cols_through(s, k) * s->r[k + 1] * 4;
-  per = std::max<int64_t>(per, 4) * 3;  // partial products + their gradients + slack
-  return std::max<int64_t>(1024, budget_bytes / per);
-}
 
 // lookups of bag b inside [s, e)
 inline void bag_range(const int64_t* offsets, int64_t b, int64_t s, int64_t e, int64_t* lo, int64_t* hi) {
@@ -375,9 +282,12 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
   const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * (int64_t)D + 24)));
   if (stats) *stats = tt_stats_t{n, 0, 0, 0.0, 0.0, 0.0};
-  thread_local std::vector<float> rows;
-  std::vector<uint64_t> sorted, tmp;
-  std::vector<int64_t> runs;
+  // buffers persist across calls (no fresh pages each call); one call at a time uses them
+  static std::mutex mutex;
+  static std::vector<float> rows;
+  static std::vector<uint64_t> sorted, tmp;
+  static std::vector<int64_t> runs;
+  std::lock_guard<std::mutex> lock(mutex);
   for (int rep = 0; rep < std::max(1, repeat); ++rep) {  // repeat > 1 only for the CI gate's planted slowdown
     std::memset(out, 0, sizeof(float) * n_bags * D);
     for (int64_t s0 = 0; s0 < n; s0 += C) {
@@ -392,7 +302,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
       runs.push_back(cn);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
-      float* const rbuf = rows.data();  // thread_local: inside the parallel region use this pointer
+      float* const rbuf = rows.data();
       const double t1 = omp_get_wtime();
       // 2. per prefix: chain in scratch, then the rows of its lookups
 #pragma omp parallel num_threads(threads)
@@ -476,6 +386,15 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
 
 // grad_cores[k] (same shapes as cores) += dL/dG_k. touched[k] (optional, p_k bytes) marks the
 // digit values whose slices received gradient. Returns 0.
+//
+// Per chunk, with lookups sorted as in the forward (runs = unique prefixes):
+//   1. per prefix (threads over prefixes): the chain P_1..P_{d-2} (stored) and
+//      dP_{d-2} = sum over its lookups of g_j @ G_d[:, i_d]^T (gradients aggregated per prefix);
+//   2. last core, one thread per digit value i_d: sum of P_{d-2}^T g_j over its lookups;
+//   3. middle cores d-2..1, one thread per digit value: sum of P_{k-1}^T dP_k over the prefixes
+//      using it; then dP_{k-1} = dP_k @ G_k[:, i_k]^T per prefix (a transposed copy of G_k);
+//   4. first core: sum of dP_0 per digit value.
+// Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
 int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
                 uint8_t* const* touched, int threads, int64_t chunk_bytes) {
@@ -483,108 +402,161 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   const int d = s->d;
   const int64_t n = offsets[n_bags];
   const int D = ctx.width[d - 1];
-  const int qd = s->q[d - 1], R = s->r[d - 1], M = ctx.width[d - 2];
+  const int qd = s->q[d - 1], R = s->r[d - 1], M = ctx.width[d - 2], Rp = ctx.Rp;
   const int64_t pd = s->p[d - 1];
-  const int64_t C = chunk_lookups(s, chunk_bytes);
-  // bag of each lookup
-  std::vector<int64_t> bag_of(n);
+  int64_t pfront = 1;
+  for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  int64_t per_prefix = 2 * (int64_t)M * R;
+  for (int k = 1; k < d - 2; ++k) per_prefix += (int64_t)ctx.width[k] * s->r[k + 1];
+  const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * per_prefix + 48)));
+  // buffers persist across calls (no fresh pages each call); one call at a time uses them
+  static std::mutex mutex;
+  static std::vector<int64_t> bag_of, runs, key, start, digits;
+  static std::vector<std::vector<float>> core_t, lev;
+  static std::vector<uint64_t> sorted, tmp;
+  static std::vector<int32_t> run_of, order;
+  static std::vector<float> dP, dPn;
+  std::lock_guard<std::mutex> lock(mutex);
+  bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
     for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) bag_of[j] = b;
-  Chunk ch;
-  std::vector<int64_t> start;
-  std::vector<int32_t> order;
+  // middle cores transposed to (p_k, q_k R_{k+1}, R_k): dP_{k-1} = dP_k @ slice^T becomes a plain GEMM
+  core_t.resize(d);
+  lev.resize(d);
+  for (int k = 1; k < d - 1; ++k) {
+    const int64_t pk = s->p[k], N = (int64_t)s->q[k] * s->r[k + 1], Rk = s->r[k];
+    core_t[k].resize((size_t)pk * N * Rk);
+    for (int64_t r = 0; r < Rk; ++r)
+      for (int64_t i = 0; i < pk; ++i)
+        for (int64_t c = 0; c < N; ++c) core_t[k][(i * N + c) * Rk + r] = cores[k][(r * pk + i) * N + c];
+  }
   for (int64_t s0 = 0; s0 < n; s0 += C) {
-    const int64_t e0 = std::min(n, s0 + C);
-    ctx.build_chunk(ch, idx, s0, e0, threads);
-    const int64_t U = ch.n_unique;
-    // upstream gradient of lookup j: w_j * scale(bag) * grad_out[bag]
-    auto g_of = [&](int64_t j, float* g) {
+    const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
+    sort_lookups(s, idx + s0, cn, sorted, tmp);
+    runs.clear();
+    run_of.resize(cn);
+    for (int64_t x = 0; x < cn; ++x) {
+      if (x == 0 || (sorted[x] >> kJBits) / pd != (sorted[x - 1] >> kJBits) / pd) runs.push_back(x);
+      run_of[x] = (int32_t)runs.size() - 1;
+    }
+    const int64_t U = (int64_t)runs.size();
+    runs.push_back(cn);
+    digits.resize(U * (d - 1));
+    for (int64_t t = 0; t < U; ++t) {
+      const int64_t k0 = (int64_t)(sorted[runs[t]] >> kJBits) / pd;
+      int64_t front = k0 % pfront;
+      int64_t* dg = digits.data() + t * (d - 1);
+      dg[d - 2] = k0 / pfront;
+      for (int k = d - 3; k >= 0; --k) {
+        dg[k] = k ? front % s->p[k] : front;
+        front /= s->p[k];
+      }
+    }
+    for (int k = 1; k < d - 1; ++k) lev[k].resize((size_t)U * ctx.width[k] * s->r[k + 1]);
+    auto partial = [&](int64_t t, int k) -> const float* {  // P_k of prefix t: (width[k] x r[k+1])
+      if (k == 0) return cores[0] + digits[t * (d - 1)] * (int64_t)s->q[0] * s->r[1];
+      return lev[k].data() + t * (int64_t)ctx.width[k] * s->r[k + 1];
+    };
+    auto g_of = [&](int64_t j, float* g) {  // upstream gradient of chunk lookup j
       const int64_t b = bag_of[s0 + j];
       const float w = (weights ? weights[s0 + j] : 1.0f) * bag_scale(offsets, b, mean);
       for (int c = 0; c < D; ++c) g[c] = w * grad_out[b * D + c];
     };
-    // (a) last core, grouped by last digit: dG_d[:, i_d] (R x q_d) += P^T (R x M) @ g (M x q_d)
-    group_by(ch.last_digit, pd, start, order);
-    float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1): slice rows R apart by p_d*q_d
+    dP.resize((size_t)U * M * R);
+    // 1. chains and per-prefix dP_{d-2}
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> g(D);
 #pragma omp for schedule(dynamic, 64)
+      for (int64_t t = 0; t < U; ++t) {
+        for (int k = 1; k < d - 1; ++k) {
+          int64_t ld;
+          const float* S = tt_slice(s, cores[k], k, digits[t * (d - 1) + k], &ld);
+          const int N = s->q[k] * s->r[k + 1];
+          gemm_nn(ctx.width[k - 1], N, s->r[k], partial(t, k - 1), s->r[k], S, ld,
+                  lev[k].data() + t * (int64_t)ctx.width[k] * s->r[k + 1], N);
+        }
+        float* dp = dP.data() + t * (int64_t)M * R;
+        std::fill(dp, dp + (int64_t)M * R, 0.f);
+        for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
+          const uint64_t e = sorted[x];
+          g_of((int64_t)(e & (kMaxChunk - 1)), g.data());
+          const float* St = ctx.last_t.data() + (size_t)((int64_t)(e >> kJBits) % pd) * qd * Rp;
+          gemm_nn_acc(M, R, qd, g.data(), qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+        }
+      }
+    }
+    // 2. last core: dG_d[:, i] (R x q_d) += sum_j P_{d-2}(run of j)^T (R x M) @ g_j (M x q_d)
+    key.resize(cn);
+    for (int64_t x = 0; x < cn; ++x) key[x] = (int64_t)(sorted[x] >> kJBits) % pd;
+    group_by(key, pd, start, order);
+    float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1)
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> g(D), acc((size_t)qd * R);  // acc transposed: (q_d x R), R contiguous
+#pragma omp for schedule(dynamic, 16)
       for (int64_t i = 0; i < pd; ++i) {
         if (start[i] == start[i + 1]) continue;
         if (touched) touched[d - 1][i] = 1;
-        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
-          const int64_t j = order[t];
-          g_of(j, g.data());
-          gemm_tn_acc(M, qd, R, ctx.partial(ch, ch.slot[j], d - 1), R, g.data(), qd, gd + i * qd, pd * qd);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t y = start[i]; y < start[i + 1]; ++y) {
+          const int64_t x = order[y];
+          g_of((int64_t)(sorted[x] & (kMaxChunk - 1)), g.data());
+          // acc (q_d x R) += g^T (q_d x M) @ P (M x R)
+          gemm_tn_acc(M, R, qd, g.data(), qd, partial(run_of[x], d - 2), R, acc.data(), R);
         }
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += acc[(size_t)c * R + r];
       }
     }
-    // (b) dP_{d-1}(u) = sum over lookups j of u: g_j (M x q_d) @ G_d[:, i_d]^T (q_d x R)
-    std::vector<int64_t> slot64(ch.slot.begin(), ch.slot.end());
-    group_by(slot64, U, start, order);
-    std::vector<float> dP((size_t)U * M * R);
+    // 3. middle cores, last to first
+    for (int k = d - 2; k >= 1; --k) {
+      const int Mk = ctx.width[k - 1], Rk = s->r[k], N = s->q[k] * s->r[k + 1];
+      const int64_t pk = s->p[k];
+      key.resize(U);
+      for (int64_t t = 0; t < U; ++t) key[t] = digits[t * (d - 1) + k];
+      group_by(key, pk, start, order);
+      float* gk = grad_cores[k];
 #pragma omp parallel num_threads(threads)
-    {
-      std::vector<float> g(D);
-#pragma omp for schedule(static)
-      for (int64_t u = 0; u < U; ++u) {
-        float* dp = dP.data() + u * (int64_t)M * R;
-        std::fill(dp, dp + (int64_t)M * R, 0.f);
-        for (int64_t t = start[u]; t < start[u + 1]; ++t) {
-          const int64_t j = order[t];
-          g_of(j, g.data());
-          const float* St = ctx.last_t.data() + (size_t)ch.last_digit[j] * qd * ctx.Rp;  // (q_d x R), ld Rp
-          gemm_nn_acc(M, R, qd, g.data(), qd, St, ctx.Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+      {
+        std::vector<float> acc((size_t)Rk * N);
+#pragma omp for schedule(dynamic, 16)
+        for (int64_t i = 0; i < pk; ++i) {
+          if (start[i] == start[i + 1]) continue;
+          if (touched) touched[k][i] = 1;
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t y = start[i]; y < start[i + 1]; ++y) {
+            const int64_t t = order[y];  // acc (R_k x N) += P_{k-1}^T (R_k x Mk) @ dP_k (Mk x N)
+            gemm_tn_acc(Mk, N, Rk, partial(t, k - 1), Rk, dP.data() + t * (int64_t)Mk * N, N, acc.data(), N);
+          }
+          for (int r = 0; r < Rk; ++r) {
+            float* dst = gk + ((int64_t)r * pk + i) * N;
+            const float* src = acc.data() + (size_t)r * N;
+            for (int c = 0; c < N; ++c) dst[c] += src[c];
+          }
         }
       }
-    }
-    // (c) cores d-1 .. 2: dG_k[:, i_k] += P_{k-1}^T @ dP_k ; dP_{k-1} = dP_k @ G_k[:, i_k]^T
-    for (int k = d - 1; k >= 2; --k) {
-      const int Mk = ctx.width[k - 2], Rk1 = s->r[k - 1], N = s->q[k - 1] * s->r[k];
-      std::vector<int64_t> dig(U);
-      for (int64_t u = 0; u < U; ++u) dig[u] = ch.digits[u * (d - 1) + k - 1];
-      const int64_t pk = s->p[k - 1];
-      group_by(dig, pk, start, order);
-      float* gk = grad_cores[k - 1];
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
-      for (int64_t i = 0; i < pk; ++i) {
-        if (start[i] == start[i + 1]) continue;
-        if (touched) touched[k - 1][i] = 1;
-        int64_t ld;
-        tt_slice(s, cores[k - 1], k - 1, i, &ld);
-        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
-          const int64_t u = order[t];
-          // dP_k(u) is (Mk*q_k x R_k) == (Mk x N)
-          gemm_tn_acc(Mk, N, Rk1, ctx.partial(ch, u, k - 1), Rk1, dP.data() + u * (int64_t)Mk * N, N,
-                      gk + i * (int64_t)N, ld);
-        }
-      }
-      std::vector<float> dPn((size_t)U * Mk * Rk1);
+      dPn.resize((size_t)U * Mk * Rk);
 #pragma omp parallel for schedule(static) num_threads(threads)
-      for (int64_t u = 0; u < U; ++u) {
-        int64_t ld;
-        const float* S = tt_slice(s, cores[k - 1], k - 1, ch.digits[u * (d - 1) + k - 1], &ld);
-        gemm_nt(Mk, Rk1, N, dP.data() + u * (int64_t)Mk * N, N, S, ld, dPn.data() + u * (int64_t)Mk * Rk1, Rk1,
-                false);
-      }
+      for (int64_t t = 0; t < U; ++t)  // dP_{k-1} (Mk x R_k) = dP_k (Mk x N) @ slice^T (N x R_k)
+        gemm_nn(Mk, Rk, N, dP.data() + t * (int64_t)Mk * N, N,
+                core_t[k].data() + digits[t * (d - 1) + k] * (int64_t)N * Rk, Rk, dPn.data() + t * (int64_t)Mk * Rk, Rk);
       dP.swap(dPn);
     }
-    // (d) first core: dG_1[0, i_1] (q_1 x R_1) += dP_1(u)
+    // 4. first core: dG_1[0, i] (q_1 x R_1) += dP_0 of the prefixes using i
     {
-      std::vector<int64_t> dig(U);
-      for (int64_t u = 0; u < U; ++u) dig[u] = ch.digits[u * (d - 1)];
-      const int64_t p1 = s->p[0];
-      group_by(dig, p1, start, order);
-      const int64_t W = (int64_t)s->q[0] * s->r[1];
-      float* g1 = grad_cores[0];
+      const int64_t p0 = s->p[0], W = (int64_t)s->q[0] * s->r[1];
+      key.resize(U);
+      for (int64_t t = 0; t < U; ++t) key[t] = digits[t * (d - 1)];
+      group_by(key, p0, start, order);
+      float* g0 = grad_cores[0];
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
-      for (int64_t i = 0; i < p1; ++i) {
+      for (int64_t i = 0; i < p0; ++i) {
         if (start[i] == start[i + 1]) continue;
         if (touched) touched[0][i] = 1;
-        for (int64_t t = start[i]; t < start[i + 1]; ++t) {
-          const float* src = dP.data() + order[t] * W;
-          for (int64_t c = 0; c < W; ++c) g1[i * W + c] += src[c];
+        for (int64_t y = start[i]; y < start[i + 1]; ++y) {
+          const float* src = dP.data() + order[y] * W;
+          for (int64_t c = 0; c < W; ++c) g0[i * W + c] += src[c];
         }
       }
     }

@@ -1,0 +1,27 @@
+"""The CPU-kernel experiment runs end to end at smoke scale and reports what it measured."""
+
+import pandas as pd
+import pytest
+
+from benches.cpu_kernel import run
+from ttrec.baselines import tltorch_unavailable_reason
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(tltorch_unavailable_reason() is not None, reason=str(tltorch_unavailable_reason()))
+def test_smoke_run_writes_rows_and_report(tmp_path):
+    df = run("smoke", threads=1, out_dir=tmp_path, log=lambda s: None)
+    stored = pd.read_csv(tmp_path / "results.csv")
+    assert len(stored) == len(df)
+    fwd = stored[(stored["metric"] == "throughput") & (stored["pooling_factor"] == 1) & (stored["mode"] == "forward")]
+    assert {"native", "reference", "t3nsor", "tltorch", "dense"} <= set(fwd["label"])
+    assert (fwd["median"] > 0).all()
+    assert (stored.loc[stored["impl"] == "sgemm", "median"] > 0).all()
+    mem = stored[stored["metric"] == "peak_transient_memory"]
+    assert set(mem["label"]) == {"native", "reference", "t3nsor", "tltorch", "dense"}
+    # T3nsor-style rebuilds the whole 100k x 16 table (6.4 MB) every forward: its peak must show it
+    t3 = mem.loc[mem["label"] == "t3nsor", "median"].iloc[0]
+    assert t3 >= 100_000 * 16 * 4
+    report = (tmp_path / "report.md").read_text()
+    for heading in ("## Forward", "## Training step", "## Lookups/s by rank", "## Peak transient memory"):
+        assert heading in report

@@ -95,15 +95,17 @@ def make_bags(
     elif input.dim() == 1:
         if offsets is None:
             _fail("offsets", "None with 1D input", "1D input needs offsets (a 1D int32/int64 tensor of bag starts)")
-        if not isinstance(offsets, torch.Tensor) or offsets.dtype not in _INDEX_DTYPES or offsets.dim() != 1:
-            _fail("offsets", f"{getattr(offsets, 'dtype', type(offsets))} with shape {tuple(getattr(offsets, 'shape', ()))}",
-                  "offsets must be a 1D int32/int64 tensor")
+        if not isinstance(offsets, torch.Tensor) or offsets.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"offsets: got {getattr(offsets, 'dtype', type(offsets).__name__)}; "
+                            "offsets must be a 1D int32/int64 tensor")
+        if offsets.dim() != 1:
+            _fail("offsets", f"shape {tuple(offsets.shape)}", "offsets must be a 1D int32/int64 tensor")
         if offsets.device != input.device:
             _fail("offsets", f"device {offsets.device}", f"must be on input's device {input.device}")
         indices = input
         n = indices.numel()
         offs = offsets.to(torch.int64)
-        if offs.numel() == 0 or (include_last_offset and offs.numel() < 1):
+        if offs.numel() == 0:
             _fail("offsets", "an empty tensor", "offsets needs at least one entry (the first bag's start, 0)")
         if int(offs[0]) != 0:
             _fail("offsets", f"offsets[0]={int(offs[0])}", "the first bag must start at 0")

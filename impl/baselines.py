@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bags import make_bags
+from .bags import MODES, make_bags
 from .reference import tt_to_dense
 from .tt import TTEmbeddingBag
 
@@ -46,6 +46,8 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "sum",
                  include_last_offset: bool = False, sparse: bool = False, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
         super().__init__(num_embeddings, embedding_dim, mode=mode, include_last_offset=include_last_offset,
                          sparse=sparse, dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -35,6 +35,12 @@ class Workload:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("batch_size", "pooling_factor", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"workload.{name}: got {value!r} ({type(value).__name__}); expected an int")
+        if self.seed < 0:
+            raise ValueError(f"workload.seed: got {self.seed}; must be >= 0")
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"workload.distribution: got {self.distribution!r}; allowed: {DISTRIBUTIONS}")
         if self.batch_size < 1:

@@ -140,20 +140,35 @@ void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, i
     }
 }
 
-// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb): rank-1 updates, N contiguous.
+// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Each row of C stays in registers
+// while the M rank-1 contributions are added (N in blocks of 64/32/16 columns, then a scalar tail).
+template <int NV>
+inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  for (int k = 0; k < K; ++k) {
+    float* c = C + k * ldc;
+    v16 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = load16(c + 16 * v);
+    for (int m = 0; m < M; ++m) {
+      const v16 a = splat16(A[m * lda + k]);
+      const float* b = B + m * ldb;
+      for (int v = 0; v < NV; ++v) acc[v] += a * load16(b + 16 * v);
+    }
+    for (int v = 0; v < NV; ++v) store16(c + 16 * v, acc[v]);
+  }
+}
+
 void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc) {
-  for (int m = 0; m < M; ++m) {
-    const float* b = B + m * ldb;
+  int n = 0;
+  for (; n + 64 <= N; n += 64) tn_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
+  if (n + 32 <= N) { tn_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
+  if (n + 16 <= N) { tn_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
+  for (; n < N; ++n)
     for (int k = 0; k < K; ++k) {
-      const float a = A[m * lda + k];
-      float* c = C + k * ldc;
-      int n = 0;
-      const v16 av = splat16(a);
-      for (; n + 16 <= N; n += 16) store16(c + n, load16(c + n) + av * load16(b + n));
-      for (; n < N; ++n) c[n] += a * b[n];
+      float acc = C[k * ldc + n];
+      for (int m = 0; m < M; ++m) acc += A[m * lda + k] * B[m * ldb + n];
+      C[k * ldc + n] = acc;
     }
-  }
 }
 
 // C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb): rank-1 updates, N contiguous.
@@ -415,7 +430,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   static std::vector<std::vector<float>> core_t, lev;
   static std::vector<uint64_t> sorted, tmp;
   static std::vector<int32_t> run_of, order;
-  static std::vector<float> dP, dPn;
+  static std::vector<float> dP, dPn, gs;
   std::lock_guard<std::mutex> lock(mutex);
   bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
@@ -457,17 +472,19 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
       if (k == 0) return cores[0] + digits[t * (d - 1)] * (int64_t)s->q[0] * s->r[1];
       return lev[k].data() + t * (int64_t)ctx.width[k] * s->r[k + 1];
     };
-    auto g_of = [&](int64_t j, float* g) {  // upstream gradient of chunk lookup j
-      const int64_t b = bag_of[s0 + j];
-      const float w = (weights ? weights[s0 + j] : 1.0f) * bag_scale(offsets, b, mean);
-      for (int c = 0; c < D; ++c) g[c] = w * grad_out[b * D + c];
-    };
+    // upstream gradient of each lookup, gathered once into sorted order: gsd[x] (D floats)
+    gs.resize((size_t)cn * D);
+    float* const gsd = gs.data();
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t x = 0; x < cn; ++x) {
+      const int64_t j = s0 + (int64_t)(sorted[x] & (kMaxChunk - 1));
+      const int64_t b = bag_of[j];
+      const float w = (weights ? weights[j] : 1.0f) * bag_scale(offsets, b, mean);
+      for (int c = 0; c < D; ++c) gsd[x * D + c] = w * grad_out[b * D + c];
+    }
     dP.resize((size_t)U * M * R);
     // 1. chains and per-prefix dP_{d-2}
-#pragma omp parallel num_threads(threads)
-    {
-      std::vector<float> g(D);
-#pragma omp for schedule(dynamic, 64)
+#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
       for (int64_t t = 0; t < U; ++t) {
         for (int k = 1; k < d - 1; ++k) {
           int64_t ld;
@@ -479,13 +496,10 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         float* dp = dP.data() + t * (int64_t)M * R;
         std::fill(dp, dp + (int64_t)M * R, 0.f);
         for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
-          const uint64_t e = sorted[x];
-          g_of((int64_t)(e & (kMaxChunk - 1)), g.data());
-          const float* St = ctx.last_t.data() + (size_t)((int64_t)(e >> kJBits) % pd) * qd * Rp;
-          gemm_nn_acc(M, R, qd, g.data(), qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+          const float* St = ctx.last_t.data() + (size_t)((int64_t)(sorted[x] >> kJBits) % pd) * qd * Rp;
+          gemm_nn_acc(M, R, qd, gsd + x * D, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
         }
       }
-    }
     // 2. last core: dG_d[:, i] (R x q_d) += sum_j P_{d-2}(run of j)^T (R x M) @ g_j (M x q_d)
     key.resize(cn);
     for (int64_t x = 0; x < cn; ++x) key[x] = (int64_t)(sorted[x] >> kJBits) % pd;
@@ -493,7 +507,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
     float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1)
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<float> g(D), acc((size_t)qd * R);  // acc transposed: (q_d x R), R contiguous
+      std::vector<float> acc((size_t)qd * R);  // acc transposed: (q_d x R), R contiguous
 #pragma omp for schedule(dynamic, 16)
       for (int64_t i = 0; i < pd; ++i) {
         if (start[i] == start[i + 1]) continue;
@@ -501,9 +515,8 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t y = start[i]; y < start[i + 1]; ++y) {
           const int64_t x = order[y];
-          g_of((int64_t)(sorted[x] & (kMaxChunk - 1)), g.data());
           // acc (q_d x R) += g^T (q_d x M) @ P (M x R)
-          gemm_tn_acc(M, R, qd, g.data(), qd, partial(run_of[x], d - 2), R, acc.data(), R);
+          gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc.data(), R);
         }
         for (int r = 0; r < R; ++r)
           for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += acc[(size_t)c * R + r];

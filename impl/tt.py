@@ -17,6 +17,7 @@ from torch import nn
 
 from .bags import MODES, Bags, make_bags
 from .cpu import ops as cpu_ops
+from .cuda import loader as cuda_loader
 from .init import INIT_SCHEMES, init_tt_cores
 from .reference import tt_embedding_bag, tt_to_dense
 from .shapes import TTSpec, suggest_tt_shapes
@@ -28,6 +29,7 @@ BackendFn = Callable[[list[torch.Tensor], TTSpec, Bags, str], torch.Tensor]
 BACKENDS: dict[str, tuple[BackendFn, Callable[[], str | None]]] = {
     "torch": (tt_embedding_bag, lambda: None),
     "cpu": (cpu_ops.tt_bag_cpu, cpu_ops.unavailable_reason),
+    "cuda": (cuda_loader.tt_bag_cuda, cuda_loader.unavailable_reason),
 }
 FUSED_OPTIMIZERS = ("sgd", "adagrad")
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda")
@@ -118,8 +120,9 @@ class TTEmbeddingBag(nn.Module):
         if self._scratch is None:
             self._scratch = [torch.zeros_like(c.detach()) for c in cores]
         state = [getattr(self, f"adagrad_state_{k}") for k in range(spec.d)] if self.optimizer == "adagrad" else None
-        cpu_ops.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
-                              self.learning_rate, self.eps, self._scratch, state)
+        update = cuda_loader.sparse_update if cores[0].is_cuda else cpu_ops.sparse_update
+        update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer, self.learning_rate, self.eps,
+               self._scratch, state)
 
     def resolved_backend(self) -> str:
         """The backend a forward call uses now, after resolving "auto"."""

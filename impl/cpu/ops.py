@@ -18,7 +18,7 @@ from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "check_supported",
            "unavailable_reason", "DEFAULT_CHUNK_BYTES"]
 
-DEFAULT_CHUNK_BYTES = 32 << 20
+DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
 _last_stats: dict[str, int] = {}
 
 

@@ -21,6 +21,8 @@ from ttrec.workloads import Batch, Workload, batch_stats, generate_batch
 
 from .config import BenchConfig, register, to_objects
 from .environment import capture
+from .gpu import cuda_peak_bytes, nvml_telemetry
+from .memory import measure_in_child
 from .results import RESULTS_FILE, write_rows
 from .timing import Stats, measure
 
@@ -124,11 +126,11 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
 
 def _metric(name: str, unit: str, stats: Stats) -> dict:
     return {"metric": name, "unit": unit, "median": stats.median, "q1": stats.q1, "q3": stats.q3,
-            "iqr": stats.iqr, "n": stats.n}
+            "iqr": stats.iqr, "n": stats.n, "note": None}
 
 
-def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
-    """Build and time one point; return its tidy rows (one per metric) with the environment."""
+def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
+    """Workload batch, module and the step to time for one point (seeded: the same every time)."""
     _check_device(cfg.device)
     torch.set_num_threads(cfg.timing.threads)
     torch.manual_seed(cfg.seed)
@@ -137,11 +139,29 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                         batch_size=w.batch_size, pooling_factor=w.pooling_factor, weighted=w.weighted, seed=w.seed)
     batch = generate_batch(workload, cfg.table.num_embeddings, device=cfg.device)
     module = build_module(cfg)
-    step = build_step(module, batch, cfg)
-    sync = torch.cuda.synchronize if cfg.device.startswith("cuda") else None
+    return module, batch, build_step(module, batch, cfg)
+
+
+def step_for_memory_probe(cfg: BenchConfig) -> Callable[[], object]:
+    """Module-level setup for :func:`benches.memory.measure_in_child` (runs in the child)."""
+    return build_point(cfg)[2]
+
+
+def _memory_row(cfg: BenchConfig, step: Callable[[], object]) -> dict:
+    if cfg.device.startswith("cuda"):
+        value, note = cuda_peak_bytes(step, cfg.device), "CUDA caching allocator peak above current use"
+    else:
+        value, note = measure_in_child(step_for_memory_probe, cfg)
+    return {"metric": "peak_transient_memory", "unit": "bytes", "median": value, "q1": value, "q3": value,
+            "iqr": 0.0 if value is not None else None, "n": 1 if value is not None else 0, "note": note}
+
+
+def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
+    """Build and time one point; return its tidy rows (one per metric) with the environment."""
+    module, batch, step = build_point(cfg)
     t = cfg.timing
     stats = measure(step, warmup=t.warmup, min_repeats=t.min_repeats, max_repeats=t.max_repeats,
-                    target_time_s=t.target_time_s, synchronize=sync)
+                    target_time_s=t.target_time_s, device=cfg.device, flush_l2=t.flush_l2)
     lookups = max(1, batch.num_lookups)
     metrics = [
         _metric("time_per_batch", "ms", stats.map(lambda s: s * 1e3)),
@@ -151,7 +171,9 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     if getattr(module, "spec", None) is not None and cfg.impl.name.value in ("tt", "tltorch"):
         flops = module.spec.flops_per_lookup() * lookups
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
-    point, env = point_columns(cfg, module, batch, experiment), capture()
+    if t.memory or cfg.device.startswith("cuda"):
+        metrics.append(_memory_row(cfg, step))
+    point, env = point_columns(cfg, module, batch, experiment), {**capture(), **nvml_telemetry()}
     return [{**point, **m, **env} for m in metrics]
 
 

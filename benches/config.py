@@ -125,6 +125,8 @@ class TimingConfig:
     max_repeats: int = 50
     target_time_s: float = 1.0
     threads: int = 2
+    flush_l2: bool = False   # GPU only: overwrite the L2 before every timed call
+    memory: bool = False     # also measure peak transient memory (CPU: a fresh child process)
 
     def __post_init__(self) -> None:
         _positive("timing", warmup=self.warmup, min_repeats=self.min_repeats, threads=self.threads)

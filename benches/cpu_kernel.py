@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .app import build_module, build_step, measure_point
+from .app import measure_point, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
 from .environment import capture
@@ -60,18 +60,6 @@ def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str
 
 def _median(rows: list[dict], metric: str) -> float:
     return next(r["median"] for r in rows if r["metric"] == metric)
-
-
-def _forward_setup(cfg: BenchConfig):
-    """For the memory probe (runs in a child process): build everything, return the forward."""
-    from ttrec.workloads import Workload, generate_batch
-
-    torch.set_num_threads(cfg.timing.threads)
-    w = cfg.workload
-    batch = generate_batch(Workload(distribution=w.distribution.value, batch_size=w.batch_size,
-                                    pooling_factor=w.pooling_factor, seed=w.seed), cfg.table.num_embeddings)
-    module = build_module(cfg)
-    return build_step(module, batch, cfg)
 
 
 def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame:
@@ -120,7 +108,7 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
     mem = []
     for label in IMPLS:
         cfg = _cfg(scale, label, rank=32, pooling=1, batch=B, threads=threads)
-        value, note = measure_in_child(_forward_setup, cfg)
+        value, note = measure_in_child(step_for_memory_probe, cfg)
         out_bytes = B * scale["table"].embedding_dim * 4
         mem.append({"impl": label, "peak_transient_bytes": value, "output_bytes": out_bytes, "note": note})
         rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "peak_transient_memory",

@@ -1,7 +1,12 @@
 """The one timing protocol of the suite: warm-up, repetitions sized from a first call, quantiles.
 
-Everything that reports a time calls :func:`measure`; nobody rolls their own loop. CPU timings
-use ``time.perf_counter`` around each call; on CUDA tensors the caller passes ``synchronize``.
+Everything that reports a time calls :func:`measure`; nobody rolls their own loop.
+
+- CPU (``device="cpu"``): ``time.perf_counter`` around each call.
+- GPU (``device="cuda"``): a CUDA event pair around each call on the current stream, one
+  synchronize after all timed calls, per-call times from ``Event.elapsed_time``. With
+  ``flush_l2`` a buffer larger than the L2 cache is overwritten before each call, outside the
+  timed events, so every call starts with a cold L2.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ class Stats:
         return Stats.of([f(x) for x in self.samples])
 
 
+L2_FLUSH_BYTES = 256 << 20  # larger than any current GPU's L2 (H100: 50 MiB)
+
+
 def measure(
     fn: Callable[[], object],
     *,
@@ -48,24 +56,44 @@ def measure(
     min_repeats: int = 5,
     max_repeats: int = 100,
     target_time_s: float = 1.0,
-    synchronize: Callable[[], None] | None = None,
+    device: str = "cpu",
+    flush_l2: bool = False,
 ) -> Stats:
     """Time ``fn()``: ``warmup`` untimed calls, then enough timed calls to fill ``target_time_s``
-    (estimated from the last warm-up call), clamped to [min_repeats, max_repeats]."""
+    (estimated from the warm-up calls), clamped to [min_repeats, max_repeats]."""
     if warmup < 1 or min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"timing: need warmup >= 1 and 1 <= min_repeats <= max_repeats, got "
                          f"warmup={warmup}, min_repeats={min_repeats}, max_repeats={max_repeats}")
-    sync = synchronize or (lambda: None)
+    cuda = device.startswith("cuda")
+    if flush_l2 and not cuda:
+        raise ValueError("timing.flush_l2: only meaningful on a GPU (device=cuda); the CPU protocol flushes nothing")
+    if cuda:
+        import torch
+
+        sync = torch.cuda.synchronize
+        flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
+    else:
+        sync = lambda: None  # noqa: E731
+        flush_buf = None
+    t0 = time.perf_counter()
     for _ in range(warmup):
-        t0 = time.perf_counter()
         fn()
-        sync()
-        first = time.perf_counter() - t0
-    repeats = int(min(max_repeats, max(min_repeats, target_time_s / max(first, 1e-9))))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    sync()
+    per_call = (time.perf_counter() - t0) / warmup
+    repeats = int(min(max_repeats, max(min_repeats, target_time_s / max(per_call, 1e-9))))
+    if not cuda:
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+        return Stats.of(samples)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        if flush_buf is not None:
+            flush_buf.zero_()
+        start.record()
         fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-    return Stats.of(samples)
+        end.record()
+    sync()  # the one synchronize of the measurement
+    return Stats.of([start.elapsed_time(end) / 1e3 for start, end in events])

@@ -1,0 +1,67 @@
+"""The timing protocol, the GPU telemetry fallbacks and the memory probe."""
+
+import statistics
+
+import pytest
+import torch
+
+from benches.gpu import nvml_telemetry
+from benches.memory import peak_transient_bytes
+from benches.timing import Stats, measure
+
+
+def test_stats_quantiles_are_the_closed_form_ones():
+    s = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.q1, s.median, s.q3, s.n) == (2.0, 3.0, 4.0, 5)
+    assert s.iqr == 2.0
+    inv = s.map(lambda x: 1 / x)  # order flips: quantiles recomputed on the mapped samples
+    assert inv.median == pytest.approx(1 / 3) and inv.q1 == pytest.approx(1 / 4) and inv.q3 == pytest.approx(1 / 2)
+    assert Stats.of([7.0]).median == 7.0
+
+
+@pytest.mark.parametrize("min_repeats,max_repeats,target,expected", [(3, 10, 0.0, 3), (3, 10, 1e9, 10), (4, 4, 1.0, 4)])
+def test_repeats_are_sized_from_warmup_and_clamped(min_repeats, max_repeats, target, expected):
+    calls = []
+    s = measure(lambda: calls.append(1), warmup=2, min_repeats=min_repeats, max_repeats=max_repeats,
+                target_time_s=target)
+    assert s.n == expected and len(calls) == 2 + expected
+    assert s.median == statistics.median(s.samples)
+
+
+@pytest.mark.parametrize("kwargs,needle", [({"warmup": 0}, "warmup"), ({"min_repeats": 5, "max_repeats": 2}, "max_repeats"),
+                                           ({"flush_l2": True}, "flush_l2")])
+def test_bad_timing_arguments(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        measure(lambda: None, **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU fallback")
+def test_nvml_fields_say_why_they_are_missing_without_a_gpu():
+    t = nvml_telemetry()
+    assert set(t) == {"gpu_sm_clock_mhz", "gpu_power_w", "gpu_temperature_c", "gpu_throttle_reasons"}
+    assert all(v.startswith("not available: no GPU") for v in t.values())
+
+
+def test_peak_transient_bytes_sees_a_known_allocation():
+    n = 64 << 20  # 64 MiB, touched
+    got = peak_transient_bytes(lambda: torch.ones(n // 4).sum())
+    assert n * 0.9 <= got <= n * 1.5
+
+
+def test_memory_metric_in_a_bench_point(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from benches.app import measure_point
+    from benches.config import register, to_objects
+    from tests.test_bench_app import CONF, QUICK
+
+    register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = to_objects(compose(config_name="bench", overrides=[
+            "impl=t3nsor", "table=small", "tt.rank=8", "workload.batch_size=64", "timing.memory=true", *QUICK]))
+    rows = measure_point(cfg)
+    mem = [r for r in rows if r["metric"] == "peak_transient_memory"]
+    assert len(mem) == 1 and mem[0]["unit"] == "bytes"
+    # decompress-on-the-fly rebuilds the full 100,000 x 16 fp32 table (6.4 MB) in the forward
+    assert mem[0]["median"] >= 100_000 * 16 * 4, mem[0]["note"]
+    assert all(r["gpu_sm_clock_mhz"].startswith("not available") for r in rows) or torch.cuda.is_available()

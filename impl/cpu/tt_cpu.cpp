@@ -171,20 +171,34 @@ void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* 
     }
 }
 
-// C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb): rank-1 updates, N contiguous.
-void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc) {
+// C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb). Each row of C stays in registers over K.
+template <int NV>
+inline void nn_acc_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                         int64_t ldc) {
   for (int m = 0; m < M; ++m) {
     float* c = C + m * ldc;
+    v16 acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = load16(c + 16 * v);
     for (int k = 0; k < K; ++k) {
-      const float a = A[m * lda + k];
-      const float* b = B + k * ldb;
-      const v16 av = splat16(a);
-      int n = 0;
-      for (; n + 16 <= N; n += 16) store16(c + n, load16(c + n) + av * load16(b + n));
-      for (; n < N; ++n) c[n] += a * b[n];
+      const v16 a = splat16(A[m * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[v] += a * load16(B + k * ldb + 16 * v);
     }
+    for (int v = 0; v < NV; ++v) store16(c + 16 * v, acc[v]);
   }
+}
+
+void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  int n = 0;
+  for (; n + 64 <= N; n += 64) nn_acc_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
+  if (n + 32 <= N) { nn_acc_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
+  if (n + 16 <= N) { nn_acc_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
+  for (; n < N; ++n)
+    for (int m = 0; m < M; ++m) {
+      float acc = C[m * ldc + n];
+      for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
+      C[m * ldc + n] = acc;
+    }
 }
 
 // Group items 0..n-1 by key in [0, nkeys): CSR start[nkeys+1], order[n] (stable: ascending item).
@@ -202,6 +216,7 @@ void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_
 // form runs, runs sharing i_{d-1} are adjacent (so they share G_{d-1}'s slice in L1), and i_d is
 // read off the key. LSD radix sort, 11 bits a pass: stable, so ties keep lookup order.
 constexpr int kJBits = 24;
+constexpr int64_t kSegments = 8;  // fixed pieces of the last-core gradient sum (thread-count independent)
 constexpr int64_t kMaxChunk = (int64_t)1 << kJBits;
 
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
@@ -430,7 +445,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   static std::vector<std::vector<float>> core_t, lev;
   static std::vector<uint64_t> sorted, tmp;
   static std::vector<int32_t> run_of, order;
-  static std::vector<float> dP, dPn, gs;
+  static std::vector<float> dP, dPn, gs, seg_acc;
   std::lock_guard<std::mutex> lock(mutex);
   bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
@@ -500,26 +515,41 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
           gemm_nn_acc(M, R, qd, gsd + x * D, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
         }
       }
-    // 2. last core: dG_d[:, i] (R x q_d) += sum_j P_{d-2}(run of j)^T (R x M) @ g_j (M x q_d)
-    key.resize(cn);
-    for (int64_t x = 0; x < cn; ++x) key[x] = (int64_t)(sorted[x] >> kJBits) % pd;
-    group_by(key, pd, start, order);
-    float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1)
-#pragma omp parallel num_threads(threads)
+    // 2. last core: dG_d[:, i] (R x q_d) += sum_j P_{d-2}(run of j)^T (R x M) @ g_j (M x q_d).
+    // The sorted lookups are cut into kSegments fixed pieces (not one per thread, so the sums do
+    // not depend on the thread count); each piece is walked in order (its P and g are read
+    // sequentially) into a private copy of dG_d kept transposed as (p_d, q_d, R); the copies are
+    // then added in piece order.
     {
-      std::vector<float> acc((size_t)qd * R);  // acc transposed: (q_d x R), R contiguous
-#pragma omp for schedule(dynamic, 16)
-      for (int64_t i = 0; i < pd; ++i) {
-        if (start[i] == start[i + 1]) continue;
-        if (touched) touched[d - 1][i] = 1;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t y = start[i]; y < start[i + 1]; ++y) {
-          const int64_t x = order[y];
-          // acc (q_d x R) += g^T (q_d x M) @ P (M x R)
-          gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc.data(), R);
+      const int64_t nseg = std::min<int64_t>(kSegments, cn);
+      const size_t slab = (size_t)pd * qd * R;
+      seg_acc.assign(nseg * slab, 0.f);
+      std::vector<uint8_t> used(nseg * pd, 0);
+      float* const acc_all = seg_acc.data();
+      uint8_t* const used_all = used.data();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+      for (int64_t sg = 0; sg < nseg; ++sg) {
+        float* acc = acc_all + sg * slab;
+        uint8_t* u = used_all + sg * pd;
+        for (int64_t x = cn * sg / nseg; x < cn * (sg + 1) / nseg; ++x) {
+          const int64_t i = (int64_t)(sorted[x] >> kJBits) % pd;
+          u[i] = 1;
+          // acc[i] (q_d x R) += g^T (q_d x M) @ P (M x R)
+          gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc + (size_t)i * qd * R, R);
         }
-        for (int r = 0; r < R; ++r)
-          for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += acc[(size_t)c * R + r];
+      }
+      float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1)
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t i = 0; i < pd; ++i) {
+        bool any = false;
+        for (int64_t sg = 0; sg < nseg; ++sg) {
+          if (!used_all[sg * pd + i]) continue;
+          any = true;
+          const float* a = acc_all + sg * slab + (size_t)i * qd * R;
+          for (int r = 0; r < R; ++r)
+            for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += a[(size_t)c * R + r];
+        }
+        if (any && touched) touched[d - 1][i] = 1;
       }
     }
     // 3. middle cores, last to first
@@ -528,7 +558,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
       const int64_t pk = s->p[k];
       key.resize(U);
       for (int64_t t = 0; t < U; ++t) key[t] = digits[t * (d - 1) + k];
-      group_by(key, pk, start, order);
+      group_by(key, pk, start, order);  // for k = d-2 the runs are already in digit order: order[y] == y
       float* gk = grad_cores[k];
 #pragma omp parallel num_threads(threads)
       {

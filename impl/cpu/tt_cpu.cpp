@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include <mutex>
+#include <type_traits>
 
 #include <algorithm>
 #include <cmath>
@@ -35,6 +36,17 @@ inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 inline v16 splat16(float x) { return v16{} + x; }
 
 // C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb). Register-blocked: 2 rows x 64 cols.
+// Calls block(std::integral_constant<int, NV>{}, n) over the columns [0, N) in blocks of 64, 32
+// and 16 floats (NV vectors), and tail(n) for the columns left over.
+template <class Block, class Tail>
+inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
+  int n = 0;
+  for (; n + 64 <= N; n += 64) block(std::integral_constant<int, 4>{}, n);
+  if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
+  if (n + 16 <= N) { block(std::integral_constant<int, 1>{}, n); n += 16; }
+  if (n < N) tail(n);
+}
+
 template <int NV>
 inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc) {
@@ -69,11 +81,9 @@ inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, 
 
 void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
              int64_t ldc) {
-  int n = 0;
-  for (; n + 64 <= N; n += 64) nn_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  if (n + 32 <= N) { nn_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
-  if (n + 16 <= N) { nn_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
-  if (n < N) tt_step_scalar(M, N - n, K, A, lda, B + n, ldb, C + n, ldc);
+  by_column_blocks(
+      N, [&](auto nv, int n) { nn_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      [&](int n) { tt_step_scalar(M, N - n, K, A, lda, B + n, ldb, C + n, ldc); });
 }
 
 inline float dot(const float* a, const float* b, int K) {
@@ -159,16 +169,16 @@ inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, 
 
 void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc) {
-  int n = 0;
-  for (; n + 64 <= N; n += 64) tn_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  if (n + 32 <= N) { tn_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
-  if (n + 16 <= N) { tn_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
-  for (; n < N; ++n)
-    for (int k = 0; k < K; ++k) {
-      float acc = C[k * ldc + n];
-      for (int m = 0; m < M; ++m) acc += A[m * lda + k] * B[m * ldb + n];
-      C[k * ldc + n] = acc;
-    }
+  by_column_blocks(
+      N, [&](auto nv, int n) { tn_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      [&](int n0) {
+        for (int n = n0; n < N; ++n)
+          for (int k = 0; k < K; ++k) {
+            float acc = C[k * ldc + n];
+            for (int m = 0; m < M; ++m) acc += A[m * lda + k] * B[m * ldb + n];
+            C[k * ldc + n] = acc;
+          }
+      });
 }
 
 // C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb). Each row of C stays in registers over K.
@@ -189,16 +199,16 @@ inline void nn_acc_block(int M, int K, const float* A, int64_t lda, const float*
 
 void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                  int64_t ldc) {
-  int n = 0;
-  for (; n + 64 <= N; n += 64) nn_acc_block<4>(M, K, A, lda, B + n, ldb, C + n, ldc);
-  if (n + 32 <= N) { nn_acc_block<2>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 32; }
-  if (n + 16 <= N) { nn_acc_block<1>(M, K, A, lda, B + n, ldb, C + n, ldc); n += 16; }
-  for (; n < N; ++n)
-    for (int m = 0; m < M; ++m) {
-      float acc = C[m * ldc + n];
-      for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
-      C[m * ldc + n] = acc;
-    }
+  by_column_blocks(
+      N, [&](auto nv, int n) { nn_acc_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      [&](int n0) {
+        for (int n = n0; n < N; ++n)
+          for (int m = 0; m < M; ++m) {
+            float acc = C[m * ldc + n];
+            for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
+            C[m * ldc + n] = acc;
+          }
+      });
 }
 
 // Group items 0..n-1 by key in [0, nkeys): CSR start[nkeys+1], order[n] (stable: ascending item).

@@ -7,6 +7,7 @@ itself needs (fp32, CPU, contiguous, d <= 4) before any pointer is passed to nat
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 
 import torch
@@ -40,6 +41,10 @@ def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
     """None if the native kernel can run these cores, else why not."""
     if spec.d > TT_MAX_D:
         return f"d={spec.d} cores; the native kernel supports 2..{TT_MAX_D}"
+    key_bits = (math.prod(spec.tt_p_shapes[:-1]) - 1).bit_length() + (spec.tt_p_shapes[-1] - 1).bit_length()
+    if key_bits > 40:
+        return (f"tt_p_shapes={spec.tt_p_shapes} need {key_bits}-bit sort keys; the native kernel supports "
+                "up to 40 (about 10^12 rows)")
     for k, c in enumerate(cores):
         if c.device.type != "cpu":
             return f"core {k} is on {c.device}; the native CPU kernel needs CPU tensors"

@@ -222,36 +222,68 @@ void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_
 }
 
 // Lookups of a chunk sorted by their row index with the digit i_{d-1} moved to the front:
-// entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) * p_d + i_d). Equal prefixes
-// form runs, runs sharing i_{d-1} are adjacent (so they share G_{d-1}'s slice in L1), and i_d is
-// read off the key. LSD radix sort, 11 bits a pass: stable, so ties keep lookup order.
+// entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) << lb) | i_d with
+// lb = bits of p_d. Equal prefixes form runs, runs sharing i_{d-1} are adjacent (so they share
+// G_{d-1}'s slice in L1), and prefix and i_d are read off the key by shifts and masks (no
+// divisions in the per-lookup loops). LSD radix sort, 11 bits a pass: stable, so ties keep
+// lookup order.
 constexpr int kJBits = 24;
 constexpr int64_t kSegments = 8;  // fixed pieces of the last-core gradient sum (thread-count independent)
 constexpr int64_t kMaxChunk = (int64_t)1 << kJBits;
 
+inline int last_bits(int64_t pd) {
+  int lb = 0;
+  while (((int64_t)1 << lb) < pd) ++lb;
+  return lb;
+}
+// rotated prefix and last digit of a sorted entry
+inline int64_t entry_prefix(uint64_t e, int lb) { return (int64_t)(e >> (kJBits + lb)); }
+inline int64_t entry_last(uint64_t e, int lb) { return (int64_t)(e >> kJBits) & (((int64_t)1 << lb) - 1); }
+
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-                  std::vector<uint64_t>& tmp) {
+                  std::vector<uint64_t>& tmp, int threads) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  const int lb = last_bits(pd);
   a.resize(n);
   tmp.resize(n);
+  uint64_t* const A = a.data();
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t j = 0; j < n; ++j) {
     const int64_t i = idx[j], pre = i / pd;
-    const uint64_t key = (uint64_t)(((pre % plast) * pfront + pre / plast) * pd + (i - pre * pd));
-    a[j] = key << kJBits | (uint64_t)j;
+    const uint64_t key = ((uint64_t)((pre % plast) * pfront + pre / plast) << lb) | (uint64_t)(i - pre * pd);
+    A[j] = key << kJBits | (uint64_t)j;
   }
-  const uint64_t key_range = (uint64_t)(plast * pfront * pd);
-  int bits = 0;
-  while (bits < 40 && ((uint64_t)1 << bits) < key_range) ++bits;
-  std::vector<int64_t> count(1 << 11);
+  const int bits = last_bits(plast * pfront) + lb;  // <= 40: checked in Python before the call
+  // parallel stable LSD passes: per-thread histograms over fixed slices, bucket-major offsets
+  const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
+  std::vector<int64_t> count((size_t)T << 11);
   for (int shift = 0; shift < bits; shift += 11) {
+    const uint64_t* src = a.data();
+    uint64_t* dst = tmp.data();
+    int64_t* const cnt = count.data();
     std::fill(count.begin(), count.end(), 0);
-    for (int64_t x = 0; x < n; ++x) count[(a[x] >> (kJBits + shift)) & 2047]++;
-    int64_t sum = 0;
-    for (auto& c : count) { const int64_t t = c; c = sum; sum += t; }
-    for (int64_t x = 0; x < n; ++x) tmp[count[(a[x] >> (kJBits + shift)) & 2047]++] = a[x];
+#pragma omp parallel num_threads(T)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+      int64_t* c = cnt + ((size_t)t << 11);
+      for (int64_t x = lo; x < hi; ++x) c[(src[x] >> (kJBits + shift)) & 2047]++;
+#pragma omp barrier
+#pragma omp single
+      {
+        int64_t sum = 0;
+        for (int bucket = 0; bucket < 2048; ++bucket)
+          for (int u = 0; u < nt; ++u) {
+            const int64_t v = cnt[((size_t)u << 11) + bucket];
+            cnt[((size_t)u << 11) + bucket] = sum;
+            sum += v;
+          }
+      }
+      for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> (kJBits + shift)) & 2047]++] = src[x];
+    }
     a.swap(tmp);
   }
 }
@@ -320,6 +352,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
   const int64_t pd = s->p[d - 1];
   int64_t pfront = 1;
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  const int lb = last_bits(pd);
   const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * (int64_t)D + 24)));
   if (stats) *stats = tt_stats_t{n, 0, 0, 0.0, 0.0, 0.0};
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
@@ -334,10 +367,10 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
       const double t0 = omp_get_wtime();
       // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
-      sort_lookups(s, idx + s0, cn, sorted, tmp);
+      sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
       runs.clear();
       for (int64_t x = 0; x < cn; ++x)
-        if (x == 0 || (sorted[x] >> kJBits) / pd != (sorted[x - 1] >> kJBits) / pd) runs.push_back(x);
+        if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
       const int64_t U = (int64_t)runs.size();
       runs.push_back(cn);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
@@ -362,7 +395,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
         int64_t dig[TT_MAX_D];
 #pragma omp for schedule(dynamic, 64)
         for (int64_t t = 0; t < U; ++t) {
-          const int64_t key = (int64_t)(sorted[runs[t]] >> kJBits) / pd;  // i_{d-1} * Pfront + front
+          const int64_t key = entry_prefix(sorted[runs[t]], lb);  // i_{d-1} * Pfront + front
           int64_t front = key % pfront;
           dig[d - 2] = key / pfront;
           for (int k = d - 3; k >= 0; --k) {
@@ -386,7 +419,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
           for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
-            const float* St = ctx.last_t.data() + (size_t)((int64_t)(e >> kJBits) % pd) * qd * Rp;
+            const float* St = ctx.last_t.data() + (size_t)entry_last(e, lb) * qd * Rp;
             if (fast)
               last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + j * D);
             else
@@ -446,6 +479,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   const int64_t pd = s->p[d - 1];
   int64_t pfront = 1;
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  const int lb = last_bits(pd);
   int64_t per_prefix = 2 * (int64_t)M * R;
   for (int k = 1; k < d - 2; ++k) per_prefix += (int64_t)ctx.width[k] * s->r[k + 1];
   const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * per_prefix + 48)));
@@ -472,18 +506,18 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   }
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
-    sort_lookups(s, idx + s0, cn, sorted, tmp);
+    sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
     runs.clear();
     run_of.resize(cn);
     for (int64_t x = 0; x < cn; ++x) {
-      if (x == 0 || (sorted[x] >> kJBits) / pd != (sorted[x - 1] >> kJBits) / pd) runs.push_back(x);
+      if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
       run_of[x] = (int32_t)runs.size() - 1;
     }
     const int64_t U = (int64_t)runs.size();
     runs.push_back(cn);
     digits.resize(U * (d - 1));
     for (int64_t t = 0; t < U; ++t) {
-      const int64_t k0 = (int64_t)(sorted[runs[t]] >> kJBits) / pd;
+      const int64_t k0 = entry_prefix(sorted[runs[t]], lb);
       int64_t front = k0 % pfront;
       int64_t* dg = digits.data() + t * (d - 1);
       dg[d - 2] = k0 / pfront;
@@ -521,7 +555,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         float* dp = dP.data() + t * (int64_t)M * R;
         std::fill(dp, dp + (int64_t)M * R, 0.f);
         for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
-          const float* St = ctx.last_t.data() + (size_t)((int64_t)(sorted[x] >> kJBits) % pd) * qd * Rp;
+          const float* St = ctx.last_t.data() + (size_t)entry_last(sorted[x], lb) * qd * Rp;
           gemm_nn_acc(M, R, qd, gsd + x * D, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
         }
       }
@@ -542,7 +576,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         float* acc = acc_all + sg * slab;
         uint8_t* u = used_all + sg * pd;
         for (int64_t x = cn * sg / nseg; x < cn * (sg + 1) / nseg; ++x) {
-          const int64_t i = (int64_t)(sorted[x] >> kJBits) % pd;
+          const int64_t i = entry_last(sorted[x], lb);
           u[i] = 1;
           // acc[i] (q_d x R) += g^T (q_d x M) @ P (M x R)
           gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc + (size_t)i * qd * R, R);

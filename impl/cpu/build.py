@@ -36,8 +36,15 @@ class TTShape(ctypes.Structure):
 
 class TTStats(ctypes.Structure):
     _fields_ = [("lookups", ctypes.c_int64), ("unique_prefixes", ctypes.c_int64), ("chunks", ctypes.c_int64),
-                ("seconds_group", ctypes.c_double), ("seconds_chain", ctypes.c_double),
-                ("seconds_pool", ctypes.c_double)]
+                ("seconds", ctypes.c_double * 8)]
+
+    FORWARD_PHASES = ("sort", "chains_and_last_core", "pool")
+    BACKWARD_PHASES = ("setup", "sort", "gather_grad", "chains_and_dP", "last_core", "middle_cores", "first_core")
+
+    def as_dict(self, phases: tuple[str, ...]) -> dict:
+        out = {"lookups": self.lookups, "unique_prefixes": self.unique_prefixes, "chunks": self.chunks}
+        out.update({f"seconds_{name}": self.seconds[i] for i, name in enumerate(phases)})
+        return out
 
 
 def _compiler() -> str | None:
@@ -94,11 +101,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     shape_p = ctypes.POINTER(TTShape)
     lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats)]
-    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64]
+    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64, ctypes.POINTER(TTStats)]
     lib.tt_sparse_update.argtypes = [shape_p, P, P, P, P, I32, F32, F32, I32]
     for f in (lib.tt_forward, lib.tt_backward, lib.tt_sparse_update):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 1:
+    if lib.tt_abi_version() != 2:
         return None, "native library ABI mismatch"
     return lib, None
 

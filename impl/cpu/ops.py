@@ -20,7 +20,8 @@ __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "
            "unavailable_reason", "DEFAULT_CHUNK_BYTES"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
-_last_stats: dict[str, int] = {}
+_last_stats: dict[str, float] = {}
+_last_backward_stats: dict[str, float] = {}
 
 
 def _shape(spec: TTSpec) -> TTShape:
@@ -89,14 +90,15 @@ def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     library().tt_forward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
                          bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), out.data_ptr(),
                          torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats))
-    _last_stats.update({name: getattr(stats, name) for name, _ in TTStats._fields_})
+    _last_stats.clear()
+    _last_stats.update(stats.as_dict(TTStats.FORWARD_PHASES))
     return out
 
 
-def last_stats() -> dict[str, int]:
-    """Of the last native forward call: lookups, unique prefixes and chunks, and the seconds spent
-    grouping (hash + sort), in the prefix chains + last core, and pooling."""
-    return dict(_last_stats)
+def last_stats(which: str = "forward") -> dict[str, float]:
+    """Of the last native ``forward`` or ``backward`` call: lookups, unique prefixes and chunks,
+    and the seconds spent in each phase (``seconds_<phase>``, see TTStats.*_PHASES)."""
+    return dict(_last_stats if which == "forward" else _last_backward_stats)
 
 
 def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
@@ -111,9 +113,13 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
     if grads is None:
         grads = [torch.zeros_like(c) for c in cores]
     w = _weights(bags)
+    stats = TTStats()
     library().tt_backward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
                           bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), grad_out.data_ptr(),
-                          _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(), chunk_bytes)
+                          _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(), chunk_bytes,
+                          ctypes.byref(stats))
+    _last_backward_stats.clear()
+    _last_backward_stats.update(stats.as_dict(TTStats.BACKWARD_PHASES))
     return grads
 
 

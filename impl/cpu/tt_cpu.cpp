@@ -329,9 +329,10 @@ typedef struct {
   int64_t lookups;
   int64_t unique_prefixes;  // summed over chunks
   int64_t chunks;
-  double seconds_group;     // phases of the forward, summed over chunks (first repeat)
-  double seconds_chain;
-  double seconds_pool;
+  // seconds per phase, summed over chunks (forward: first repeat only). Forward: 0 sort+runs,
+  // 1 chains + last core, 2 pooling. Backward: 0 setup, 1 sort+runs, 2 gradient gather,
+  // 3 chains + dP, 4 last core, 5 middle cores, 6 first core.
+  double seconds[8];
 } tt_stats_t;
 
 // out (n_bags x D) = pooled rows. Returns 0.
@@ -354,7 +355,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
   const int lb = last_bits(pd);
   const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * (int64_t)D + 24)));
-  if (stats) *stats = tt_stats_t{n, 0, 0, 0.0, 0.0, 0.0};
+  if (stats) *stats = tt_stats_t{n, 0, 0, {0.0}};
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
   static std::vector<float> rows;
@@ -443,9 +444,9 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
         }
       }
       if (stats && rep == 0) {
-        stats->seconds_group += t1 - t0;
-        stats->seconds_chain += t2 - t1;
-        stats->seconds_pool += omp_get_wtime() - t2;
+        stats->seconds[0] += t1 - t0;
+        stats->seconds[1] += t2 - t1;
+        stats->seconds[2] += omp_get_wtime() - t2;
       }
     }
   }
@@ -470,7 +471,14 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
 // Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
 int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
-                uint8_t* const* touched, int threads, int64_t chunk_bytes) {
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats) {
+  double tick = omp_get_wtime();
+  auto lap = [&](int phase) {  // add the time since the last lap to a phase
+    const double now = omp_get_wtime();
+    if (stats) stats->seconds[phase] += now - tick;
+    tick = now;
+  };
+  if (stats) *stats = tt_stats_t{offsets[n_bags], 0, 0, {0.0}};
   Ctx ctx(s, cores);
   const int d = s->d;
   const int64_t n = offsets[n_bags];
@@ -504,6 +512,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
       for (int64_t i = 0; i < pk; ++i)
         for (int64_t c = 0; c < N; ++c) core_t[k][(i * N + c) * Rk + r] = cores[k][(r * pk + i) * N + c];
   }
+  lap(0);
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
@@ -531,6 +540,8 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
       if (k == 0) return cores[0] + digits[t * (d - 1)] * (int64_t)s->q[0] * s->r[1];
       return lev[k].data() + t * (int64_t)ctx.width[k] * s->r[k + 1];
     };
+    if (stats) { stats->unique_prefixes += U; stats->chunks++; }
+    lap(1);
     // upstream gradient of each lookup, gathered once into sorted order: gsd[x] (D floats)
     gs.resize((size_t)cn * D);
     float* const gsd = gs.data();
@@ -541,6 +552,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
       const float w = (weights ? weights[j] : 1.0f) * bag_scale(offsets, b, mean);
       for (int c = 0; c < D; ++c) gsd[x * D + c] = w * grad_out[b * D + c];
     }
+    lap(2);
     dP.resize((size_t)U * M * R);
     // 1. chains and per-prefix dP_{d-2}
 #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
@@ -559,6 +571,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
           gemm_nn_acc(M, R, qd, gsd + x * D, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
         }
       }
+    lap(3);
     // 2. last core: dG_d[:, i] (R x q_d) += sum_j P_{d-2}(run of j)^T (R x M) @ g_j (M x q_d).
     // The sorted lookups are cut into kSegments fixed pieces (not one per thread, so the sums do
     // not depend on the thread count); each piece is walked in order (its P and g are read
@@ -596,6 +609,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         if (any && touched) touched[d - 1][i] = 1;
       }
     }
+    lap(4);
     // 3. middle cores, last to first
     for (int k = d - 2; k >= 1; --k) {
       const int Mk = ctx.width[k - 1], Rk = s->r[k], N = s->q[k] * s->r[k + 1];
@@ -630,6 +644,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
                 core_t[k].data() + digits[t * (d - 1) + k] * (int64_t)N * Rk, Rk, dPn.data() + t * (int64_t)Mk * Rk, Rk);
       dP.swap(dPn);
     }
+    lap(5);
     // 4. first core: dG_1[0, i] (q_1 x R_1) += dP_0 of the prefixes using i
     {
       const int64_t p0 = s->p[0], W = (int64_t)s->q[0] * s->r[1];
@@ -647,6 +662,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         }
       }
     }
+    lap(6);
   }
   return 0;
 }
@@ -685,6 +701,6 @@ int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* gra
   return 0;
 }
 
-int tt_abi_version(void) { return 1; }
+int tt_abi_version(void) { return 2; }
 
 }  // extern "C"

@@ -87,12 +87,19 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
                  "batch_size": n, **env})
     log(f"sgemm {n}x{n}: {sgemm:.1f} GFLOP/s")
 
+    from ttrec.cpu import ops
+
     B = scale["batch"]
     log("forward, R=32, uniform, pooling 1:")
-    fwd = {label: point(label, rank=32, pooling=1, batch=B) for label in IMPLS}
+    fwd = {"native": point("native", rank=32, pooling=1, batch=B)}
+    phases = {"forward (uniform)": ops.last_stats("forward")}  # the native kernel's last timed call
+    fwd.update({label: point(label, rank=32, pooling=1, batch=B) for label in IMPLS if label != "native"})
     log("training step, R=32, Zipf(1.05) permuted, pooling 1:")
-    train = {
-        "native fused SGD": point("native", rank=32, pooling=1, batch=B, mode="train", fused=True, distribution="zipf"),
+    train = {"native fused SGD": point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
+                                       distribution="zipf")}
+    phases["training forward (Zipf)"] = ops.last_stats("forward")
+    phases["training backward (Zipf)"] = ops.last_stats("backward")
+    train |= {
         "native autograd + SGD": point("native", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
         "nn.EmbeddingBag sparse + SGD": point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
     }
@@ -116,13 +123,13 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
         log(f"  {label}: {value} bytes ({note})")
 
     write_rows(rows, out_dir / RESULTS_FILE)
-    report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env)
+    report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases)
     (out_dir / "report.md").write_text(report)
     log(report)
     return pd.DataFrame(rows)
 
 
-def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env) -> str:
+def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     nat = fwd["native"][0]
     spec_prefix, spec_last = _chain_flops(scale["table"], 32)
@@ -175,6 +182,12 @@ def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env) -> st
         mib = "n/a" if v is None else f"{v / 2**20:.1f}"
         ratio = "n/a" if v is None else f"{v / ob:.1f}x"
         lines.append(f"| {m['impl']} | {mib} | {ob / 2**20:.1f} | {ratio} | {m['note']} |")
+    lines += ["", "## Where the native kernel's time goes (its own phase timers, last timed call)", "",
+              "| call | phase | ms |", "| --- | --- | ---: |"]
+    for call, st in phases.items():
+        for key, value in st.items():
+            if key.startswith("seconds_"):
+                lines.append(f"| {call} | {key[len('seconds_'):]} | {value * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
 
 

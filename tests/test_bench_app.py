@@ -49,7 +49,7 @@ def test_experiment_default_sets_a_sweep():
         cfg = compose(config_name="bench", overrides=["experiment=default"], return_hydra_config=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert set(cfg.hydra.sweeper.params) == {"impl", "tt.rank", "workload.pooling_factor"}
-    assert cfg.workload.batch_size == 256
+    assert cfg.workload.batch_size == 4096
 
 
 def test_table_kaggle_largest_is_the_papers_table():

@@ -420,6 +420,10 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
           for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
+            if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again: copy it
+              std::memcpy(rbuf + j * D, rbuf + (int64_t)(sorted[x - 1] & (kMaxChunk - 1)) * D, sizeof(float) * D);
+              continue;
+            }
             const float* St = ctx.last_t.data() + (size_t)entry_last(e, lb) * qd * Rp;
             if (fast)
               last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + j * D);

@@ -150,11 +150,28 @@ void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, i
     }
 }
 
-// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Each row of C stays in registers
-// while the M rank-1 contributions are added (N in blocks of 64/32/16 columns, then a scalar tail).
+// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Tiles of C stay in registers
+// while all M rank-1 contributions are added (N in blocks of 64/32/16 columns, then a scalar tail).
 template <int NV>
 inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  for (int k = 0; k < K; ++k) {
+  int k = 0;
+  for (; k + 4 <= K; k += 4) {  // 4 rows of C (4 x NV vectors) stay in registers over all of M
+    v16 acc[4][NV];
+    for (int kk = 0; kk < 4; ++kk)
+      for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + (k + kk) * ldc + 16 * v);
+    for (int m = 0; m < M; ++m) {
+      v16 b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
+      const float* a = A + m * lda + k;
+      for (int kk = 0; kk < 4; ++kk) {
+        const v16 x = splat16(a[kk]);
+        for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
+      }
+    }
+    for (int kk = 0; kk < 4; ++kk)
+      for (int v = 0; v < NV; ++v) store16(C + (k + kk) * ldc + 16 * v, acc[kk][v]);
+  }
+  for (; k < K; ++k) {
     float* c = C + k * ldc;
     v16 acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = load16(c + 16 * v);
@@ -502,6 +519,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   static std::vector<uint64_t> sorted, tmp;
   static std::vector<int32_t> run_of, order;
   static std::vector<float> dP, dPn, gs, seg_acc;
+  static std::vector<uint8_t> repeats;
   std::lock_guard<std::mutex> lock(mutex);
   bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
@@ -558,6 +576,8 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
     }
     lap(2);
     dP.resize((size_t)U * M * R);
+    repeats.resize(cn);
+    uint8_t* const repeat = repeats.data();
     // 1. chains and per-prefix dP_{d-2}
 #pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
       for (int64_t t = 0; t < U; ++t) {
@@ -570,9 +590,21 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         }
         float* dp = dP.data() + t * (int64_t)M * R;
         std::fill(dp, dp + (int64_t)M * R, 0.f);
-        for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
+        // Repeats of a row are adjacent: their gradients are summed into the first (``lead``) and
+        // the rest are marked, so the row's last-core work is done once.
+        for (int64_t x = runs[t]; x < runs[t + 1];) {
+          const uint64_t row = sorted[x] >> kJBits;
+          float* g = gsd + x * D;
+          int64_t y = x + 1;
+          for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+            const float* gy = gsd + y * D;
+            for (int c = 0; c < D; ++c) g[c] += gy[c];
+            repeat[y] = 1;
+          }
+          repeat[x] = 0;
           const float* St = ctx.last_t.data() + (size_t)entry_last(sorted[x], lb) * qd * Rp;
-          gemm_nn_acc(M, R, qd, gsd + x * D, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+          gemm_nn_acc(M, R, qd, g, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
+          x = y;
         }
       }
     lap(3);
@@ -593,6 +625,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
         float* acc = acc_all + sg * slab;
         uint8_t* u = used_all + sg * pd;
         for (int64_t x = cn * sg / nseg; x < cn * (sg + 1) / nseg; ++x) {
+          if (repeat[x]) continue;  // summed into its row's first lookup
           const int64_t i = entry_last(sorted[x], lb);
           u[i] = 1;
           // acc[i] (q_d x R) += g^T (q_d x M) @ P (M x R)
@@ -625,14 +658,31 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
 #pragma omp parallel num_threads(threads)
       {
         std::vector<float> acc((size_t)Rk * N);
+        std::vector<float> a_rows;  // P_0 of a bucket's prefixes, stacked (k = 1 only)
 #pragma omp for schedule(dynamic, 16)
         for (int64_t i = 0; i < pk; ++i) {
           if (start[i] == start[i + 1]) continue;
           if (touched) touched[k][i] = 1;
           std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t y = start[i]; y < start[i + 1]; ++y) {
-            const int64_t t = order[y];  // acc (R_k x N) += P_{k-1}^T (R_k x Mk) @ dP_k (Mk x N)
-            gemm_tn_acc(Mk, N, Rk, partial(t, k - 1), Rk, dP.data() + t * (int64_t)Mk * N, N, acc.data(), N);
+          const int64_t t0 = order[start[i]], nt = start[i + 1] - start[i];
+          if (k == d - 2 && order[start[i + 1] - 1] == t0 + nt - 1) {
+            // runs are sorted by this digit: the bucket's prefixes are t0..t0+nt-1 and their dP_k
+            // rows are contiguous, so one A^T B with M = Mk * nt covers the bucket
+            const float* A = nullptr;
+            if (k == 1) {
+              a_rows.resize((size_t)nt * Mk * Rk);
+              for (int64_t t = 0; t < nt; ++t)
+                std::memcpy(a_rows.data() + t * Mk * Rk, partial(t0 + t, 0), sizeof(float) * Mk * Rk);
+              A = a_rows.data();
+            } else {
+              A = partial(t0, k - 1);
+            }
+            gemm_tn_acc((int)(Mk * nt), N, Rk, A, Rk, dP.data() + t0 * (int64_t)Mk * N, N, acc.data(), N);
+          } else {
+            for (int64_t y = start[i]; y < start[i + 1]; ++y) {
+              const int64_t t = order[y];  // acc (R_k x N) += P_{k-1}^T (R_k x Mk) @ dP_k (Mk x N)
+              gemm_tn_acc(Mk, N, Rk, partial(t, k - 1), Rk, dP.data() + t * (int64_t)Mk * N, N, acc.data(), N);
+            }
           }
           for (int r = 0; r < Rk; ++r) {
             float* dst = gk + ((int64_t)r * pk + i) * N;

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Bags", "MODES", "make_bags"]
+__all__ = ["Bags", "MODES", "make_bags", "checked_for"]
 
 MODES = ("sum", "mean")
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -127,11 +127,24 @@ def make_bags(
               "input must be 1D (with offsets) or 2D (B, L)")
 
     indices = indices.to(torch.int64)
+    if not indices.device.type == offs.device.type:
+        _fail("offsets", f"device {offs.device}", f"must be on input's device {indices.device}")
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= num_embeddings:
             bad_pos = int(torch.nonzero((indices < 0) | (indices >= num_embeddings))[0])
             _fail("input", f"index {int(indices[bad_pos])} at position {bad_pos}",
                   f"indices must be in [0, num_embeddings={num_embeddings})")
-    return Bags(indices.contiguous(), offs.contiguous(),
+    bags = Bags(indices.contiguous(), offs.contiguous(),
                 None if per_sample_weights is None else per_sample_weights.contiguous())
+    object.__setattr__(bags, "_checked", (_CHECKED, num_embeddings))
+    return bags
+
+
+_CHECKED = object()  # private mark: only make_bags sets it
+
+
+def checked_for(bags: Bags, num_embeddings: int) -> bool:
+    """True if ``bags`` came out of :func:`make_bags` for a table of ``num_embeddings`` rows (a Bags
+    built by hand is not trusted by native code and is validated again)."""
+    return getattr(bags, "_checked", None) == (_CHECKED, num_embeddings)

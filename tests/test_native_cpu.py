@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import ttrec
-from ttrec.bags import make_bags
+from ttrec.bags import Bags, make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
@@ -230,3 +230,42 @@ def test_int64_indices_above_2_to_the_31():
     want_grads = torch.autograd.grad(ref, ref_cores, torch.ones(3, 4, dtype=torch.float64))
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bags,mode,needle", [
+    (lambda: Bags(torch.tensor([0, 10**12]), torch.tensor([0, 2]), None), "sum", "index 1000000000000"),
+    (lambda: Bags(torch.tensor([0, 1, 2]), torch.tensor([0, 5]), None), "sum", "last offset 5"),
+    (lambda: Bags(torch.tensor([0, 1]), torch.tensor([0, 2]), torch.ones(3)), "sum", "per_sample_weights"),
+    (lambda: Bags(torch.tensor([0, 1]), torch.tensor([0, 2]), None), "max", "mode"),
+])
+def test_hand_made_bags_are_validated_before_native_code(bags, mode, needle):
+    spec = _spec((10, 10, 10), (2, 2, 4), (4, 4))
+    with pytest.raises(ValueError, match=needle):
+        ops.forward(_cores(spec), spec, bags(), mode)
+
+
+def test_gradient_buffers_are_checked_before_native_code():
+    spec = _spec((10, 10, 10), (2, 2, 4), (4, 4))
+    bags = make_bags(torch.tensor([1, 2]), torch.tensor([0]), None, num_embeddings=spec.num_embeddings, mode="sum")
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        ops.backward(_cores(spec), spec, bags, "sum", torch.ones(1, 16), grads=[torch.zeros(1)] * 3)
+    with pytest.raises(ValueError, match=r"touched\[1\]"):
+        ops.backward(_cores(spec), spec, bags, "sum", torch.ones(1, 16),
+                     touched=[torch.zeros(10, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8),
+                              torch.zeros(10, dtype=torch.uint8)])
+
+
+def test_scratch_memory_follows_the_batch_not_p_k():
+    """A last core with 200,000 slices and a batch touching a handful: correct, and no per-call copy
+    of whole cores (that took seconds and gigabytes before)."""
+    spec = _spec((3, 200_000), (4, 4), (8,))
+    cores = [c.requires_grad_() for c in _cores(spec)]
+    idx = torch.tensor([5, 199_999, 400_123, 599_999, 5])
+    bags = make_bags(idx, torch.tensor([0, 2, 2]), None, num_embeddings=spec.num_embeddings, mode="sum")
+    ref_cores = [c.detach().double().requires_grad_() for c in cores]
+    want = ttrec.tt_embedding_bag(ref_cores, spec, bags)
+    got = ops.tt_bag_cpu(cores, spec, bags)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+    g = torch.randn(3, 16, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(got, cores, g.float()), torch.autograd.grad(want, ref_cores, g)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-9)

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from ..bags import Bags
+from ..bags import MODES, Bags, checked_for, make_bags
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 
@@ -56,10 +56,52 @@ def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
     return None
 
 
-def _require(cores, spec):
+def _require(cores, spec, bags: Bags, mode: str) -> Bags:
+    """Everything the kernel trusts, checked before any pointer is passed; returns trusted Bags."""
     reason = check_supported(cores, spec)
     if reason is not None:
         raise ValueError(f"backend='cpu': {reason}")
+    if mode not in MODES:
+        raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
+    if not isinstance(bags, Bags):
+        raise TypeError(f"bags: got {type(bags).__name__}; expected ttrec.bags.Bags (from make_bags)")
+    if bags.indices.device.type != "cpu":
+        raise ValueError(f"bags: indices on {bags.indices.device}; the native CPU kernel needs CPU tensors")
+    if not checked_for(bags, spec.num_embeddings):  # built by hand: validate like every forward input
+        bags = make_bags(bags.indices, bags.offsets, bags.per_sample_weights, num_embeddings=spec.num_embeddings,
+                         mode=mode, include_last_offset=True)
+    return bags
+
+
+def _check_like_cores(name: str, tensors, spec: TTSpec) -> None:
+    if tensors is None:
+        return
+    if len(tensors) != spec.d:
+        raise ValueError(f"{name}: got {len(tensors)} tensors; expected one per core ({spec.d})")
+    for k, t in enumerate(tensors):
+        if (tuple(t.shape) != spec.core_shape(k) or t.dtype != torch.float32 or t.device.type != "cpu"
+                or not t.is_contiguous()):
+            raise ValueError(f"{name}[{k}]: got {t.dtype} {tuple(t.shape)} on {t.device} "
+                             f"(contiguous={t.is_contiguous()}); expected contiguous float32 {spec.core_shape(k)} on cpu")
+
+
+def _check_touched(touched, spec: TTSpec) -> None:
+    if touched is None:
+        return
+    if len(touched) != spec.d:
+        raise ValueError(f"touched: got {len(touched)} masks; expected one per core ({spec.d})")
+    for k, t in enumerate(touched):
+        if t.dtype != torch.uint8 or t.shape != (spec.tt_p_shapes[k],) or not t.is_contiguous():
+            raise ValueError(f"touched[{k}]: got {t.dtype} {tuple(t.shape)}; expected contiguous uint8 "
+                             f"({spec.tt_p_shapes[k]},)")
+
+
+def _call(fn, *args) -> None:
+    rc = fn(*args)
+    if rc == 1:
+        raise MemoryError(f"native CPU kernel: out of memory in {fn.__name__}")
+    if rc != 0:
+        raise RuntimeError(f"native CPU kernel: {fn.__name__} failed (code {rc})")
 
 
 def _planted_repeat() -> int:
@@ -82,14 +124,14 @@ def _weights(bags: Bags):
 def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Pooled rows (num_bags, D), fp32, no autograd."""
-    _require(cores, spec)
+    bags = _require(cores, spec, bags, mode)
     cores = [c.detach().contiguous() for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
     w = _weights(bags)
     stats = TTStats()
-    library().tt_forward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
-                         bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), out.data_ptr(),
-                         torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats))
+    _call(library().tt_forward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
+          bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
+          out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats))
     _last_stats.clear()
     _last_stats.update(stats.as_dict(TTStats.FORWARD_PHASES))
     return out
@@ -105,7 +147,9 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
              grads: list[torch.Tensor] | None = None, touched: list[torch.Tensor] | None = None,
              chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
     """Core gradients (added into ``grads`` when given, else new zero tensors)."""
-    _require(cores, spec)
+    bags = _require(cores, spec, bags, mode)
+    _check_like_cores("grads", grads, spec)
+    _check_touched(touched, spec)
     cores = [c.detach().contiguous() for c in cores]
     grad_out = grad_out.detach().to(torch.float32).contiguous()
     if tuple(grad_out.shape) != (bags.num_bags, spec.embedding_dim):
@@ -114,10 +158,10 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
         grads = [torch.zeros_like(c) for c in cores]
     w = _weights(bags)
     stats = TTStats()
-    library().tt_backward(ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(),
-                          bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"), grad_out.data_ptr(),
-                          _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(), chunk_bytes,
-                          ctypes.byref(stats))
+    _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
+          bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
+          grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(),
+          chunk_bytes, ctypes.byref(stats))
     _last_backward_stats.clear()
     _last_backward_stats.update(stats.as_dict(TTStats.BACKWARD_PHASES))
     return grads
@@ -135,14 +179,16 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
         raise ValueError(f"optimizer: got {optimizer!r}; allowed: 'sgd', 'adagrad'")
     if optimizer == "adagrad" and state is None:
         raise ValueError("state: Adagrad needs accumulators shaped like the cores")
+    if not lr > 0 or not eps >= 0:
+        raise ValueError(f"lr, eps: got lr={lr}, eps={eps}; need lr > 0 and eps >= 0")
+    _check_like_cores("cores", [c.data for c in cores], spec)  # updated in place: no copies allowed
+    _check_like_cores("scratch", scratch, spec)
+    _check_like_cores("state", state, spec)
     touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
     backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched)
-    for c in cores:
-        if not c.is_contiguous():
-            raise ValueError("cores must be contiguous for the fused update")
-    library().tt_sparse_update(ctypes.byref(_shape(spec)), _ptrs([c.data for c in cores]), _ptrs(scratch),
-                               None if state is None else _ptrs(state), _ptrs(touched),
-                               int(optimizer == "adagrad"), lr, eps, torch.get_num_threads())
+    _call(library().tt_sparse_update, ctypes.byref(_shape(spec)), _ptrs([c.data for c in cores]), _ptrs(scratch),
+          None if state is None else _ptrs(state), _ptrs(touched), int(optimizer == "adagrad"), lr, eps,
+          torch.get_num_threads())
     return touched
 
 

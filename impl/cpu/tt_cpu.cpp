@@ -1,21 +1,26 @@
 // Native CPU TT-EmbeddingBag: forward, core gradients and fused sparse SGD/Adagrad.
 //
-// Inputs are validated in Python (ttrec.bags, ttrec.native) before any call lands here.
+// Inputs are validated in Python (ttrec.bags, ttrec.cpu.ops) before any call lands here.
 //
 // Per chunk of lookups:
-//   1. unique row prefixes (i_1..i_{d-1}) by hashing; every lookup maps to its prefix's slot;
-//   2. partial products P_k(u) = G_1[i_1] ... G_k[i_k] for each unique prefix u, k = 2..d-1,
-//      computed once per prefix (the reuse of EL-Rec/EcoRec), multi-threaded over prefixes;
-//   3. forward: per bag (threads over bags), row = P_{d-1}(u) @ G_d[:, i_d] computed in a
-//      D-float scratch and pooled straight into out[bag]: no per-lookup gathered cores;
-//   4. backward: dP_{d-1}(u) aggregated over the lookups sharing u; core gradients scattered by
-//      grouping the work by digit value (counting sort), one thread per digit value: no atomics,
-//      and results that do not depend on the thread count.
-// Layout: core k is (R_{k-1}, p_k, q_k, R_k) row-major fp32, as in ttrec.reference.
+//   1. the lookups are radix-sorted by row index with the digit i_{d-1} moved to the front, so
+//      lookups sharing a prefix (i_1..i_{d-1}) form runs and runs sharing G_{d-1}'s slice are
+//      adjacent; repeats of a row are adjacent too;
+//   2. forward, threads over prefixes: the prefix's partial product G_1[i_1] ... G_{d-1}[i_{d-1}]
+//      once, in a thread-local scratch (the reuse of EL-Rec/EcoRec), then each distinct row of
+//      the run with the last core into a row buffer: no per-lookup gathered cores;
+//   3. forward: bags pooled from the row buffer in lookup order (deterministic);
+//   4. backward: the upstream gradient summed per row and per prefix; each core's gradient
+//      reduced per digit value by one thread (or over fixed pieces for the last core): no
+//      atomics, and results that do not depend on the thread count.
+// Per-call copies of core slices are made only for the digit values a chunk uses, so scratch
+// memory follows the batch, not the table. Layout: core k is (R_{k-1}, p_k, q_k, R_k) row-major
+// fp32, as in ttrec.reference.
 
 #include <omp.h>
 
 #include <mutex>
+#include <new>
 #include <type_traits>
 
 #include <algorithm>
@@ -305,26 +310,53 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   }
 }
 
+// The distinct digit values a chunk uses for one core, numbered in first-use order: per-call
+// copies of core slices are made for these only, so scratch memory follows the batch, not p_k.
+struct UsedDigits {
+  std::vector<int32_t> slot;   // p_k entries, -1 where unused
+  std::vector<int64_t> digit;  // used digit values, by slot
+  void reset(int64_t p) {
+    slot.assign(p, -1);
+    digit.clear();
+  }
+  void add(int64_t i) {
+    if (slot[i] < 0) {
+      slot[i] = (int32_t)digit.size();
+      digit.push_back(i);
+    }
+  }
+};
+
 struct Ctx {
   const tt_shape_t* s;
   const float* const* cores;
   int d;
   int32_t width[TT_MAX_D];   // columns of the partial product after core k (q_1..q_k)
   int Rp;                     // R_{d-1} rounded up to a multiple of 16
-  std::vector<float> last_t;  // G_d transposed to (p_d, q_d, Rp), zero-padded: dot-friendly last stage
+  UsedDigits last;            // last-core digits of the current chunk
+  std::vector<float> last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
 
   Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
     for (int k = 0; k < d; ++k) width[k] = tt_cols_through(s, k);
-    const int64_t pd = s->p[d - 1];
-    const int qd = s->q[d - 1], R = s->r[d - 1];
-    Rp = (R + 15) / 16 * 16;
-    last_t.assign((size_t)pd * qd * Rp, 0.f);
-    const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
-    for (int r = 0; r < R; ++r)
-      for (int64_t i = 0; i < pd; ++i)
-        for (int c = 0; c < qd; ++c) last_t[((size_t)i * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+    Rp = (s->r[d - 1] + 15) / 16 * 16;
   }
 
+  // Collect the last digits of a sorted chunk and build their transposed slices.
+  void prepare_last(const uint64_t* sorted, int64_t cn, int lb) {
+    const int64_t pd = s->p[d - 1];
+    const int qd = s->q[d - 1], R = s->r[d - 1];
+    last.reset(pd);
+    for (int64_t x = 0; x < cn; ++x) last.add(entry_last(sorted[x], lb));
+    last_t.assign(last.digit.size() * qd * Rp, 0.f);
+    const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
+    for (size_t u = 0; u < last.digit.size(); ++u) {
+      const int64_t i = last.digit[u];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < qd; ++c) last_t[(u * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+    }
+  }
+
+  const float* last_slice(int64_t i) const { return last_t.data() + (size_t)last.slot[i] * s->q[d - 1] * Rp; }
 };
 
 // lookups of bag b inside [s, e)
@@ -359,7 +391,7 @@ typedef struct {
 // prefix's partial product lives only in a thread-local scratch while the rows of all lookups
 // sharing it are finished. Rows land in a chunk-sized buffer; bags are then pooled in lookup
 // order (deterministic for any thread count).
-int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                int64_t n_bags, const float* weights, int mean, float* out, int threads, int64_t chunk_bytes,
                int repeat, tt_stats_t* stats) {
   Ctx ctx(s, cores);
@@ -386,6 +418,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
       const double t0 = omp_get_wtime();
       // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
       sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
+      ctx.prepare_last(sorted.data(), cn, lb);
       runs.clear();
       for (int64_t x = 0; x < cn; ++x)
         if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
@@ -404,10 +437,9 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
         const bool fast = D % 16 == 0;
         std::vector<float> padded(fast ? (size_t)M * Rp : 0, 0.f);
         std::vector<int32_t> arow(D), brow(D);
-        const int64_t ldp_fast = Rp != R ? Rp : R;
         for (int o = 0; o < D; ++o) {
           const int oo = (o & ~15) + kBitrev4[o & 15];
-          arow[o] = (int32_t)((oo / qd) * ldp_fast);
+          arow[o] = (int32_t)((oo / qd) * Rp);  // P's rows are padded to Rp below when R != Rp
           brow[o] = (oo % qd) * Rp;
         }
         int64_t dig[TT_MAX_D];
@@ -441,7 +473,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
               std::memcpy(rbuf + j * D, rbuf + (int64_t)(sorted[x - 1] & (kMaxChunk - 1)) * D, sizeof(float) * D);
               continue;
             }
-            const float* St = ctx.last_t.data() + (size_t)entry_last(e, lb) * qd * Rp;
+            const float* St = ctx.last_slice(entry_last(e, lb));
             if (fast)
               last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + j * D);
             else
@@ -490,7 +522,7 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
 //      using it; then dP_{k-1} = dP_k @ G_k[:, i_k]^T per prefix (a transposed copy of G_k);
 //   4. first core: sum of dP_0 per digit value.
 // Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
-int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
                 uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats) {
   double tick = omp_get_wtime();
@@ -515,7 +547,9 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
   static std::vector<int64_t> bag_of, runs, key, start, digits;
-  static std::vector<std::vector<float>> core_t, lev;
+  static std::vector<std::vector<float>> lev;
+  static std::vector<float> core_t;
+  static UsedDigits mid;
   static std::vector<uint64_t> sorted, tmp;
   static std::vector<int32_t> run_of, order;
   static std::vector<float> dP, dPn, gs, seg_acc;
@@ -524,20 +558,12 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
   bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
     for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) bag_of[j] = b;
-  // middle cores transposed to (p_k, q_k R_{k+1}, R_k): dP_{k-1} = dP_k @ slice^T becomes a plain GEMM
-  core_t.resize(d);
   lev.resize(d);
-  for (int k = 1; k < d - 1; ++k) {
-    const int64_t pk = s->p[k], N = (int64_t)s->q[k] * s->r[k + 1], Rk = s->r[k];
-    core_t[k].resize((size_t)pk * N * Rk);
-    for (int64_t r = 0; r < Rk; ++r)
-      for (int64_t i = 0; i < pk; ++i)
-        for (int64_t c = 0; c < N; ++c) core_t[k][(i * N + c) * Rk + r] = cores[k][(r * pk + i) * N + c];
-  }
   lap(0);
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
+    ctx.prepare_last(sorted.data(), cn, lb);
     runs.clear();
     run_of.resize(cn);
     for (int64_t x = 0; x < cn; ++x) {
@@ -602,7 +628,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
             repeat[y] = 1;
           }
           repeat[x] = 0;
-          const float* St = ctx.last_t.data() + (size_t)entry_last(sorted[x], lb) * qd * Rp;
+          const float* St = ctx.last_slice(entry_last(sorted[x], lb));
           gemm_nn_acc(M, R, qd, g, qd, St, Rp, dp, R);  // dp (M x R) += g (M x q_d) @ St (q_d x R)
           x = y;
         }
@@ -615,35 +641,36 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
     // then added in piece order.
     {
       const int64_t nseg = std::min<int64_t>(kSegments, cn);
-      const size_t slab = (size_t)pd * qd * R;
+      const int64_t nused = (int64_t)ctx.last.digit.size();
+      const size_t slab = (size_t)nused * qd * R;  // one copy of the used slices of dG_d
       seg_acc.assign(nseg * slab, 0.f);
-      std::vector<uint8_t> used(nseg * pd, 0);
+      std::vector<uint8_t> used(nseg * nused, 0);
       float* const acc_all = seg_acc.data();
       uint8_t* const used_all = used.data();
+      const int32_t* const slot = ctx.last.slot.data();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
       for (int64_t sg = 0; sg < nseg; ++sg) {
         float* acc = acc_all + sg * slab;
-        uint8_t* u = used_all + sg * pd;
+        uint8_t* u = used_all + sg * nused;
         for (int64_t x = cn * sg / nseg; x < cn * (sg + 1) / nseg; ++x) {
           if (repeat[x]) continue;  // summed into its row's first lookup
-          const int64_t i = entry_last(sorted[x], lb);
-          u[i] = 1;
-          // acc[i] (q_d x R) += g^T (q_d x M) @ P (M x R)
-          gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc + (size_t)i * qd * R, R);
+          const int32_t v = slot[entry_last(sorted[x], lb)];
+          u[v] = 1;
+          // acc[v] (q_d x R) += g^T (q_d x M) @ P (M x R)
+          gemm_tn_acc(M, R, qd, gsd + x * D, qd, partial(run_of[x], d - 2), R, acc + (size_t)v * qd * R, R);
         }
       }
       float* gd = grad_cores[d - 1];  // (R, p_d, q_d, 1)
 #pragma omp parallel for schedule(static) num_threads(threads)
-      for (int64_t i = 0; i < pd; ++i) {
-        bool any = false;
+      for (int64_t v = 0; v < nused; ++v) {
+        const int64_t i = ctx.last.digit[v];
         for (int64_t sg = 0; sg < nseg; ++sg) {
-          if (!used_all[sg * pd + i]) continue;
-          any = true;
-          const float* a = acc_all + sg * slab + (size_t)i * qd * R;
+          if (!used_all[sg * nused + v]) continue;
+          const float* a = acc_all + sg * slab + (size_t)v * qd * R;
           for (int r = 0; r < R; ++r)
             for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += a[(size_t)c * R + r];
         }
-        if (any && touched) touched[d - 1][i] = 1;
+        if (touched) touched[d - 1][i] = 1;
       }
     }
     lap(4);
@@ -691,11 +718,24 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
           }
         }
       }
+      // the used slices of G_k transposed to (q_k R_{k+1}, R_k): dP_{k-1} = dP_k @ slice^T is then a
+      // plain GEMM; numbered by bucket so a prefix finds its slice through its digit
+      mid.reset(pk);
+      for (int64_t i = 0; i < pk; ++i)
+        if (start[i] != start[i + 1]) mid.add(i);
+      core_t.resize(mid.digit.size() * (size_t)N * Rk);
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t v = 0; v < (int64_t)mid.digit.size(); ++v) {
+        const int64_t i = mid.digit[v];
+        for (int64_t r = 0; r < Rk; ++r)
+          for (int64_t c = 0; c < N; ++c) core_t[((size_t)v * N + c) * Rk + r] = cores[k][(r * pk + i) * N + c];
+      }
       dPn.resize((size_t)U * Mk * Rk);
 #pragma omp parallel for schedule(static) num_threads(threads)
       for (int64_t t = 0; t < U; ++t)  // dP_{k-1} (Mk x R_k) = dP_k (Mk x N) @ slice^T (N x R_k)
         gemm_nn(Mk, Rk, N, dP.data() + t * (int64_t)Mk * N, N,
-                core_t[k].data() + digits[t * (d - 1) + k] * (int64_t)N * Rk, Rk, dPn.data() + t * (int64_t)Mk * Rk, Rk);
+                core_t.data() + mid.slot[digits[t * (d - 1) + k]] * (int64_t)N * Rk, Rk,
+                dPn.data() + t * (int64_t)Mk * Rk, Rk);
       dP.swap(dPn);
     }
     lap(5);
@@ -726,7 +766,7 @@ int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* i
 //   SGD:     G -= lr * g
 //   Adagrad: h += g^2 ; G -= lr * g / (sqrt(h) + eps)     (h has the cores' shapes)
 // Then zero the touched slices of grads, so the scratch is clean for the next call.
-int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
+static int tt_sparse_update_impl(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
                      uint8_t* const* touched, int adagrad, float lr, float eps, int threads) {
   for (int k = 0; k < s->d; ++k) {
     const int64_t pk = s->p[k];
@@ -753,6 +793,43 @@ int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* gra
     }
   }
   return 0;
+}
+
+// C++ exceptions must not cross into Python (they would abort the process): return codes instead.
+// 0 ok, 1 out of memory, 2 any other failure.
+int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+               int64_t n_bags, const float* weights, int mean, float* out, int threads, int64_t chunk_bytes,
+               int repeat, tt_stats_t* stats) {
+  try {
+    return tt_forward_impl(s, cores, idx, offsets, n_bags, weights, mean, out, threads, chunk_bytes, repeat, stats);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  } catch (...) {
+    return 2;
+  }
+}
+
+int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
+                int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats) {
+  try {
+    return tt_backward_impl(s, cores, idx, offsets, n_bags, weights, mean, grad_out, grad_cores, touched, threads, chunk_bytes, stats);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  } catch (...) {
+    return 2;
+  }
+}
+
+int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
+                     uint8_t* const* touched, int adagrad, float lr, float eps, int threads) {
+  try {
+    return tt_sparse_update_impl(s, cores, grads, state, touched, adagrad, lr, eps, threads);
+  } catch (const std::bad_alloc&) {
+    return 1;
+  } catch (...) {
+    return 2;
+  }
 }
 
 int tt_abi_version(void) { return 2; }

@@ -44,9 +44,6 @@ TT_HD void tt_split_index(const tt_shape_t* s, int64_t idx, int64_t* digits) {
   digits[0] = idx;
 }
 
-/* Row-prefix id: the digits i_1..i_{d-1} as one number (= idx / p_d). */
-TT_HD int64_t tt_prefix_of(const tt_shape_t* s, int64_t idx) { return idx / s->p[s->d - 1]; }
-
 /* Pointer to G_k[0, i_k, 0, 0] and the stride between the slice's R_{k-1} rows. */
 TT_HD const float* tt_slice(const tt_shape_t* s, const float* core_k, int k, int64_t i_k, int64_t* row_stride) {
   const int64_t width = (int64_t)s->q[k] * s->r[k + 1];
@@ -63,8 +60,9 @@ TT_HD int32_t tt_cols_through(const tt_shape_t* s, int k) {
 
 /* One chain step, scalar: out (M x N) = A (M x K, rows lda apart) @ B (K x N, rows ldb apart).
  * With M = q_1..q_{k-1}, K = R_{k-1}, N = q_k R_k this maps the partial product after k-1 cores
- * to the one after k cores (read as (M q_k) x R_k). The reference for the fast CPU micro-kernels
- * and the per-thread arithmetic of the CUDA kernels. */
+ * to the one after k cores (read as (M q_k) x R_k). The CPU kernel's fallback for column tails; the
+ * CUDA kernels compute the same step one output element per thread (ttk_step_elem,
+ * impl/cuda/tt_common.cuh). */
 TT_HD void tt_step_scalar(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb,
                           float* out, int64_t ldo) {
   for (int m = 0; m < M; ++m)

@@ -10,6 +10,8 @@ The module owns the cores and dispatches the lookup to a backend:
 
 from __future__ import annotations
 
+import numbers
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -98,6 +100,18 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError("optimizer: the fused sparse update needs backend 'cpu', 'cuda' or 'auto', got backend='torch'")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate: got {learning_rate}; must be > 0")
+        if not eps >= 0:
+            raise ValueError(f"eps: got {eps}; must be >= 0")
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
+        num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
+        if isinstance(tt_ranks, numbers.Integral):
+            tt_ranks = int(tt_ranks)
+        elif isinstance(tt_ranks, Sequence) and all(isinstance(r, numbers.Integral) for r in tt_ranks):
+            tt_ranks = tuple(int(r) for r in tt_ranks)
+        else:
+            raise TypeError(f"tt_ranks: got {tt_ranks!r}; expected an int or a sequence of ints")
         if tt_p_shapes is None or tt_q_shapes is None:
             p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if tt_p_shapes is None else len(tt_p_shapes))
             tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
@@ -115,14 +129,19 @@ class TTEmbeddingBag(nn.Module):
             for k, c in enumerate(self.tt_cores):
                 self.register_buffer(f"adagrad_state_{k}", torch.zeros_like(c.detach()))
         self._scratch: list[torch.Tensor] | None = None
+        self._update_lock = threading.Lock()  # the scratch is shared: one fused update at a time
+        if backend == "cpu" and (reason := cpu_ops.check_supported(list(self.tt_cores), self.spec)) is not None:
+            raise ValueError(f"backend='cpu': {reason}")
 
     def _fused_update(self, cores, spec, bags, mode, grad_out) -> None:
-        if self._scratch is None:
-            self._scratch = [torch.zeros_like(c.detach()) for c in cores]
-        state = [getattr(self, f"adagrad_state_{k}") for k in range(spec.d)] if self.optimizer == "adagrad" else None
-        update = cuda_loader.sparse_update if cores[0].is_cuda else cpu_ops.sparse_update
-        update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer, self.learning_rate, self.eps,
-               self._scratch, state)
+        with self._update_lock:
+            if self._scratch is None:
+                self._scratch = [torch.zeros_like(c.detach()) for c in cores]
+            state = ([getattr(self, f"adagrad_state_{k}") for k in range(spec.d)] if self.optimizer == "adagrad"
+                     else None)
+            update = cuda_loader.sparse_update if cores[0].is_cuda else cpu_ops.sparse_update
+            update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer, self.learning_rate, self.eps,
+                   self._scratch, state)
 
     def resolved_backend(self) -> str:
         """The backend a forward call uses now, after resolving "auto"."""

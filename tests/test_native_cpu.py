@@ -203,9 +203,12 @@ def test_bad_inputs_raise_the_same_clear_errors_as_the_reference(backend, inp, o
 
 
 def test_unsupported_cores_are_refused_before_native_code():
-    m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu", dtype=torch.float64)
-    with pytest.raises(ValueError, match="float64"):
-        m(torch.tensor([1, 2]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="float64"):  # refused when the module is built
+        ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu", dtype=torch.float64)
+    spec = _spec((10, 10, 10), (2, 2, 4), (4, 4))
+    bags = make_bags(torch.tensor([1, 2]), torch.tensor([0]), None, num_embeddings=1000, mode="sum")
+    with pytest.raises(ValueError, match="float64"):  # and by the op itself
+        ops.forward(_cores(spec, dtype=torch.float64), spec, bags, "sum")
     assert ttrec.TTEmbeddingBag(1000, 16, 4, dtype=torch.float64).resolved_backend() == "torch"
     m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu")
     w = torch.ones(2, requires_grad=True)

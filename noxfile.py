@@ -1,4 +1,4 @@
-"""Sessions: tests, bench (Hydra overrides after --), figures.
+"""Sessions: tests, bench (Hydra overrides after --), kernel (the CPU-kernel experiment).
 
 nox creates and reuses its own virtualenvs (.nox/). torch is pinned to TTREC_TORCH (default
 torch==2.13.0): on the project's CPU machines pip takes it from a local wheel; elsewhere pip

@@ -45,10 +45,17 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     d = df[(df["metric"] == "time_per_lookup") & (df["mode"] == mode)].copy()
     if d.empty:
         raise ValueError(f"no time_per_lookup rows with mode={mode!r} to plot")
-    d["implementation"] = d["impl"].map(IMPL_LABELS).fillna(d["impl"])
+    # one line per (implementation, backend[, fused update]): never average different series
+    label = d["impl"].map(IMPL_LABELS).fillna(d["impl"])
+    tt = d["impl"] == "tt"
+    label = label.where(~tt, label + " (" + d["backend"].astype(str) + ")")
+    if "fused" in d and d["fused"].fillna(False).astype(bool).any():
+        label = label.where(~d["fused"].fillna(False).astype(bool), label + ", fused update")
+    d["implementation"] = label
     poolings = sorted(d["pooling_factor"].unique())
     fig, axes = plt.subplots(1, len(poolings), figsize=(4.2 * len(poolings), 3.6), squeeze=False, sharey=False)
-    palette = dict(zip(IMPL_LABELS.values(), sns.color_palette("colorblind", len(IMPL_LABELS))))
+    labels = sorted(d["implementation"].unique())
+    palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
     for ax, pooling in zip(axes[0], poolings):
         part = d[d["pooling_factor"] == pooling]
         ranked = part[part["tt_rank"].notna()]
@@ -69,7 +76,9 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.08), frameon=False)
     env = d.iloc[0]
-    fig.suptitle(f"{mode}: {env['table']} table ({int(env['num_embeddings']):,} x {int(env['embedding_dim'])}), "
-                 f"batch {int(env['batch_size'])}, {env['threads']} threads, {env['cpu_model']}", fontsize=9)
+    tables = ", ".join(f"{t} ({int(n):,} x {int(e)})" for t, n, e in
+                       d[["table", "num_embeddings", "embedding_dim"]].drop_duplicates().itertuples(index=False))
+    batches = ", ".join(str(int(b)) for b in sorted(d["batch_size"].unique()))
+    fig.suptitle(f"{mode}: table {tables}, batch {batches}, {env['threads']} threads, {env['cpu_model']}", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

@@ -58,7 +58,7 @@ def _pooled_std(spec, scheme, seeds, n_rows=2048):
         cores = [c.double() for c in init_tt_cores(spec, scheme, generator=_gen(seed))]
         rows = torch.randperm(spec.num_embeddings, generator=_gen(1000 + seed))[:n_rows]
         with torch.no_grad():
-            values = ttrec.tt_rows(cores, spec, rows)
+            values = _own_rows(cores, spec, rows)
         variances.append(float(values.var()))
         means.append(float(values.mean()))
     return math.sqrt(sum(variances) / len(variances)), means

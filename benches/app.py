@@ -17,9 +17,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import ttrec
-from ttrec.workloads import Batch, Workload, batch_stats, generate_batch
+from ttrec.workloads import Batch, batch_stats
 
-from .config import BenchConfig, register, to_objects
+from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_columns,
+                                workload_stream)
+from .config import BenchConfig, Task, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
@@ -32,12 +34,13 @@ register()
 
 def build_module(cfg: BenchConfig) -> torch.nn.Module:
     t = cfg.tt
-    return ttrec.build_embedding(
+    module = ttrec.build_embedding(
         cfg.impl.name.value, cfg.table.num_embeddings, cfg.table.embedding_dim,
         tt_ranks=t.rank, tt_p_shapes=t.p_shapes, tt_q_shapes=t.q_shapes, d=t.d, init=t.init.value,
         backend=cfg.impl.backend.value, mode=cfg.workload.pooling.value, sparse=cfg.impl.sparse,
         seed=cfg.seed, device=cfg.device, optimizer=_fused_optimizer(cfg), learning_rate=cfg.mode.lr,
     )
+    return build_cached(module, cfg) if cfg.cache.enabled else module
 
 
 def _fused_optimizer(cfg: BenchConfig) -> str | None:
@@ -65,6 +68,8 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
         return fused_step
     opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
     opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
+    if hasattr(module, "track_optimizer"):  # the LFU cache resets the state of slots it reassigns
+        module.track_optimizer(opt)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -121,6 +126,7 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
         "seed": cfg.seed,
     }
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
+    cols.update(workload_columns(cfg, module, batch))
     return cols
 
 
@@ -134,11 +140,11 @@ def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], 
     _check_device(cfg.device)
     torch.set_num_threads(cfg.timing.threads)
     torch.manual_seed(cfg.seed)
-    w = cfg.workload
-    workload = Workload(distribution=w.distribution.value, zipf_alpha=w.zipf_alpha, permute=w.permute,
-                        batch_size=w.batch_size, pooling_factor=w.pooling_factor, weighted=w.weighted, seed=w.seed)
-    batch = generate_batch(workload, cfg.table.num_embeddings, device=cfg.device)
+    stream = workload_stream(cfg)
+    batch = next(stream)  # batch 0 is timed; a cache warms up on the batches after it
     module = build_module(cfg)
+    if cfg.cache.enabled:
+        module.bench_columns = warm_up(module, stream, cfg, build_step)
     return module, batch, build_step(module, batch, cfg)
 
 
@@ -168,13 +174,17 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
         _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups)),
         _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s)),
     ]
-    if getattr(module, "spec", None) is not None and cfg.impl.name.value in ("tt", "tltorch"):
+    tt_like = cfg.impl.name.value in ("tt", "tltorch") and not cfg.cache.enabled  # cached lookups do no chain
+    if getattr(module, "spec", None) is not None and tt_like:
         flops = module.spec.flops_per_lookup() * lookups
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
     if t.memory or cfg.device.startswith("cuda"):
         metrics.append(_memory_row(cfg, step))
     point, env = point_columns(cfg, module, batch, experiment), {**capture(), **nvml_telemetry()}
-    return [{**point, **m, **env} for m in metrics]
+    rows = [{**point, **m, **env} for m in metrics]
+    for variant in comparison_configs(cfg):  # cache.compare: TT alone and nn.EmbeddingBag, same batch
+        rows += measure_point(variant, experiment)
+    return rows
 
 
 def _describe(rows: list[dict]) -> str:
@@ -187,7 +197,13 @@ def _describe(rows: list[dict]) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    rows = measure_point(to_objects(cfg), experiment=hc.runtime.choices.get("experiment") or "none")
+    bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
+    if bench.task == Task.topk_stability:
+        rows = stability_rows(bench, experiment)
+        path = write_rows(rows, Path(hc.runtime.output_dir) / RESULTS_FILE)
+        log.info("top-k stability over %d batches -> %s", bench.cache.stability_batches, path)
+        return
+    rows = measure_point(bench, experiment=experiment)
     path = write_rows(rows, Path(hc.runtime.output_dir) / RESULTS_FILE)
     log.info("%s -> %s", _describe(rows), path)
 

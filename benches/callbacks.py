@@ -9,6 +9,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from reports.cache_figures import is_cache_experiment, plot_cache_figures
 from reports.figures import plot_rank_sweep
 
 from .results import AGGREGATE_FILE, aggregate
@@ -18,7 +19,8 @@ log = logging.getLogger("ttrec.bench")
 
 class AggregateResults(Callback):
     """Writes results_all.csv at the run/sweep root and, when the results hold a sweep over two or
-    more TT ranks, the time-vs-rank figure (one per mode) into ``figures_dir``."""
+    more TT ranks, the time-vs-rank figure (one per mode) into ``figures_dir``; for the cache
+    experiments, their figures instead (reports.cache_figures)."""
 
     def _finish(self, root: str, config: DictConfig) -> None:
         try:
@@ -27,6 +29,10 @@ class AggregateResults(Callback):
             log.warning("nothing to aggregate: %s", exc)
             return
         log.info("results: %s (%d rows)", Path(root) / AGGREGATE_FILE, len(df))
+        if is_cache_experiment(df):  # Figures 9, 10, 12 (their rank sweeps are not Figure 11's)
+            for path in plot_cache_figures(df, to_absolute_path(config.figures_dir)):
+                log.info("figure: %s", path)
+            return
         if df["tt_rank"].nunique() >= 2:
             for mode in sorted(df["mode"].unique()):
                 png = plot_rank_sweep(df, to_absolute_path(config.figures_dir),

@@ -43,6 +43,36 @@ class Init(str, Enum):
 class Distribution(str, Enum):
     uniform = "uniform"
     zipf = "zipf"
+    hot_set = "hot_set"  # controlled hit rate (ttrec.workloads)
+    criteo = "criteo"    # a Criteo text file's categorical feature (ttrec.criteo)
+
+
+class PoolingDistribution(str, Enum):
+    fixed = "fixed"
+    normal = "normal"
+    uniform = "uniform"
+
+
+class CriteoMapping(str, Enum):
+    hash = "hash"
+    dictionary = "dictionary"
+
+
+class CacheUpdate(str, Enum):
+    auto = "auto"          # fused when mode.fused, else autograd
+    fused = "fused"        # mode.optimizer runs on the cached rows inside backward
+    autograd = "autograd"  # cache rows get a sparse gradient; torch.optim steps them
+
+
+class CacheCounter(str, Enum):
+    auto = "auto"
+    exact = "exact"
+    bounded = "bounded"
+
+
+class Task(str, Enum):
+    time = "time"                      # time one point (benches.app.measure_point)
+    topk_stability = "topk_stability"  # top-k change over a stream (benches.cache_experiments)
 
 
 class Mode(str, Enum):
@@ -111,9 +141,37 @@ class WorkloadConfig:
     weighted: bool = False
     pooling: Pooling = Pooling.sum
     seed: int = 0
+    # spread of bag sizes, a controlled hit rate and reuse between batches (ttrec.workloads.Workload)
+    pooling_sigma: float = 0.0
+    pooling_distribution: PoolingDistribution = PoolingDistribution.fixed
+    hit_rate: float = 0.9
+    hot_fraction: float = 0.001
+    reuse_fraction: float = 0.0
+    # distribution=criteo: batches of one categorical feature (0..25) of a Criteo text file
+    criteo_path: Optional[str] = None
+    criteo_feature: int = 0
+    criteo_mapping: CriteoMapping = CriteoMapping.hash
 
     def __post_init__(self) -> None:
         _positive("workload", batch_size=self.batch_size, pooling_factor=self.pooling_factor)
+        if self.distribution == Distribution.criteo:
+            if not self.criteo_path:
+                raise ValueError("workload.criteo_path: got None; distribution=criteo needs the path of a "
+                                 "Criteo text file (train.txt or day_N)")
+            if not 0 <= self.criteo_feature < 26:
+                raise ValueError(f"workload.criteo_feature: got {self.criteo_feature}; must be in [0, 26)")
+        else:
+            self.record()  # the record's checks name the key, the value and what is allowed
+
+    def record(self):
+        """The synthetic workload as a ttrec.workloads.Workload (not for distribution=criteo)."""
+        from ttrec.workloads import Workload
+
+        return Workload(distribution=self.distribution.value, zipf_alpha=self.zipf_alpha, permute=self.permute,
+                        batch_size=self.batch_size, pooling_factor=self.pooling_factor, weighted=self.weighted,
+                        seed=self.seed, hit_rate=self.hit_rate, hot_fraction=self.hot_fraction,
+                        pooling_sigma=self.pooling_sigma, pooling_distribution=self.pooling_distribution.value,
+                        reuse_fraction=self.reuse_fraction)
 
 
 @dataclass
@@ -149,6 +207,42 @@ class ModeConfig:
 
 
 @dataclass
+class CacheConfig:
+    """LFU cache of hot rows in front of impl=tt (ttrec.cache.CachedTTEmbeddingBag); off by default.
+
+    The app trains warmup_iters batches of the workload stream with the TT cores alone, populates
+    the cache, measures the hit ratio on eval_batches further batches, then times the point's batch
+    (batch 0 of the stream, never seen during warm-up). compare: also time the TT module without
+    cache and nn.EmbeddingBag on the same batch, in the same process. stability_*: task=topk_stability.
+    """
+
+    enabled: bool = False
+    fraction: float = 0.001
+    warmup_iters: int = 10
+    refresh_every: int = 0
+    update: CacheUpdate = CacheUpdate.auto
+    counter: CacheCounter = CacheCounter.auto
+    counter_slots: Optional[int] = None
+    write_back_steps: int = 0
+    eval_batches: int = 4
+    compare: bool = False
+    stability_batches: int = 198
+    stability_windows: int = 33
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"cache.fraction: got {self.fraction}; must be in (0, 1] (the paper: 0.0001 to 0.1)")
+        for key in ("warmup_iters", "refresh_every", "write_back_steps", "eval_batches"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cache.{key}: got {getattr(self, key)}; must be >= 0")
+        _positive("cache", counter_slots=self.counter_slots, stability_batches=self.stability_batches,
+                  stability_windows=self.stability_windows)
+        if self.stability_windows > self.stability_batches:
+            raise ValueError(f"cache.stability_windows: got {self.stability_windows}; must be <= "
+                             f"stability_batches={self.stability_batches}")
+
+
+@dataclass
 class BenchConfig:
     impl: ImplConfig = field(default_factory=ImplConfig)
     table: TableConfig = field(default_factory=TableConfig)
@@ -156,6 +250,8 @@ class BenchConfig:
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    task: Task = Task.time
     device: str = "cpu"
     seed: int = 0
     # Where the sweep's figure goes; relative paths are taken from the directory the app was started in.

@@ -175,7 +175,8 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
         _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s)),
     ]
     tt_like = cfg.impl.name.value in ("tt", "tltorch") and not cfg.cache.enabled  # cached lookups do no chain
-    if getattr(module, "spec", None) is not None and tt_like:
+    # forward FLOPs only make a rate of a forward: a training step's time also holds backward + update
+    if getattr(module, "spec", None) is not None and tt_like and cfg.mode.name.value == "forward":
         flops = module.spec.flops_per_lookup() * lookups
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
     if t.memory or cfg.device.startswith("cuda"):

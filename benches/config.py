@@ -190,6 +190,8 @@ class TimingConfig:
         _positive("timing", warmup=self.warmup, min_repeats=self.min_repeats, threads=self.threads)
         if self.max_repeats < self.min_repeats:
             raise ValueError(f"timing.max_repeats: got {self.max_repeats}; must be >= min_repeats={self.min_repeats}")
+        if not self.target_time_s >= 0:
+            raise ValueError(f"timing.target_time_s: got {self.target_time_s}; must be >= 0 (seconds)")
 
 
 @dataclass
@@ -204,6 +206,10 @@ class ModeConfig:
     optimizer: Optimizer = Optimizer.sgd
     lr: float = 0.01
     fused: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"mode.lr: got {self.lr}; must be > 0")
 
 
 @dataclass
@@ -255,7 +261,7 @@ class BenchConfig:
     device: str = "cpu"
     seed: int = 0
     # Where the sweep's figure goes; relative paths are taken from the directory the app was started in.
-    figures_dir: str = "reports/figures"
+    figures_dir: str = "reports/figures/latest"  # git-ignored; reports/figures/ keeps the committed reference run
 
 
 def register() -> None:

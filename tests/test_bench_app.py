@@ -73,7 +73,8 @@ def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("tt.rank=0", "tt.rank"), ("tt.d=1", "tt.d"), ("timing.threads=0", "timing.threads"),
+    ("tt.rank=0", "tt.rank"), ("tt.d=1", "tt.d"), ("timing.threads=0", "timing.threads"), ("mode.lr=-1", "mode.lr"),
+    ("timing.target_time_s=-5", "timing.target_time_s"),
     ("workload.batch_size=0", "workload.batch_size"), ("timing.max_repeats=1", "timing.max_repeats"),
 ])
 def test_out_of_range_values_fail_with_the_key(override, needle):
@@ -88,7 +89,8 @@ def test_measure_point_rows(impl, mode):
                               "workload.batch_size=16", "workload.pooling_factor=3", *QUICK))
     rows = measure_point(cfg, experiment="test")
     df = pd.DataFrame(rows)
-    expected = {"time_per_batch", "time_per_lookup", "throughput"} | ({"gflops"} if impl in ("tt", "tltorch") else set())
+    expected = {"time_per_batch", "time_per_lookup", "throughput"} | (
+        {"gflops"} if impl in ("tt", "tltorch") and mode == "forward" else set())
     assert set(df["metric"]) == expected
     assert (df["median"] > 0).all() and (df["n"] == 2).all()
     r = rows[0]

@@ -129,6 +129,11 @@ class TTConfig:
         _positive("tt", rank=self.rank)
         if self.d < 2:
             raise ValueError(f"tt.d: got {self.d}; TT needs d >= 2 cores")
+        for name in ("p_shapes", "q_shapes"):
+            shapes = getattr(self, name)
+            if shapes is not None and len(shapes) != self.d:
+                raise ValueError(f"tt.{name}: got {list(shapes)} ({len(shapes)} factors) with tt.d={self.d}; "
+                                 f"give d factors, or set tt.d={len(shapes)}")
 
 
 @dataclass

@@ -74,7 +74,7 @@ def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
 
 @pytest.mark.parametrize("override,needle", [
     ("tt.rank=0", "tt.rank"), ("tt.d=1", "tt.d"), ("timing.threads=0", "timing.threads"), ("mode.lr=-1", "mode.lr"),
-    ("timing.target_time_s=-5", "timing.target_time_s"),
+    ("timing.target_time_s=-5", "timing.target_time_s"), ("tt.p_shapes=[10,100]", "tt.p_shapes"),
     ("workload.batch_size=0", "workload.batch_size"), ("timing.max_repeats=1", "timing.max_repeats"),
 ])
 def test_out_of_range_values_fail_with_the_key(override, needle):

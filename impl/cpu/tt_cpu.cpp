@@ -287,26 +287,29 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   tmp.resize(n);
   uint64_t* const A = a.data();
   const FastDiv by_pd(pd), by_plast(plast);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t i = idx[j], pre = by_pd(i), front = by_plast(pre);
-    const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
-    A[j] = key << kJBits | (uint64_t)j;
-  }
   const int bits = last_bits(plast * pfront) + lb;  // <= 40: checked in Python before the call
-  // parallel stable LSD passes: per-thread histograms over fixed slices, bucket-major offsets
+  // one parallel region for keys and every radix pass (fewer fork/joins): per-thread histograms
+  // over fixed slices, bucket-major offsets, so the sort is stable and the same for any thread count
   const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
   std::vector<int64_t> count((size_t)T << 11);
-  for (int shift = 0; shift < bits; shift += 11) {
-    const uint64_t* src = a.data();
-    uint64_t* dst = tmp.data();
-    int64_t* const cnt = count.data();
-    std::fill(count.begin(), count.end(), 0);
+  int64_t* const cnt = count.data();
+  uint64_t* bufs[2] = {a.data(), tmp.data()};
 #pragma omp parallel num_threads(T)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+    for (int64_t j = lo; j < hi; ++j) {
+      const int64_t i = idx[j], pre = by_pd(i), front = by_plast(pre);
+      const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
+      A[j] = key << kJBits | (uint64_t)j;
+    }
+    int cur = 0;
+    for (int shift = 0; shift < bits; shift += 11) {
+      const uint64_t* src = bufs[cur];
+      uint64_t* dst = bufs[cur ^ 1];
       int64_t* c = cnt + ((size_t)t << 11);
+      std::fill(c, c + 2048, 0);
+#pragma omp barrier
       for (int64_t x = lo; x < hi; ++x) c[(src[x] >> (kJBits + shift)) & 2047]++;
 #pragma omp barrier
 #pragma omp single
@@ -318,15 +321,15 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
             cnt[((size_t)u << 11) + bucket] = sum;
             sum += v;
           }
-      }
+      }  // implicit barrier
       for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> (kJBits + shift)) & 2047]++] = src[x];
+      cur ^= 1;
+#pragma omp barrier
     }
-    a.swap(tmp);
   }
+  if (((bits + 10) / 11) % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp
 }
 
-// The distinct digit values a chunk uses for one core, numbered in first-use order: per-call
-// copies of core slices are made for these only, so scratch memory follows the batch, not p_k.
 struct UsedDigits {
   std::vector<int32_t> slot;   // p_k entries, -1 where unused
   std::vector<int64_t> digit;  // used digit values, by slot

@@ -330,6 +330,33 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   if (((bits + 10) / 11) % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp
 }
 
+// Start of every run of equal prefixes in a sorted chunk, then cn; run_of[x] (optional) = run of x.
+int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::vector<int64_t>& runs,
+                  std::vector<int32_t>* run_of) {
+  runs.clear();
+  if (run_of) run_of->resize(cn);
+  for (int64_t x = 0; x < cn; ++x) {
+    if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
+    if (run_of) (*run_of)[x] = (int32_t)runs.size() - 1;
+  }
+  const int64_t U = (int64_t)runs.size();
+  runs.push_back(cn);
+  return U;
+}
+
+// Digits i_1..i_{d-1} of a rotated prefix key (i_{d-1} * Pfront + front, see sort_lookups).
+inline void decode_prefix(const tt_shape_t* s, int64_t key, int64_t pfront, int64_t* dig) {
+  const int d = s->d;
+  int64_t front = key % pfront;
+  dig[d - 2] = key / pfront;
+  for (int k = d - 3; k >= 0; --k) {
+    dig[k] = k ? front % s->p[k] : front;
+    front /= s->p[k];
+  }
+}
+
+// The distinct digit values a chunk uses for one core, numbered in first-use order: per-call
+// copies of core slices are made for these only, so scratch memory follows the batch, not p_k.
 struct UsedDigits {
   std::vector<int32_t> slot;   // p_k entries, -1 where unused
   std::vector<int64_t> digit;  // used digit values, by slot
@@ -440,11 +467,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
       sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
       ctx.prepare_last(sorted.data(), cn, lb);
-      runs.clear();
-      for (int64_t x = 0; x < cn; ++x)
-        if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
-      const int64_t U = (int64_t)runs.size();
-      runs.push_back(cn);
+      const int64_t U = find_runs(sorted, cn, lb, runs, nullptr);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
       float* const rbuf = rows.data();
@@ -466,13 +489,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         int64_t dig[TT_MAX_D];
 #pragma omp for schedule(dynamic, 64)
         for (int64_t t = 0; t < U; ++t) {
-          const int64_t key = entry_prefix(sorted[runs[t]], lb);  // i_{d-1} * Pfront + front
-          int64_t front = key % pfront;
-          dig[d - 2] = key / pfront;
-          for (int k = d - 3; k >= 0; --k) {
-            dig[k] = k ? front % s->p[k] : front;
-            front /= s->p[k];
-          }
+          decode_prefix(s, entry_prefix(sorted[runs[t]], lb), pfront, dig);
           const float* P = cores[0] + dig[0] * (int64_t)s->q[0] * s->r[1];  // (q_1 x R_1)
           for (int k = 1; k < d - 1; ++k) {  // P <- P (width[k-1] x R_k) @ G_{k+1}[:, i_{k+1}]
             int64_t ld;
@@ -586,25 +603,10 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
     ctx.prepare_last(sorted.data(), cn, lb);
-    runs.clear();
-    run_of.resize(cn);
-    for (int64_t x = 0; x < cn; ++x) {
-      if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
-      run_of[x] = (int32_t)runs.size() - 1;
-    }
-    const int64_t U = (int64_t)runs.size();
-    runs.push_back(cn);
+    const int64_t U = find_runs(sorted, cn, lb, runs, &run_of);
     digits.resize(U * (d - 1));
-    for (int64_t t = 0; t < U; ++t) {
-      const int64_t k0 = entry_prefix(sorted[runs[t]], lb);
-      int64_t front = k0 % pfront;
-      int64_t* dg = digits.data() + t * (d - 1);
-      dg[d - 2] = k0 / pfront;
-      for (int k = d - 3; k >= 0; --k) {
-        dg[k] = k ? front % s->p[k] : front;
-        front /= s->p[k];
-      }
-    }
+    for (int64_t t = 0; t < U; ++t)
+      decode_prefix(s, entry_prefix(sorted[runs[t]], lb), pfront, digits.data() + t * (d - 1));
     for (int k = 1; k < d - 1; ++k) lev[k].resize((size_t)U * ctx.width[k] * s->r[k + 1]);
     auto partial = [&](int64_t t, int k) -> const float* {  // P_k of prefix t: (width[k] x r[k+1])
       if (k == 0) return cores[0] + digits[t * (d - 1)] * (int64_t)s->q[0] * s->r[1];

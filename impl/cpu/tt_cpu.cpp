@@ -52,12 +52,19 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   if (n < N) tail(n);
 }
 
-template <int NV>
+// C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb), or += with ACC. Register-blocked:
+// 2 rows x up to 64 columns of C stay in registers over K.
+template <int NV, bool ACC>
 inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc) {
   int m = 0;
   for (; m + 2 <= M; m += 2) {
     v16 c0[NV] = {}, c1[NV] = {};
+    if (ACC)
+      for (int v = 0; v < NV; ++v) {
+        c0[v] = load16(C + m * ldc + 16 * v);
+        c1[v] = load16(C + (m + 1) * ldc + 16 * v);
+      }
     const float* a0 = A + m * lda;
     const float* a1 = a0 + lda;
     for (int k = 0; k < K; ++k) {
@@ -76,6 +83,8 @@ inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, 
   }
   for (; m < M; ++m) {
     v16 c0[NV] = {};
+    if (ACC)
+      for (int v = 0; v < NV; ++v) c0[v] = load16(C + m * ldc + 16 * v);
     for (int k = 0; k < K; ++k) {
       const v16 x0 = splat16(A[m * lda + k]);
       for (int v = 0; v < NV; ++v) c0[v] += x0 * load16(B + k * ldb + 16 * v);
@@ -84,11 +93,29 @@ inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, 
   }
 }
 
-void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-             int64_t ldc) {
+template <bool ACC>
+void gemm_nn_impl(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                  int64_t ldc) {
   by_column_blocks(
-      N, [&](auto nv, int n) { nn_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
-      [&](int n) { tt_step_scalar(M, N - n, K, A, lda, B + n, ldb, C + n, ldc); });
+      N, [&](auto nv, int n) { nn_block<decltype(nv)::value, ACC>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      [&](int n0) {
+        for (int m = 0; m < M; ++m)
+          for (int n = n0; n < N; ++n) {
+            float acc = ACC ? C[m * ldc + n] : 0.f;
+            for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
+            C[m * ldc + n] = acc;
+          }
+      });
+}
+
+// C (M x N) = A @ B  and  C += A @ B  (see nn_block)
+inline void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                    int64_t ldc) {
+  gemm_nn_impl<false>(M, N, K, A, lda, B, ldb, C, ldc);
+}
+inline void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc) {
+  gemm_nn_impl<true>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
 inline float dot(const float* a, const float* b, int K) {
@@ -199,36 +226,6 @@ void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* 
             float acc = C[k * ldc + n];
             for (int m = 0; m < M; ++m) acc += A[m * lda + k] * B[m * ldb + n];
             C[k * ldc + n] = acc;
-          }
-      });
-}
-
-// C (M x N, ldc) += A (M x K, lda) @ B (K x N, ldb). Each row of C stays in registers over K.
-template <int NV>
-inline void nn_acc_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                         int64_t ldc) {
-  for (int m = 0; m < M; ++m) {
-    float* c = C + m * ldc;
-    v16 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = load16(c + 16 * v);
-    for (int k = 0; k < K; ++k) {
-      const v16 a = splat16(A[m * lda + k]);
-      for (int v = 0; v < NV; ++v) acc[v] += a * load16(B + k * ldb + 16 * v);
-    }
-    for (int v = 0; v < NV; ++v) store16(c + 16 * v, acc[v]);
-  }
-}
-
-void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                 int64_t ldc) {
-  by_column_blocks(
-      N, [&](auto nv, int n) { nn_acc_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
-      [&](int n0) {
-        for (int n = n0; n < N; ++n)
-          for (int m = 0; m < M; ++m) {
-            float acc = C[m * ldc + n];
-            for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
-            C[m * ldc + n] = acc;
           }
       });
 }

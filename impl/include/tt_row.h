@@ -58,19 +58,4 @@ TT_HD int32_t tt_cols_through(const tt_shape_t* s, int k) {
   return c;
 }
 
-/* One chain step, scalar: out (M x N) = A (M x K, rows lda apart) @ B (K x N, rows ldb apart).
- * With M = q_1..q_{k-1}, K = R_{k-1}, N = q_k R_k this maps the partial product after k-1 cores
- * to the one after k cores (read as (M q_k) x R_k). The CPU kernel's fallback for column tails; the
- * CUDA kernels compute the same step one output element per thread (ttk_step_elem,
- * impl/cuda/tt_common.cuh). */
-TT_HD void tt_step_scalar(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                          float* out, int64_t ldo) {
-  for (int m = 0; m < M; ++m)
-    for (int n = 0; n < N; ++n) {
-      float acc = 0.f;
-      for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
-      out[m * ldo + n] = acc;
-    }
-}
-
 #endif /* TTREC_TT_ROW_H */

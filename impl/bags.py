@@ -42,6 +42,11 @@ class Bags:
         counts = self.offsets[1:] - self.offsets[:-1]
         return torch.repeat_interleave(torch.arange(self.num_bags, device=self.indices.device), counts)
 
+    def float32_weights(self) -> torch.Tensor | None:
+        """per_sample_weights as a contiguous float32 tensor without autograd (what kernels read)."""
+        w = self.per_sample_weights
+        return None if w is None else w.detach().to(torch.float32).contiguous()
+
     def bag_sizes(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 

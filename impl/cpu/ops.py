@@ -116,10 +116,6 @@ def _planted_repeat() -> int:
     return n
 
 
-def _weights(bags: Bags):
-    w = bags.per_sample_weights
-    return None if w is None else w.detach().to(torch.float32).contiguous()
-
 
 def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
@@ -127,7 +123,7 @@ def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     bags = _require(cores, spec, bags, mode)
     cores = [c.detach().contiguous() for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
-    w = _weights(bags)
+    w = bags.float32_weights()
     stats = TTStats()
     _call(library().tt_forward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
@@ -156,7 +152,7 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
         raise ValueError(f"grad_out: got shape {tuple(grad_out.shape)}; expected {(bags.num_bags, spec.embedding_dim)}")
     if grads is None:
         grads = [torch.zeros_like(c) for c in cores]
-    w = _weights(bags)
+    w = bags.float32_weights()
     stats = TTStats()
     _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),

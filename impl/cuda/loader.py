@@ -214,10 +214,6 @@ def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[tor
     return [c.detach().contiguous() for c in cores]
 
 
-def _weights(bags: Bags):
-    w = bags.per_sample_weights
-    return None if w is None else w.detach().to(torch.float32).contiguous()
-
 
 @lru_cache(maxsize=64)
 def _descriptor(p: tuple, q: tuple, ranks: tuple, device: torch.device) -> torch.Tensor:
@@ -275,7 +271,7 @@ def forward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str =
     cores = _check(cores, spec, bags, mode, ln)
     q, ranks = spec.tt_q_shapes, spec.ranks
     D, nb, n = spec.embedding_dim, bags.num_bags, bags.num_lookups
-    desc, w, mean = _desc(spec, ln.device), _weights(bags), int(mode == "mean")
+    desc, w, mean = _desc(spec, ln.device), bags.float32_weights(), int(mode == "mean")
     L, smem = plan.plan_lookups(plan.fwd_bag_smem_bytes, q, ranks, ln.smem_limit)
     padded = [*cores, *[None] * (plan.TT_MAX_D - spec.d)]
     if _choose(algo, L > 0) == "fused":
@@ -322,7 +318,7 @@ def backward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
         for k, t in enumerate(touched):
             if t.dtype != torch.uint8 or t.shape != (spec.tt_p_shapes[k],) or t.device != ln.device:
                 raise ValueError(f"touched[{k}]: expected uint8 ({spec.tt_p_shapes[k]},) on {ln.device}")
-    desc, w, mean = _desc(spec, ln.device), _weights(bags), int(mode == "mean")
+    desc, w, mean = _desc(spec, ln.device), bags.float32_weights(), int(mode == "mean")
     nb, n = bags.num_bags, bags.num_lookups
     L, smem = plan.plan_lookups(plan.bwd_bag_smem_bytes, q, ranks, ln.smem_limit)
     padded_c = [*cores, *[None] * (plan.TT_MAX_D - spec.d)]
@@ -475,7 +471,7 @@ def cached_forward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode
         raise ValueError(f"cache: rows of {cache.shape[1]} floats, expected embedding_dim={spec.embedding_dim}")
     keep = cached == 0
     bag_ids = bags.bag_ids()
-    w = _weights(bags)
+    w = bags.float32_weights()
     w = torch.ones(bags.num_lookups, dtype=torch.float32, device=ln.device) if w is None else w
     if mode == "mean":
         w = w / bags.bag_sizes().clamp(min=1).to(torch.float32)[bag_ids]
@@ -486,7 +482,7 @@ def cached_forward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode
     nb, D = bags.num_bags, spec.embedding_dim
     if nb:
         _launch(ln, "tt_cache_gather", plan.grid_size(nb * D, ln.block, ln.max_blocks), ln.block, 0,
-                cache, D, slot, bags.offsets, nb, _weights(bags), int(mode == "mean"), out)
+                cache, D, slot, bags.offsets, nb, bags.float32_weights(), int(mode == "mean"), out)
     return out, slot
 
 
@@ -503,7 +499,7 @@ def cache_sgd(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, mode: str, gr
         raise ValueError(f"grad_out: expected {(nb, D)} on {ln.device}")
     if nb:
         _launch(ln, "tt_cache_sgd", plan.grid_size(nb * D, ln.block, ln.max_blocks), ln.block, 0,
-                cache, D, slot, bags.offsets, nb, _weights(bags), int(mode == "mean"), grad_out, lr)
+                cache, D, slot, bags.offsets, nb, bags.float32_weights(), int(mode == "mean"), grad_out, lr)
 
 
 # ---- autograd ----

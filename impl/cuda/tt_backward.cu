@@ -60,10 +60,7 @@ TT_KERNEL void tt_bwd_bag(const int64_t* desc, const float* c0, const float* c1,
     for (int c = tid; c < D; c += T) gb[c] = grad_out[b * D + c];  // read after the next barrier
     for (int64_t j0 = lo; j0 < hi; j0 += L) {
       const int La = (int)ttk_min64(L, hi - j0);
-      for (int l = tid; l < La; l += T) {  // (any block size, even one smaller than L)
-        tt_split_index(&s, indices[j0 + l], dig + (int64_t)l * TT_MAX_D);
-        w[l] = (weights ? weights[j0 + l] : 1.f) * sc;
-      }
+      ttk_load_lookups(&s, indices, weights, j0, La, sc, dig, w);
       __syncthreads();
       // forward: P_k for k = 1..d-2, kept
       for (int k = 1; k <= d - 2; ++k) {

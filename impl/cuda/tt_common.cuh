@@ -67,6 +67,17 @@ TTK float ttk_bag_scale(const int64_t* __restrict__ offsets, int64_t b, int mean
   return (mean && n > 0) ? 1.0f / (float)n : 1.0f;
 }
 
+// Lookups j0 .. j0+La-1 of a bag into shared memory: their digits (TT_MAX_D each, from
+// tt_split_index) and their weights times `scale`. Every thread of the block takes part (any block
+// size, even one smaller than La); the caller synchronizes before reading.
+TTK void ttk_load_lookups(const tt_shape_t* s, const int64_t* __restrict__ indices, const float* __restrict__ weights,
+                          int64_t j0, int La, float scale, int64_t* dig, float* w) {
+  for (int l = (int)threadIdx.x; l < La; l += (int)blockDim.x) {
+    tt_split_index(s, indices[j0 + l], dig + (int64_t)l * TT_MAX_D);
+    w[l] = (weights ? weights[j0 + l] : 1.f) * scale;
+  }
+}
+
 TTK const float* ttk_core(const float* c0, const float* c1, const float* c2, const float* c3, int k) {
   return k == 0 ? c0 : k == 1 ? c1 : k == 2 ? c2 : c3;
 }

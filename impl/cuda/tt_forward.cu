@@ -44,10 +44,7 @@ TT_KERNEL void tt_fwd_bag(const int64_t* desc, const float* c0, const float* c1,
     for (int c = tid; c < D; c += T) acc[c] = 0.f;
     for (int64_t j0 = lo; j0 < hi; j0 += L) {
       const int La = (int)ttk_min64(L, hi - j0);
-      for (int l = tid; l < La; l += T) {  // (any block size, even one smaller than L)
-        tt_split_index(&s, indices[j0 + l], dig + (int64_t)l * TT_MAX_D);
-        w[l] = weights ? weights[j0 + l] : 1.f;
-      }
+      ttk_load_lookups(&s, indices, weights, j0, La, 1.f, dig, w);
       __syncthreads();
       for (int k = 1; k < d; ++k) {  // P_k = P_{k-1} @ G_k[:, i_k]
         const int M = tt_cols_through(&s, k - 1);

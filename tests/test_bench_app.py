@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
@@ -113,11 +114,22 @@ def test_train_mode_changes_parameters(fused):
     from benches.app import build_module, build_step
     from ttrec.workloads import Workload, generate_batch
 
+    import ttrec
+
     module = build_module(cfg)
-    before = [p.detach().clone() for p in module.parameters()]
-    build_step(module, generate_batch(Workload(batch_size=8), 1000), cfg)()
-    assert any(not (a == b.detach()).all() for a, b in zip(before, module.parameters()))
+    before = [p.detach().clone() for p in module.tt_cores]
+    batch = generate_batch(Workload(batch_size=8, pooling_factor=3), 1000)
+    build_step(module, batch, cfg)()
     assert (module.optimizer is not None) == fused
+    # one SGD step: cores - lr * gradient, the gradient by autograd through the reference backend for
+    # the upstream gradient the step uses (randn seeded with cfg.seed)
+    grad_out = torch.randn(batch.offsets.numel(), 16, generator=torch.Generator().manual_seed(cfg.seed))
+    ref = [c.double().requires_grad_() for c in before]
+    bags = ttrec.make_bags(batch.indices, batch.offsets, None, num_embeddings=1000, mode="sum")
+    grads = torch.autograd.grad(ttrec.tt_embedding_bag(ref, module.spec, bags), ref, grad_out.double())
+    for c, c0, g in zip(module.tt_cores, before, grads):
+        torch.testing.assert_close(c.detach().double(), c0.double() - cfg.mode.lr * g, rtol=1e-5, atol=1e-7)
+    assert any((c.detach() != c0).any() for c, c0 in zip(module.tt_cores, before))
 
 
 def test_fused_mode_needs_tt():

@@ -272,3 +272,18 @@ def test_scratch_memory_follows_the_batch_not_p_k():
     g = torch.randn(3, 16, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(got, cores, g.float()), torch.autograd.grad(want, ref_cores, g)):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-9)
+
+
+def test_planted_slowdown_repeats_the_same_work_and_checks_its_value(monkeypatch):
+    """TTREC_PLANT_SLOWDOWN=N (for testing a performance gate) repeats the forward N times: the
+    result must not change, and a bad value is a clear error, not a silent default."""
+    spec = _spec((10, 10, 10), (2, 2, 4), (4, 4))
+    cores = _cores(spec)
+    bags = _bags(spec, [3, 0, 5], 7, "sum", True)
+    plain = ops.forward(cores, spec, bags, "sum")
+    monkeypatch.setenv("TTREC_PLANT_SLOWDOWN", "3")
+    assert torch.equal(ops.forward(cores, spec, bags, "sum"), plain)
+    for bad in ("0", "x"):
+        monkeypatch.setenv("TTREC_PLANT_SLOWDOWN", bad)
+        with pytest.raises(ValueError, match="TTREC_PLANT_SLOWDOWN"):
+            ops.forward(cores, spec, bags, "sum")

@@ -40,12 +40,12 @@ def _metric(df: pd.DataFrame, metric: str | list[str], figure: str, columns: tup
     return d
 
 
-def format_bytes(value: float, _pos=None) -> str:
-    """Decimal units, as the paper writes sizes: 18.4 MB, 2.16 GB."""
+def format_bytes(value: float, _pos=None, *, digits: int = 3) -> str:
+    """Decimal units, as the paper writes sizes: 18.4 MB, 2.16 GB (``digits`` significant digits)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(value) >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} B"
+            return f"{value / scale:.{digits}g} {unit}"
+    return f"{value:.{digits}g} B"
 
 
 def _plain(v) -> str:

@@ -1,4 +1,5 @@
-"""Sessions: tests, bench (Hydra overrides after --), kernel (the CPU-kernel experiment).
+"""Sessions: tests, bench (Hydra overrides after --), figures (the report from stored results),
+kernel (the CPU-kernel experiment).
 
 nox creates and reuses its own virtualenvs (.nox/). torch is pinned to TTREC_TORCH (default
 torch==2.13.0): on the project's CPU machines pip takes it from a local wheel; elsewhere pip
@@ -35,6 +36,15 @@ def bench(session: nox.Session) -> None:
     _install(session)
     args = session.posargs or ["experiment=default"]
     session.run("python", "-m", "benches.app", *args)
+
+
+@nox.session
+def figures(session: nox.Session) -> None:
+    """Regenerate every figure and REPORT.md from stored results, without measuring anything.
+    No arguments: the committed reference run (reports/results -> reports/). Else e.g.
+    `nox -s figures -- --results outputs/default --out outputs/default/report`."""
+    _install(session)
+    session.run("python", "-m", "reports.report", *session.posargs)
 
 
 @nox.session

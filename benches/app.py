@@ -21,11 +21,12 @@ from ttrec.workloads import Batch, batch_stats
 
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_columns,
                                 workload_stream)
+from . import analytic, paper
 from .config import BenchConfig, Task, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
-from .results import RESULTS_FILE, write_rows
+from .results import RESULTS_FILE, claim_point, write_rows
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -44,11 +45,11 @@ def build_module(cfg: BenchConfig) -> torch.nn.Module:
 
 
 def _fused_optimizer(cfg: BenchConfig) -> str | None:
+    """The TT kernel's fused update when asked for; other implementations have none and step with
+    torch.optim (a sweep over implementations keeps one mode; the ``fused`` column says what ran)."""
     m = cfg.mode
-    if m.name.value != "train" or not m.fused:
+    if m.name.value != "train" or not m.fused or cfg.impl.name.value != "tt":
         return None
-    if cfg.impl.name.value != "tt":
-        raise ValueError(f"mode.fused: true needs impl=tt, got impl={cfg.impl.name.value}")
     return m.optimizer.value
 
 
@@ -195,17 +196,32 @@ def _describe(rows: list[dict]) -> str:
             f"batch={r['batch_size']}: {per_lookup['median']:.1f} ns/lookup (IQR {per_lookup['iqr']:.1f}, n={per_lookup['n']})")
 
 
+COMPUTED_TASKS = {  # task -> rows(cfg, experiment): experiments that compute rather than time
+    Task.topk_stability: stability_rows,
+    Task.tt_shapes: analytic.tt_shapes_rows,
+    Task.model_size: analytic.model_size_rows,
+    Task.init_distribution: analytic.init_distribution_rows,
+}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
-    if bench.task == Task.topk_stability:
-        rows = stability_rows(bench, experiment)
-        path = write_rows(rows, Path(hc.runtime.output_dir) / RESULTS_FILE)
-        log.info("top-k stability over %d batches -> %s", bench.cache.stability_batches, path)
+    if bench.task == Task.paper:
+        paper.run_all(bench, hc)
+        return
+    out = Path(hc.runtime.output_dir)
+    if not claim_point(out, cfg, redo=bench.redo):
+        log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
+        return
+    if bench.task in COMPUTED_TASKS:
+        rows = COMPUTED_TASKS[bench.task](bench, experiment)
+        path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)
+        log.info("%s: %d rows -> %s", bench.task.value, len(rows), path)
         return
     rows = measure_point(bench, experiment=experiment)
-    path = write_rows(rows, Path(hc.runtime.output_dir) / RESULTS_FILE)
+    path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)
     log.info("%s -> %s", _describe(rows), path)
 
 

@@ -73,6 +73,10 @@ class CacheCounter(str, Enum):
 class Task(str, Enum):
     time = "time"                      # time one point (benches.app.measure_point)
     topk_stability = "topk_stability"  # top-k change over a stream (benches.cache_experiments)
+    tt_shapes = "tt_shapes"            # Table 2: shapes, parameters, memory reduction (benches.analytic)
+    model_size = "model_size"          # Figure 5: whole-model embedding size (benches.analytic)
+    init_distribution = "init_distribution"  # Figure 3: reconstructed entries per init (benches.analytic)
+    paper = "paper"                    # every paper experiment in turn (benches.paper)
 
 
 class Mode(str, Enum):
@@ -204,7 +208,8 @@ class ModeConfig:
     """forward: the lookup alone; train: forward + backward + optimizer step.
 
     fused: for impl tt, the optimizer runs inside backward on exactly the touched core slices
-    (TTEmbeddingBag(optimizer=...)); otherwise torch.optim updates from autograd gradients.
+    (TTEmbeddingBag(optimizer=...)); other implementations have no fused update and use torch.optim
+    either way (the result rows' ``fused`` column records which ran).
     """
 
     name: Mode = Mode.forward
@@ -254,6 +259,61 @@ class CacheConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    """The computed (untimed) experiments: Table 2 (ranks), Figure 5 (datasets x TT tables, at
+    tt.rank) and Figure 3 (init schemes; entries sampled from a table of table.num_embeddings rows)."""
+
+    ranks: List[int] = field(default_factory=lambda: [16, 32, 64])
+    datasets: List[str] = field(default_factory=lambda: ["kaggle", "terabyte"])
+    tt_tables: List[int] = field(default_factory=lambda: [0, 3, 5, 7])
+    inits: List[Init] = field(default_factory=lambda: list(Init))
+    samples: int = 200_000
+    bins: int = 101
+
+    def __post_init__(self) -> None:
+        from ttrec.datasets import DATASETS
+
+        for name in self.datasets:
+            if name not in DATASETS:
+                raise ValueError(f"analysis.datasets: got {name!r}; allowed: {sorted(DATASETS)}")
+        for k in self.tt_tables:
+            if not 0 <= k <= 26:
+                raise ValueError(f"analysis.tt_tables: got {k}; each must be in [0, 26] (tables in TT format)")
+        _positive("analysis", samples=self.samples, bins=self.bins, **{f"ranks[{i}]": r for i, r in enumerate(self.ranks)})
+
+
+@dataclass
+class ScaleConfig:
+    """Sizes of the paper experiments (conf/scale/*.yaml), read by the experiment presets through
+    interpolation (``${scale.ranks}``). Lists are comma-separated sweep values.
+
+    smoke: seconds (the tests); default: all of experiment=paper in about 15 minutes on a 2-core
+    CPU; paper: the paper's sizes (Kaggle's largest table, batch 65,536).
+    """
+
+    name: str = "default"
+    table_rows: int = 100_000          # fig11, fig12, fig10: the table timed
+    batch_size: int = 4096             # lookups per batch at pooling 1 (fig11, fig8)
+    ranks: str = "8,16,32,64"          # fig11
+    poolings: str = "1,10,100"         # fig11
+    rows: str = "10000,100000,1000000"  # fig8: table rows
+    fig12_ranks: str = "16,32,64"
+    fig12_poolings: str = "1,10"
+    hit_rates: str = "0,0.25,0.5,0.75,0.9,0.95,0.99"
+    cache_batch_size: int = 2048       # fig12, fig10
+    cache_fractions: str = "0.0001,0.001,0.01,0.1"
+    warmup_iters: str = "1,4,16,64"
+    stability_batches: int = 198       # fig9
+    stability_windows: int = 33
+    stability_batch_size: int = 8192
+    init_samples: int = 200_000        # fig3
+    warmup: int = 2                    # timing of the timed experiments
+    min_repeats: int = 5
+    max_repeats: int = 50
+    target_time_s: float = 0.3
+
+
+@dataclass
 class BenchConfig:
     impl: ImplConfig = field(default_factory=ImplConfig)
     table: TableConfig = field(default_factory=TableConfig)
@@ -262,17 +322,37 @@ class BenchConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     task: Task = Task.time
     device: str = "cpu"
+    # A job whose directory already holds results of the same point is skipped; redo=true measures
+    # it again (the old results file is kept, renamed, never overwritten).
+    redo: bool = False
     seed: int = 0
+    # Where results go: <results_root>/<scale>/<experiment> for a preset, <results_root>/runs|sweeps/<time>
+    # otherwise (conf/bench.yaml); relative paths are taken from the directory the app was started in.
+    results_root: str = "outputs"
     # Where the sweep's figure goes; relative paths are taken from the directory the app was started in.
     figures_dir: str = "reports/figures/latest"  # git-ignored; reports/figures/ keeps the committed reference run
 
 
+def output_dir(root: str, kind: str, experiment: str | None, scale: str, stamp: str) -> str:
+    """The output directory of a run or sweep (resolver ``ttrec_output_dir`` in conf/bench.yaml):
+    ``<root>/<scale>/<experiment>`` for an experiment preset, so that running it again resumes it;
+    ``<root>/<kind>/<stamp>`` for anything else."""
+    if experiment in (None, "", "None", "null"):
+        return f"{root}/{kind}/{stamp}"
+    return f"{root}/{scale}/{experiment}"
+
+
 def register() -> None:
-    """Register the schema under the name the root config's defaults list uses."""
+    """Register the schema under the name the root config's defaults list uses, and the resolver
+    that names output directories."""
     cs = ConfigStore.instance()
     cs.store(name="bench_schema", node=BenchConfig)
+    if not OmegaConf.has_resolver("ttrec_output_dir"):
+        OmegaConf.register_new_resolver("ttrec_output_dir", output_dir)
 
 
 def _reject_unknown_keys(node: DictConfig, path: str = "") -> None:

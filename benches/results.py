@@ -6,16 +6,76 @@ define the point, ``metric``, ``unit``, ``median``, ``q1``, ``q3``, ``iqr``, ``n
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "write_rows", "collect", "aggregate"]
+__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "write_rows", "claim_point", "collect", "aggregate"]
 
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"
+POINT_FILE = "point.yaml"  # the resolved config of the point whose results sit beside it
+# config keys that say where results go or whether to redo them, not what is measured
+_NOT_THE_POINT = ("redo", "figures_dir", "results_root", "scale")
+
+
+def _point_yaml(cfg: DictConfig) -> str:
+    point = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_THE_POINT:
+        point.pop(key, None)
+    point.pop("hydra", None)
+    return OmegaConf.to_yaml(OmegaConf.create(point), sort_keys=True)
+
+
+def claim_point(out_dir: str | Path, cfg: DictConfig, redo: bool = False) -> bool:
+    """Decide whether a job measures its point in ``out_dir``; True means go ahead.
+
+    A directory that already holds results of the same point (same resolved config, by
+    ``point.yaml``) is finished: False, unless ``redo``. A directory holding results of a different
+    point is an error (a sweep changed under a fixed directory), unless ``redo``. With ``redo``, the
+    old results and point files are kept, renamed with their modification time: never overwritten.
+    """
+    out_dir = Path(out_dir)
+    results, point_file, point = out_dir / RESULTS_FILE, out_dir / POINT_FILE, _point_yaml(cfg)
+    if results.exists():
+        old = point_file.read_text() if point_file.exists() else None
+        if not redo:
+            if old == point:
+                return False
+            diff = _differing_keys(old, point)
+            raise ValueError(
+                f"{out_dir} already holds results of a different point (differs in: {diff}); nothing was "
+                f"overwritten. Pass redo=true to measure this point there (the old files are kept, renamed), "
+                f"or choose another directory (hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
+        stamp = dt.datetime.fromtimestamp(results.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+        results.rename(out_dir / f"results.replaced-{stamp}.csv")
+        if point_file.exists():
+            point_file.rename(out_dir / f"point.replaced-{stamp}.yaml")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    point_file.write_text(point)
+    return True
+
+
+def _differing_keys(old: str | None, new: str) -> str:
+    if old is None:
+        return f"unknown: no {POINT_FILE}"
+
+    def flat(node, prefix=""):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    a = flat(OmegaConf.to_container(OmegaConf.create(old)))
+    b = flat(OmegaConf.to_container(OmegaConf.create(new)))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:6]) + (" ..." if len(keys) > 6 else "")
 
 
 def write_rows(rows: list[dict], path: str | Path) -> Path:

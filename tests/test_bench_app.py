@@ -32,9 +32,9 @@ def _compose(*overrides: str):
 
 @pytest.mark.parametrize("group,options", [
     ("impl", ["tt", "tt_reference", "tt_cpu", "t3nsor", "dense", "tltorch"]),
-    ("table", ["small", "tiny", "kaggle_largest", "terabyte_largest"]),
+    ("table", ["small", "tiny", "kaggle_largest", "terabyte_largest", "scaled"]),
     ("workload", ["uniform", "zipf"]),
-    ("timing", ["default", "quick"]),
+    ("timing", ["default", "quick", "scaled"]),
     ("mode", ["forward", "train"]),
 ])
 def test_every_group_option_composes_to_the_schema(group, options):
@@ -132,10 +132,13 @@ def test_train_mode_changes_parameters(fused):
     assert any((c.detach() != c0).any() for c, c0 in zip(module.tt_cores, before))
 
 
-def test_fused_mode_needs_tt():
-    cfg = to_objects(_compose("impl=dense", "mode=train", "mode.fused=true", "table=tiny"))
-    with pytest.raises(ValueError, match="mode.fused"):
-        measure_point(cfg)
+def test_fused_mode_applies_to_tt_only_and_the_rows_say_what_ran():
+    rows = {}
+    for impl in ("tt", "dense"):
+        cfg = to_objects(_compose(f"impl={impl}", "mode=train", "mode.fused=true", "table=tiny", *QUICK))
+        rows[impl] = measure_point(cfg)
+    assert all(r["fused"] is True for r in rows["tt"])
+    assert all(r["fused"] is False and r["optimizer"] == "sgd" for r in rows["dense"])
 
 
 def _run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,72 @@
+"""``experiment=paper``: every kernel-level paper experiment in turn, then the report.
+
+Each experiment runs as its own ``python -m benches.app experiment=NAME`` (its own sweep, launcher
+and callbacks) into ``<results_root>/<scale>/<NAME>``; points finished by an earlier run are
+skipped. A failing experiment does not stop the others; the run exits non-zero at the end if any
+failed. Wall time per experiment goes to ``<results_root>/<scale>/timings.csv``; the report
+(:mod:`reports.report`) to ``<results_root>/<scale>/report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra.utils import to_absolute_path
+
+from .callbacks import _clock
+from .config import BenchConfig
+from .results import write_rows
+
+log = logging.getLogger("ttrec.bench")
+
+EXPERIMENTS = ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9")
+TIMINGS_FILE = "timings.csv"
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _passthrough(hc) -> list[str]:
+    """The command line's overrides for every experiment: all but ``experiment=``, plus the
+    launcher choice and its settings (other hydra.* keys name this run's own directories)."""
+    task = [o for o in hc.overrides.task if not o.lstrip("~+").startswith("experiment=")]
+    launcher = [o for o in hc.overrides.hydra if o.startswith(("hydra/launcher=", "hydra.launcher."))]
+    return task + launcher
+
+
+def run_all(cfg: BenchConfig, hc, experiments: tuple[str, ...] = EXPERIMENTS) -> Path:
+    root = Path(to_absolute_path(cfg.results_root)) / cfg.scale.name
+    root.mkdir(parents=True, exist_ok=True)
+    extra = [o for o in _passthrough(hc) if not o.startswith("results_root=")]
+    extra.append(f"results_root={root.parent}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
+    start, timings = time.monotonic(), []
+    log.info("paper: %d experiments at scale=%s -> %s", len(experiments), cfg.scale.name, root)
+    for i, name in enumerate(experiments):
+        log.info("[paper %d/%d] %s: starting | elapsed %s", i + 1, len(experiments), name,
+                 _clock(time.monotonic() - start))
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "benches.app", f"experiment={name}", *extra], cwd=_ROOT, env=env)
+        seconds = time.monotonic() - t0
+        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
+        timings.append({"experiment": name, "scale": cfg.scale.name, "seconds": round(seconds, 1), "status": status})
+        write_rows(timings, root / TIMINGS_FILE)  # after every experiment: an interrupt keeps what finished
+        log.info("[paper %d/%d] %s: %s in %s | elapsed %s, left: %s", i + 1, len(experiments), name, status,
+                 _clock(seconds), _clock(time.monotonic() - start), ", ".join(experiments[i + 1:]) or "nothing")
+    from reports.report import build
+
+    report = build(root, root / "report", command=f"python -m benches.app experiment=paper scale={cfg.scale.name}")
+    log.info("paper: all experiments in %s; report: %s", _clock(time.monotonic() - start), report)
+    failed = [t["experiment"] for t in timings if t["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"experiments failed: {failed} (their logs are above; the others' results are in {root})")
+    return report
+
+
+def read_timings(root: str | Path) -> pd.DataFrame | None:
+    path = Path(root) / TIMINGS_FILE
+    return pd.read_csv(path) if path.exists() else None

@@ -1,0 +1,210 @@
+"""The paper report: every artifact's figure, and the paper's claims beside this run's values.
+
+    python -m reports.report [--results DIR] [--out DIR]      (``nox -s figures`` runs it)
+
+``--results`` holds one aggregated table per experiment, ``<name>/results_all.csv`` (a paper run,
+``outputs/<scale>``) or ``<name>.csv`` (the committed reference run, ``reports/results``). The
+report goes to ``--out``: ``REPORT.md``, ``figures/`` (PNG + PDF per artifact) and ``results/``
+(a copy of the tables it was made from, so the directory stands alone). Nothing here measures:
+regenerating a report from stored results takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+__all__ = ["ARTIFACTS", "draw", "load_results", "build"]
+
+log = logging.getLogger("ttrec.bench")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    title: str
+    plot: Callable[[pd.DataFrame, Path], list[Path]]
+    setup: str  # what was run, in words (the measured numbers come from the tables)
+
+
+def _one(fn: Callable, **kw) -> Callable[[pd.DataFrame, Path], list[Path]]:
+    return lambda df, out: [fn(df, out, **kw)]
+
+
+def _artifacts() -> dict[str, Artifact]:
+    from reports.cache_figures import plot_cache_figures
+    from reports.figures import plot_rank_sweep
+    from reports.paper_figures import plot_init_distribution, plot_model_size, plot_rows_sweep, plot_tt_shapes
+
+    return {
+        "table2": Artifact("Table 2: TT shapes and memory reduction of Kaggle's 7 largest tables", _one(plot_tt_shapes),
+                           "shapes suggested by the paper's rule; parameters counted exactly"),
+        "fig5": Artifact("Figure 5: whole-model embedding size with 3, 5, 7 tables in TT format (rank 32)",
+                         _one(plot_model_size), "Kaggle (dim 16) and Terabyte (dim 64) table sizes; fp32"),
+        "fig3": Artifact("Figure 3: distribution of reconstructed entries per TT initialization",
+                         _one(plot_init_distribution),
+                         "entries of random rows of Kaggle's largest table reconstructed from freshly initialized cores"),
+        "fig8": Artifact("Figure 8: memory and time against the number of rows", _one(plot_rows_sweep),
+                         "training step (autograd + SGD), rank 32, pooling 1; peak transient memory measured in a fresh process"),
+        "fig11": Artifact("Figure 11: time per lookup against TT rank for pooling 1, 10, 100",
+                          _one(plot_rank_sweep, name="fig11_time_vs_rank", mode="train"),
+                          "training step: TT with fused SGD vs nn.EmbeddingBag with a sparse gradient + SGD"),
+        "fig12": Artifact("Figure 12: TT + LFU cache against nn.EmbeddingBag as the hit rate grows", plot_cache_figures,
+                          "hot-set workload with a controlled hit rate, cache of 0.1% of the rows, training steps"),
+        "fig10": Artifact("Figure 10: cache size and warm-up against hit rate and iteration time", plot_cache_figures,
+                          "Zipf(1.05) scattered by a permutation; hit ratio measured on held-out batches"),
+        "fig9": Artifact("Figure 9: stability of the top-0.1% rows over a stream", plot_cache_figures,
+                         "synthetic Zipf streams over Kaggle's largest table (no Criteo files here)"),
+    }
+
+
+ARTIFACTS = ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9")  # report order
+
+
+def draw(experiment: str, df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """Draw ``experiment``'s figure(s) from its aggregated table into ``out_dir``; PNG paths."""
+    arts = _artifacts()
+    if experiment not in arts:
+        raise ValueError(f"experiment: got {experiment!r}; figures exist for {list(ARTIFACTS)}")
+    return arts[experiment].plot(df, Path(out_dir))
+
+
+def load_results(results_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The aggregated table of every experiment found in ``results_dir`` (see the module docstring)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--results: {root} is not a directory (run `nox -s bench -- experiment=paper` first)")
+    out = {}
+    for name in ARTIFACTS:
+        for path in (root / name / "results_all.csv", root / f"{name}.csv"):
+            if path.exists():
+                out[name] = pd.read_csv(path)
+                break
+    if not out:
+        raise FileNotFoundError(f"--results: no experiment tables in {root} (looked for <name>/results_all.csv and "
+                                f"<name>.csv, name in {list(ARTIFACTS)})")
+    return out
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v).replace("|", "/").replace("\n", " ")
+
+
+def _md_table(df: pd.DataFrame) -> list[str]:
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + " --- |" * len(df.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return lines
+
+
+def _environment(results: dict[str, pd.DataFrame]) -> list[str]:
+    cols = ["cpu_model", "cpu_count", "threads", "gpu_name", "python", "torch", "numpy", "hydra", "git_sha", "git_dirty"]
+    frames = [df for df in results.values() if "cpu_model" in df.columns]
+    if not frames:
+        return ["(no environment columns in the results)"]
+    env = pd.concat([f[[c for c in cols if c in f.columns]] for f in frames]).drop_duplicates()
+    return _md_table(env.astype(str))
+
+
+def _scale(results: dict[str, pd.DataFrame]) -> str:
+    for df in results.values():
+        if "scale" in df.columns and df["scale"].notna().any():
+            return ", ".join(sorted(df["scale"].dropna().astype(str).unique()))
+    return "unknown"
+
+
+def build(results_dir: str | Path, out_dir: str | Path, command: str | None = None) -> Path:
+    """Figures, tables and REPORT.md for every experiment in ``results_dir``, into ``out_dir``."""
+    from reports.claims import claims
+
+    results = load_results(results_dir)
+    out = Path(out_dir)
+    figs, tables = out / "figures", out / "results"
+    tables.mkdir(parents=True, exist_ok=True)
+    for name, df in results.items():  # the report's own copy of its inputs
+        target = tables / f"{name}.csv"
+        source = Path(results_dir) / name / "results_all.csv"
+        source = source if source.exists() else Path(results_dir) / f"{name}.csv"
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+    timings = Path(results_dir) / "timings.csv"  # wall time per experiment, written by experiment=paper
+    if timings.exists() and timings.resolve() != (tables / "timings.csv").resolve():
+        shutil.copyfile(timings, tables / "timings.csv")
+    timings = tables / "timings.csv"
+    arts = _artifacts()
+    table = claims(results)
+    missing = [n for n in ARTIFACTS if n not in results]
+    lines = [
+        "# TT-Rec reproduction report",
+        "",
+        f"Generated {dt.datetime.now():%Y-%m-%d %H:%M} by `{command or 'python -m reports.report'}` from the tables in "
+        f"`results/` (scale: {_scale(results)}). Each section: the figure, the paper's claim and this run's value side "
+        "by side, and why they differ. The paper measured on an NVIDIA V100 (CUDA kernels, Criteo data); this run "
+        "measured on the machine below.",
+        "",
+        "## Machine and versions",
+        "",
+        *_environment(results),
+        "",
+        "## Claims against this run",
+        "",
+    ]
+    if table.empty:
+        lines.append("(no claim could be checked: no experiment tables)")
+    else:
+        lines += _md_table(table[["artifact", "claim", "paper", "measured", "agrees"]])
+    if missing:
+        lines += ["", f"Not in this run: {', '.join(missing)} (run `nox -s bench -- experiment=NAME`)."]
+    if timings.exists():
+        t = pd.read_csv(timings)
+        lines += ["", "## Wall time of the run", "", *_md_table(t),
+                  "", f"Total: {t['seconds'].sum() / 60:.1f} minutes."]
+    for name in ARTIFACTS:
+        if name not in results:
+            continue
+        art = arts[name]
+        try:
+            pngs = art.plot(results[name], figs)
+        except Exception as exc:  # a figure that cannot be drawn is reported, not fatal to the report
+            log.warning("%s: figure not drawn: %s", name, exc)
+            pngs, failure = [], f"Figure not drawn: {exc}"
+        else:
+            failure = None
+        lines += ["", f"## {art.title}", "", f"Setup: {art.setup}.", ""]
+        lines += [f"![{name}](figures/{p.name})" for p in pngs if p.suffix == ".png"]
+        if failure:
+            lines.append(failure)
+        part = table[table["artifact"] == name] if not table.empty else table
+        if not part.empty:
+            lines += ["", *_md_table(part[["claim", "paper", "measured", "agrees", "note"]])]
+    report = out / "REPORT.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    here = Path(__file__).resolve().parent
+    parser.add_argument("--results", type=Path, default=here / "results",
+                        help="directory of experiment tables (default: the committed reference run)")
+    parser.add_argument("--out", type=Path, default=here, help="where REPORT.md, figures/ and results/ go")
+    args = parser.parse_args(argv)
+    try:
+        path = build(args.results, args.out, command="python -m reports.report " + " ".join(argv or sys.argv[1:]))
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The paper experiments as Hydra presets: scales, resumable sweeps, launchers, the one-command run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from benches.callbacks import sweep_size
+from benches.config import output_dir, register, to_objects
+from benches.paper import EXPERIMENTS
+from benches.results import AGGREGATE_FILE, POINT_FILE, RESULTS_FILE, claim_point
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+SCALES = ("smoke", "default", "paper")
+
+register()
+
+
+def _compose(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="bench", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def _run_app(*overrides: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "benches.app", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def test_every_preset_is_listed_and_composes_at_every_scale():
+    presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert sorted(set(presets) - {"default", "paper"}) == sorted(EXPERIMENTS)
+    assert sorted(p.stem for p in (ROOT / "conf" / "scale").glob("*.yaml")) == sorted(SCALES)
+    for name in presets:
+        for scale in SCALES:
+            cfg = to_objects(_compose(f"experiment={name}", f"scale={scale}"))
+            assert cfg.scale.name == scale
+
+
+def test_scales_size_the_sweeps():
+    sizes = {}
+    for scale in SCALES:
+        cfg = _compose("experiment=fig11", f"scale={scale}", hydra=True)
+        sizes[scale] = sweep_size(cfg)
+        bench = to_objects(_compose("experiment=fig11", f"scale={scale}"))
+        assert bench.workload.batch_size == {"smoke": 64, "default": 4096, "paper": 65536}[scale]
+    assert sizes == {"smoke": 2 * 2 * 2, "default": 2 * 4 * 3, "paper": 2 * 4 * 3}
+    paper = to_objects(_compose("experiment=fig11", "scale=paper"))
+    assert paper.table.num_embeddings == 10_131_227  # Kaggle's largest table at the paper's scale
+    # the command line wins over the preset's sweep, key by key
+    assert sweep_size(_compose("experiment=fig11", "scale=default", "tt.rank=8", hydra=True)) == 2 * 3
+    fig8 = _compose("experiment=fig8", "scale=default", hydra=True)
+    fig8.hydra.overrides.task = ["experiment=fig8", "impl=tt,dense"]  # as `-m impl=tt,dense` records it
+    assert sweep_size(fig8) == 2 * 3
+
+
+def test_presets_write_to_a_fixed_directory_per_scale_and_others_to_a_new_one():
+    assert output_dir("out", "sweeps", "fig11", "smoke", "2026-01-01") == "out/smoke/fig11"
+    assert output_dir("out", "sweeps", None, "smoke", "2026-01-01") == "out/sweeps/2026-01-01"
+    cfg = _compose("experiment=fig8", "scale=smoke", "results_root=/tmp/x", hydra=True)
+    assert cfg.hydra.sweep.dir == "/tmp/x/smoke/fig8"
+
+
+def test_claim_point_skips_finished_points_refuses_others_and_keeps_old_files_on_redo(tmp_path):
+    a = _compose("table=tiny", "tt.rank=4")
+    b = _compose("table=tiny", "tt.rank=8")
+    assert claim_point(tmp_path, a)  # fresh directory: measure
+    (tmp_path / RESULTS_FILE).write_text("metric,median\nx,1\n")
+    assert not claim_point(tmp_path, a)  # same point, finished: skip
+    assert not claim_point(tmp_path, _compose("table=tiny", "tt.rank=4", "results_root=elsewhere", "redo=false"))
+    with pytest.raises(ValueError, match=r"different point \(differs in: tt.rank: 4 -> 8\); nothing was overwritten"):
+        claim_point(tmp_path, b)
+    assert claim_point(tmp_path, b, redo=True)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert any(n.startswith("results.replaced-") for n in kept) and any(n.startswith("point.replaced-") for n in kept)
+    assert not (tmp_path / RESULTS_FILE).exists()
+    assert OmegaConf.create((tmp_path / POINT_FILE).read_text()).tt.rank == 8
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_duplicates_or_losses(tmp_path):
+    args = ["experiment=fig11", "scale=smoke", f"results_root={tmp_path}", f"figures_dir={tmp_path / 'figs'}",
+            "scale.min_repeats=30", "scale.max_repeats=30"]  # slow enough to interrupt mid-sweep
+    sweep = tmp_path / "smoke" / "fig11"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "benches.app", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(sweep.glob(f"*/{RESULTS_FILE}"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in sweep.glob(f"*/{RESULTS_FILE}")}
+    assert 2 <= len(finished) < 8, f"interrupt landed outside the sweep: {sorted(finished)}"
+    assert not (sweep / AGGREGATE_FILE).exists()
+
+    done = _run_app(*args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("already measured, skipped") == len(finished)
+    for job, mtime in finished.items():  # finished points were not measured again
+        assert (sweep / job / RESULTS_FILE).stat().st_mtime_ns == mtime
+    df = pd.read_csv(sweep / AGGREGATE_FILE)
+    assert df["job_dir"].nunique() == 8
+    points = df[df["metric"] == "time_per_lookup"]
+    assert len(points) == 8 and not points.duplicated(["impl", "tt_rank", "pooling_factor"]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", "cpu_pool"])  # submitit's local executor; joblib
+def test_sweeps_run_through_the_cluster_and_pool_launchers(tmp_path, launcher):
+    done = _run_app("experiment=fig8", "scale=smoke", "impl=dense,t3nsor", "timing.memory=false",
+                    f"results_root={tmp_path}", f"figures_dir={tmp_path / 'figs'}", f"hydra/launcher={launcher}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    df = pd.read_csv(tmp_path / "smoke" / "fig8" / AGGREGATE_FILE)
+    points = df[df["metric"] == "time_per_lookup"]
+    assert sorted(zip(points["impl"], points["num_embeddings"])) == [
+        ("dense", 1000), ("dense", 4000), ("t3nsor", 1000), ("t3nsor", 4000)]
+    if launcher == "local":
+        assert (tmp_path / "smoke" / "fig8" / ".submitit").is_dir()  # submitit ran the jobs
+
+
+@pytest.fixture(scope="module")
+def paper_smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("paper")
+    done = _run_app("experiment=paper", "scale=smoke", f"results_root={root}", f"figures_dir={root / 'figs'}")
+    return root / "smoke", done
+
+
+@pytest.mark.slow
+def test_experiment_paper_runs_every_preset_and_writes_the_report(paper_smoke):
+    root, done = paper_smoke
+    assert done.returncode == 0, done.stderr[-5000:]
+    for name in EXPERIMENTS:
+        df = pd.read_csv(root / name / AGGREGATE_FILE)
+        assert not df.empty and (df["scale"] == "smoke").all(), name
+    timings = pd.read_csv(root / "timings.csv")
+    assert list(timings["experiment"]) == list(EXPERIMENTS) and (timings["status"] == "ok").all()
+    report = (root / "report" / "REPORT.md").read_text()
+    for png in (root / "report" / "figures").glob("*.png"):
+        assert f"figures/{png.name}" in report
+        assert png.stat().st_size > 10_000
+    for name in ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9"):
+        assert f"![{name}]" in report, f"{name} has no figure in the report"
+    assert "Figure not drawn" not in report
+    assert "[paper 8/8] fig9" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_report_regenerates_from_stored_results_without_measuring(paper_smoke, tmp_path):
+    root, done = paper_smoke
+    assert done.returncode == 0, done.stderr[-5000:]
+    out = tmp_path / "again"
+    regen = subprocess.run([sys.executable, "-m", "reports.report", "--results", str(root / "report" / "results"),
+                            "--out", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                           capture_output=True, text=True, timeout=300)
+    assert regen.returncode == 0, regen.stderr[-3000:]
+    first = (root / "report" / "REPORT.md").read_text().split("\n", 3)[3]  # past the generation stamp
+    again = (out / "REPORT.md").read_text().split("\n", 3)[3]
+    assert again == first
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(p.name for p in (root / "report" / "figures").iterdir())
+
+
+def test_report_without_results_is_a_clear_error(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "reports.report", "--results", str(tmp_path), "--out", str(tmp_path)],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "no experiment tables" in done.stderr

@@ -214,7 +214,7 @@ def plot_rows_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig8_mem
     d["implementation"] = _impl_label(d)
     labels = sorted(d["implementation"].unique())
     palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.0))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 4.0))
     times = d[d["metric"] == "time_per_lookup"]
     for label, g in times.groupby("implementation"):
         g = g.groupby("num_embeddings")[["median", "q1", "q3"]].median().sort_index()
@@ -228,7 +228,9 @@ def plot_rows_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig8_mem
         peak = g[g["metric"] == "peak_transient_memory"].groupby("num_embeddings")["median"].median().dropna()
         if not peak.empty:
             ax_m.plot(peak.index, peak.to_numpy(float), ls="-", marker="o", color=palette[label], label=label)
-    ax_m.plot([], [], ls="--", color="0.4", label="parameters (dashed)")
+    same_cores = {"tt", "t3nsor"} <= set(d["impl"])
+    ax_m.plot([], [], ls="--", color="0.4",
+              label="parameters (dashed" + ("; T3nsor-style holds TT's cores)" if same_cores else ")"))
     ax_m.plot([], [], ls="-", color="0.4", label="peak transient, measured (solid)")
     ax_m.yaxis.set_major_formatter(FuncFormatter(format_bytes))
     ax_m.set_ylabel("memory (bytes, log; decimal MB/GB)")
@@ -239,7 +241,7 @@ def plot_rows_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig8_mem
     if times.empty:
         ax_t.text(0.5, 0.5, "no time_per_lookup rows", transform=ax_t.transAxes, ha="center")
     ax_t.legend(fontsize=7)
-    ax_m.legend(fontsize=7)
+    ax_m.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)  # off the lines
     parts = [f"{c} {', '.join(_plain(v) for v in sorted(d[c].dropna().unique()))}"
              for c in ("mode", "batch_size", "tt_rank", "pooling_factor") if c in d and d[c].notna().any()]
     _suptitle(fig, d, "Figure 8: time and memory against table rows; " + "; ".join(parts))

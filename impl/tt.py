@@ -133,15 +133,20 @@ class TTEmbeddingBag(nn.Module):
         if backend == "cpu" and (reason := cpu_ops.check_supported(list(self.tt_cores), self.spec)) is not None:
             raise ValueError(f"backend='cpu': {reason}")
 
-    def _fused_update(self, cores, spec, bags, mode, grad_out) -> None:
+    def _fused_update(self, cores, spec, bags, mode, grad_out, saved=None) -> None:
         with self._update_lock:
             if self._scratch is None:
                 self._scratch = [torch.zeros_like(c.detach()) for c in cores]
             state = ([getattr(self, f"adagrad_state_{k}") for k in range(spec.d)] if self.optimizer == "adagrad"
                      else None)
-            update = cuda_loader.sparse_update if cores[0].is_cuda else cpu_ops.sparse_update
-            update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer, self.learning_rate, self.eps,
-                   self._scratch, state)
+            if cores[0].is_cuda:
+                cuda_loader.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
+                                          self.learning_rate, self.eps, self._scratch, state)
+            else:  # the native forward's kept plan (``saved``) spares the backward its sort and chains
+                cpu_ops.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
+                                      self.learning_rate, self.eps, self._scratch, state, saved=saved)
+
+    _fused_update.accepts_saved = True  # see ttrec.cpu.ops.tt_bag_cpu
 
     def resolved_backend(self) -> str:
         """The backend a forward call uses now, after resolving "auto"."""

@@ -39,7 +39,11 @@ class TTStats(ctypes.Structure):
                 ("seconds", ctypes.c_double * 8)]
 
     FORWARD_PHASES = ("sort", "chains_and_last_core", "pool")
-    BACKWARD_PHASES = ("setup", "sort", "gather_grad", "chains_and_dP", "last_core", "middle_cores", "first_core")
+    # d == 3 backward: sort (skipped when the forward kept its plan), chains_and_dP (the prefix chains,
+    # skipped likewise), i2_buckets (per-lookup dP and dG_3, dG_2 and dP_1 per bucket) and first_core
+    # (the segment sums of dG_1 and dG_3); the other phases are those of d = 2 and 4.
+    BACKWARD_PHASES = ("setup", "sort", "gather_grad", "chains_and_dP", "last_core", "middle_cores", "first_core",
+                       "i2_buckets")
 
     def as_dict(self, phases: tuple[str, ...]) -> dict:
         out = {"lookups": self.lookups, "unique_prefixes": self.unique_prefixes, "chunks": self.chunks}
@@ -100,12 +104,19 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return None, str(exc)
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     shape_p = ctypes.POINTER(TTShape)
-    lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats)]
-    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64, ctypes.POINTER(TTStats)]
+    lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats),
+                               ctypes.POINTER(ctypes.c_void_p)]
+    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64, ctypes.POINTER(TTStats), P]
+    lib.tt_state_free.argtypes = [P]
+    lib.tt_state_free.restype = None
+    lib.tt_state_bytes.argtypes = [P]
+    lib.tt_state_bytes.restype = I64
+    lib.tt_states_live.argtypes = []
+    lib.tt_states_live.restype = I64
     lib.tt_sparse_update.argtypes = [shape_p, P, P, P, P, I32, F32, F32, I32]
     for f in (lib.tt_forward, lib.tt_backward, lib.tt_sparse_update):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 2:
+    if lib.tt_abi_version() != 3:
         return None, "native library ABI mismatch"
     return lib, None
 

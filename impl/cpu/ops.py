@@ -15,13 +15,60 @@ import torch
 from ..bags import MODES, Bags, checked_for, make_bags
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
+from . import plant
 
 __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "check_supported",
-           "unavailable_reason", "DEFAULT_CHUNK_BYTES"]
+           "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
 _last_stats: dict[str, float] = {}
 _last_backward_stats: dict[str, float] = {}
+_update_epoch = 0  # bumped by every fused update: a kept forward plan is used only if none ran since
+
+
+class SavedForward:
+    """What a native forward keeps for its backward (d = 3, one chunk): the sorted lookups, prefix
+    runs and the prefixes' partial products G_1[i1] @ G_2[:, i2], so the backward skips the sort and
+    the chains. Owned by one autograd node; used only while the cores are unchanged (no fused update
+    anywhere and the same tensor versions since the forward), else the backward recomputes."""
+
+    __slots__ = ("_ptr", "epoch", "versions")
+
+    def __init__(self, ptr: int, cores: list[torch.Tensor]) -> None:
+        self._ptr = ptr
+        self.epoch = _update_epoch
+        self.versions = tuple(c._version for c in cores)
+
+    def usable_for(self, cores: list[torch.Tensor]) -> bool:
+        """Still valid for these cores (the forward's tensors, or ones sharing their version counter)."""
+        return self.current() and self.versions == tuple(c._version for c in cores)
+
+    def current(self) -> bool:
+        """Not released, and no fused update has run since the forward."""
+        return self._ptr is not None and self.epoch == _update_epoch
+
+    @property
+    def pointer(self) -> int | None:
+        return self._ptr
+
+    def nbytes(self) -> int:
+        return 0 if self._ptr is None else int(library().tt_state_bytes(self._ptr))
+
+    def release(self) -> None:
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            library().tt_state_free(ptr)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+def live_saved_forwards() -> int:
+    """Kept forward plans not yet released (tests: a forward under no_grad keeps none)."""
+    return int(library().tt_states_live())
 
 
 def _shape(spec: TTSpec) -> TTShape:
@@ -97,7 +144,7 @@ def _check_touched(touched, spec: TTSpec) -> None:
 
 
 def _call(fn, *args) -> None:
-    rc = fn(*args)
+    rc = plant.call(fn, *args)  # fn(*args), slowed only when TTREC_PLANT_SLOWDOWN is set (gate tests)
     if rc == 1:
         raise MemoryError(f"native CPU kernel: out of memory in {fn.__name__}")
     if rc != 0:
@@ -105,32 +152,36 @@ def _call(fn, *args) -> None:
 
 
 def _planted_repeat() -> int:
-    """TTREC_PLANT_SLOWDOWN=N makes the forward kernel repeat its work N times (CI-gate testing only)."""
-    value = os.environ.get("TTREC_PLANT_SLOWDOWN", "1")
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"TTREC_PLANT_SLOWDOWN: got {value!r}; expected a whole number >= 1") from None
-    if n < 1:
-        raise ValueError(f"TTREC_PLANT_SLOWDOWN: got {n}; expected a whole number >= 1")
-    return n
+    """The forward kernel's repeat count: always 1. TTREC_PLANT_SLOWDOWN=f (CI-gate testing only)
+    slows every native call by f in :func:`_call` (see plant.py); checked here before any native work."""
+    plant.factor()
+    return 1
 
 
 
 def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """Pooled rows (num_bags, D), fp32, no autograd."""
+    return _forward(cores, spec, bags, mode, chunk_bytes, keep=False)[0]
+
+
+def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+             keep: bool = False) -> tuple[torch.Tensor, SavedForward | None]:
+    """The forward, and with ``keep`` what its backward can reuse (None where the kernel keeps nothing)."""
     bags = _require(cores, spec, bags, mode)
+    originals = list(cores)
     cores = [c.detach().contiguous() for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
     w = bags.float32_weights()
     stats = TTStats()
+    state = ctypes.c_void_p()
     _call(library().tt_forward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-          out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats))
+          out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
+          ctypes.byref(state) if keep else None)
     _last_stats.clear()
     _last_stats.update(stats.as_dict(TTStats.FORWARD_PHASES))
-    return out
+    return out, (SavedForward(state.value, originals) if state.value else None)
 
 
 def last_stats(which: str = "forward") -> dict[str, float]:
@@ -141,11 +192,15 @@ def last_stats(which: str = "forward") -> dict[str, float]:
 
 def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
              grads: list[torch.Tensor] | None = None, touched: list[torch.Tensor] | None = None,
-             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[torch.Tensor]:
-    """Core gradients (added into ``grads`` when given, else new zero tensors)."""
+             chunk_bytes: int = DEFAULT_CHUNK_BYTES, saved: SavedForward | None = None) -> list[torch.Tensor]:
+    """Core gradients (added into ``grads`` when given, else new zero tensors). ``saved``: the
+    forward's kept plan for these cores and bags (used only if still valid, see SavedForward)."""
     bags = _require(cores, spec, bags, mode)
     _check_like_cores("grads", grads, spec)
     _check_touched(touched, spec)
+    if saved is not None and not isinstance(saved, SavedForward):
+        raise TypeError(f"saved: got {type(saved).__name__}; expected SavedForward or None")
+    plan = saved.pointer if saved is not None and saved.current() else None
     cores = [c.detach().contiguous() for c in cores]
     grad_out = grad_out.detach().to(torch.float32).contiguous()
     if tuple(grad_out.shape) != (bags.num_bags, spec.embedding_dim):
@@ -157,7 +212,7 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
     _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
           grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(),
-          chunk_bytes, ctypes.byref(stats))
+          chunk_bytes, ctypes.byref(stats), plan)
     _last_backward_stats.clear()
     _last_backward_stats.update(stats.as_dict(TTStats.BACKWARD_PHASES))
     return grads
@@ -165,7 +220,7 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
 
 def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
                   optimizer: str, lr: float, eps: float, scratch: list[torch.Tensor],
-                  state: list[torch.Tensor] | None) -> list[torch.Tensor]:
+                  state: list[torch.Tensor] | None, saved: SavedForward | None = None) -> list[torch.Tensor]:
     """Fused backward + update of exactly the touched core slices, in place. Returns touched masks.
 
     ``scratch`` are zero fp32 tensors shaped like the cores (left zero again afterwards);
@@ -180,8 +235,10 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     _check_like_cores("cores", [c.data for c in cores], spec)  # updated in place: no copies allowed
     _check_like_cores("scratch", scratch, spec)
     _check_like_cores("state", state, spec)
+    global _update_epoch
     touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
-    backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched)
+    backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched, saved=saved)
+    _update_epoch += 1  # every kept forward plan is stale from here on
     _call(library().tt_sparse_update, ctypes.byref(_shape(spec)), _ptrs([c.data for c in cores]), _ptrs(scratch),
           None if state is None else _ptrs(state), _ptrs(touched), int(optimizer == "adagrad"), lr, eps,
           torch.get_num_threads())
@@ -190,26 +247,43 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
 
 class _TTBagCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, bags, mode, fused, *cores):
+    def forward(ctx, spec, bags, mode, fused, keep, *cores):
         ctx.spec, ctx.bags, ctx.mode, ctx.fused = spec, bags, mode, fused
         ctx.save_for_backward(*cores)
-        return forward(list(cores), spec, bags, mode)
+        out, ctx.saved_plan = _forward(list(cores), spec, bags, mode, keep=keep)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         cores = list(ctx.saved_tensors)
-        if ctx.fused is not None:  # the update happens here; autograd sees no core gradients
-            ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
-            return (None, None, None, None, *[None] * len(cores))
-        grads = backward(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
-        return (None, None, None, None, *grads)
+        saved, ctx.saved_plan = ctx.saved_plan, None  # one use: a retained graph's next backward recomputes
+        if saved is not None and not saved.usable_for(cores):  # cores changed since the forward
+            saved.release()
+            saved = None
+        try:
+            if ctx.fused is not None:  # the update happens here; autograd sees no core gradients
+                if saved is not None:
+                    ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, saved=saved)
+                else:
+                    ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
+                return (None, None, None, None, None, *[None] * len(cores))
+            grads = backward(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, saved=saved)
+        finally:
+            if saved is not None:
+                saved.release()
+        return (None, None, None, None, None, *grads)
 
 
 def tt_bag_cpu(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str = "sum", fused=None) -> torch.Tensor:
     """Differentiable native lookup. ``fused(cores, spec, bags, mode, grad_out)``, when given, is
-    called in backward instead of returning core gradients (the fused sparse optimizer)."""
+    called in backward instead of returning core gradients (the fused sparse optimizer); if it has
+    an ``accepts_saved`` attribute set, it also gets ``saved=`` (the forward's SavedForward) to pass
+    on to :func:`sparse_update`."""
     w = bags.per_sample_weights
     if w is not None and w.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("per_sample_weights that require grad: the native CPU kernel gives no "
                                   "gradient for the weights; use backend='torch' for that")
-    return _TTBagCPU.apply(spec, bags, mode, fused, *cores)
+    # keep the forward's plan only for a backward that can come (never under no_grad / inference_mode)
+    keep = (torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+            and (fused is None or getattr(fused, "accepts_saved", False)))
+    return _TTBagCPU.apply(spec, bags, mode, fused, keep, *cores)

@@ -52,45 +52,35 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   if (n < N) tail(n);
 }
 
-// C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb), or += with ACC. Register-blocked:
-// 2 rows x up to 64 columns of C stay in registers over K.
+// MR rows x NV vectors of C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb), or += with
+// ACC: the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
+template <int NV, int MR, bool ACC>
+inline void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  v16 c[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : v16{};
+  for (int k = 0; k < K; ++k) {
+    v16 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+    for (int m = 0; m < MR; ++m) {
+      const v16 a = splat16(A[m * lda + k]);
+      for (int v = 0; v < NV; ++v) c[m][v] += a * b[v];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c[m][v]);
+}
+
+// Rows of C for one block of NV vectors: tiles of up to 24 accumulators, then smaller tiles. Every
+// element is the same k-ordered sum whatever tile computes it (results do not depend on M).
 template <int NV, bool ACC>
 inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc) {
+  constexpr int MR = NV >= 4 ? 6 : NV == 2 ? 12 : 16;
   int m = 0;
-  for (; m + 2 <= M; m += 2) {
-    v16 c0[NV] = {}, c1[NV] = {};
-    if (ACC)
-      for (int v = 0; v < NV; ++v) {
-        c0[v] = load16(C + m * ldc + 16 * v);
-        c1[v] = load16(C + (m + 1) * ldc + 16 * v);
-      }
-    const float* a0 = A + m * lda;
-    const float* a1 = a0 + lda;
-    for (int k = 0; k < K; ++k) {
-      const v16 x0 = splat16(a0[k]), x1 = splat16(a1[k]);
-      const float* b = B + k * ldb;
-      for (int v = 0; v < NV; ++v) {
-        const v16 bv = load16(b + 16 * v);
-        c0[v] += x0 * bv;
-        c1[v] += x1 * bv;
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      store16(C + m * ldc + 16 * v, c0[v]);
-      store16(C + (m + 1) * ldc + 16 * v, c1[v]);
-    }
-  }
-  for (; m < M; ++m) {
-    v16 c0[NV] = {};
-    if (ACC)
-      for (int v = 0; v < NV; ++v) c0[v] = load16(C + m * ldc + 16 * v);
-    for (int k = 0; k < K; ++k) {
-      const v16 x0 = splat16(A[m * lda + k]);
-      for (int v = 0; v < NV; ++v) c0[v] += x0 * load16(B + k * ldb + 16 * v);
-    }
-    for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c0[v]);
-  }
+  for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) nn_tile<NV, 1, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
 }
 
 template <bool ACC>
@@ -182,38 +172,33 @@ void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, i
     }
 }
 
-// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Tiles of C stay in registers
-// while all M rank-1 contributions are added (N in blocks of 64/32/16 columns, then a scalar tail).
+// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Tiles of KR rows x NV vectors of C
+// stay in registers while all M rank-1 contributions are added (every element summed over m in order).
+template <int NV, int KR>
+inline void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  v16 acc[KR][NV];
+  for (int kk = 0; kk < KR; ++kk)
+    for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + kk * ldc + 16 * v);
+  for (int m = 0; m < M; ++m) {
+    v16 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
+    const float* a = A + m * lda;
+    for (int kk = 0; kk < KR; ++kk) {
+      const v16 x = splat16(a[kk]);
+      for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
+    }
+  }
+  for (int kk = 0; kk < KR; ++kk)
+    for (int v = 0; v < NV; ++v) store16(C + kk * ldc + 16 * v, acc[kk][v]);
+}
+
 template <int NV>
 inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int KR = NV >= 4 ? 6 : NV == 2 ? 12 : 16;
   int k = 0;
-  for (; k + 4 <= K; k += 4) {  // 4 rows of C (4 x NV vectors) stay in registers over all of M
-    v16 acc[4][NV];
-    for (int kk = 0; kk < 4; ++kk)
-      for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + (k + kk) * ldc + 16 * v);
-    for (int m = 0; m < M; ++m) {
-      v16 b[NV];
-      for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
-      const float* a = A + m * lda + k;
-      for (int kk = 0; kk < 4; ++kk) {
-        const v16 x = splat16(a[kk]);
-        for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
-      }
-    }
-    for (int kk = 0; kk < 4; ++kk)
-      for (int v = 0; v < NV; ++v) store16(C + (k + kk) * ldc + 16 * v, acc[kk][v]);
-  }
-  for (; k < K; ++k) {
-    float* c = C + k * ldc;
-    v16 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = load16(c + 16 * v);
-    for (int m = 0; m < M; ++m) {
-      const v16 a = splat16(A[m * lda + k]);
-      const float* b = B + m * ldb;
-      for (int v = 0; v < NV; ++v) acc[v] += a * load16(b + 16 * v);
-    }
-    for (int v = 0; v < NV; ++v) store16(c + 16 * v, acc[v]);
-  }
+  for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  for (; k < K; ++k) tn_tile<NV, 1>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
 }
 
 void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
@@ -412,6 +397,130 @@ inline float bag_scale(const int64_t* offsets, int64_t b, int mean) {
   return (mean && n > 0) ? 1.0f / (float)n : 1.0f;
 }
 
+
+// ---- d == 3: prefixes (i1, i2) grouped by their middle digit i2 ----
+// The sort puts i2 first, so the prefixes sharing G_2's slice are adjacent: a bucket. Per bucket,
+// the partial products P = G_1[i1] @ G_2[:, i2] of all its prefixes are one GEMM (stacked G_1 rows
+// times the packed slice), and in the backward dG_2[:, i2] and dP_1 = dP @ G_2[:, i2]^T are one
+// GEMM each, all on the thread that owns the bucket.
+
+// A chunk's lookups sorted, their prefix runs, the prefixes' digits and i2 buckets, and (when
+// has_P) the prefixes' partial products P (U x q1 q2 R2). A forward that will be differentiated
+// keeps its plan for the backward (see tt_forward's state), which then skips the sort and chains.
+struct Plan {
+  tt_shape_t shape{};
+  int64_t n = 0, U = 0;
+  std::vector<uint64_t> sorted, tmp;
+  std::vector<int64_t> runs;     // U + 1
+  std::vector<int64_t> digits;   // U x 2: i1, i2
+  std::vector<int64_t> buckets;  // first prefix of each i2 bucket, then U
+  std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
+  std::vector<float> P;
+  bool has_P = false;
+};
+constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
+constexpr int64_t kBucketSegments = 16;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
+
+bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
+  if (a.d != b.d) return false;
+  for (int k = 0; k < a.d; ++k)
+    if (a.p[k] != b.p[k] || a.q[k] != b.q[k] || a.r[k + 1] != b.r[k + 1]) return false;
+  return true;
+}
+
+void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl) {
+  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, threads);
+  const int lb = last_bits(s->p[2]);
+  const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr);
+  const int64_t p0 = s->p[0];
+  pl.digits.resize(2 * U);
+  pl.buckets.clear();
+  pl.pieces.clear();
+  for (int64_t t = 0; t < U; ++t) {
+    const int64_t key = entry_prefix(pl.sorted[pl.runs[t]], lb), i2 = key / p0;
+    pl.digits[2 * t] = key - i2 * p0;
+    pl.digits[2 * t + 1] = i2;
+    if (t == 0 || i2 != pl.digits[2 * t - 1]) {
+      pl.buckets.push_back(t);
+      pl.pieces.push_back(t);
+    } else if (t - pl.pieces.back() >= kPiece) {
+      pl.pieces.push_back(t);
+    }
+  }
+  pl.buckets.push_back(U);
+  pl.pieces.push_back(U);
+  pl.shape = *s;
+  pl.n = cn;
+  pl.U = U;
+  pl.has_P = false;
+}
+
+// G_2[:, i2] (R1 x q2 R2) copied contiguous
+void pack_slice(const tt_shape_t* s, const float* core, int k, int64_t i, float* dst) {
+  int64_t ld;
+  const float* S = tt_slice(s, core, k, i, &ld);
+  const int64_t N = (int64_t)s->q[k] * s->r[k + 1];
+  for (int r = 0; r < s->r[k]; ++r) std::memcpy(dst + r * N, S + r * ld, sizeof(float) * N);
+}
+
+// P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ packed G_2 slice Bp.
+void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
+                 std::vector<float>& Ap, const float* Bp, float* P) {
+  const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
+  const int64_t w1 = (int64_t)q1 * R1;
+  Ap.resize((size_t)(t1 - t0) * w1);
+  for (int64_t t = t0; t < t1; ++t)
+    std::memcpy(Ap.data() + (t - t0) * w1, cores[0] + pl.digits[2 * t] * w1, sizeof(float) * w1);
+  gemm_nn((int)((t1 - t0) * q1), N, R1, Ap.data(), R1, Bp, N, P, N);
+}
+
+// All prefixes' P into pl.P (the backward's recomputation when no forward state is at hand).
+void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int threads) {
+  const int64_t MR2 = (int64_t)s->q[0] * s->q[1] * s->r[2];
+  pl.P.resize((size_t)pl.U * MR2);
+  const int64_t npieces = (int64_t)pl.pieces.size() - 1;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]);
+    int64_t packed = -1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pc = 0; pc < npieces; ++pc) {
+      const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1], i2 = pl.digits[2 * t0 + 1];
+      if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
+      piece_chain(s, cores, pl, t0, t1, Ap, Bp.data(), pl.P.data() + t0 * MR2);
+    }
+  }
+  pl.has_P = true;
+}
+
+// Plans kept by forwards for their backward: a small pool, so their buffers (megabytes) are reused
+// instead of faulting in fresh pages every step.
+std::mutex g_plan_mutex;
+std::vector<Plan*> g_plan_pool;
+int64_t g_plans_live = 0;
+
+Plan* acquire_plan() {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  Plan* p;
+  if (!g_plan_pool.empty()) {
+    p = g_plan_pool.back();
+    g_plan_pool.pop_back();
+  } else {
+    p = new Plan();
+  }
+  ++g_plans_live;
+  return p;
+}
+
+void release_plan(Plan* p) {
+  if (!p) return;
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  --g_plans_live;
+  p->has_P = false;
+  if (g_plan_pool.size() < 2) g_plan_pool.push_back(p);
+  else delete p;
+}
+
 }  // namespace
 
 extern "C" {
@@ -433,9 +542,17 @@ typedef struct {
 // prefix's partial product lives only in a thread-local scratch while the rows of all lookups
 // sharing it are finished. Rows land in a chunk-sized buffer; bags are then pooled in lookup
 // order (deterministic for any thread count).
+// Lookups per backward chunk (its scratch per prefix bounded by chunk_bytes).
+static int64_t backward_chunk(const tt_shape_t* s, int64_t chunk_bytes) {
+  const int d = s->d;
+  int64_t per_prefix = 2 * (int64_t)tt_cols_through(s, d - 2) * s->r[d - 1];
+  for (int k = 1; k < d - 2; ++k) per_prefix += (int64_t)tt_cols_through(s, k) * s->r[k + 1];
+  return std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * per_prefix + 48)));
+}
+
 static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                int64_t n_bags, const float* weights, int mean, float* out, int threads, int64_t chunk_bytes,
-               int repeat, tt_stats_t* stats) {
+               int repeat, tt_stats_t* stats, void** state_out) {
   Ctx ctx(s, cores);
   const int d = s->d;
   const int64_t n = offsets[n_bags];
@@ -447,11 +564,20 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
   const int lb = last_bits(pd);
   const int64_t C = std::min(kMaxChunk, std::max<int64_t>(1024, chunk_bytes / (4 * (int64_t)D + 24)));
   if (stats) *stats = tt_stats_t{n, 0, 0, {0.0}};
+  // d == 3, one chunk for the forward and its backward: the plan (sort, runs, P) can be kept
+  Plan* keep = nullptr;
+  if (state_out) *state_out = nullptr;
+  if (state_out && d == 3 && n > 0 && n <= C && n <= backward_chunk(s, chunk_bytes)) keep = acquire_plan();
+  struct Release {  // hands the kept plan to the caller on success only
+    Plan*& p;
+    ~Release() { release_plan(p); }
+  } release{keep};
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
   static std::vector<float> rows;
-  static std::vector<uint64_t> sorted, tmp;
-  static std::vector<int64_t> runs;
+  static std::vector<uint64_t> sorted_g, tmp;
+  static std::vector<int64_t> runs_g;
+  static Plan plan_g;
   std::lock_guard<std::mutex> lock(mutex);
   for (int rep = 0; rep < std::max(1, repeat); ++rep) {  // repeat > 1 only for the CI gate's planted slowdown
     // one chunk: the pooling pass visits every bag once and writes it whole; otherwise bags may
@@ -462,14 +588,19 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
       const double t0 = omp_get_wtime();
       // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
-      sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
+      Plan* pl = keep ? keep : &plan_g;
+      if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl);
+      else sort_lookups(s, idx + s0, cn, sorted_g, tmp, threads);
+      const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
+      const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
       ctx.prepare_last(sorted.data(), cn, lb);
-      const int64_t U = find_runs(sorted, cn, lb, runs, nullptr);
+      const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
       float* const rbuf = rows.data();
+      if (keep) keep->P.resize((size_t)U * M * R);
       const double t1 = omp_get_wtime();
-      // 2. per prefix: chain in scratch, then the rows of its lookups
+      // 2. per prefix: chain (d == 3: per piece of an i2 bucket), then the rows of its lookups
 #pragma omp parallel num_threads(threads)
       {
         std::vector<float> scratch[TT_MAX_D];
@@ -483,18 +614,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           arow[o] = (int32_t)((oo / qd) * Rp);  // P's rows are padded to Rp below when R != Rp
           brow[o] = (oo % qd) * Rp;
         }
-        int64_t dig[TT_MAX_D];
-#pragma omp for schedule(dynamic, 64)
-        for (int64_t t = 0; t < U; ++t) {
-          decode_prefix(s, entry_prefix(sorted[runs[t]], lb), pfront, dig);
-          const float* P = cores[0] + dig[0] * (int64_t)s->q[0] * s->r[1];  // (q_1 x R_1)
-          for (int k = 1; k < d - 1; ++k) {  // P <- P (width[k-1] x R_k) @ G_{k+1}[:, i_{k+1}]
-            int64_t ld;
-            const float* S = tt_slice(s, cores[k], k, dig[k], &ld);
-            gemm_nn(ctx.width[k - 1], s->q[k] * s->r[k + 1], s->r[k], P, s->r[k], S, ld, scratch[k].data(),
-                    (int64_t)s->q[k] * s->r[k + 1]);
-            P = scratch[k].data();
-          }
+        // the rows of prefix t's lookups from its partial product P (M x R)
+        auto finish = [&](int64_t t, const float* P) {
           int64_t ldp = R;
           if (fast && Rp != R) {  // zero-pad P's rows to Rp so the dots run on whole vectors
             for (int m = 0; m < M; ++m) std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
@@ -514,8 +635,37 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             else
               gemm_nt(M, qd, R, P, ldp, St, Rp, rbuf + j * D, qd, false);
           }
+        };
+        if (d == 3) {
+          std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]), Pl(keep ? 0 : (size_t)kPiece * M * R);
+          int64_t packed = -1;
+          const int64_t npieces = (int64_t)pl->pieces.size() - 1;
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t pc = 0; pc < npieces; ++pc) {
+            const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1], i2 = pl->digits[2 * ta + 1];
+            if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
+            float* P = keep ? keep->P.data() + ta * (int64_t)M * R : Pl.data();
+            piece_chain(s, cores, *pl, ta, tb, Ap, Bp.data(), P);
+            for (int64_t t = ta; t < tb; ++t) finish(t, P + (t - ta) * (int64_t)M * R);
+          }
+        } else {
+          int64_t dig[TT_MAX_D];
+#pragma omp for schedule(dynamic, 64)
+          for (int64_t t = 0; t < U; ++t) {
+            decode_prefix(s, entry_prefix(sorted[runs[t]], lb), pfront, dig);
+            const float* P = cores[0] + dig[0] * (int64_t)s->q[0] * s->r[1];  // (q_1 x R_1)
+            for (int k = 1; k < d - 1; ++k) {  // P <- P (width[k-1] x R_k) @ G_{k+1}[:, i_{k+1}]
+              int64_t ld;
+              const float* S = tt_slice(s, cores[k], k, dig[k], &ld);
+              gemm_nn(ctx.width[k - 1], s->q[k] * s->r[k + 1], s->r[k], P, s->r[k], S, ld, scratch[k].data(),
+                      (int64_t)s->q[k] * s->r[k + 1]);
+              P = scratch[k].data();
+            }
+            finish(t, P);
+          }
         }
       }
+      if (keep) keep->has_P = true;
       const double t2 = omp_get_wtime();
       // 3. pool: bags overlapping [s0, e0), lookups in order
       const int64_t b0 = whole ? 0 : std::upper_bound(offsets, offsets + n_bags + 1, s0) - offsets - 1;
@@ -544,7 +694,169 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const float sc = bag_scale(offsets, b, 1);
       for (int c = 0; c < D; ++c) out[b * D + c] *= sc;
     }
+  if (keep) {
+    *state_out = keep;
+    keep = nullptr;
+  }
   return 0;
+}
+
+// Backward for d == 3, per chunk, with prefixes grouped in i2 buckets (see Plan):
+//   1. (no kept plan) sort, runs and every prefix's P = G_1[i1] @ G_2[:, i2], per bucket piece;
+//   2. threads over kBucketSegments fixed segments of whole buckets; per bucket piece: the
+//      upstream gradient g of each distinct row (repeats summed), dP (q1 q2 x R2) of each prefix
+//      += g @ G_3[:, i3]^T and a segment-private dG_3[:, i3] += P^T g; then dG_2[:, i2] +=
+//      stacked G_1[i1]^T @ stacked dP (the bucket's own slice: one writer), and dP_1 = stacked
+//      dP @ G_2[:, i2]^T added into a segment-private dG_1[i1];
+//   3. the segment copies of dG_1 and dG_3 added in segment order, one digit value per thread.
+// No atomics; the sums do not depend on the thread count.
+static void backward_d3(const tt_shape_t* s, const float* const* cores, const int64_t* idx, int64_t n,
+                        const int64_t* bag_of, const float* lookup_w, const float* grad_out, float* const* grad_cores, uint8_t* const* touched, int threads,
+                        int64_t C, Plan* kept, tt_stats_t* stats, double& tick) {
+  auto lap = [&](int phase) {
+    const double now = omp_get_wtime();
+    if (stats) stats->seconds[phase] += now - tick;
+    tick = now;
+  };
+  Ctx ctx(s, cores);
+  const int q1 = s->q[0], q2 = s->q[1], qd = s->q[2], R1 = s->r[1], R2 = s->r[2], Rp = ctx.Rp;
+  const int M = q1 * q2, D = M * qd, N = q2 * R2;
+  const int64_t p0 = s->p[0], p1 = s->p[1], pd = s->p[2];
+  const int64_t w1 = (int64_t)q1 * R1, MR2 = (int64_t)M * R2, w3 = (int64_t)qd * R2;
+  const int lb = last_bits(pd);
+  constexpr int64_t kAhead = 16;  // prefetch distance, lookups
+  static Plan plan_g;
+  static std::vector<float> acc1, acc3;
+  static std::vector<uint8_t> used1, used3;
+  static UsedDigits first;
+  static std::vector<int64_t> seg;
+  for (int64_t s0 = 0; s0 < n; s0 += C) {
+    const int64_t cn = std::min(n, s0 + C) - s0;
+    Plan* pl = kept;
+    if (!pl) {
+      pl = &plan_g;
+      plan_chunk(s, idx + s0, cn, threads, *pl);
+    }
+    ctx.prepare_last(pl->sorted.data(), cn, lb);
+    if (stats) { stats->unique_prefixes += pl->U; stats->chunks++; }
+    lap(1);
+    if (!pl->has_P) plan_chains(s, cores, *pl, threads);
+    lap(3);
+    const int64_t U = pl->U;
+    const std::vector<uint64_t>& sorted = pl->sorted;
+    const std::vector<int64_t>& runs = pl->runs;
+    const std::vector<int64_t>& digits = pl->digits;
+    first.reset(p0);
+    for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
+    const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
+    // segments: whole buckets, cut where the running lookup count crosses multiples of cn / S
+    const int64_t nb = (int64_t)pl->buckets.size() - 1;
+    const int64_t S = std::min<int64_t>(kBucketSegments, nb);
+    seg.assign(1, 0);
+    for (int64_t b = 1; b < nb && (int64_t)seg.size() < S; ++b)
+      if (runs[pl->buckets[b]] * S >= cn * (int64_t)seg.size()) seg.push_back(b);
+    seg.push_back(nb);
+    const int64_t nseg = (int64_t)seg.size() - 1;
+    acc1.resize((size_t)nseg * n1 * w1);
+    acc3.resize((size_t)nseg * n3 * w3);
+    used1.assign((size_t)nseg * n1, 0);
+    used3.assign((size_t)nseg * n3, 0);
+    float* const g1 = grad_cores[1];
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> Ap, Bp((size_t)R1 * N), BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
+          dP1((size_t)kPiece * w1), g(D);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t sg = 0; sg < nseg; ++sg) {
+        float* const a1 = acc1.data() + (size_t)sg * n1 * w1;
+        float* const a3 = acc3.data() + (size_t)sg * n3 * w3;
+        uint8_t* const u1 = used1.data() + (size_t)sg * n1;
+        uint8_t* const u3 = used3.data() + (size_t)sg * n3;
+        for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
+          const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
+          pack_slice(s, cores[1], 1, i2, Bp.data());
+          for (int r = 0; r < R1; ++r)
+            for (int c = 0; c < N; ++c) BT[(size_t)c * R1 + r] = Bp[(size_t)r * N + c];
+          if (touched) touched[1][i2] = 1;
+          for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
+            const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
+            std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);
+            for (int64_t t = ta; t < tb; ++t) {
+              const float* P = pl->P.data() + t * MR2;
+              float* dp = dPb.data() + (t - ta) * MR2;
+              for (int64_t x = runs[t]; x < runs[t + 1];) {
+                // g: the upstream gradient of this row, summed over its repeats (adjacent)
+                const uint64_t row = sorted[x] >> kJBits;
+                std::fill(g.begin(), g.end(), 0.f);
+                int64_t y = x;
+                for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+                  if (y + kAhead < cn) {  // the gradient rows of lookups further on: random reads
+                    const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
+                    __builtin_prefetch(grad_out + bag_of[ja] * D);
+                    __builtin_prefetch(lookup_w + ja);
+                  }
+                  const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+                  const float w = lookup_w[j];
+                  const float* go = grad_out + bag_of[j] * D;
+                  for (int c = 0; c < D; ++c) g[c] += w * go[c];
+                }
+                const int64_t i3 = entry_last(sorted[x], lb);
+                // dp (M x R2) += g (M x q_d) @ St (q_d x R2)
+                gemm_nn_acc(M, R2, qd, g.data(), qd, ctx.last_slice(i3), Rp, dp, R2);
+                const int32_t v = ctx.last.slot[i3];
+                float* c3 = a3 + (size_t)v * w3;
+                if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
+                gemm_tn_acc(M, R2, qd, g.data(), qd, P, R2, c3, R2);  // c3 (q_d x R2) += g^T @ P
+                x = y;
+              }
+            }
+            // stacked G_1 rows of the piece (np q1 x R1); dP viewed as (np q1 x q2 R2)
+            Ap.resize((size_t)np * w1);
+            for (int64_t t = ta; t < tb; ++t)
+              std::memcpy(Ap.data() + (t - ta) * w1, cores[0] + digits[2 * t] * w1, sizeof(float) * w1);
+            gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, g1 + i2 * N, p1 * N);
+            gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
+            for (int64_t t = ta; t < tb; ++t) {
+              const int32_t v = first.slot[digits[2 * t]];
+              float* c1 = a1 + (size_t)v * w1;
+              const float* src = dP1.data() + (t - ta) * w1;
+              if (!u1[v]) { std::memcpy(c1, src, sizeof(float) * w1); u1[v] = 1; }
+              else for (int64_t c = 0; c < w1; ++c) c1[c] += src[c];
+            }
+          }
+        }
+      }
+    }
+    lap(7);
+    float* const g0 = grad_cores[0];
+    float* const gd = grad_cores[2];  // (R2, p_d, q_d, 1)
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static) nowait
+      for (int64_t v = 0; v < n3; ++v) {
+        const int64_t i = ctx.last.digit[v];
+        for (int64_t sg = 0; sg < nseg; ++sg) {
+          if (!used3[(size_t)sg * n3 + v]) continue;
+          const float* a = acc3.data() + ((size_t)sg * n3 + v) * w3;
+          for (int r = 0; r < R2; ++r)
+            for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += a[(size_t)c * R2 + r];
+        }
+        if (touched) touched[2][i] = 1;
+      }
+#pragma omp for schedule(static)
+      for (int64_t v = 0; v < n1; ++v) {
+        const int64_t i = first.digit[v];
+        for (int64_t sg = 0; sg < nseg; ++sg) {
+          if (!used1[(size_t)sg * n1 + v]) continue;
+          const float* a = acc1.data() + ((size_t)sg * n1 + v) * w1;
+          for (int64_t c = 0; c < w1; ++c) g0[i * w1 + c] += a[c];
+        }
+        if (touched) touched[0][i] = 1;
+      }
+    }
+    lap(6);
+    if (kept) break;  // a kept plan is the whole batch (one chunk)
+  }
 }
 
 // grad_cores[k] (same shapes as cores) += dL/dG_k. touched[k] (optional, p_k bytes) marks the
@@ -560,7 +872,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 // Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
 static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
-                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats) {
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state) {
   double tick = omp_get_wtime();
   auto lap = [&](int phase) {  // add the time since the last lap to a phase
     const double now = omp_get_wtime();
@@ -596,6 +908,20 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) bag_of[j] = b;
   lev.resize(d);
   lap(0);
+  if (d == 3) {
+    static std::vector<float> lookup_w;  // weight x bag scale of every lookup
+    lookup_w.resize(n);
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const float sc = bag_scale(offsets, b, mean);
+      for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) lookup_w[j] = (weights ? weights[j] : 1.0f) * sc;
+    }
+    lap(0);
+    Plan* kept = static_cast<Plan*>(state);
+    if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
+    backward_d3(s, cores, idx, n, bag_of.data(), lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
+                stats, tick);
+    return 0;
+  }
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
@@ -820,9 +1146,10 @@ static int tt_sparse_update_impl(const tt_shape_t* s, float* const* cores, float
 // 0 ok, 1 out of memory, 2 any other failure.
 int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                int64_t n_bags, const float* weights, int mean, float* out, int threads, int64_t chunk_bytes,
-               int repeat, tt_stats_t* stats) {
+               int repeat, tt_stats_t* stats, void** state_out) {
   try {
-    return tt_forward_impl(s, cores, idx, offsets, n_bags, weights, mean, out, threads, chunk_bytes, repeat, stats);
+    return tt_forward_impl(s, cores, idx, offsets, n_bags, weights, mean, out, threads, chunk_bytes, repeat, stats,
+                           state_out);
   } catch (const std::bad_alloc&) {
     return 1;
   } catch (...) {
@@ -832,9 +1159,10 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
 
 int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
-                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats) {
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state) {
   try {
-    return tt_backward_impl(s, cores, idx, offsets, n_bags, weights, mean, grad_out, grad_cores, touched, threads, chunk_bytes, stats);
+    return tt_backward_impl(s, cores, idx, offsets, n_bags, weights, mean, grad_out, grad_cores, touched, threads,
+                            chunk_bytes, stats, state);
   } catch (const std::bad_alloc&) {
     return 1;
   } catch (...) {
@@ -853,6 +1181,22 @@ int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* gra
   }
 }
 
-int tt_abi_version(void) { return 2; }
+// A forward's kept plan (tt_forward's state_out): released here, once, by its owner.
+void tt_state_free(void* state) { release_plan(static_cast<Plan*>(state)); }
+
+// Bytes a kept plan holds, and how many are alive (tests).
+int64_t tt_state_bytes(void* state) {
+  const Plan* p = static_cast<const Plan*>(state);
+  if (!p) return 0;
+  return (int64_t)(p->sorted.capacity() * 8 + p->tmp.capacity() * 8 + (p->runs.capacity() + p->digits.capacity() +
+                   p->buckets.capacity() + p->pieces.capacity()) * 8 + p->P.capacity() * 4);
+}
+
+int64_t tt_states_live(void) {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  return g_plans_live;
+}
+
+int tt_abi_version(void) { return 3; }
 
 }  // extern "C"

@@ -1,0 +1,194 @@
+"""The native forward keeps its plan (sorted lookups, prefix runs, prefix partial products) for the
+backward (d = 3): the gradients must equal those recomputed from scratch, nothing may be kept
+without a backward to come, and a plan must never be used after the cores changed."""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+
+import ttrec
+from ttrec.bags import make_bags
+from ttrec.cpu import ops
+from ttrec.cpu.build import unavailable_reason
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+
+
+def _spec(p, q, r):
+    return ttrec.TTSpec(math.prod(p) - 3, math.prod(q), tuple(p), tuple(q), tuple(r))
+
+
+def _cores(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [c.requires_grad_() for c in ttrec.init_tt_cores(spec, "normal", generator=g)]
+
+
+def _bags(spec, n, seed, mode="sum", weighted=False, pooling=3):
+    g = torch.Generator().manual_seed(seed)
+    # skewed: many repeats of a few rows, and rows sharing prefixes
+    hot = torch.randint(0, spec.num_embeddings, (7,), generator=g)
+    idx = torch.where(torch.rand(n, generator=g) < 0.5, hot[torch.randint(0, 7, (n,), generator=g)],
+                      torch.randint(0, spec.num_embeddings, (n,), generator=g))
+    offsets = torch.arange(0, n, pooling)
+    offsets[1] = offsets[2]  # an empty bag
+    w = torch.rand(n, generator=g) if weighted else None
+    return make_bags(idx, offsets, w, num_embeddings=spec.num_embeddings, mode=mode)
+
+
+SHAPES = [((11, 13, 17), (2, 2, 4), (16, 16)), ((5, 40, 7), (2, 3, 2), (5, 17)), ((30, 2, 9), (4, 4, 1), (32, 8)),
+          ((200, 220, 250), (2, 2, 4), (32, 32))]
+
+
+def _grads_recomputed(cores, spec, bags, mode, grad_out):
+    return ops.backward([c.detach() for c in cores], spec, bags, mode, grad_out)
+
+
+@pytest.mark.parametrize("p,q,r", SHAPES)
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kept_plan_gives_the_gradients_of_recomputation(p, q, r, mode, weighted, threads):
+    torch.set_num_threads(threads)
+    spec = _spec(p, q, r)
+    cores = _cores(spec, seed=1)
+    bags = _bags(spec, 900, 2, mode, weighted)
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(3))
+    live = ops.live_saved_forwards()
+    out = ops.tt_bag_cpu(cores, spec, bags, mode)
+    assert ops.live_saved_forwards() == live + 1  # kept for the backward to come
+    torch.testing.assert_close(out, ops.forward([c.detach() for c in cores], spec, bags, mode), rtol=0, atol=0)
+    got = torch.autograd.grad(out, cores, grad_out)
+    assert ops.live_saved_forwards() == live  # released by the backward
+    assert ops.last_stats("backward")["seconds_sort"] < 1.0
+    want = _grads_recomputed(cores, spec, bags, mode, grad_out)
+    for a, b in zip(got, want):  # the same arithmetic: bitwise equal
+        assert torch.equal(a, b)
+
+
+def test_forward_without_grad_keeps_nothing():
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, 500, 0)
+    gc.collect()
+    live = ops.live_saved_forwards()
+    with torch.no_grad():
+        ops.tt_bag_cpu(cores, spec, bags)
+    with torch.inference_mode():
+        ops.tt_bag_cpu(cores, spec, bags)
+    ops.tt_bag_cpu([c.detach() for c in cores], spec, bags)  # no core requires grad
+    ops.forward(cores, spec, bags, "sum")
+    m = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, (16, 16), (11, 13, 17), (2, 2, 4), backend="cpu", seed=0)
+    with torch.no_grad():
+        m(bags.indices, bags.offsets[:-1])
+    assert ops.live_saved_forwards() == live
+
+
+def test_dropped_graph_releases_its_plan():
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, 500, 0)
+    gc.collect()
+    live = ops.live_saved_forwards()
+    out = ops.tt_bag_cpu(cores, spec, bags)
+    assert ops.live_saved_forwards() == live + 1
+    del out
+    gc.collect()
+    assert ops.live_saved_forwards() == live
+
+
+@pytest.mark.parametrize("order", ["first_then_second", "second_then_first"])
+def test_two_forwards_then_backwards_in_either_order(order):
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    b1, b2 = _bags(spec, 400, 1), _bags(spec, 700, 2, mode="sum", weighted=True)
+    g1 = torch.randn(b1.num_bags, 16, generator=torch.Generator().manual_seed(4))
+    g2 = torch.randn(b2.num_bags, 16, generator=torch.Generator().manual_seed(5))
+    o1, o2 = ops.tt_bag_cpu(cores, spec, b1), ops.tt_bag_cpu(cores, spec, b2)
+    pairs = [(o1, g1, b1), (o2, g2, b2)]
+    if order == "second_then_first":
+        pairs.reverse()
+    for out, g, bags in pairs:
+        got = torch.autograd.grad(out, cores, g)
+        want = _grads_recomputed(cores, spec, bags, "sum", g)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_retained_graph_backward_twice_is_right():
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, 400, 1)
+    g = torch.randn(bags.num_bags, 16)
+    out = ops.tt_bag_cpu(cores, spec, bags)
+    first = torch.autograd.grad(out, cores, g, retain_graph=True)
+    second = torch.autograd.grad(out, cores, g)  # the plan was used once: recomputed now
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cores_changed_in_place_after_forward_are_refused_by_autograd():
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, 400, 1)
+    out = ops.tt_bag_cpu(cores, spec, bags)
+    with torch.no_grad():
+        cores[1].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(torch.ones_like(out))
+
+
+def _fused_pair(optimizer):
+    p, q, r = (11, 13, 17), (2, 2, 4), (16, 16)
+    n = math.prod(p) - 3
+    fused = ttrec.TTEmbeddingBag(n, 16, r, p, q, backend="cpu", seed=0, optimizer=optimizer, learning_rate=0.1)
+    plain = ttrec.TTEmbeddingBag(n, 16, r, p, q, backend="cpu", seed=0)
+    return fused, plain
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_fused_steps_with_kept_plans_equal_steps_from_recomputed_gradients(optimizer):
+    """Two forwards, then their backwards: the second forward's plan is stale once the first
+    backward has updated the cores, and must not be used (it would mix old and new cores)."""
+    fused, plain = _fused_pair(optimizer)
+    spec = fused.spec
+    bags = [_bags(spec, 300, s) for s in (7, 8, 9)]
+    grads = [torch.randn(b.num_bags, 16, generator=torch.Generator().manual_seed(s)) for s, b in enumerate(bags)]
+    state = [torch.zeros_like(c) for c in plain.tt_cores]
+    cores = [c.detach().clone() for c in plain.tt_cores]
+
+    def manual_step(b, g):  # recomputed gradients at the current cores, then the update
+        gr = ops.backward(cores, spec, b, "sum", g)
+        for c, dc, h in zip(cores, gr, state):
+            if optimizer == "sgd":
+                c -= 0.1 * dc
+            else:
+                h += dc * dc
+                c -= 0.1 * dc / (h.sqrt() + 1e-10)
+
+    # step 0 alone; then two forwards before their backwards
+    fused(bags[0].indices, bags[0].offsets[:-1]).backward(grads[0])
+    manual_step(bags[0], grads[0])
+    o1 = fused(bags[1].indices, bags[1].offsets[:-1])
+    o2 = fused(bags[2].indices, bags[2].offsets[:-1])
+    o1.backward(grads[1])
+    manual_step(bags[1], grads[1])
+    o2.backward(grads[2])  # recomputed at the updated cores, as without kept plans
+    manual_step(bags[2], grads[2])
+    for a, b in zip(fused.tt_cores, cores):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_batches_keep_nothing_and_stay_right():
+    spec = _spec((11, 13, 17), (2, 2, 4), (16, 16))
+    cores = _cores(spec)
+    bags = _bags(spec, 3000, 3)
+    g = torch.randn(bags.num_bags, 16)
+    out, saved = ops._forward(cores, spec, bags, "sum", chunk_bytes=1, keep=True)  # 1024-lookup chunks
+    assert saved is None
+    got = ops.backward([c.detach() for c in cores], spec, bags, "sum", g, chunk_bytes=1)
+    want = ops.backward([c.detach() for c in cores], spec, bags, "sum", g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())

@@ -25,7 +25,7 @@ def _install(session: nox.Session, *extras: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite (pytest; pass pytest arguments after --)."""
-    _install(session, "test", "peers")
+    _install(session, "test", "peers", "cluster")
     session.run("pytest", "-q", *session.posargs)
 
 

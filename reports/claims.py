@@ -23,7 +23,7 @@ from .paper_figures import format_bytes
 
 __all__ = ["CLAIM_COLUMNS", "TABLE2", "FIG5_REDUCTION", "claims", "CLAIMS"]
 
-CLAIM_COLUMNS = ["artifact", "claim", "paper", "measured", "agrees", "note"]
+CLAIM_COLUMNS = ["experiment", "artifact", "claim", "paper", "measured", "agrees", "note"]
 
 # ---- the paper's numbers ----
 
@@ -431,5 +431,5 @@ def claims(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
         df = results.get(name)
         if df is None or df.empty:
             continue
-        rows += compute(df)
+        rows += [{"experiment": name, **r} for r in compute(df)]
     return pd.DataFrame(rows, columns=CLAIM_COLUMNS)

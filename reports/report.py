@@ -184,7 +184,7 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         lines += [f"![{name}](figures/{p.name})" for p in pngs if p.suffix == ".png"]
         if failure:
             lines.append(failure)
-        part = table[table["artifact"] == name] if not table.empty else table
+        part = table[table["experiment"] == name] if not table.empty else table
         if not part.empty:
             lines += ["", *_md_table(part[["claim", "paper", "measured", "agrees", "note"]])]
     report = out / "REPORT.md"

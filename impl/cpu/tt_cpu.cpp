@@ -108,6 +108,13 @@ inline void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const 
   gemm_nn_impl<true>(M, N, K, A, lda, B, ldb, C, ldc);
 }
 
+// dst[0, n) = src[0, n): inline (rows of a few dozen floats; a libc call costs more than the copy)
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 inline float dot(const float* a, const float* b, int K) {
   v16 acc = {};
   int k = 0;
@@ -147,8 +154,31 @@ constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 
 // a multiple of 16. Needs D % 16 == 0; 16 dots at a time, reduced by one transpose-add tree.
 // ``arow[o]`` = (o / qd) * ldp and ``brow[o]`` = (o % qd) * Rp, in the bit-reversed order of each
 // group of 16 (precomputed: no division in the loop).
+template <int RV>  // Rp = 16 RV: unrolled, so the 16 sums stay in registers
+inline void last_stage16_rv(int D, const float* P, const float* St, const int32_t* arow, const int32_t* brow,
+                            float* out) {
+  for (int g = 0; g < D; g += 16) {
+    v16 acc[16];
+    for (int l = 0; l < 16; ++l) {
+      const float* a = P + arow[g + l];
+      const float* b = St + brow[g + l];
+      v16 sum = load16(a) * load16(b);
+      for (int k = 1; k < RV; ++k) sum += load16(a + 16 * k) * load16(b + 16 * k);
+      acc[l] = sum;
+    }
+    store16(out + g, hsum16_bitrev(acc));
+  }
+}
+
 inline void last_stage16(int D, int Rp, const float* P, const float* St, const int32_t* arow, const int32_t* brow,
                          float* out) {
+  switch (Rp) {
+    case 16: return last_stage16_rv<1>(D, P, St, arow, brow, out);
+    case 32: return last_stage16_rv<2>(D, P, St, arow, brow, out);
+    case 48: return last_stage16_rv<3>(D, P, St, arow, brow, out);
+    case 64: return last_stage16_rv<4>(D, P, St, arow, brow, out);
+    default: break;
+  }
   for (int g = 0; g < D; g += 16) {
     v16 acc[16];
     for (int l = 0; l < 16; ++l) {
@@ -460,7 +490,7 @@ void pack_slice(const tt_shape_t* s, const float* core, int k, int64_t i, float*
   int64_t ld;
   const float* S = tt_slice(s, core, k, i, &ld);
   const int64_t N = (int64_t)s->q[k] * s->r[k + 1];
-  for (int r = 0; r < s->r[k]; ++r) std::memcpy(dst + r * N, S + r * ld, sizeof(float) * N);
+  for (int r = 0; r < s->r[k]; ++r) copy_floats(dst + r * N, S + r * ld, N);
 }
 
 // P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ packed G_2 slice Bp.
@@ -470,7 +500,7 @@ void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl,
   const int64_t w1 = (int64_t)q1 * R1;
   Ap.resize((size_t)(t1 - t0) * w1);
   for (int64_t t = t0; t < t1; ++t)
-    std::memcpy(Ap.data() + (t - t0) * w1, cores[0] + pl.digits[2 * t] * w1, sizeof(float) * w1);
+    copy_floats(Ap.data() + (t - t0) * w1, cores[0] + pl.digits[2 * t] * w1, w1);
   gemm_nn((int)((t1 - t0) * q1), N, R1, Ap.data(), R1, Bp, N, P, N);
 }
 
@@ -626,7 +656,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
             if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again: copy it
-              std::memcpy(rbuf + j * D, rbuf + (int64_t)(sorted[x - 1] & (kMaxChunk - 1)) * D, sizeof(float) * D);
+              copy_floats(rbuf + j * D, rbuf + (int64_t)(sorted[x - 1] & (kMaxChunk - 1)) * D, D);
               continue;
             }
             const float* St = ctx.last_slice(entry_last(e, lb));
@@ -711,8 +741,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 //   3. the segment copies of dG_1 and dG_3 added in segment order, one digit value per thread.
 // No atomics; the sums do not depend on the thread count.
 static void backward_d3(const tt_shape_t* s, const float* const* cores, const int64_t* idx, int64_t n,
-                        const int64_t* bag_of, const float* lookup_w, const float* grad_out, float* const* grad_cores, uint8_t* const* touched, int threads,
-                        int64_t C, Plan* kept, tt_stats_t* stats, double& tick) {
+                        const int32_t* bag_of, const float* lookup_w, const float* grad_out,
+                        float* const* grad_cores, uint8_t* const* touched, int threads, int64_t C, Plan* kept,
+                        tt_stats_t* stats, double& tick) {
   auto lap = [&](int phase) {
     const double now = omp_get_wtime();
     if (stats) stats->seconds[phase] += now - tick;
@@ -772,6 +803,16 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
         float* const a3 = acc3.data() + (size_t)sg * n3 * w3;
         uint8_t* const u1 = used1.data() + (size_t)sg * n1;
         uint8_t* const u3 = used3.data() + (size_t)sg * n3;
+        // the upstream gradient rows are random reads: bag numbers fetched 2 kAhead lookups ahead,
+        // gradient rows and weights kAhead ahead
+        auto prefetch_ahead = [&](int64_t y) {
+          if (y + 2 * kAhead < cn) __builtin_prefetch(bag_of + s0 + (int64_t)(sorted[y + 2 * kAhead] & (kMaxChunk - 1)));
+          if (y + kAhead < cn) {
+            const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
+            __builtin_prefetch(grad_out + (int64_t)bag_of[ja] * D);
+            __builtin_prefetch(lookup_w + ja);
+          }
+        };
         for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
           pack_slice(s, cores[1], 1, i2, Bp.data());
@@ -787,18 +828,24 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               for (int64_t x = runs[t]; x < runs[t + 1];) {
                 // g: the upstream gradient of this row, summed over its repeats (adjacent)
                 const uint64_t row = sorted[x] >> kJBits;
-                std::fill(g.begin(), g.end(), 0.f);
                 int64_t y = x;
-                for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                  if (y + kAhead < cn) {  // the gradient rows of lookups further on: random reads
-                    const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
-                    __builtin_prefetch(grad_out + bag_of[ja] * D);
-                    __builtin_prefetch(lookup_w + ja);
+                if (D == 16) {  // one vector: summed in a register
+                  v16 gv = {};
+                  for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+                    prefetch_ahead(y);
+                    const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+                    gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
                   }
-                  const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                  const float w = lookup_w[j];
-                  const float* go = grad_out + bag_of[j] * D;
-                  for (int c = 0; c < D; ++c) g[c] += w * go[c];
+                  store16(g.data(), gv);
+                } else {
+                  std::fill(g.begin(), g.end(), 0.f);
+                  for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+                    prefetch_ahead(y);
+                    const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+                    const float w = lookup_w[j];
+                    const float* go = grad_out + (int64_t)bag_of[j] * D;
+                    for (int c = 0; c < D; ++c) g[c] += w * go[c];
+                  }
                 }
                 const int64_t i3 = entry_last(sorted[x], lb);
                 // dp (M x R2) += g (M x q_d) @ St (q_d x R2)
@@ -813,14 +860,14 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
             // stacked G_1 rows of the piece (np q1 x R1); dP viewed as (np q1 x q2 R2)
             Ap.resize((size_t)np * w1);
             for (int64_t t = ta; t < tb; ++t)
-              std::memcpy(Ap.data() + (t - ta) * w1, cores[0] + digits[2 * t] * w1, sizeof(float) * w1);
+              copy_floats(Ap.data() + (t - ta) * w1, cores[0] + digits[2 * t] * w1, w1);
             gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, g1 + i2 * N, p1 * N);
             gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
             for (int64_t t = ta; t < tb; ++t) {
               const int32_t v = first.slot[digits[2 * t]];
               float* c1 = a1 + (size_t)v * w1;
               const float* src = dP1.data() + (t - ta) * w1;
-              if (!u1[v]) { std::memcpy(c1, src, sizeof(float) * w1); u1[v] = 1; }
+              if (!u1[v]) { copy_floats(c1, src, w1); u1[v] = 1; }
               else for (int64_t c = 0; c < w1; ++c) c1[c] += src[c];
             }
           }
@@ -903,25 +950,30 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   static std::vector<float> dP, dPn, gs, seg_acc;
   static std::vector<uint8_t> repeats;
   std::lock_guard<std::mutex> lock(mutex);
+  if (d == 3 && n_bags <= INT32_MAX) {  // (bags numbered in int32)
+    static std::vector<float> lookup_w;  // weight x bag scale of every lookup
+    static std::vector<int32_t> bag32;  // bag of every lookup (int32: half the cache footprint)
+    lookup_w.resize(n);
+    bag32.resize(n);
+    for (int64_t b = 0; b < n_bags; ++b) {
+      const float sc = bag_scale(offsets, b, mean);
+      for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) {
+        lookup_w[j] = (weights ? weights[j] : 1.0f) * sc;
+        bag32[j] = (int32_t)b;
+      }
+    }
+    lap(0);
+    Plan* kept = static_cast<Plan*>(state);
+    if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
+    backward_d3(s, cores, idx, n, bag32.data(), lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
+                stats, tick);
+    return 0;
+  }
   bag_of.resize(n);
   for (int64_t b = 0; b < n_bags; ++b)
     for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) bag_of[j] = b;
   lev.resize(d);
   lap(0);
-  if (d == 3) {
-    static std::vector<float> lookup_w;  // weight x bag scale of every lookup
-    lookup_w.resize(n);
-    for (int64_t b = 0; b < n_bags; ++b) {
-      const float sc = bag_scale(offsets, b, mean);
-      for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) lookup_w[j] = (weights ? weights[j] : 1.0f) * sc;
-    }
-    lap(0);
-    Plan* kept = static_cast<Plan*>(state);
-    if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
-    backward_d3(s, cores, idx, n, bag_of.data(), lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
-                stats, tick);
-    return 0;
-  }
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);

@@ -53,3 +53,12 @@ def kernel(session: nox.Session) -> None:
     as ratios from one process (arguments after --, e.g. `--scale smoke`)."""
     _install(session, "peers")
     session.run("python", "-m", "benches.cpu_kernel", *session.posargs)
+
+
+@nox.session
+def gate(session: nox.Session) -> None:
+    """The performance-regression gate: pytest-benchmark benchmarks of the key paths, normalised by
+    calibration kernels and compared with this machine class's committed baseline; exit 1 on a
+    regression (README, "Performance-regression gate"). Arguments after --, e.g. `--update-baseline`."""
+    _install(session, "test")
+    session.run("python", "-m", "benches.gate", *session.posargs)

@@ -1,0 +1,73 @@
+"""Committed baselines of the gate, one JSON file per machine class.
+
+A machine class is what makes normalised times comparable: CPU model, logical CPU count, torch
+version, the gate's thread count and scale, and the GPU name when CUDA is used. Its slug names the
+file: ``benches/gate/baselines/<slug>.json``. A file holds, per benchmark, the normalised median
+(see :mod:`benches.gate.decision`) with the calibration it was normalised by, and the environment
+of the run that produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+__all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save"]
+
+DEFAULT_DIR = Path(__file__).resolve().parent / "baselines"
+FORMAT = 1
+
+
+def machine_class(env: dict, threads: int, scale: str, cuda: bool) -> dict:
+    """The fields that key a baseline (from :func:`benches.environment.capture`)."""
+    cls = {"cpu_model": env["cpu_model"], "cpu_count": env["cpu_count"], "torch": env["torch"],
+           "threads": str(threads), "scale": scale}
+    if cuda:
+        cls["gpu_name"] = env["gpu_name"]
+    return cls
+
+
+def slug(cls: dict) -> str:
+    parts = [cls["cpu_model"], f"{cls['cpu_count']}cpu", f"torch{cls['torch']}", f"{cls['threads']}t"]
+    if "gpu_name" in cls:
+        parts.append(cls["gpu_name"])
+    if cls["scale"] != "default":
+        parts.append(cls["scale"])
+    return "-".join(re.sub(r"[^a-z0-9.]+", "_", p.lower()).strip("_") for p in parts)
+
+
+def path_for(cls: dict, directory: Path = DEFAULT_DIR) -> Path:
+    return Path(directory) / f"{slug(cls)}.json"
+
+
+def load(cls: dict, calibration: str, directory: Path = DEFAULT_DIR) -> tuple[dict[str, float] | None, str]:
+    """Normalised medians by benchmark name, or None, and a message saying what was found."""
+    path = path_for(cls, directory)
+    if not path.exists():
+        known = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).is_dir() else []
+        return None, (f"no baseline for this machine class ({slug(cls)}): {path} does not exist "
+                      f"(baselines present: {known or 'none'}). Record one on this machine with "
+                      "`nox -s gate -- --update-baseline` and commit it.")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT or data.get("machine_class") != cls:
+        return None, (f"{path}: format {data.get('format')!r} / machine class {data.get('machine_class')!r} do not "
+                      f"match this run's ({FORMAT}, {cls}); refresh it with `nox -s gate -- --update-baseline`")
+    values, stale = {}, []
+    for name, entry in data["benchmarks"].items():
+        (values.__setitem__(name, entry["normalised_median"]) if entry.get("calibration") == calibration
+         else stale.append(name))
+    msg = f"baseline {path}" + (f" (ignored, other calibration: {stale})" if stale else "")
+    return values, msg
+
+
+def save(cls: dict, entries: dict[str, dict], env: dict, directory: Path = DEFAULT_DIR) -> Path:
+    """Write the baseline atomically (temp file + rename)."""
+    path = path_for(cls, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"format": FORMAT, "machine_class": cls, "benchmarks": entries, "environment": env},
+                              indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,110 @@
+"""The gate's benchmark points: the key paths, each a :class:`BenchConfig` built by the bench app.
+
+A point's identity is its name (``<impl>_<backend>_<mode>``); its sizes are fixed per scale, so a
+baseline stays comparable until someone changes a point here (then refresh the baselines).
+Scales: ``default`` (the CI gate, about a minute on a 2-core CPU) and ``smoke`` (tiny sizes, the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import (Backend, BenchConfig, CacheConfig, Distribution, Impl, ImplConfig, Mode, ModeConfig,
+                      TableConfig, TimingConfig, TTConfig, WorkloadConfig)
+
+__all__ = ["Point", "SCALES", "points", "cuda_present"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one gate scale: table rows, lookups per batch, TT rank, and the reference path's batch."""
+
+    num_embeddings: int
+    batch_size: int
+    tt_rank: int
+    reference_batch_size: int
+    cache_batch_size: int
+
+
+SCALES = {
+    "default": Scale(num_embeddings=200_000, batch_size=16_384, tt_rank=32, reference_batch_size=512,
+                     cache_batch_size=8192),
+    "smoke": Scale(num_embeddings=2_000, batch_size=64, tt_rank=4, reference_batch_size=32, cache_batch_size=64),
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One gated benchmark: its name, the bench app config that builds it, and its own threshold
+    (None: the gate's ``--threshold``) where its measured noise needs a wider one."""
+
+    name: str
+    cfg: BenchConfig
+    threshold: float | None = None
+
+    @property
+    def device(self) -> str:
+        return self.cfg.device
+
+
+def cuda_present() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cfg(scale: Scale, impl: ImplConfig, mode: str, *, threads: int, device: str = "cpu", fused: bool = False,
+         batch_size: int | None = None, distribution: str = "zipf", cache: bool = False) -> BenchConfig:
+    return BenchConfig(
+        impl=impl,
+        table=TableConfig("gate", scale.num_embeddings, 16),
+        tt=TTConfig(rank=scale.tt_rank),
+        workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=batch_size or scale.batch_size,
+                                pooling_factor=1),
+        timing=TimingConfig(threads=threads),
+        mode=ModeConfig(name=Mode(mode), fused=fused, lr=0.01),
+        cache=CacheConfig(enabled=True, fraction=0.01, warmup_iters=4, eval_batches=1) if cache else CacheConfig(),
+        device=device,
+    )
+
+
+def points(scale: str = "default", threads: int = 2) -> list[Point]:
+    """The gate's points on this machine: the native CPU backend, the reference ``torch`` backend
+    (small batch: it is slow), T3nsor-style and nn.EmbeddingBag, the LFU cache; CUDA when present."""
+    if scale not in SCALES:
+        raise ValueError(f"scale: got {scale!r}; allowed: {sorted(SCALES)}")
+    s = SCALES[scale]
+    tt_cpu, tt_torch = ImplConfig(Impl.tt, Backend.cpu), ImplConfig(Impl.tt, Backend.torch)
+    out = [
+        Point("tt_cpu_forward", _cfg(s, tt_cpu, "forward", threads=threads)),
+        Point("tt_cpu_train_fused_sgd", _cfg(s, tt_cpu, "train", threads=threads, fused=True)),
+        Point("tt_torch_forward", _cfg(s, tt_torch, "forward", threads=threads, batch_size=s.reference_batch_size)),
+        Point("t3nsor_torch_forward", _cfg(s, ImplConfig(Impl.t3nsor), "forward", threads=threads,
+                                           batch_size=s.reference_batch_size)),
+        Point("dense_aten_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads)),
+        # sparse gradients allocate and free megabytes per step: its CPU time follows page-fault cost,
+        # which moved it by up to 1.35x between unchanged runs here (README, gate section)
+        Point("dense_aten_train_sgd", _cfg(s, ImplConfig(Impl.dense, sparse=True), "train", threads=threads),
+              threshold=1.4),
+        Point("cached_tt_cpu_train_fused_sgd", _cfg(s, tt_cpu, "train", threads=threads, fused=True,
+                                                    batch_size=s.cache_batch_size, cache=True)),
+    ]
+    if cuda_present():
+        tt_cuda = ImplConfig(Impl.tt, Backend.cuda)
+        out += [
+            Point("tt_cuda_forward", _cfg(s, tt_cuda, "forward", threads=threads, device="cuda")),
+            Point("tt_cuda_train_fused_sgd", _cfg(s, tt_cuda, "train", threads=threads, device="cuda", fused=True)),
+            Point("dense_cuda_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads,
+                                             device="cuda")),
+        ]
+    return out
+
+
+def by_name(scale: str = "default", threads: int = 2) -> dict[str, Point]:
+    return {p.name: p for p in points(scale, threads)}
+
+
+def replace_threads(point: Point, threads: int) -> Point:
+    return Point(point.name, dataclasses.replace(point.cfg, timing=dataclasses.replace(point.cfg.timing,
+                                                                                       threads=threads)))

@@ -1,0 +1,204 @@
+"""The performance-regression gate: run the benchmarks, decide, print the table, write the artifact.
+
+    python -m benches.gate [--update-baseline] [--threshold 1.2] [--threads 1] [--scale default|smoke] ...
+    nox -s gate [-- arguments]
+
+Exit status: 0 pass (also when there is no baseline for this machine class: a warning, see
+``--require-baseline``), 1 regression, 2 bad arguments, 3 no baseline with ``--require-baseline``,
+4 the benchmarks themselves failed. The artifact (``<out>/gate.json``) holds pytest-benchmark's own
+JSON of every run, the decision and the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..environment import capture
+from . import baselines
+from .calibration import IDENTITY
+from .decision import (DEFAULT_THRESHOLD, NO_BASELINE, Measurement, confirm, decide, exit_code, suspects, table)
+from .points import SCALES, cuda_present, points
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH_FILE = "benches/gate/benchmarks.py"
+EXIT_PASS, EXIT_REGRESSION, EXIT_NO_BASELINE, EXIT_BENCH_FAILED = 0, 1, 3, 4
+METHOD = ("normalised median: per round, round time / mean of the calibration samples either side "
+          f"({IDENTITY}); median over rounds; ratio = current / baseline; a ratio above the threshold is "
+          "re-measured once in a fresh process and fails only if the re-run exceeds the threshold too")
+
+
+class BenchmarksFailed(RuntimeError):
+    pass
+
+
+def _positive_float(name: str, minimum: float = 0.0, exclusive: bool = True):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; expected a number") from None
+        if not (v > minimum if exclusive else v >= minimum) or v != v:
+            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; must be {'>' if exclusive else '>='} {minimum}")
+        return v
+    return parse
+
+
+def _positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; expected a whole number >= 1") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: got {v}; must be >= 1")
+        return v
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benches.gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--update-baseline", action="store_true",
+                   help="measure --baseline-runs times and write this machine class's baseline (no decision)")
+    p.add_argument("--baseline-runs", type=_positive_int("--baseline-runs"), default=3,
+                   help="runs whose per-benchmark median makes a new baseline (default 3)")
+    p.add_argument("--threshold", type=_positive_float("--threshold", 1.0), default=DEFAULT_THRESHOLD,
+                   help=f"fail when normalised current / baseline exceeds this (default {DEFAULT_THRESHOLD})")
+    p.add_argument("--threads", type=_positive_int("--threads"), default=1,
+                   help="intra-op threads of every benchmark and calibration (default 1, see README)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="default", help="benchmark sizes (smoke: tests)")
+    p.add_argument("--points", default=None,
+                   help="comma-separated subset of benchmark names (default: all available here)")
+    p.add_argument("--budget-s", type=_positive_float("--budget-s"), default=2.5,
+                   help="CPU seconds of rounds and calibration per benchmark (default 2.5)")
+    p.add_argument("--round-s", type=_positive_float("--round-s"), default=0.01,
+                   help="seconds per round: back-to-back calls of the step (default 0.01)")
+    p.add_argument("--min-rounds", type=_positive_int("--min-rounds"), default=30)
+    p.add_argument("--max-rounds", type=_positive_int("--max-rounds"), default=400)
+    p.add_argument("--no-confirm", action="store_true", help="fail on the first pass (no confirmation re-run)")
+    p.add_argument("--require-baseline", action="store_true",
+                   help=f"exit {EXIT_NO_BASELINE} (not 0) when this machine class has no baseline")
+    p.add_argument("--baseline-dir", type=Path, default=baselines.DEFAULT_DIR)
+    p.add_argument("--out", type=Path, default=None, help="artifact directory (default outputs/gate/<time>)")
+    return p
+
+
+def run_benchmarks(json_path: Path, options: dict, names: list[str]) -> dict:
+    """One pytest-benchmark run of the named points in a fresh process; its JSON."""
+    nodes = [f"{BENCH_FILE}::test_gate[{n}]" for n in names]
+    cmd = [sys.executable, "-m", "pytest", *nodes, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "--rootdir", str(ROOT), "--benchmark-json", str(json_path), "--benchmark-disable-gc",
+           "--benchmark-timer", "time.process_time",
+           "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
+    env = {**os.environ, "TTREC_GATE_OPTIONS": json.dumps(options),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(cmd, cwd=ROOT, env=env)
+    if done.returncode != 0 or not json_path.exists():
+        raise BenchmarksFailed(f"the gate's benchmarks failed (pytest exit {done.returncode}); see the output above")
+    return json.loads(json_path.read_text())
+
+
+def measurements(bench_json: dict) -> dict[str, Measurement]:
+    out = {}
+    for b in bench_json["benchmarks"]:
+        e = b["extra_info"]
+        out[e["gate_point"]] = Measurement(e["gate_point"], tuple(e["round_seconds"]), tuple(e["calibration_seconds"]))
+    return out
+
+
+def _load() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    started = time.perf_counter()
+    known = points(args.scale, args.threads)
+    available = [p.name for p in known]
+    if args.points:
+        names = [n.strip() for n in args.points.split(",") if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            parser().error(f"--points: got {unknown}; allowed (on this machine): {available}")
+    else:
+        names = available
+    out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"scale": args.scale, "threads": args.threads, "budget_s": args.budget_s, "round_s": args.round_s,
+               "min_rounds": args.min_rounds, "max_rounds": min(args.max_rounds, max(args.min_rounds, args.max_rounds))}
+    torch.set_num_threads(args.threads)
+    env = capture()
+    cls = baselines.machine_class(env, args.threads, args.scale, cuda_present())
+    artifact = {"method": METHOD, "machine_class": cls, "environment": env, "options": options,
+                "plant_slowdown": os.environ.get("TTREC_PLANT_SLOWDOWN"), "loadavg_before": _load(), "runs": {}}
+    try:
+        runs = args.baseline_runs if args.update_baseline else 1
+        found = []
+        for i in range(runs):
+            tag = f"run{i}"
+            artifact["runs"][tag] = run_benchmarks(out / f"benchmark_{tag}.json", options, names)
+            found.append({k: m.summary() for k, m in measurements(artifact["runs"][tag]).items()})
+        current = {n: found[0][n] for n in names}
+        if args.update_baseline:
+            entries = {n: {"normalised_median": statistics.median(f[n] for f in found),
+                           "runs": [f[n] for f in found], "calibration": IDENTITY} for n in names}
+            path = baselines.save(cls, entries, env, args.baseline_dir)
+            print(f"\ngate: wrote baseline {path} ({runs} runs; median of their normalised medians):")
+            for n, e in entries.items():
+                print(f"  {n}: {e['normalised_median']:.4g}  (runs: {', '.join(f'{x:.4g}' for x in e['runs'])})")
+            artifact["decision"] = {"baseline_written": str(path), "entries": entries, "exit_code": EXIT_PASS}
+            return _finish(artifact, out, started, EXIT_PASS)
+
+        base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
+        own = {p.name: p.threshold for p in known if p.threshold is not None and p.threshold > args.threshold}
+        verdicts = decide(current, base, args.threshold, own)
+        again = [] if args.no_confirm else suspects(verdicts)
+        if again:
+            print(f"\ngate: {again} above the threshold; measuring them once more to confirm")
+            artifact["runs"]["confirmation"] = run_benchmarks(out / "benchmark_confirmation.json", options, again)
+            verdicts = confirm(verdicts, {k: m.summary() for k, m in measurements(artifact["runs"]["confirmation"]).items()})
+        code = exit_code(verdicts)
+        missing = [v.metric for v in verdicts if v.verdict == NO_BASELINE]
+        if missing and code == EXIT_PASS and args.require_baseline:
+            code = EXIT_NO_BASELINE
+        print(f"\n## Performance-regression gate ({slug_line(cls)})\n")
+        print(table(verdicts))
+        print(f"\n{message}")
+        if missing:
+            print(f"WARNING: no baseline for {missing}: not gated. " + (
+                f"Exit {EXIT_NO_BASELINE} (--require-baseline)." if args.require_baseline else
+                "Record one with `nox -s gate -- --update-baseline` and commit it."))
+        print("gate: " + {EXIT_PASS: "PASS", EXIT_REGRESSION: "FAIL (regression)",
+                          EXIT_NO_BASELINE: "FAIL (no baseline)"}[code])
+        artifact["decision"] = {"threshold": args.threshold, "baseline": message, "exit_code": code,
+                                "verdicts": [v.as_dict() for v in verdicts]}
+        return _finish(artifact, out, started, code)
+    except BenchmarksFailed as exc:
+        print(f"gate: {exc}", file=sys.stderr)
+        artifact["decision"] = {"error": str(exc), "exit_code": EXIT_BENCH_FAILED}
+        return _finish(artifact, out, started, EXIT_BENCH_FAILED)
+
+
+def slug_line(cls: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cls.items())
+
+
+def _finish(artifact: dict, out: Path, started: float, code: int) -> int:
+    artifact["loadavg_after"] = _load()
+    artifact["wall_seconds"] = round(time.perf_counter() - started, 1)
+    path = out / "gate.json"
+    path.write_text(json.dumps(artifact, indent=1) + "\n")
+    print(f"gate: artifact {path} (wall time {artifact['wall_seconds']:.0f} s)")
+    return code

@@ -1,0 +1,249 @@
+"""The performance-regression gate (benches.gate): its decision on synthetic measurements, its
+baselines, the planted slowdown (ttrec.cpu.plant), and the whole gate end to end in smoke mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ttrec
+from benches.gate import baselines
+from benches.gate.decision import (FASTER, NO_BASELINE, NOT_CONFIRMED, PASS, REGRESSION, Measurement, confirm,
+                                   decide, exit_code, table)
+from ttrec.cpu import plant
+from ttrec.cpu.build import unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[1]
+native = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+
+
+# ---- decision on synthetic measurements ----
+
+def _measure(name: str, kernel_s: float, calib_s: float = 1e-3, rounds: int = 60, contention=None, seed=0,
+             speed: float = 1.0) -> Measurement:
+    """Rounds of a kernel taking ``kernel_s`` on a machine of relative ``speed`` (time multiplier);
+    ``contention(rng) -> factor`` slows each round and each calibration sample independently."""
+    rng = random.Random(seed)
+    slow = (lambda: contention(rng)) if contention else (lambda: 1.0)
+    return Measurement(name, tuple(kernel_s * speed * slow() for _ in range(rounds)),
+                       tuple(calib_s * speed * slow() for _ in range(rounds + 1)))
+
+
+def _summaries(*ms: Measurement) -> dict[str, float]:
+    return {m.name: m.summary() for m in ms}
+
+
+BASE = _summaries(_measure("fwd", 2e-3), _measure("step", 5e-3))
+
+
+def test_unchanged_passes_and_the_table_has_every_column():
+    verdicts = decide(_summaries(_measure("fwd", 2e-3), _measure("step", 5e-3)), BASE, threshold=1.2)
+    assert [v.verdict for v in verdicts] == [PASS, PASS]
+    assert [v.ratio for v in verdicts] == pytest.approx([1.0, 1.0])
+    assert exit_code(verdicts) == 0
+    assert table(verdicts).splitlines()[0] == "| metric | baseline | current | ratio | threshold | verdict |"
+
+
+def test_a_slower_kernel_is_a_regression_and_fails():
+    verdicts = decide(_summaries(_measure("fwd", 2e-3), _measure("step", 7.5e-3)), BASE, threshold=1.2)
+    assert [v.verdict for v in verdicts] == [PASS, REGRESSION]
+    assert verdicts[1].ratio == pytest.approx(1.5)
+    assert exit_code(verdicts) == 1
+
+
+def test_a_faster_kernel_passes_as_faster():
+    verdicts = decide(_summaries(_measure("fwd", 1e-3), _measure("step", 5e-3)), BASE, threshold=1.2)
+    assert [v.verdict for v in verdicts] == [FASTER, PASS]
+    assert exit_code(verdicts) == 0
+
+
+def test_missing_baseline_is_reported_not_failed():
+    current = _summaries(_measure("fwd", 2e-3), _measure("new_point", 1e-3))
+    for base in (None, {"step": 1.0}):
+        verdicts = decide(current, base, threshold=1.2)
+        assert all(v.verdict == NO_BASELINE and v.ratio is None for v in verdicts)
+        assert exit_code(verdicts) == 0
+    partial = decide(current, BASE, threshold=1.2)
+    assert [v.verdict for v in partial] == [PASS, NO_BASELINE]
+
+
+def test_a_uniformly_slower_machine_passes():
+    """Everything (kernels and calibration) 1.7x slower: the normalised medians do not move."""
+    slow = _summaries(_measure("fwd", 2e-3, speed=1.7), _measure("step", 5e-3, speed=1.7))
+    assert slow["fwd"] == pytest.approx(BASE["fwd"])
+    verdicts = decide(slow, BASE, threshold=1.2)
+    assert [v.verdict for v in verdicts] == [PASS, PASS]
+
+
+def test_noisy_but_unchanged_passes_and_a_real_slowdown_under_the_same_noise_fails():
+    """A third of all rounds and calibration samples land on a shared core (2-3x slower), at random:
+    the median of calibrated rounds stays within the threshold; a 1.5x slower kernel still fails."""
+    def contention(rng):
+        return rng.uniform(2.0, 3.0) if rng.random() < 0.33 else rng.uniform(1.0, 1.05)
+
+    for seed in range(10):
+        noisy = _summaries(_measure("fwd", 2e-3, contention=contention, seed=seed),
+                           _measure("step", 5e-3, contention=contention, seed=100 + seed))
+        assert exit_code(decide(noisy, BASE, threshold=1.2)) == 0, seed
+        slower = _summaries(_measure("step", 7.5e-3, contention=contention, seed=200 + seed))
+        assert [v.verdict for v in decide(slower, BASE, threshold=1.2)] == [REGRESSION], seed
+
+
+def test_a_regression_must_be_confirmed_by_the_rerun():
+    first = decide({"fwd": 1.5 * BASE["fwd"], "step": BASE["step"]}, BASE, threshold=1.2)
+    unconfirmed = confirm(first, {"fwd": 1.05 * BASE["fwd"]})
+    assert [v.verdict for v in unconfirmed] == [NOT_CONFIRMED, PASS]
+    assert unconfirmed[0].confirmation_ratio == pytest.approx(1.05)
+    assert exit_code(unconfirmed) == 0
+    confirmed = confirm(first, {"fwd": 1.4 * BASE["fwd"]})
+    assert [v.verdict for v in confirmed] == [REGRESSION, PASS]
+    assert exit_code(confirmed) == 1
+    assert exit_code(confirm(first, {})) == 1  # no re-run measurement: fails closed
+
+
+def test_bad_measurements_and_thresholds_are_clear_errors():
+    with pytest.raises(ValueError, match="fwd: got 2 calibration samples for 2 rounds; expected 3"):
+        Measurement("fwd", (1.0, 1.0), (1.0, 1.0))
+    with pytest.raises(ValueError, match="fwd: round_seconds holds 0.0"):
+        Measurement("fwd", (0.0,), (1.0, 1.0))
+    with pytest.raises(ValueError, match="fwd: round_seconds is empty"):
+        Measurement("fwd", (), (1.0,))
+    for bad in (1.0, 0.5, float("nan"), "1.2"):
+        with pytest.raises(ValueError, match="threshold: got"):
+            decide({"fwd": 1.0}, {"fwd": 1.0}, threshold=bad)
+
+
+# ---- baselines ----
+
+def _cls(**kw):
+    env = {"cpu_model": "AMD EPYC 7B13", "cpu_count": "2", "torch": "2.13.0+cpu", "gpu_name": "n/a"}
+    return baselines.machine_class({**env, **kw}, threads=1, scale="default", cuda=False)
+
+
+def test_baseline_round_trip_and_keys(tmp_path):
+    cls = _cls()
+    assert baselines.slug(cls) == "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t"
+    assert baselines.slug(_cls(torch="2.14.0")) != baselines.slug(cls)
+    path = baselines.save(cls, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"},
+                                "old": {"normalised_median": 2.0, "calibration": "cal-B"}}, {"note": "test"}, tmp_path)
+    assert path == tmp_path / "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t.json"
+    values, message = baselines.load(cls, "cal-A", tmp_path)
+    assert values == {"fwd": 1.5}  # measured with another calibration: not comparable, left out
+    assert "other calibration: ['old']" in message
+
+
+def test_missing_baseline_message_names_the_file_and_the_fix(tmp_path):
+    values, message = baselines.load(_cls(), "cal-A", tmp_path)
+    assert values is None
+    assert str(tmp_path / "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t.json") in message
+    assert "--update-baseline" in message
+
+
+# ---- the planted slowdown ----
+
+def test_plant_is_off_by_default_and_parses_whole_and_fractional_factors(monkeypatch):
+    monkeypatch.delenv(plant.ENV, raising=False)
+    assert plant.factor() == 1.0
+    calls = []
+    assert plant.call(lambda *a: calls.append(a) or 7, 1, 2) == 7
+    assert calls == [(1, 2)]
+    for raw, want in (("1", 1.0), ("3", 3.0), ("1.25", 1.25), (" 1.5 ", 1.5)):
+        monkeypatch.setenv(plant.ENV, raw)
+        assert plant.factor() == want
+
+
+@pytest.mark.parametrize("bad", ["0", "0.99", "-2", "x", "", "nan", "inf"])
+def test_plant_rejects_bad_values_naming_the_variable(monkeypatch, bad):
+    monkeypatch.setenv(plant.ENV, bad)
+    with pytest.raises(ValueError, match=r"TTREC_PLANT_SLOWDOWN: got .*; expected .*>= 1"):
+        plant.factor()
+
+
+def test_plant_pads_a_call_by_f_minus_one_times_its_duration(monkeypatch):
+    """With a fake thread CPU clock: a call of 2 s under f = 1.5 spins until 1 s more has passed, no longer."""
+    clock = {"now": 100.0}
+
+    def thread_time():
+        clock["now"] += 0.01  # every look at the clock costs 10 ms of fake time
+        return clock["now"]
+
+    def native_call():
+        clock["now"] += 2.0
+        return 0
+
+    monkeypatch.setattr(plant.time, "thread_time", thread_time)
+    monkeypatch.setenv(plant.ENV, "1.5")
+    start = clock["now"]
+    assert plant.call(native_call) == 0
+    elapsed = clock["now"] - start
+    assert 3.0 <= elapsed <= 3.05  # 2 s call + 1 s padding (+ the fake clock's own ticks)
+
+
+@native
+def test_plant_leaves_a_fused_training_step_bit_identical(monkeypatch):
+    """Forward, backward and the fused SGD update under f = 2.5 give exactly the plain results."""
+    def trained(f):
+        monkeypatch.setenv(plant.ENV, f)
+        emb = ttrec.TTEmbeddingBag(1000, 16, tt_ranks=8, backend="cpu", optimizer="sgd", learning_rate=0.1, seed=0)
+        idx, offsets = torch.tensor([1, 5, 999, 5, 42]), torch.tensor([0, 2])
+        for _ in range(3):
+            emb(idx, offsets).sum().backward()
+        return [c.detach().clone() for c in emb.parameters()]
+
+    for a, b in zip(trained("1"), trained("2.5")):
+        assert torch.equal(a, b)
+
+
+# ---- end to end (subprocess, smoke sizes) ----
+
+def _gate(tmp_path: Path, *args: str, plant_factor: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != plant.ENV}
+    env["PYTHONPATH"] = str(ROOT)
+    if plant_factor is not None:
+        env[plant.ENV] = plant_factor
+    return subprocess.run([sys.executable, "-m", "benches.gate", "--scale", "smoke", "--budget-s", "0.3",
+                           "--min-rounds", "10", "--baseline-dir", str(tmp_path / "baselines"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@native
+@pytest.mark.slow
+def test_gate_end_to_end_missing_baseline_then_baseline_then_a_large_plant_fails(tmp_path):
+    points = "--points=tt_cpu_forward,tt_cpu_train_fused_sgd"
+    missing = _gate(tmp_path, points, "--out", str(tmp_path / "missing"))
+    assert missing.returncode == 0, missing.stdout + missing.stderr
+    assert "no baseline for this machine class" in missing.stdout and "WARNING" in missing.stdout
+    strict = _gate(tmp_path, "--points=tt_cpu_forward", "--require-baseline", "--out", str(tmp_path / "strict"))
+    assert strict.returncode == 3, strict.stdout + strict.stderr
+
+    update = _gate(tmp_path, points, "--update-baseline", "--baseline-runs", "1", "--out", str(tmp_path / "base"))
+    assert update.returncode == 0, update.stdout + update.stderr
+    written = list((tmp_path / "baselines").glob("*-smoke.json"))
+    assert len(written) == 1
+    assert set(json.loads(written[0].read_text())["benchmarks"]) == {"tt_cpu_forward", "tt_cpu_train_fused_sgd"}
+
+    planted = _gate(tmp_path, points, "--out", str(tmp_path / "planted"), plant_factor="4")
+    assert planted.returncode == 1, planted.stdout + planted.stderr
+    assert "| metric | baseline | current | ratio | threshold | verdict |" in planted.stdout
+    artifact = json.loads((tmp_path / "planted" / "gate.json").read_text())
+    assert artifact["plant_slowdown"] == "4"
+    assert artifact["decision"]["exit_code"] == 1
+    assert {v["metric"]: v["verdict"] for v in artifact["decision"]["verdicts"]} == {
+        "tt_cpu_forward": REGRESSION, "tt_cpu_train_fused_sgd": REGRESSION}
+    run0 = artifact["runs"]["run0"]  # pytest-benchmark's own JSON, with the rounds in extra_info
+    assert {b["extra_info"]["gate_point"] for b in run0["benchmarks"]} == {"tt_cpu_forward", "tt_cpu_train_fused_sgd"}
+    assert "confirmation" in artifact["runs"]
+
+
+def test_gate_rejects_bad_arguments_clearly(tmp_path):
+    bad = _gate(tmp_path, "--threshold", "0.9")
+    assert bad.returncode == 2 and "--threshold: got '0.9'; must be > 1.0" in bad.stderr
+    unknown = _gate(tmp_path, "--points=nope")
+    assert unknown.returncode == 2 and "--points: got ['nope']; allowed" in unknown.stderr

@@ -551,6 +551,20 @@ void release_plan(Plan* p) {
   else delete p;
 }
 
+// The upstream gradient rows are random reads in sorted order: the bag numbers of lookups 2 kAhead
+// further on are fetched, and the gradient rows and weights of those kAhead further on.
+constexpr int64_t kAhead = 16;
+inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
+inline void prefetch_ahead(int64_t y, int64_t cn, int64_t s0, const uint64_t* sorted, const int32_t* bag_of,
+                           const float* lookup_w, const float* grad_out, int D) {
+  if (y + 2 * kAhead < cn) prefetch_line(bag_of + s0 + (int64_t)(sorted[y + 2 * kAhead] & (kMaxChunk - 1)));
+  if (y + kAhead < cn) {
+    const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
+    prefetch_line(grad_out + (int64_t)bag_of[ja] * D);
+    prefetch_line(lookup_w + ja);
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -605,6 +619,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
   static std::vector<float> rows;
+  static std::vector<int32_t> row_pos;
   static std::vector<uint64_t> sorted_g, tmp;
   static std::vector<int64_t> runs_g;
   static Plan plan_g;
@@ -627,7 +642,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
-      float* const rbuf = rows.data();
+      float* const rbuf = rows.data();  // rows in sorted order
+      row_pos.resize(cn);
+      int32_t* const pos = row_pos.data();  // lookup j's row: rbuf + pos[j] * D
       if (keep) keep->P.resize((size_t)U * M * R);
       const double t1 = omp_get_wtime();
       // 2. per prefix: chain (d == 3: per piece of an i2 bucket), then the rows of its lookups
@@ -652,18 +669,22 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             P = padded.data();
             ldp = Rp;
           }
+          // rows land in sorted order (sequential writes); a repeat of a row points at its first copy
+          int64_t lead = -1;
           for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
-            if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again: copy it
-              copy_floats(rbuf + j * D, rbuf + (int64_t)(sorted[x - 1] & (kMaxChunk - 1)) * D, D);
+            if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again
+              pos[j] = (int32_t)lead;
               continue;
             }
+            lead = x;
+            pos[j] = (int32_t)x;
             const float* St = ctx.last_slice(entry_last(e, lb));
             if (fast)
-              last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + j * D);
+              last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + x * D);
             else
-              gemm_nt(M, qd, R, P, ldp, St, Rp, rbuf + j * D, qd, false);
+              gemm_nt(M, qd, R, P, ldp, St, Rp, rbuf + x * D, qd, false);
           }
         };
         if (d == 3) {
@@ -707,8 +728,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         float* o = out + b * D;
         if (whole) std::memset(o, 0, sizeof(float) * D);  // empty bags included: all bags visited
         for (int64_t j = lo; j < hi; ++j) {
+          if (j + kAhead < e0) prefetch_line(rbuf + (int64_t)pos[j + kAhead - s0] * D);  // random reads
           const float w = weights ? weights[j] : 1.0f;
-          const float* r = rbuf + (j - s0) * D;
+          const float* r = rbuf + (int64_t)pos[j - s0] * D;
           for (int c = 0; c < D; ++c) o[c] += w * r[c];
         }
       }
@@ -755,7 +777,6 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
   const int64_t p0 = s->p[0], p1 = s->p[1], pd = s->p[2];
   const int64_t w1 = (int64_t)q1 * R1, MR2 = (int64_t)M * R2, w3 = (int64_t)qd * R2;
   const int lb = last_bits(pd);
-  constexpr int64_t kAhead = 16;  // prefetch distance, lookups
   static Plan plan_g;
   static std::vector<float> acc1, acc3;
   static std::vector<uint8_t> used1, used3;
@@ -803,16 +824,6 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
         float* const a3 = acc3.data() + (size_t)sg * n3 * w3;
         uint8_t* const u1 = used1.data() + (size_t)sg * n1;
         uint8_t* const u3 = used3.data() + (size_t)sg * n3;
-        // the upstream gradient rows are random reads: bag numbers fetched 2 kAhead lookups ahead,
-        // gradient rows and weights kAhead ahead
-        auto prefetch_ahead = [&](int64_t y) {
-          if (y + 2 * kAhead < cn) __builtin_prefetch(bag_of + s0 + (int64_t)(sorted[y + 2 * kAhead] & (kMaxChunk - 1)));
-          if (y + kAhead < cn) {
-            const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
-            __builtin_prefetch(grad_out + (int64_t)bag_of[ja] * D);
-            __builtin_prefetch(lookup_w + ja);
-          }
-        };
         for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
           pack_slice(s, cores[1], 1, i2, Bp.data());
@@ -832,7 +843,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                 if (D == 16) {  // one vector: summed in a register
                   v16 gv = {};
                   for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                    prefetch_ahead(y);
+                    prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
                     const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
                     gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
                   }
@@ -840,7 +851,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                 } else {
                   std::fill(g.begin(), g.end(), 0.f);
                   for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                    prefetch_ahead(y);
+                    prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
                     const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
                     const float w = lookup_w[j];
                     const float* go = grad_out + (int64_t)bag_of[j] * D;

@@ -66,6 +66,17 @@ def test_kept_plan_gives_the_gradients_of_recomputation(p, q, r, mode, weighted,
     want = _grads_recomputed(cores, spec, bags, mode, grad_out)
     for a, b in zip(got, want):  # the same arithmetic: bitwise equal
         assert torch.equal(a, b)
+    # and both equal the reference (float64), within fp32 rounding of the positive-term sums
+    ref_cores = [c.detach().double().requires_grad_() for c in cores]
+    abs_cores = [c.detach().double().abs().requires_grad_() for c in cores]
+    w = bags.per_sample_weights
+    ref_bags = make_bags(bags.indices, bags.offsets[:-1], None if w is None else w.double(),
+                         num_embeddings=spec.num_embeddings, mode=mode)
+    ref = torch.autograd.grad(ttrec.tt_embedding_bag(ref_cores, spec, ref_bags, mode), ref_cores, grad_out.double())
+    bound = torch.autograd.grad(ttrec.tt_embedding_bag(abs_cores, spec, ref_bags, mode), abs_cores,
+                                grad_out.double().abs())
+    for a, b, e in zip(got, ref, bound):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * e.abs().max().item(), rtol=1e-4)
 
 
 def test_forward_without_grad_keeps_nothing():

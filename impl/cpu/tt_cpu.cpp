@@ -449,7 +449,7 @@ struct Plan {
   bool has_P = false;
 };
 constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
-constexpr int64_t kBucketSegments = 16;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
+constexpr int64_t kBucketSegments = 8;   // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   if (a.d != b.d) return false;
@@ -549,6 +549,33 @@ void release_plan(Plan* p) {
   p->has_P = false;
   if (g_plan_pool.size() < 2) g_plan_pool.push_back(p);
   else delete p;
+}
+
+// One distinct row's gradient work when D = 16 and R = 16 RV: dp (M x R) += g (M x qd) @ St (qd x R)
+// and c3 (qd x R) += g^T @ P (M x R), with g kept in a register and its entries broadcast by
+// shuffles (a store of g and scalar reloads stall on store forwarding). The same k-ordered sums
+// as gemm_nn_acc / gemm_tn_acc.
+template <int RV>
+inline void row_grads16(v16 gv, int M, int qd, const float* St, int64_t ldst, const float* P, float* dp, float* c3) {
+  constexpr int R = 16 * RV;
+  for (int m = 0; m < M; ++m) {
+    v16 acc[RV];
+    for (int v = 0; v < RV; ++v) acc[v] = load16(dp + m * R + 16 * v);
+    for (int c = 0; c < qd; ++c) {
+      const v16 b = __builtin_shuffle(gv, v16i{} + (m * qd + c));
+      for (int v = 0; v < RV; ++v) acc[v] += b * load16(St + c * ldst + 16 * v);
+    }
+    for (int v = 0; v < RV; ++v) store16(dp + m * R + 16 * v, acc[v]);
+  }
+  for (int c = 0; c < qd; ++c) {
+    v16 acc[RV];
+    for (int v = 0; v < RV; ++v) acc[v] = load16(c3 + c * R + 16 * v);
+    for (int m = 0; m < M; ++m) {
+      const v16 b = __builtin_shuffle(gv, v16i{} + (m * qd + c));
+      for (int v = 0; v < RV; ++v) acc[v] += b * load16(P + m * R + 16 * v);
+    }
+    for (int v = 0; v < RV; ++v) store16(c3 + c * R + 16 * v, acc[v]);
+  }
 }
 
 // The upstream gradient rows are random reads in sorted order: the bag numbers of lookups 2 kAhead
@@ -846,6 +873,18 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                     prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
                     const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
                     gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
+                  }
+                  if (R2 == 16 || R2 == 32 || R2 == 64) {
+                    const int64_t i3 = entry_last(sorted[x], lb);
+                    const int32_t v = ctx.last.slot[i3];
+                    float* c3 = a3 + (size_t)v * w3;
+                    if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
+                    const float* St = ctx.last_slice(i3);
+                    if (R2 == 16) row_grads16<1>(gv, M, qd, St, Rp, P, dp, c3);
+                    else if (R2 == 32) row_grads16<2>(gv, M, qd, St, Rp, P, dp, c3);
+                    else row_grads16<4>(gv, M, qd, St, Rp, P, dp, c3);
+                    x = y;
+                    continue;
                   }
                   store16(g.data(), gv);
                 } else {

@@ -21,7 +21,7 @@ from ttrec.workloads import Batch, batch_stats
 
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_columns,
                                 workload_stream)
-from . import analytic, paper
+from . import analytic, paper, training
 from .config import BenchConfig, Task, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
@@ -201,6 +201,7 @@ COMPUTED_TASKS = {  # task -> rows(cfg, experiment): experiments that compute ra
     Task.tt_shapes: analytic.tt_shapes_rows,
     Task.model_size: analytic.model_size_rows,
     Task.init_distribution: analytic.init_distribution_rows,
+    Task.train_dlrm: training.train_rows,  # trains and times a whole DLRM (not benches.timing.measure)
 }
 
 
@@ -210,6 +211,9 @@ def main(cfg: DictConfig) -> None:
     bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
     if bench.task == Task.paper:
         paper.run_all(bench, hc)
+        return
+    if bench.task == Task.training:
+        paper.run_all(bench, hc, paper.TRAINING_EXPERIMENTS, label="training")
         return
     out = Path(hc.runtime.output_dir)
     if not claim_point(out, cfg, redo=bench.redo):

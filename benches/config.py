@@ -77,6 +77,33 @@ class Task(str, Enum):
     model_size = "model_size"          # Figure 5: whole-model embedding size (benches.analytic)
     init_distribution = "init_distribution"  # Figure 3: reconstructed entries per init (benches.analytic)
     paper = "paper"                    # every paper experiment in turn (benches.paper)
+    train_dlrm = "train_dlrm"          # train a DLRM end to end: time and accuracy (benches.training)
+    training = "training"              # every end-to-end training experiment in turn (benches.paper)
+
+
+class DLRMDataset(str, Enum):
+    kaggle = "kaggle"
+    terabyte = "terabyte"
+
+
+class ClickSource(str, Enum):
+    synthetic = "synthetic"  # planted ground truth, real table cardinalities (ttrec.synthetic_clicks)
+    criteo = "criteo"        # Criteo text files (ttrec.criteo)
+
+
+class DenseInit(str, Enum):  # paper Table 1 (ttrec.dlrm.DENSE_INITS)
+    uniform = "uniform"          # U(-1/sqrt(n), 1/sqrt(n)), DLRM's
+    gauss_1 = "gauss_1"          # N(0, 1)
+    gauss_1_2 = "gauss_1_2"      # N(0, 1/2)
+    gauss_1_8 = "gauss_1_8"      # N(0, 1/8)
+    gauss_1_3n = "gauss_1_3n"    # N(0, 1/(3n))
+    gauss_1_9n2 = "gauss_1_9n2"  # N(0, 1/(9n^2))
+
+
+class CompareTo(str, Enum):
+    none = "none"
+    uncompressed = "uncompressed"  # the same DLRM with every table nn.EmbeddingBag
+    tt = "tt"                      # the same TT model without its cache
 
 
 class Mode(str, Enum):
@@ -283,6 +310,56 @@ class AnalysisConfig:
 
 
 @dataclass
+class DLRMConfig:
+    """End-to-end DLRM training (task=train_dlrm, benches.training; the paper's Figures 6, 7, 10, Table 1).
+
+    The model is MLPerf-DLRM's for ``dataset`` (ttrec.dlrm.ARCHS) with its ``tt_tables`` largest
+    tables in TT format (rank, init and d from ``tt.*``; an LFU cache from ``cache.*`` when
+    ``cache.enabled``). Data: ``synthetic`` (real cardinalities divided by ``scale_down``, Zipf ids,
+    labels from a planted model) or ``criteo`` (``criteo_path``; held out: ``criteo_eval_path`` or
+    the file's first ``eval_samples`` samples). ``batch_size``/``lr`` null: the MLPerf reference's
+    (Kaggle 128 / 0.1, Terabyte 2048 / 0.1). ``timing_warmup`` iterations train but are not timed.
+    ``compare_to``: also train the uncompressed model (or the TT model without cache) on the same
+    batches, interleaved, for paired time and accuracy ratios.
+    """
+
+    dataset: DLRMDataset = DLRMDataset.kaggle
+    tt_tables: int = 0
+    source: ClickSource = ClickSource.synthetic
+    criteo_path: Optional[str] = None
+    criteo_eval_path: Optional[str] = None
+    criteo_mapping: CriteoMapping = CriteoMapping.hash
+    scale_down: int = 1
+    zipf_alpha: float = 1.05
+    iterations: int = 200
+    timing_warmup: int = 10
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    dense_init: DenseInit = DenseInit.uniform
+    eval_samples: int = 65536
+    eval_batch_size: int = 16384
+    compare_to: CompareTo = CompareTo.none
+
+    def __post_init__(self) -> None:
+        _positive("dlrm", scale_down=self.scale_down, iterations=self.iterations, batch_size=self.batch_size,
+                  eval_samples=self.eval_samples, eval_batch_size=self.eval_batch_size)
+        if not 0 <= self.tt_tables <= 26:
+            raise ValueError(f"dlrm.tt_tables: got {self.tt_tables}; must be in [0, 26] (tables in TT format)")
+        if self.timing_warmup < 0 or self.timing_warmup >= self.iterations:
+            raise ValueError(f"dlrm.timing_warmup: got {self.timing_warmup}; must be in [0, dlrm.iterations="
+                             f"{self.iterations}) (untimed iterations before the timed ones)")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"dlrm.lr: got {self.lr}; must be > 0 (or null: the MLPerf reference's 0.1)")
+        if not self.zipf_alpha > 0:
+            raise ValueError(f"dlrm.zipf_alpha: got {self.zipf_alpha}; must be > 0")
+        if self.source == ClickSource.criteo and not self.criteo_path:
+            raise ValueError("dlrm.criteo_path: got None; source=criteo needs a Criteo text file "
+                             "(Kaggle train.txt or Terabyte day_N)")
+        if self.compare_to == CompareTo.tt and self.tt_tables == 0:
+            raise ValueError("dlrm.compare_to: got 'tt' with dlrm.tt_tables=0; there is no TT model to compare to")
+
+
+@dataclass
 class ScaleConfig:
     """Sizes of the paper experiments (conf/scale/*.yaml), read by the experiment presets through
     interpolation (``${scale.ranks}``). Lists are comma-separated sweep values.
@@ -307,6 +384,19 @@ class ScaleConfig:
     stability_windows: int = 33
     stability_batch_size: int = 8192
     init_samples: int = 200_000        # fig3
+    # end-to-end training (fig7, table1, fig6, fig10_training): synthetic Kaggle-shaped clicks
+    train_scale_down: int = 100        # table rows = ceil(Kaggle's / this)
+    train_batch_size: int = 128        # the MLPerf Kaggle mini-batch
+    train_iterations: int = 400
+    train_timing_warmup: int = 20
+    train_eval_samples: int = 65536
+    train_tt_tables: str = "3,5,7"     # fig7, fig6
+    train_ranks: str = "8,16,32,64"    # fig7
+    fig6_tt_tables: str = "0,7"
+    fig6_ranks: str = "8,32"
+    fig6_inits: str = "uniform,normal,sampled_gaussian,calibrated"
+    train_cache_fractions: str = "0.0001,0.001,0.01"
+    train_cache_warmups: str = "40,120,200"  # iterations (10%, 30%, 50% of train_iterations)
     warmup: int = 2                    # timing of the timed experiments
     min_repeats: int = 5
     max_repeats: int = 50
@@ -324,6 +414,7 @@ class BenchConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    dlrm: DLRMConfig = field(default_factory=DLRMConfig)
     task: Task = Task.time
     device: str = "cpu"
     # A job whose directory already holds results of the same point is skipped; redo=true measures

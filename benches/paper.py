@@ -26,6 +26,8 @@ from .results import write_rows
 log = logging.getLogger("ttrec.bench")
 
 EXPERIMENTS = ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9")
+# ``experiment=training``: the end-to-end DLRM training experiments (benches.training), run the same way
+TRAINING_EXPERIMENTS = ("table1", "fig7", "fig6", "fig10_training")
 TIMINGS_FILE = "timings.csv"
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,29 +40,34 @@ def _passthrough(hc) -> list[str]:
     return task + launcher
 
 
-def run_all(cfg: BenchConfig, hc, experiments: tuple[str, ...] = EXPERIMENTS) -> Path:
+def run_all(cfg: BenchConfig, hc, experiments: tuple[str, ...] = EXPERIMENTS, label: str = "paper") -> Path:
+    """Run ``experiments`` in turn (each its own ``benches.app`` process), then the report of every
+    experiment found under ``<results_root>/<scale>``. ``label`` (the preset: paper, training) names
+    the log lines and the report's command; timings.csv keeps the other presets' experiments."""
     root = Path(to_absolute_path(cfg.results_root)) / cfg.scale.name
     root.mkdir(parents=True, exist_ok=True)
     extra = [o for o in _passthrough(hc) if not o.startswith("results_root=")]
     extra.append(f"results_root={root.parent}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
     start, timings = time.monotonic(), []
-    log.info("paper: %d experiments at scale=%s -> %s", len(experiments), cfg.scale.name, root)
+    earlier = read_timings(root)  # other presets' experiments in this root stay in the table
+    kept = [] if earlier is None else earlier[~earlier["experiment"].isin(experiments)].to_dict("records")
+    log.info("%s: %d experiments at scale=%s -> %s", label, len(experiments), cfg.scale.name, root)
     for i, name in enumerate(experiments):
-        log.info("[paper %d/%d] %s: starting | elapsed %s", i + 1, len(experiments), name,
+        log.info("[%s %d/%d] %s: starting | elapsed %s", label, i + 1, len(experiments), name,
                  _clock(time.monotonic() - start))
         t0 = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "benches.app", f"experiment={name}", *extra], cwd=_ROOT, env=env)
         seconds = time.monotonic() - t0
         status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
         timings.append({"experiment": name, "scale": cfg.scale.name, "seconds": round(seconds, 1), "status": status})
-        write_rows(timings, root / TIMINGS_FILE)  # after every experiment: an interrupt keeps what finished
-        log.info("[paper %d/%d] %s: %s in %s | elapsed %s, left: %s", i + 1, len(experiments), name, status,
+        write_rows(kept + timings, root / TIMINGS_FILE)  # after every experiment: an interrupt keeps what finished
+        log.info("[%s %d/%d] %s: %s in %s | elapsed %s, left: %s", label, i + 1, len(experiments), name, status,
                  _clock(seconds), _clock(time.monotonic() - start), ", ".join(experiments[i + 1:]) or "nothing")
     from reports.report import build
 
-    report = build(root, root / "report", command=f"python -m benches.app experiment=paper scale={cfg.scale.name}")
-    log.info("paper: all experiments in %s; report: %s", _clock(time.monotonic() - start), report)
+    report = build(root, root / "report", command=f"python -m benches.app experiment={label} scale={cfg.scale.name}")
+    log.info("%s: all experiments in %s; report: %s", label, _clock(time.monotonic() - start), report)
     failed = [t["experiment"] for t in timings if t["status"] != "ok"]
     if failed:
         raise RuntimeError(f"experiments failed: {failed} (their logs are above; the others' results are in {root})")

@@ -42,6 +42,7 @@ def _artifacts() -> dict[str, Artifact]:
     from reports.cache_figures import plot_cache_figures
     from reports.figures import plot_rank_sweep
     from reports.paper_figures import plot_init_distribution, plot_model_size, plot_rows_sweep, plot_tt_shapes
+    from reports.training_figures import plot_fig6, plot_fig7, plot_fig10_training, plot_table1
 
     return {
         "table2": Artifact("Table 2: TT shapes and memory reduction of Kaggle's 7 largest tables", _one(plot_tt_shapes),
@@ -62,10 +63,24 @@ def _artifacts() -> dict[str, Artifact]:
                           "Zipf(1.05) scattered by a permutation; hit ratio measured on held-out batches"),
         "fig9": Artifact("Figure 9: stability of the top-0.1% rows over a stream", plot_cache_figures,
                          "synthetic Zipf streams over Kaggle's largest table (no Criteo files here)"),
+        # end-to-end DLRM training (benches.training)
+        "table1": Artifact("Table 1: DLRM accuracy by the embedding tables' initialization", _one(plot_table1),
+                           "uncompressed MLPerf-DLRM (Kaggle shape), synthetic clicks with a planted model (its "
+                           "Bayes-optimal accuracy shown), SGD"),
+        "fig7": Artifact("Figure 7: DLRM training time with the largest tables in TT format", _one(plot_fig7),
+                         "MLPerf-DLRM (Kaggle shape), TT tables with fused SGD; each point trained beside the "
+                         "uncompressed model on the same batches (paired per-iteration time ratio)"),
+        "fig6": Artifact("Figure 6: DLRM accuracy against TT tables, rank and init scheme", _one(plot_fig6),
+                         "MLPerf-DLRM (Kaggle shape), synthetic clicks with a planted model"),
+        "fig10_training": Artifact("Figure 10 (training): LFU cache warm-up and size against training time and "
+                                   "accuracy", _one(plot_fig10_training),
+                                   "MLPerf-DLRM (Kaggle shape), 7 TT tables behind LFU caches; each point trained "
+                                   "beside the same TT model without cache on the same batches"),
     }
 
 
-ARTIFACTS = ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9")  # report order
+ARTIFACTS = ("table2", "fig5", "fig3", "fig8", "fig11", "fig12", "fig10", "fig9",  # report order
+             "table1", "fig7", "fig6", "fig10_training")
 
 
 def draw(experiment: str, df: pd.DataFrame, out_dir: str | Path) -> list[Path]:

@@ -1,0 +1,244 @@
+"""Figures of the end-to-end DLRM training experiments: paper Figures 7, 6, 10 and Table 1.
+
+Same conventions as :mod:`reports.figures` (its style and :func:`~reports.figures.save`): labelled
+axes with units, PNG + PDF, the PNG's path returned. Input: the experiment's aggregated tidy table
+(benches.training rows: ``model`` main / uncompressed / tt / planted). Nothing here measures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .cache_figures import _machine  # noqa: E402
+from .figures import _style, save  # noqa: E402
+
+__all__ = ["TABLE1_PAPER", "DENSE_INIT_ORDER", "TT_INIT_LABELS", "metric_table", "plot_fig7", "plot_table1",
+           "plot_fig6", "plot_fig10_training"]
+
+# Table 1 of the paper (uncompressed DLRM on Criteo Kaggle): dense init -> accuracy (%)
+TABLE1_PAPER = {"uniform": 79.263, "gauss_1": 78.123, "gauss_1_2": 78.371, "gauss_1_8": 78.823,
+                "gauss_1_3n": 79.256, "gauss_1_9n2": 79.220}
+DENSE_INIT_ORDER = list(TABLE1_PAPER)
+DENSE_INIT_LABELS = {"uniform": "U(-1/√n, 1/√n)", "gauss_1": "N(0, 1)", "gauss_1_2": "N(0, 1/2)",
+                     "gauss_1_8": "N(0, 1/8)", "gauss_1_3n": "N(0, 1/3n)", "gauss_1_9n2": "N(0, 1/9n²)"}
+TT_INIT_LABELS = {"uniform": "uniform", "normal": "normal", "sampled_gaussian": "sampled Gaussian (Alg. 3)",
+                  "calibrated": "calibrated (ours)"}
+
+
+def metric_table(df: pd.DataFrame, metric: str, figure: str, model: str | None = "main") -> pd.DataFrame:
+    """Rows of ``metric`` (of ``model``'s rows when given), or a ValueError naming the figure and what is there."""
+    if "metric" not in df.columns or "model" not in df.columns:
+        raise ValueError(f"df: got columns {list(df.columns)[:12]}...; {figure} needs the training experiments' "
+                         "tidy table (columns 'metric' and 'model')")
+    d = df[df["metric"] == metric]
+    if model is not None:
+        d = d[d["model"] == model]
+    if d.empty:
+        raise ValueError(f"df: no rows with metric {metric!r}{f' of model {model!r}' if model else ''} for {figure}; "
+                         f"the table has metrics {sorted(df['metric'].dropna().unique())}")
+    return d.copy()
+
+
+def _title(fig: plt.Figure, df: pd.DataFrame, what: str) -> None:
+    r = df.iloc[0]
+    setup = (f"{r['dataset']} DLRM, {r['source']} data, tables / {int(r['scale_down'])}, batch {int(r['batch_size'])}, "
+             f"{int(r['iterations'])} iterations")
+    fig.suptitle(f"{what}\n{setup}; {_machine(df)}", fontsize=9)
+
+
+def _bayes(ax, df: pd.DataFrame) -> None:
+    b = df[df["metric"] == "bayes_accuracy"]
+    if not b.empty:
+        ax.axhline(b["median"].median(), ls=":", color="black", label="Bayes-optimal (planted model)")
+
+
+def _errorbar(ax, x, g: pd.DataFrame, **kw) -> None:
+    ax.errorbar(x, g["median"], yerr=[g["median"] - g["q1"], g["q3"] - g["median"]], capsize=3, marker="o", **kw)
+
+
+# ---- Figure 7 ----
+
+def plot_fig7(df: pd.DataFrame, out_dir: str | Path, name: str = "fig7_training_time") -> Path:
+    """(a) Time per training iteration / the uncompressed model's (paired, same batches), against
+    the number of TT tables, one bar group per rank. (b) ms per iteration split into embedding and
+    other work, TT model beside the uncompressed one."""
+    _style()
+    ratio = metric_table(df, "time_vs_reference", "Figure 7")
+    total = metric_table(df, "time_per_iteration", "Figure 7", model=None)
+    emb = metric_table(df, "embedding_time", "Figure 7", model=None)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    ranks = sorted(ratio["tt_rank"].dropna().unique())
+    tables = sorted(ratio["tt_tables"].unique())
+    palette = sns.color_palette("colorblind", len(ranks))
+    width = 0.8 / max(1, len(ranks))
+    for i, rank in enumerate(ranks):
+        g = ratio[ratio["tt_rank"] == rank].groupby("tt_tables")[["median", "q1", "q3"]].median().reindex(tables)
+        x = np.arange(len(tables)) + (i - (len(ranks) - 1) / 2) * width
+        ax.bar(x, g["median"], width, color=palette[i], label=f"rank {int(rank)}",
+               yerr=[g["median"] - g["q1"], g["q3"] - g["median"]], capsize=2)
+    ax.axhline(1.0, color="black", lw=1, ls="--", label="uncompressed")
+    ax.set_xticks(np.arange(len(tables)), [f"TT-Emb. of {int(t)}" for t in tables])
+    ax.set_ylabel("time per iteration / uncompressed (median, IQR)")
+    ax.set_title("(a) normalized training time")
+    ax.legend(fontsize=8)
+    def label(r) -> str:
+        return "uncompressed" if r["model"] != "main" or r["tt_tables"] == 0 else \
+            f"{int(r['tt_tables'])} TT, R={int(r['tt_rank'])}"
+
+    split = pd.concat([total.assign(label=total.apply(label, axis=1), part="total"),
+                       emb.assign(label=emb.apply(label, axis=1), part="embedding")])
+    split = split.pivot_table(index="label", columns="part", values="median", aggfunc="median")
+    g = split
+    order = (["uncompressed"] if "uncompressed" in g.index else []) + sorted(
+        (i for i in g.index if i != "uncompressed"), key=lambda s: (int(s.split()[0]), int(s.split("R=")[1])))
+    labels = order
+    tt_ms = [g.loc[i, "embedding"] for i in order]
+    other_ms = [g.loc[i, "total"] - g.loc[i, "embedding"] for i in order]
+    y = np.arange(len(labels))
+    bx.barh(y, tt_ms, color=sns.color_palette("colorblind")[0], label="embeddings (lookup, backward, update)")
+    bx.barh(y, other_ms, left=tt_ms, color=sns.color_palette("colorblind")[7], label="MLPs, interaction, loss")
+    bx.set_yticks(y, labels, fontsize=7)
+    bx.invert_yaxis()
+    bx.set_xlabel("time per iteration (ms, median)")
+    bx.set_title("(b) where the time goes")
+    bx.legend(fontsize=8, loc="lower right")
+    _title(fig, df, "Figure 7: DLRM training time with the largest tables in TT format")
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+# ---- Table 1 ----
+
+def plot_table1(df: pd.DataFrame, out_dir: str | Path, name: str = "table1_dense_init_accuracy") -> Path:
+    """Accuracy of the uncompressed model per dense-table init: this run (with the Bayes-optimal
+    accuracy of the planted model) beside the paper's Table 1 (Criteo Kaggle)."""
+    _style()
+    acc = metric_table(df, "accuracy", "Table 1")
+    g = acc.groupby("dense_init")["median"].median()
+    order = [i for i in DENSE_INIT_ORDER if i in g.index] + sorted(set(g.index) - set(DENSE_INIT_ORDER))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [DENSE_INIT_LABELS.get(i, i) for i in order]
+    colors = sns.color_palette("colorblind", len(order))
+    ax.bar(labels, [g[i] for i in order], color=colors)
+    _bayes(ax, df)
+    lo = min(g.min(), df[df["metric"] == "bayes_accuracy"]["median"].min() if "bayes_accuracy" in set(df["metric"])
+             else g.min())
+    hi = max(g.max(), df[df["metric"] == "bayes_accuracy"]["median"].max() if "bayes_accuracy" in set(df["metric"])
+             else g.max())
+    ax.set_ylim(lo - 0.5, hi + 0.3)
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("(this run) uncompressed DLRM, synthetic clicks")
+    ax.tick_params(axis="x", rotation=30, labelsize=8)
+    ax.legend(fontsize=8)
+    paper = [TABLE1_PAPER[i] for i in order if i in TABLE1_PAPER]
+    bx.bar([DENSE_INIT_LABELS[i] for i in order if i in TABLE1_PAPER], paper, color=colors[:len(paper)])
+    bx.set_ylim(min(paper) - 0.5, max(paper) + 0.3)
+    bx.set_ylabel("accuracy (%)")
+    bx.set_title("(paper, Table 1) Criteo Kaggle")
+    bx.tick_params(axis="x", rotation=30, labelsize=8)
+    _title(fig, df, "Table 1: accuracy by the embedding tables' initialization")
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+# ---- Figure 6 ----
+
+def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy") -> Path:
+    """(a) accuracy against the number of TT tables, one line per rank (each init scheme its own line
+    style); the uncompressed model at 0 tables. (c) accuracy per TT init scheme, bars per
+    (tables, rank). The planted model's Bayes accuracy is the dotted line."""
+    _style()
+    acc = metric_table(df, "accuracy", "Figure 6")
+    tt = acc[acc["tt_tables"] > 0]
+    base = acc[acc["tt_tables"] == 0]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ranks = sorted(tt["tt_rank"].dropna().unique())
+    inits = [i for i in TT_INIT_LABELS if i in set(tt["tt_init"].dropna())]
+    palette = dict(zip(ranks, sns.color_palette("colorblind", len(ranks))))
+    styles = dict(zip(inits, ["-", "--", "-.", ":"]))
+    base_acc = base["median"].median() if not base.empty else None
+    for (rank, init), g in tt.groupby(["tt_rank", "tt_init"]):
+        g = g.groupby("tt_tables")["median"].median()
+        if base_acc is not None:
+            g = pd.concat([pd.Series({0: base_acc}), g])
+        ax.plot(g.index, g.values, marker="o", ls=styles.get(init, "-"), color=palette[rank],
+                label=f"R={int(rank)}, {TT_INIT_LABELS.get(init, init)}")
+    if base_acc is not None:
+        ax.axhline(base_acc, color="gray", lw=1, label="uncompressed")
+    _bayes(ax, df)
+    ax.set_xlabel("tables in TT format (the largest)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("(a) accuracy vs TT tables and rank")
+    ax.legend(fontsize=6, ncol=2)
+    groups = sorted({(int(t), int(r)) for t, r in zip(tt["tt_tables"], tt["tt_rank"])})
+    width = 0.8 / max(1, len(inits))
+    colors = sns.color_palette("colorblind", len(inits))
+    for i, init in enumerate(inits):
+        g = tt[tt["tt_init"] == init].groupby(["tt_tables", "tt_rank"])["median"].median()
+        vals = [g.get((t, r), np.nan) for t, r in groups]
+        bx.bar(np.arange(len(groups)) + (i - (len(inits) - 1) / 2) * width, vals, width, color=colors[i],
+               label=TT_INIT_LABELS[init])
+    if base_acc is not None:
+        bx.axhline(base_acc, color="gray", lw=1, label="uncompressed")
+    _bayes(bx, df)
+    finite = tt["median"][np.isfinite(tt["median"])]
+    if not finite.empty:
+        bx.set_ylim(max(0.0, finite.min() - 1), max(finite.max(), base_acc or 0) + 1)
+    bx.set_xticks(np.arange(len(groups)), [f"{t} TT, R={r}" for t, r in groups], fontsize=8)
+    bx.set_ylabel("held-out accuracy (%)")
+    bx.set_title("(c) accuracy per TT init scheme")
+    bx.legend(fontsize=7)
+    _title(fig, df, "Figure 6: DLRM accuracy with TT tables, ranks and init schemes")
+    fig.tight_layout()
+    return save(fig, out_dir, name)
+
+
+# ---- Figure 10 in training ----
+
+def plot_fig10_training(df: pd.DataFrame, out_dir: str | Path, name: str = "fig10_training_cache") -> Path:
+    """Time per iteration relative to the same TT model without cache (paired), total training
+    time and accuracy, against the cache warm-up share (one line per cache size) and the cache
+    size (one line per warm-up)."""
+    _style()
+    ratio = metric_table(df, "time_vs_reference", "Figure 10 (training)")
+    acc = metric_table(df, "accuracy", "Figure 10 (training)")
+    hit = df[(df["metric"] == "hit_ratio") & (df["model"] == "main")]
+    ref_acc = df[(df["metric"] == "accuracy") & (df["model"] == "tt")]["median"].median()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fr = sorted(ratio["cache_fraction"].unique())
+    wu = sorted(ratio["cache_warmup_share"].unique())
+    pf = dict(zip(fr, sns.color_palette("colorblind", len(fr))))
+    pw = dict(zip(wu, sns.color_palette("colorblind", len(wu))))
+    panels = [(ratio, "time per iteration / TT without cache", 1.0), (acc, "held-out accuracy (%)", ref_acc),
+              (hit, "cache hit ratio (after warm-up)", None)]
+    for col, (d, ylabel, ref) in enumerate(panels):
+        ax, bx = axes[0][col], axes[1][col]
+        for f, g in d.groupby("cache_fraction"):
+            g = g.groupby("cache_warmup_share")[["median", "q1", "q3"]].median()
+            _errorbar(ax, 100 * g.index.values, g, color=pf[f], label=f"cache {100 * f:g}% of rows")
+        for w, g in d.groupby("cache_warmup_share"):
+            g = g.groupby("cache_fraction")[["median", "q1", "q3"]].median()
+            _errorbar(bx, 100 * g.index.values, g, color=pw[w], label=f"warm-up {100 * w:.0f}%")
+        for a in (ax, bx):
+            if ref is not None and not pd.isna(ref):
+                a.axhline(ref, color="gray", ls="--", lw=1, label="TT without cache")
+            a.set_ylabel(ylabel)
+        ax.set_xlabel("cache warm-up (% of training iterations)")
+        bx.set_xlabel("cache size (% of each TT table's rows)")
+        bx.set_xscale("log")
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=7)
+    axes[0][0].set_title("(a) warm-up")
+    axes[1][0].set_title("(b) cache size")
+    _title(fig, df, "Figure 10 (training): LFU cache warm-up and size against time and accuracy "
+                    f"({int(ratio['tt_tables'].iloc[0])} TT tables, rank {int(ratio['tt_rank'].iloc[0])})")
+    fig.tight_layout()
+    return save(fig, out_dir, name)

@@ -449,7 +449,7 @@ struct Plan {
   bool has_P = false;
 };
 constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
-constexpr int64_t kBucketSegments = 8;   // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
+constexpr int64_t kBucketSegments = 8;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   if (a.d != b.d) return false;

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ttrec
-from benches.gate import baselines
+from benches.gate import baselines, run
 from benches.gate.decision import (FASTER, NO_BASELINE, NOT_CONFIRMED, PASS, REGRESSION, Measurement, confirm,
                                    decide, exit_code, table)
 from ttrec.cpu import plant
@@ -215,14 +215,8 @@ def _gate(tmp_path: Path, *args: str, plant_factor: str | None = None) -> subpro
 
 @native
 @pytest.mark.slow
-def test_gate_end_to_end_missing_baseline_then_baseline_then_a_large_plant_fails(tmp_path):
+def test_gate_end_to_end_baseline_then_a_large_plant_fails(tmp_path):
     points = "--points=tt_cpu_forward,tt_cpu_train_fused_sgd"
-    missing = _gate(tmp_path, points, "--out", str(tmp_path / "missing"))
-    assert missing.returncode == 0, missing.stdout + missing.stderr
-    assert "no baseline for this machine class" in missing.stdout and "WARNING" in missing.stdout
-    strict = _gate(tmp_path, "--points=tt_cpu_forward", "--require-baseline", "--out", str(tmp_path / "strict"))
-    assert strict.returncode == 3, strict.stdout + strict.stderr
-
     update = _gate(tmp_path, points, "--update-baseline", "--baseline-runs", "1", "--out", str(tmp_path / "base"))
     assert update.returncode == 0, update.stdout + update.stderr
     written = list((tmp_path / "baselines").glob("*-smoke.json"))
@@ -242,8 +236,28 @@ def test_gate_end_to_end_missing_baseline_then_baseline_then_a_large_plant_fails
     assert "confirmation" in artifact["runs"]
 
 
-def test_gate_rejects_bad_arguments_clearly(tmp_path):
-    bad = _gate(tmp_path, "--threshold", "0.9")
-    assert bad.returncode == 2 and "--threshold: got '0.9'; must be > 1.0" in bad.stderr
-    unknown = _gate(tmp_path, "--points=nope")
-    assert unknown.returncode == 2 and "--points: got ['nope']; allowed" in unknown.stderr
+def test_missing_baseline_warns_and_passes_or_exits_3_when_required(tmp_path, monkeypatch, capsys):
+    """The runner's own code path, with the benchmarks replaced by a canned pytest-benchmark JSON."""
+    canned = {"benchmarks": [{"extra_info": {"gate_point": "tt_cpu_forward", "round_seconds": [1e-3, 1e-3],
+                                             "calibration_seconds": [1e-3, 1e-3, 1e-3]}}]}
+    monkeypatch.setattr(run, "run_benchmarks", lambda path, options, names: canned)
+    common = ["--points=tt_cpu_forward", "--baseline-dir", str(tmp_path)]
+    code = run.main([*common, "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "no baseline for this machine class" in out and "WARNING: no baseline for ['tt_cpu_forward']" in out
+    assert json.loads((tmp_path / "o" / "gate.json").read_text())["decision"]["exit_code"] == 0
+    assert run.main([*common, "--require-baseline", "--out", str(tmp_path / "strict")]) == 3
+    assert "gate: FAIL (no baseline)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threshold", "0.9"], "--threshold: got '0.9'; must be > 1.0"),
+    (["--points=nope"], "--points: got ['nope']; allowed"),
+    (["--threads", "0"], "--threads: got 0; must be >= 1"),
+])
+def test_gate_rejects_bad_arguments_clearly(args, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

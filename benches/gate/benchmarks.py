@@ -27,7 +27,7 @@ from benches.app import build_point
 from benches.gate.calibration import IDENTITY, Calibration, time_call
 from benches.gate.points import points
 
-OPTIONS = {"scale": "default", "threads": 1, "budget_s": 2.5, "round_s": 0.01, "min_rounds": 30, "max_rounds": 400,
+OPTIONS = {"scale": "default", "threads": 1, "budget_s": 1.5, "round_s": 0.01, "min_rounds": 30, "max_rounds": 400,
            "warmup": 3,
            **json.loads(os.environ.get("TTREC_GATE_OPTIONS", "{}"))}
 POINTS = points(OPTIONS["scale"], OPTIONS["threads"])

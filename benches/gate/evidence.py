@@ -97,9 +97,10 @@ def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, s
         caught = sum(1 for r in gated if r["verdict"] == "REGRESSION")
         first = sum(1 for r in gated if r["ratio"] is not None and r["ratio"] > float(threshold))
         others = sum(1 for r in rs if r.get("metric") not in (GATED, None) and r["verdict"] == "REGRESSION")
-        walls = [per_run[i][0]["wall_s"] for i in runs]
+        walls = [per_run[i][0]["wall_s"] for i in runs] or [float("nan")]
         loads = [float(r["loadavg_before"].split()[0]) for r in rs if r["loadavg_before"]]
-        ratio = statistics.median(r["ratio"] for r in gated if r["ratio"] is not None) if gated else float("nan")
+        ratios = [r["ratio"] for r in gated if r["ratio"] is not None]
+        ratio = statistics.median(ratios) if ratios else float("nan")
         raw = (statistics.median(r["raw_median_ms"] for r in gated) / ref) if gated and ref else float("nan")
         lines.append(f"| {f:g} | {len(runs)} | {failed} | {caught}/{len(gated)} | {first}/{len(gated)} | {ratio:.3f} | "
                      f"{raw:.2f}x | {others} | {statistics.median(walls):.0f} / {max(walls):.0f} | "

@@ -32,18 +32,22 @@ class Scale:
 SCALES = {
     "default": Scale(num_embeddings=200_000, batch_size=16_384, tt_rank=32, reference_batch_size=512,
                      cache_batch_size=8192),
-    "smoke": Scale(num_embeddings=2_000, batch_size=64, tt_rank=4, reference_batch_size=32, cache_batch_size=64),
+    "smoke": Scale(num_embeddings=20_000, batch_size=2048, tt_rank=16, reference_batch_size=32, cache_batch_size=256),
 }
 
 
 @dataclass(frozen=True)
 class Point:
     """One gated benchmark: its name, the bench app config that builds it, and its own threshold
-    (None: the gate's ``--threshold``) where its measured noise needs a wider one."""
+    (None: the gate's ``--threshold``) where its measured run-to-run noise needs a wider one.
+    Reference points run torch's kernels behind our thin modules; on a shared machine their CPU time
+    moves with what the neighbours do to the caches and memory bus far more than the TT kernels'
+    (README, gate section), so they are gated against gross regressions only."""
 
     name: str
     cfg: BenchConfig
     threshold: float | None = None
+    optional: bool = False  # run only when asked for by name (--points)
 
     @property
     def device(self) -> str:
@@ -70,8 +74,8 @@ def _cfg(scale: Scale, impl: ImplConfig, mode: str, *, threads: int, device: str
 
 
 def points(scale: str = "default", threads: int = 2) -> list[Point]:
-    """The gate's points on this machine: the native CPU backend, the reference ``torch`` backend
-    (small batch: it is slow), T3nsor-style and nn.EmbeddingBag, the LFU cache; CUDA when present."""
+    """The gate's points on this machine: the native CPU backend, the LFU cache, T3nsor-style and
+    nn.EmbeddingBag, the reference ``torch`` backend (optional); CUDA when present."""
     if scale not in SCALES:
         raise ValueError(f"scale: got {scale!r}; allowed: {sorted(SCALES)}")
     s = SCALES[scale]
@@ -79,16 +83,18 @@ def points(scale: str = "default", threads: int = 2) -> list[Point]:
     out = [
         Point("tt_cpu_forward", _cfg(s, tt_cpu, "forward", threads=threads)),
         Point("tt_cpu_train_fused_sgd", _cfg(s, tt_cpu, "train", threads=threads, fused=True)),
-        Point("tt_torch_forward", _cfg(s, tt_torch, "forward", threads=threads, batch_size=s.reference_batch_size)),
-        Point("t3nsor_torch_forward", _cfg(s, ImplConfig(Impl.t3nsor), "forward", threads=threads,
-                                           batch_size=s.reference_batch_size)),
-        Point("dense_aten_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads)),
-        # sparse gradients allocate and free megabytes per step: its CPU time follows page-fault cost,
-        # which moved it by up to 1.35x between unchanged runs here (README, gate section)
-        Point("dense_aten_train_sgd", _cfg(s, ImplConfig(Impl.dense, sparse=True), "train", threads=threads),
-              threshold=1.4),
         Point("cached_tt_cpu_train_fused_sgd", _cfg(s, tt_cpu, "train", threads=threads, fused=True,
-                                                    batch_size=s.cache_batch_size, cache=True)),
+                                                    batch_size=s.cache_batch_size, cache=True), threshold=1.25),
+        Point("t3nsor_torch_forward", _cfg(s, ImplConfig(Impl.t3nsor), "forward", threads=threads,
+                                           batch_size=s.reference_batch_size), threshold=1.4),
+        Point("dense_aten_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads),
+              threshold=1.6),
+        # sparse gradients allocate and free megabytes per step: the noisiest point here
+        Point("dense_aten_train_sgd", _cfg(s, ImplConfig(Impl.dense, sparse=True), "train", threads=threads),
+              threshold=1.6),
+        # the pure-PyTorch reference backend: many small ops, 1.5x apart between unchanged runs; opt-in
+        Point("tt_torch_forward", _cfg(s, tt_torch, "forward", threads=threads, batch_size=s.reference_batch_size),
+              threshold=1.6, optional=True),
     ]
     if cuda_present():
         tt_cuda = ImplConfig(Impl.tt, Backend.cuda)

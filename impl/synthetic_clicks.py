@@ -99,7 +99,7 @@ class SyntheticClicks:
 
     def __init__(self, table_rows: Sequence[int], batch_size: int, eval_samples: int = 65536, *, seed: int = 0,
                  zipf_alpha: float = 1.05, planted_dim: int = 4, ctr: float = 0.25, dense_std: float = 0.5,
-                 first_order_std: float = 1.0, interaction_std: float = 1.0, calibration_samples: int = 65536) -> None:
+                 first_order_std: float = 2.0, interaction_std: float = 2.0, calibration_samples: int = 65536) -> None:
         for name, value in (("batch_size", batch_size), ("eval_samples", eval_samples), ("planted_dim", planted_dim),
                             ("calibration_samples", calibration_samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -1,0 +1,143 @@
+"""The end-to-end training experiments: configs, the train_dlrm rows, presets run through the app,
+figures and claims from their tables."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import ValidationError
+from hydra.errors import ConfigCompositionException
+
+from benches.config import register, to_objects
+from benches.paper import EXPERIMENTS, TRAINING_EXPERIMENTS
+from benches.results import AGGREGATE_FILE
+from benches.training import train_rows
+from reports.claims import claims
+from reports.report import draw
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+SCALES = ("smoke", "default", "paper")
+MEASUREMENT = ["metric", "unit", "median", "q1", "q3", "iqr", "n", "note"]
+
+register()
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name="bench", overrides=list(overrides))
+
+
+def _tiny(*overrides: str):
+    return to_objects(_compose("task=train_dlrm", "dlrm.scale_down=20000", "dlrm.batch_size=32", "dlrm.iterations=4",
+                               "dlrm.timing_warmup=1", "dlrm.eval_samples=256", *overrides))
+
+
+def test_every_training_preset_composes_at_every_scale_and_is_run_by_experiment_training():
+    presets = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    assert set(TRAINING_EXPERIMENTS) <= presets and not set(TRAINING_EXPERIMENTS) & set(EXPERIMENTS)
+    assert presets - {"default", "paper", "training"} == set(EXPERIMENTS) | set(TRAINING_EXPERIMENTS)
+    for name in TRAINING_EXPERIMENTS:
+        for scale in SCALES:
+            cfg = to_objects(_compose(f"experiment={name}", f"scale={scale}"))
+            assert cfg.task.value == "train_dlrm" and cfg.dlrm.dataset.value == "kaggle"
+    paper = to_objects(_compose("experiment=fig7", "scale=paper"))
+    assert paper.dlrm.scale_down == 1 and paper.dlrm.batch_size == 128  # full tables, MLPerf's Kaggle batch
+
+
+@pytest.mark.parametrize("override,message", [
+    ("dlrm.tt_tables=27", r"dlrm.tt_tables: got 27; must be in \[0, 26\]"),
+    ("dlrm.timing_warmup=4", r"dlrm.timing_warmup: got 4; must be in \[0, dlrm.iterations=4\)"),
+    ("dlrm.lr=0", "dlrm.lr: got 0.0; must be > 0"),
+    ("dlrm.source=criteo", "dlrm.criteo_path: got None"),
+    ("dlrm.compare_to=tt", "dlrm.compare_to: got 'tt' with dlrm.tt_tables=0"),
+    ("dlrm.scale_down=0", "dlrm.scale_down: got 0; must be >= 1"),
+])
+def test_bad_training_config_values_fail_with_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ValueError, match=message):
+        _tiny(override)
+
+
+def test_unknown_dense_init_is_rejected_at_composition():
+    with pytest.raises((ConfigCompositionException, ValidationError), match="dlrm.dense_init=xavier"):
+        _tiny("dlrm.dense_init=xavier")
+
+
+def test_train_rows_are_tidy_and_pair_the_reference_model():
+    cfg = _tiny("dlrm.tt_tables=3", "tt.rank=4", "dlrm.compare_to=uncompressed")
+    df = pd.DataFrame(train_rows(cfg, "fig7"))
+    assert set(MEASUREMENT) <= set(df.columns) and {"git_sha", "cpu_model", "threads"} <= set(df.columns)
+    main, ref = df[df["model"] == "main"], df[df["model"] == "uncompressed"]
+    assert {"time_per_iteration", "embedding_time", "other_time", "accuracy", "bce", "auc", "train_time",
+            "time_vs_reference", "accuracy_vs_reference"} <= set(main["metric"])
+    assert (main["tt_tables"] == 3).all() and (ref["tt_tables"] == 0).all() and ref["tt_rank"].isna().all()
+    assert set(df[df["model"] == "planted"]["metric"]) >= {"bayes_accuracy", "bayes_auc", "bayes_bce"}
+    t = main.set_index("metric")["median"]
+    assert 0 < t["embedding_time"] < t["time_per_iteration"]
+    assert t["other_time"] == pytest.approx(t["time_per_iteration"] - t["embedding_time"], rel=0.5)
+    assert (df.set_index("metric").loc["time_per_iteration", "n"] == 3).all()  # 4 iterations - 1 warm-up
+    assert main["model_bytes"].iloc[0] < ref["model_bytes"].iloc[0] or main["largest_table_rows"].iloc[0] < 100
+
+
+def test_cached_model_reports_its_hit_ratio_and_zero_tt_tables_are_trained_once():
+    cfg = _tiny("dlrm.tt_tables=2", "tt.rank=4", "cache.enabled=true", "cache.fraction=0.1", "cache.warmup_iters=2",
+                "dlrm.compare_to=tt")
+    df = pd.DataFrame(train_rows(cfg, "fig10_training"))
+    hit = df[(df["metric"] == "hit_ratio") & (df["model"] == "main")]["median"]
+    assert len(hit) == 1 and 0 <= hit.iloc[0] <= 1
+    assert df[df["model"] == "main"]["cache_enabled"].all() and not df[df["model"] == "tt"]["cache_enabled"].any()
+    a = train_rows(_tiny("tt.rank=4", "dlrm.eval_samples=300"), "fig6")
+    b = train_rows(_tiny("tt.rank=8", "tt.init=uniform", "dlrm.eval_samples=300"), "fig6")
+    assert [r["median"] for r in a] == [r["median"] for r in b]
+    assert all("reused" in (r["note"] or "") for r in b)
+
+
+@pytest.fixture(scope="module")
+def training_smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
+    done = subprocess.run([sys.executable, "-m", "benches.app", "experiment=training", "scale=smoke",
+                           f"results_root={root}", f"figures_dir={root / 'figs'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    return root / "smoke", done
+
+
+@pytest.mark.slow
+def test_experiment_training_runs_every_preset_and_writes_figures_and_report(training_smoke):
+    root, done = training_smoke
+    assert done.returncode == 0, done.stderr[-5000:]
+    for name in TRAINING_EXPERIMENTS:
+        df = pd.read_csv(root / name / AGGREGATE_FILE)
+        assert not df.empty and (df["scale"] == "smoke").all() and (df["experiment"] == name).all(), name
+    timings = pd.read_csv(root / "timings.csv")
+    assert list(timings["experiment"]) == list(TRAINING_EXPERIMENTS) and (timings["status"] == "ok").all()
+    report = (root / "report" / "REPORT.md").read_text()
+    for name in TRAINING_EXPERIMENTS:
+        assert f"![{name}]" in report, f"{name} has no figure in the report"
+    assert "Figure not drawn" not in report
+    for png in (root / "report" / "figures").glob("*.png"):
+        assert png.stat().st_size > 10_000
+    assert "[training 4/4] fig10_training: ok" in done.stdout + done.stderr
+    assert "[train 6/6]" in done.stdout + done.stderr  # progress lines of the training loop
+
+
+@pytest.mark.slow
+def test_figures_and_claims_come_from_the_tables(training_smoke, tmp_path):
+    root, done = training_smoke
+    assert done.returncode == 0, done.stderr[-5000:]
+    results = {name: pd.read_csv(root / name / AGGREGATE_FILE) for name in TRAINING_EXPERIMENTS}
+    for name, df in results.items():
+        pngs = draw(name, df, tmp_path)
+        assert pngs and all(p.exists() and p.with_suffix(".pdf").exists() for p in pngs)
+    table = claims(results)
+    assert set(table["experiment"]) == set(TRAINING_EXPERIMENTS)
+    t1 = table[table["experiment"] == "table1"]
+    assert t1["paper"].astype(str).str.contains("79.263").any()
+    with pytest.raises(ValueError, match="accuracy"):
+        draw("table1", results["table1"][results["table1"]["metric"] != "accuracy"], tmp_path)

@@ -55,7 +55,12 @@ class Point:
 
 
 def cuda_present() -> bool:
-    return torch.cuda.is_available()
+    """A GPU for torch and the TT CUDA backend's requirements (CuPy): the CUDA points can run."""
+    if not torch.cuda.is_available():
+        return False
+    from ttrec.cuda.loader import unavailable_reason
+
+    return unavailable_reason() is None
 
 
 def _cfg(scale: Scale, impl: ImplConfig, mode: str, *, threads: int, device: str = "cpu", fused: bool = False,

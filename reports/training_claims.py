@@ -15,14 +15,17 @@ import math
 import numpy as np
 import pandas as pd
 
-from .claims import _claim, _pct
+from .claims import _claim, _pct, _x
 from .training_figures import DENSE_INIT_LABELS, TABLE1_PAPER, TT_INIT_LABELS, metric_table
 
 __all__ = ["FIG7_OVERHEAD", "FIG7_TOL", "table1_claims", "fig7_claims", "fig6_claims", "fig10_training_claims"]
 
-# section 6.3: 3 -> 7 TT tables at the optimal rank costs +12.5% (Kaggle) / +11.8% (Terabyte) training time
+# section 6.3: "from 3 to 7 [TT tables] ... the training time using the optimal TT-rank increases by
+# 12.5% and 11.8%" (Kaggle, Terabyte); the optimal ranks are Figure 6(a)'s: 8, 32, 64 for 3, 5, 7 tables
 FIG7_OVERHEAD = {"kaggle": 0.125, "terabyte": 0.118}
-FIG7_TOL = 0.125           # agrees: overhead within 12.5 points of the paper's (the paper's own spread 0-25%)
+FIG7_OPTIMAL_RANK = {3: 8, 5: 32, 7: 64}
+FIG7_HEADLINE = {"kaggle": 0.143, "terabyte": 0.139}  # section 6: 7 TT tables, rank 32 (117x / 112x smaller)
+FIG7_TOL = 0.10            # agrees: within 10 points of the paper's percentage
 FIG7_ON_PAR = 0.10         # 6.4: "TT-Emb. of 3 ... on par with the baseline" (Kaggle): within 10%
 FIG6_NEUTRAL = 0.03        # section 6: "5 tables, rank 32: accuracy loss within 0.03%"
 FIG10_FRACTION = 0.0001    # 6.5: a cache of 0.01% of the table is sufficient
@@ -86,30 +89,31 @@ def table1_claims(df: pd.DataFrame) -> list[dict]:
 
 def fig7_claims(df: pd.DataFrame) -> list[dict]:
     ratio = metric_table(df, "time_vs_reference", "Figure 7")
-    acc = metric_table(df, "accuracy", "Figure 7")
     by = ratio.groupby(["tt_tables", "tt_rank"])["median"].median()
     out = []
     dataset = str(ratio["dataset"].iloc[0])
     setting = _setting(df)
-    most = int(ratio["tt_tables"].max())
-    if most in by.index.get_level_values(0):
-        acc_most = acc[acc["tt_tables"] == most].groupby("tt_rank")["median"].median()
-        best = acc_most.idxmax()
-        overhead = by[(most, best)] - 1
-        text = ", ".join(f"R={int(r)}: {_pct(v - 1)}" for r, v in by[most].items())
-        for ds, paper in FIG7_OVERHEAD.items():
-            if ds != dataset:
-                out.append(_claim("Figure 7", f"6.3: {ds}, 7 TT tables at the optimal rank: training time "
-                                  f"+{_pct(paper)}", f"+{_pct(paper)}", f"not run ({dataset} only)", None,
-                                  f"run the preset with dlrm.dataset={ds}"))
-                continue
-            out.append(_claim(
-                "Figure 7", f"6.3: {ds}, {most} TT tables at the optimal rank: training time +{_pct(paper)} over the "
-                "uncompressed model", f"+{_pct(paper)}",
-                f"{_pct(overhead)} at R={int(best)} (the most accurate rank here); all ranks: {text}",
-                abs(overhead - paper) <= FIG7_TOL if most == 7 else None,
-                f"paired per-iteration time ratio to the uncompressed model on the same batches, median; {setting}; "
-                f"agrees = within {_pct(FIG7_TOL)} points; the paper's is a V100 with CUDA kernels, here a CPU"))
+    how = (f"paired per-iteration time ratio to the uncompressed model on the same batches, median; {setting}; "
+           f"agrees = within {FIG7_TOL * 100:.0f} points; the paper's is a V100 with CUDA kernels, here a CPU")
+    for ds in FIG7_OVERHEAD:
+        if ds != dataset:
+            out.append(_claim("Figure 7", f"6.3: {ds}: 3 -> 7 TT tables at the optimal ranks costs "
+                              f"+{_pct(FIG7_OVERHEAD[ds])} training time", f"+{_pct(FIG7_OVERHEAD[ds])}",
+                              f"not run ({dataset} only)", None, f"run the preset with dlrm.dataset={ds}"))
+    if (7, 32) in by.index:
+        paper = FIG7_HEADLINE[dataset]
+        v = by[(7, 32)] - 1
+        out.append(_claim("Figure 7", f"6: {dataset}, 7 TT tables at rank 32: training time +{_pct(paper)} over the "
+                          "uncompressed model", f"+{_pct(paper)}", f"{_pct(v)}", abs(v - paper) <= FIG7_TOL, how))
+    lo, hi = (3, FIG7_OPTIMAL_RANK[3]), (7, FIG7_OPTIMAL_RANK[7])
+    if lo in by.index and hi in by.index:
+        paper = FIG7_OVERHEAD[dataset]
+        v = by[hi] / by[lo] - 1
+        out.append(_claim(
+            "Figure 7", f"6.3: {dataset}, 3 -> 7 TT tables at the optimal ranks (R=8 -> R=64, Fig 6a): training time "
+            f"+{_pct(paper)}", f"+{_pct(paper)}",
+            f"{_pct(v)} ({_x(by[lo])} -> {_x(by[hi])} the uncompressed model's time)", abs(v - paper) <= FIG7_TOL,
+            how + "; the optimal ranks are the paper's (Figure 6(a)), not re-derived from this run's accuracies"))
     least = int(ratio["tt_tables"].min())
     if least in by.index.get_level_values(0):
         worst = by[least].max() - 1

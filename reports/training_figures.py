@@ -60,6 +60,17 @@ def _bayes(ax, df: pd.DataFrame) -> None:
         ax.axhline(b["median"].median(), ls=":", color="black", label="Bayes-optimal (planted model)")
 
 
+def _bayes_text(df: pd.DataFrame) -> str:
+    b = df[df["metric"] == "bayes_accuracy"]
+    return f"\nBayes-optimal (planted model): {b['median'].median():.2f}%" if not b.empty else ""
+
+
+def _std_error(acc: pd.DataFrame) -> float:
+    """Binomial std error (points) of the accuracies in ``acc`` (their held-out size, their level)."""
+    p, n = acc["median"].median() / 100, acc["eval_samples"].max()
+    return 100 * float(np.sqrt(p * (1 - p) / n))
+
+
 def _errorbar(ax, x, g: pd.DataFrame, **kw) -> None:
     ax.errorbar(x, g["median"], yerr=[g["median"] - g["q1"], g["q3"] - g["median"]], capsize=3, marker="o", **kw)
 
@@ -68,13 +79,14 @@ def _errorbar(ax, x, g: pd.DataFrame, **kw) -> None:
 
 def plot_fig7(df: pd.DataFrame, out_dir: str | Path, name: str = "fig7_training_time") -> Path:
     """(a) Time per training iteration / the uncompressed model's (paired, same batches), against
-    the number of TT tables, one bar group per rank. (b) ms per iteration split into embedding and
-    other work, TT model beside the uncompressed one."""
+    the number of TT tables, one bar per rank. (b) Where the time goes: the embedding part and the
+    rest of each model's iteration, as fractions of the uncompressed model's iteration time in the
+    same job (so that load drift between jobs cancels)."""
     _style()
     ratio = metric_table(df, "time_vs_reference", "Figure 7")
     total = metric_table(df, "time_per_iteration", "Figure 7", model=None)
     emb = metric_table(df, "embedding_time", "Figure 7", model=None)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
     ranks = sorted(ratio["tt_rank"].dropna().unique())
     tables = sorted(ratio["tt_tables"].unique())
     palette = sns.color_palette("colorblind", len(ranks))
@@ -85,31 +97,34 @@ def plot_fig7(df: pd.DataFrame, out_dir: str | Path, name: str = "fig7_training_
         ax.bar(x, g["median"], width, color=palette[i], label=f"rank {int(rank)}",
                yerr=[g["median"] - g["q1"], g["q3"] - g["median"]], capsize=2)
     ax.axhline(1.0, color="black", lw=1, ls="--", label="uncompressed")
+    ax.set_ylim(0, ratio["q3"].max() * 1.25)
     ax.set_xticks(np.arange(len(tables)), [f"TT-Emb. of {int(t)}" for t in tables])
-    ax.set_ylabel("time per iteration / uncompressed (median, IQR)")
+    ax.set_ylabel("time per iteration / uncompressed\n(median of paired ratios, IQR)")
     ax.set_title("(a) normalized training time")
-    ax.legend(fontsize=8)
-    def label(r) -> str:
-        return "uncompressed" if r["model"] != "main" or r["tt_tables"] == 0 else \
-            f"{int(r['tt_tables'])} TT, R={int(r['tt_rank'])}"
-
-    split = pd.concat([total.assign(label=total.apply(label, axis=1), part="total"),
-                       emb.assign(label=emb.apply(label, axis=1), part="embedding")])
-    split = split.pivot_table(index="label", columns="part", values="median", aggfunc="median")
-    g = split
-    order = (["uncompressed"] if "uncompressed" in g.index else []) + sorted(
-        (i for i in g.index if i != "uncompressed"), key=lambda s: (int(s.split()[0]), int(s.split("R=")[1])))
-    labels = order
-    tt_ms = [g.loc[i, "embedding"] for i in order]
-    other_ms = [g.loc[i, "total"] - g.loc[i, "embedding"] for i in order]
-    y = np.arange(len(labels))
-    bx.barh(y, tt_ms, color=sns.color_palette("colorblind")[0], label="embeddings (lookup, backward, update)")
-    bx.barh(y, other_ms, left=tt_ms, color=sns.color_palette("colorblind")[7], label="MLPs, interaction, loss")
-    bx.set_yticks(y, labels, fontsize=7)
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
+    job = "job_dir" if "job_dir" in df.columns else "tt_rank"
+    ref_total = total[total["model"] == "uncompressed"].groupby(job)["median"].median()
+    parts = []
+    for (model, key), g in pd.concat([total.assign(part="total"), emb.assign(part="embedding")]).groupby(["model", job]):
+        if key not in ref_total.index:
+            continue
+        r = g.iloc[0]
+        label = "uncompressed" if model != "main" else f"{int(r['tt_tables'])} TT, R={int(r['tt_rank'])}"
+        v = g.set_index("part")["median"] / ref_total[key]
+        parts.append({"label": label, "embedding": v["embedding"], "other": v["total"] - v["embedding"],
+                      "k": (0, 0) if model != "main" else (int(r["tt_tables"]), int(r["tt_rank"]))})
+    p = pd.DataFrame(parts).groupby("label").agg(embedding=("embedding", "median"), other=("other", "median"),
+                                                 k=("k", "first")).sort_values("k")
+    y = np.arange(len(p))
+    colors = sns.color_palette("colorblind")
+    bx.barh(y, p["embedding"], color=colors[0], label="embeddings (lookups, backward + fused update, SGD)")
+    bx.barh(y, p["other"], left=p["embedding"], color=colors[7], label="MLPs, interaction, loss, their SGD")
+    bx.axvline(1.0, color="black", lw=1, ls="--")
+    bx.set_yticks(y, p.index, fontsize=7)
     bx.invert_yaxis()
-    bx.set_xlabel("time per iteration (ms, median)")
+    bx.set_xlabel("time per iteration / the uncompressed model's in the same job (medians)")
     bx.set_title("(b) where the time goes")
-    bx.legend(fontsize=8, loc="lower right")
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     _title(fig, df, "Figure 7: DLRM training time with the largest tables in TT format")
     fig.tight_layout()
     return save(fig, out_dir, name)
@@ -127,17 +142,15 @@ def plot_table1(df: pd.DataFrame, out_dir: str | Path, name: str = "table1_dense
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     labels = [DENSE_INIT_LABELS.get(i, i) for i in order]
     colors = sns.color_palette("colorblind", len(order))
-    ax.bar(labels, [g[i] for i in order], color=colors)
-    _bayes(ax, df)
-    lo = min(g.min(), df[df["metric"] == "bayes_accuracy"]["median"].min() if "bayes_accuracy" in set(df["metric"])
-             else g.min())
-    hi = max(g.max(), df[df["metric"] == "bayes_accuracy"]["median"].max() if "bayes_accuracy" in set(df["metric"])
-             else g.max())
-    ax.set_ylim(lo - 0.5, hi + 0.3)
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("(this run) uncompressed DLRM, synthetic clicks")
+    se = _std_error(acc)
+    ax.bar(labels, [g[i] for i in order], color=colors, yerr=se, capsize=3)
+    for x, i in enumerate(order):
+        ax.annotate(f"{g[i]:.2f}", (x, g[i] + se), ha="center", va="bottom", fontsize=7, xytext=(0, 4),
+                    textcoords="offset points")
+    ax.set_ylim(g.min() - 1.0, g.max() + 0.6)
+    ax.set_ylabel("held-out accuracy (%) ± std error")
+    ax.set_title(f"(this run) uncompressed DLRM, synthetic clicks{_bayes_text(df)}", fontsize=9)
     ax.tick_params(axis="x", rotation=30, labelsize=8)
-    ax.legend(fontsize=8)
     paper = [TABLE1_PAPER[i] for i in order if i in TABLE1_PAPER]
     bx.bar([DENSE_INIT_LABELS[i] for i in order if i in TABLE1_PAPER], paper, color=colors[:len(paper)])
     bx.set_ylim(min(paper) - 0.5, max(paper) + 0.3)

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error(f"--runs: got {args.runs}; must be >= 1")
-    started = dt.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
+    started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     artifacts = args.artifacts or ROOT / "outputs" / "gate-evidence" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -7,7 +7,6 @@ Scales: ``default`` (the CI gate, about a minute on a 2-core CPU) and ``smoke`` 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +110,3 @@ def points(scale: str = "default", threads: int = 2) -> list[Point]:
         ]
     return out
 
-
-def by_name(scale: str = "default", threads: int = 2) -> dict[str, Point]:
-    return {p.name: p for p in points(scale, threads)}
-
-
-def replace_threads(point: Point, threads: int) -> Point:
-    return Point(point.name, dataclasses.replace(point.cfg, timing=dataclasses.replace(point.cfg.timing,
-                                                                                       threads=threads)))

@@ -134,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             parser().error(f"--points: got {unknown}; allowed (on this machine): {available}")
     else:
         names = [p.name for p in known if not p.optional]
+    if args.max_rounds < args.min_rounds:
+        parser().error(f"--max-rounds: got {args.max_rounds}; must be >= --min-rounds ({args.min_rounds})")
     out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     options = {"scale": args.scale, "threads": args.threads, "budget_s": args.budget_s, "round_s": args.round_s,
-               "min_rounds": args.min_rounds, "max_rounds": min(args.max_rounds, max(args.min_rounds, args.max_rounds))}
+               "min_rounds": args.min_rounds, "max_rounds": args.max_rounds}
     torch.set_num_threads(args.threads)
     env = capture()
     cls = baselines.machine_class(env, args.threads, args.scale, cuda_present())

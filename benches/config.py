@@ -393,7 +393,7 @@ class ScaleConfig:
     train_eval_samples: int = 65536
     train_tt_tables: str = "3,5,7"     # fig7, fig6
     train_ranks: str = "8,16,32,64"    # fig7
-    fig6_tt_tables: str = "0,7"
+    fig6_tt_tables: str = "0,3,7"
     fig6_ranks: str = "8,32"
     fig6_inits: str = "uniform,normal,sampled_gaussian,calibrated"
     train_cache_fractions: str = "0.0001,0.01"

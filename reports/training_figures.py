@@ -172,7 +172,7 @@ def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy"
     acc = metric_table(df, "accuracy", "Figure 6")
     tt = acc[acc["tt_tables"] > 0]
     base = acc[acc["tt_tables"] == 0]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
     ranks = sorted(tt["tt_rank"].dropna().unique())
     inits = [i for i in TT_INIT_LABELS if i in set(tt["tt_init"].dropna())]
     palette = dict(zip(ranks, sns.color_palette("colorblind", len(ranks))))
@@ -186,11 +186,11 @@ def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy"
                 label=f"R={int(rank)}, {TT_INIT_LABELS.get(init, init)}")
     if base_acc is not None:
         ax.axhline(base_acc, color="gray", lw=1, label="uncompressed")
-    _bayes(ax, df)
+    ax.set_xticks(sorted(set(acc["tt_tables"].astype(int))))
     ax.set_xlabel("tables in TT format (the largest)")
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("(a) accuracy vs TT tables and rank")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(f"(a) accuracy vs TT tables and rank{_bayes_text(df)}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     groups = sorted({(int(t), int(r)) for t, r in zip(tt["tt_tables"], tt["tt_rank"])})
     width = 0.8 / max(1, len(inits))
     colors = sns.color_palette("colorblind", len(inits))
@@ -201,14 +201,13 @@ def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy"
                label=TT_INIT_LABELS[init])
     if base_acc is not None:
         bx.axhline(base_acc, color="gray", lw=1, label="uncompressed")
-    _bayes(bx, df)
     finite = tt["median"][np.isfinite(tt["median"])]
     if not finite.empty:
         bx.set_ylim(max(0.0, finite.min() - 1), max(finite.max(), base_acc or 0) + 1)
     bx.set_xticks(np.arange(len(groups)), [f"{t} TT, R={r}" for t, r in groups], fontsize=8)
     bx.set_ylabel("held-out accuracy (%)")
-    bx.set_title("(c) accuracy per TT init scheme")
-    bx.legend(fontsize=7)
+    bx.set_title(f"(c) accuracy per TT init scheme{_bayes_text(df)}", fontsize=9)
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
     _title(fig, df, "Figure 6: DLRM accuracy with TT tables, ranks and init schemes")
     fig.tight_layout()
     return save(fig, out_dir, name)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from benches.callbacks import sweep_size
 from benches.config import output_dir, register, to_objects
-from benches.paper import EXPERIMENTS
+from benches.paper import EXPERIMENTS, TRAINING_EXPERIMENTS
 from benches.results import AGGREGATE_FILE, POINT_FILE, RESULTS_FILE, claim_point
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def _run_app(*overrides: str, timeout: float = 600, **kw) -> subprocess.Complete
 
 def test_every_preset_is_listed_and_composes_at_every_scale():
     presets = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-    assert sorted(set(presets) - {"default", "paper"}) == sorted(EXPERIMENTS)
+    assert sorted(set(presets) - {"default", "paper", "training"}) == sorted(EXPERIMENTS + TRAINING_EXPERIMENTS)
     assert sorted(p.stem for p in (ROOT / "conf" / "scale").glob("*.yaml")) == sorted(SCALES)
     for name in presets:
         for scale in SCALES:

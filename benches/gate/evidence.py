@@ -67,13 +67,18 @@ def rows_of(iteration: int, factor: float, result: dict) -> list[dict]:
     verdicts = a.get("decision", {}).get("verdicts", [])
     if not verdicts:
         return [{**base, "metric": None}]
-    return [{**base, "metric": v["metric"], "ratio": v["ratio"], "confirmation_ratio": v["confirmation_ratio"],
+    return [{**base, "metric": v["metric"], "threshold": v["threshold"], "ratio": v["ratio"],
+             "confirmation_ratio": v["confirmation_ratio"],
              "verdict": v["verdict"], "raw_median_ms": round(raw.get(v["metric"], float("nan")) * 1e3, 4)}
             for v in verdicts]
 
 
-def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, started: str) -> str:
-    lines = ["# Gate evidence", "",
+def _threshold(row: dict, default: str) -> float:
+    return float(row.get("threshold") or default)
+
+
+def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, started: str, note: str = "") -> str:
+    lines = ["# Gate evidence", "", *([note, ""] if note else []),
              f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} logical CPUs), torch {env.get('torch')}, "
              f"gate threads {env.get('threads')}, commit {env.get('git_sha', '?')[:10]}"
              f"{' (dirty)' if env.get('git_dirty') == 'True' else ''}; started {started} UTC. The machine was shared "
@@ -83,7 +88,7 @@ def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, s
              "(TTREC_PLANT_SLOWDOWN=f); the step-level slowdown it causes is smaller (Python and torch work "
              "around the native calls is not slowed), shown as the raw-median ratio to the unplanted runs.", "",
              f"| plant f | gate runs | gate failed (exit 1) | {GATED} caught | first-pass {GATED} > threshold | "
-             f"median ratio {GATED} | raw slowdown of {GATED} | other metrics failed | wall time s (median / max) | "
+             f"median ratio {GATED} | raw slowdown of {GATED} | other metrics confirmed | wall time s (median / max) | "
              "load avg (1 min) min-max |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     unplanted = [r["raw_median_ms"] for r in rows if r["plant"] == 1.0 and r.get("metric") == GATED]
@@ -95,7 +100,7 @@ def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, s
         failed = sum(1 for i in runs if per_run[i][0]["exit_code"] == 1)
         gated = [r for r in rs if r.get("metric") == GATED]
         caught = sum(1 for r in gated if r["verdict"] == "REGRESSION")
-        first = sum(1 for r in gated if r["ratio"] is not None and r["ratio"] > float(threshold))
+        first = sum(1 for r in gated if r["ratio"] is not None and r["ratio"] > _threshold(r, threshold))
         others = sum(1 for r in rs if r.get("metric") not in (GATED, None) and r["verdict"] == "REGRESSION")
         walls = [per_run[i][0]["wall_s"] for i in runs] or [float("nan")]
         loads = [float(r["loadavg_before"].split()[0]) for r in rs if r["loadavg_before"]]
@@ -113,7 +118,7 @@ def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, s
         if rs:
             xs = [r["ratio"] for r in rs]
             lines.append(f"| {m} | {min(xs):.3f} | {statistics.median(xs):.3f} | {max(xs):.3f} | "
-                         f"{sum(x > float(threshold) for x in xs)}/{len(xs)} | "
+                         f"{sum(r['ratio'] > _threshold(r, threshold) for r in rs)}/{len(xs)} | "
                          f"{sum(r['verdict'] == 'REGRESSION' for r in rs)}/{len(xs)} |")
     return "\n".join(lines) + "\n"
 
@@ -127,7 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plant", type=_factors, default=[1.0, 1.25, 1.5])
     p.add_argument("--out", type=Path, default=ROOT / "benches" / "gate" / "report")
     p.add_argument("--artifacts", type=Path, default=None)
+    p.add_argument("--note", default="", help="a line for the summary (e.g. what code was measured)")
+    p.add_argument("--resummarise", action="store_true",
+                   help="only rewrite <out>/summary.md from <out>/runs.csv and --artifacts (no gate runs)")
     args = p.parse_args(argv)
+    if args.resummarise:
+        return _resummarise(args)
     if args.runs < 1:
         p.error(f"--runs: got {args.runs}; must be >= 1")
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -152,13 +162,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _write(rows, args, env, threshold, started) -> None:
-    fields = ["iteration", "plant", "exit_code", "wall_s", "loadavg_before", "loadavg_after", "metric", "ratio",
+    fields = ["iteration", "plant", "exit_code", "wall_s", "loadavg_before", "loadavg_after", "metric", "threshold", "ratio",
               "confirmation_ratio", "verdict", "raw_median_ms"]
     with open(args.out / "runs.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    (args.out / "summary.md").write_text(summary(rows, args.plant, env, threshold, started))
+    (args.out / "summary.md").write_text(summary(rows, args.plant, env, threshold, started, args.note))
+
+
+def _resummarise(args) -> int:
+    """Rebuild summary.md from runs.csv (types restored) and the first gate artifact's environment."""
+    if args.artifacts is None:
+        raise SystemExit("--resummarise needs --artifacts (the gate artifacts of the runs, for the environment)")
+    with open(args.out / "runs.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["iteration"], r["plant"], r["exit_code"] = int(r["iteration"]), float(r["plant"]), int(r["exit_code"])
+        r["wall_s"] = float(r["wall_s"])
+        for key in ("threshold", "ratio", "confirmation_ratio", "raw_median_ms"):
+            r[key] = float(r[key]) if r.get(key) not in (None, "") else None
+        r["metric"] = r["metric"] or None
+    first = sorted(args.artifacts.glob("*/gate.json"))[0]
+    a = json.loads(first.read_text())
+    env, threshold = a["environment"], str(a["decision"]["threshold"])
+    started = dt.datetime.fromtimestamp(first.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    factors = sorted({r["plant"] for r in rows}, key=args.plant.index if set(args.plant) >= {r["plant"] for r in rows}
+                     else None)
+    (args.out / "summary.md").write_text(summary(rows, factors, env, threshold, started, args.note))
+    return 0
 
 
 if __name__ == "__main__":

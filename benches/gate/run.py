@@ -34,7 +34,8 @@ BENCH_FILE = "benches/gate/benchmarks.py"
 EXIT_PASS, EXIT_REGRESSION, EXIT_NO_BASELINE, EXIT_BENCH_FAILED = 0, 1, 3, 4
 METHOD = ("normalised median: per round, round time / mean of the calibration samples either side "
           f"({IDENTITY}); median over rounds; ratio = current / baseline; a ratio above the threshold is "
-          "re-measured once in a fresh process and fails only if the re-run exceeds the threshold too")
+          "re-measured once in a fresh process and fails only if the re-run exceeds the confirmation bar "
+          "(halfway from 1 to the threshold)")
 
 
 class BenchmarksFailed(RuntimeError):

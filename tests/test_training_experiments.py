@@ -141,3 +141,34 @@ def test_figures_and_claims_come_from_the_tables(training_smoke, tmp_path):
     assert t1["paper"].astype(str).str.contains("79.263").any()
     with pytest.raises(ValueError, match="accuracy"):
         draw("table1", results["table1"][results["table1"]["metric"] != "accuracy"], tmp_path)
+
+
+def _criteo_file(path: Path, n: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for i in range(n):
+        ints = [str(rng.randint(0, 50)) if rng.random() > 0.1 else "" for _ in range(13)]
+        cats = [f"{rng.randint(0, 40 + 10 * j):08x}" for j in range(26)]
+        lines.append("\t".join([str(int(rng.random() < 0.3)), *ints, *cats]) + "\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def test_criteo_files_hold_out_their_first_samples_and_train(tmp_path):
+    from ttrec.dlrm import table_sizes
+    from ttrec.synthetic_clicks import CriteoClicks
+
+    path = _criteo_file(tmp_path / "day_0", 300)
+    data = CriteoClicks(path, table_sizes("kaggle", 20000), batch_size=32, eval_samples=100)
+    assert len(data.eval_set) == 100 and data.bayes_metrics() is None
+    first = data.next_batch()  # training starts right after the held-out samples
+    line = path.read_text().splitlines()[100].split("\t")
+    assert first.labels[0].item() == float(line[0])
+    cfg = _tiny("dlrm.source=criteo", f"dlrm.criteo_path={path}", "dlrm.eval_samples=100", "dlrm.tt_tables=2",
+                "tt.rank=4")
+    df = pd.DataFrame(train_rows(cfg, "table1"))
+    assert (df["source"] == "criteo").all() and "planted" not in set(df["model"])
+    acc = df[(df["metric"] == "accuracy") & (df["model"] == "main")]["median"].iloc[0]
+    assert 0 <= acc <= 100

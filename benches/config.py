@@ -386,7 +386,7 @@ class ScaleConfig:
     init_samples: int = 200_000        # fig3
     # end-to-end training (fig7, table1, fig6, fig10_training): synthetic Kaggle-shaped clicks
     train_scale_down: int = 1000       # table rows = ceil(Kaggle's / this)
-    train_batch_size: int = 128        # the MLPerf Kaggle mini-batch
+    train_batch_size: Optional[int] = 128  # null: the dataset's MLPerf mini-batch (Kaggle 128, Terabyte 2048)
     train_iterations: int = 600
     fig7_iterations: int = 200         # fig7 measures time only
     train_timing_warmup: int = 20

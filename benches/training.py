@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -199,6 +200,7 @@ def point_columns(cfg: BenchConfig, model: DLRM, experiment: str, variant: str) 
         "model_bytes": model.embedding_bytes(),
         "uncompressed_bytes": sum(rows) * arch.embedding_dim * 4,
         "seed": cfg.seed,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE matters on a shared machine
     }
 
 

@@ -17,7 +17,7 @@ from hydra.errors import ConfigCompositionException
 from benches.config import register, to_objects
 from benches.paper import EXPERIMENTS, TRAINING_EXPERIMENTS
 from benches.results import AGGREGATE_FILE
-from benches.training import train_rows
+from benches.training import batch_size, train_rows
 from reports.claims import claims
 from reports.report import draw
 
@@ -48,7 +48,8 @@ def test_every_training_preset_composes_at_every_scale_and_is_run_by_experiment_
             cfg = to_objects(_compose(f"experiment={name}", f"scale={scale}"))
             assert cfg.task.value == "train_dlrm" and cfg.dlrm.dataset.value == "kaggle"
     paper = to_objects(_compose("experiment=fig7", "scale=paper"))
-    assert paper.dlrm.scale_down == 1 and paper.dlrm.batch_size == 128  # full tables, MLPerf's Kaggle batch
+    assert paper.dlrm.scale_down == 1 and batch_size(paper) == 128  # full tables, MLPerf's Kaggle mini-batch
+    assert batch_size(to_objects(_compose("experiment=fig7", "scale=paper", "dlrm.dataset=terabyte"))) == 2048
 
 
 @pytest.mark.parametrize("override,message", [

@@ -69,7 +69,7 @@ class AggregateResults(Callback):
     time-vs-rank figure (one per mode), or the cache experiments' figures."""
 
     def _finish(self, root: str, config: DictConfig) -> None:
-        if config.get("task") == "paper":  # its experiments aggregated themselves; the report is built
+        if config.get("task") in ("paper", "training"):  # its experiments aggregated themselves; report built
             return
         try:
             df = aggregate(root)

@@ -15,7 +15,8 @@ import torch
 
 import ttrec
 from benches.gate import baselines, run
-from benches.gate.decision import (FASTER, NO_BASELINE, NOT_CONFIRMED, PASS, REGRESSION, Measurement, confirm,
+from benches.gate.decision import (FASTER, NO_BASELINE, NOT_CONFIRMED, PASS, REGRESSION, SLOWER_NOT_GATED,
+                                   Measurement, confirm,
                                    confirmation_bar, decide, exit_code, table)
 from ttrec.cpu import plant
 from ttrec.cpu.build import unavailable_reason
@@ -62,6 +63,13 @@ def test_a_faster_kernel_passes_as_faster():
     verdicts = decide(_summaries(_measure("fwd", 1e-3), _measure("step", 5e-3)), BASE, threshold=1.2)
     assert [v.verdict for v in verdicts] == [FASTER, PASS]
     assert exit_code(verdicts) == 0
+
+
+def test_a_slower_reference_point_is_reported_not_failed():
+    verdicts = decide({"fwd": 2.0 * BASE["fwd"], "step": 2.0 * BASE["step"]}, BASE, threshold=1.2,
+                      thresholds={"fwd": 1.6}, report_only={"fwd"})
+    assert [(v.verdict, v.threshold) for v in verdicts] == [(SLOWER_NOT_GATED, 1.6), (REGRESSION, 1.2)]
+    assert exit_code(verdicts[:1]) == 0
 
 
 def test_missing_baseline_is_reported_not_failed():

@@ -20,13 +20,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 __all__ = ["DEFAULT_THRESHOLD", "Measurement", "Verdict", "decide", "confirm", "exit_code", "PASS", "FASTER",
-           "REGRESSION", "NOT_CONFIRMED", "NO_BASELINE", "confirmation_bar"]
+           "REGRESSION", "NOT_CONFIRMED", "NO_BASELINE", "SLOWER_NOT_GATED", "confirmation_bar"]
 
 DEFAULT_THRESHOLD = 1.2
 PASS, FASTER, REGRESSION, NOT_CONFIRMED, NO_BASELINE = "pass", "faster", "REGRESSION", "pass (not confirmed)", "no baseline"
+SLOWER_NOT_GATED = "slower (reference point, not gated)"
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,11 @@ def _check_threshold(threshold: float) -> None:
 
 
 def decide(current: Mapping[str, float], baseline: Mapping[str, float] | None, threshold: float = DEFAULT_THRESHOLD,
-           thresholds: Mapping[str, float] | None = None) -> list[Verdict]:
+           thresholds: Mapping[str, float] | None = None, report_only: Collection[str] = ()) -> list[Verdict]:
     """First-pass verdicts of normalised medians against the baseline's (both by benchmark name);
     ``thresholds`` overrides ``threshold`` per benchmark. A benchmark missing from the baseline (or
-    no baseline at all) gets NO_BASELINE, never a failure."""
+    no baseline at all) gets NO_BASELINE, never a failure; one in ``report_only`` above its
+    threshold gets SLOWER_NOT_GATED, never a failure."""
     _check_threshold(threshold)
     for t in (thresholds or {}).values():
         _check_threshold(t)
@@ -109,6 +111,8 @@ def decide(current: Mapping[str, float], baseline: Mapping[str, float] | None, t
             continue
         ratio = value / base
         verdict = REGRESSION if ratio > threshold_of else FASTER if ratio < 1 / threshold_of else PASS
+        if verdict == REGRESSION and name in report_only:
+            verdict = SLOWER_NOT_GATED
         out.append(Verdict(name, base, value, ratio, threshold_of, verdict))
     return out
 

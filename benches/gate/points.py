@@ -39,14 +39,15 @@ SCALES = {
 class Point:
     """One gated benchmark: its name, the bench app config that builds it, and its own threshold
     (None: the gate's ``--threshold``) where its measured run-to-run noise needs a wider one.
-    Reference points run torch's kernels behind our thin modules; on a shared machine their CPU time
-    moves with what the neighbours do to the caches and memory bus far more than the TT kernels'
-    (README, gate section), so they are gated against gross regressions only."""
+    Reference points (``gated=False``) run torch's kernels behind our thin modules; on a shared
+    machine their calibrated CPU time drifted 0.5-2.3x between unchanged runs (README, gate section),
+    so they are measured and reported against their threshold, for context, but never fail the gate."""
 
     name: str
     cfg: BenchConfig
     threshold: float | None = None
     optional: bool = False  # run only when asked for by name (--points)
+    gated: bool = True  # False: a reference point, reported against its threshold but never failing the gate
 
     @property
     def device(self) -> str:
@@ -90,15 +91,15 @@ def points(scale: str = "default", threads: int = 2) -> list[Point]:
         Point("cached_tt_cpu_train_fused_sgd", _cfg(s, tt_cpu, "train", threads=threads, fused=True,
                                                     batch_size=s.cache_batch_size, cache=True), threshold=1.25),
         Point("t3nsor_torch_forward", _cfg(s, ImplConfig(Impl.t3nsor), "forward", threads=threads,
-                                           batch_size=s.reference_batch_size), threshold=1.4),
+                                           batch_size=s.reference_batch_size), threshold=1.4, gated=False),
         Point("dense_aten_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads),
-              threshold=1.6),
+              threshold=1.6, gated=False),
         # sparse gradients allocate and free megabytes per step: the noisiest point here
         Point("dense_aten_train_sgd", _cfg(s, ImplConfig(Impl.dense, sparse=True), "train", threads=threads),
-              threshold=1.6),
+              threshold=1.6, gated=False),
         # the pure-PyTorch reference backend: many small ops, 1.5x apart between unchanged runs; opt-in
         Point("tt_torch_forward", _cfg(s, tt_torch, "forward", threads=threads, batch_size=s.reference_batch_size),
-              threshold=1.6, optional=True),
+              threshold=1.6, optional=True, gated=False),
     ]
     if cuda_present():
         tt_cuda = ImplConfig(Impl.tt, Backend.cuda)
@@ -106,7 +107,7 @@ def points(scale: str = "default", threads: int = 2) -> list[Point]:
             Point("tt_cuda_forward", _cfg(s, tt_cuda, "forward", threads=threads, device="cuda")),
             Point("tt_cuda_train_fused_sgd", _cfg(s, tt_cuda, "train", threads=threads, device="cuda", fused=True)),
             Point("dense_cuda_forward", _cfg(s, ImplConfig(Impl.dense, sparse=True), "forward", threads=threads,
-                                             device="cuda")),
+                                             device="cuda"), threshold=1.6, gated=False),
         ]
     return out
 

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
         base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
         own = {p.name: p.threshold for p in known if p.threshold is not None and p.threshold > args.threshold}
-        verdicts = decide(current, base, args.threshold, own)
+        verdicts = decide(current, base, args.threshold, own, report_only={p.name for p in known if not p.gated})
         again = [] if args.no_confirm else suspects(verdicts)
         if again:
             print(f"\ngate: {again} above the threshold; measuring them once more to confirm")

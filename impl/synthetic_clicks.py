@@ -228,6 +228,9 @@ class CriteoClicks:
                     yield ClickBatch(cb.dense[start:], cb.sparse[start:], cb.labels[start:])
             if empty:
                 raise ValueError(f"criteo: {self._reader.path} has no samples")
+            if seen <= self._skip:
+                raise ValueError(f"criteo: {self._reader.path} has {seen} samples and eval_samples={self._skip} holds "
+                                 f"them all out: none left to train on (lower eval_samples or give a held-out file)")
 
     def next_batch(self) -> ClickBatch:
         if self._iter is None:

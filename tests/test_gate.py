@@ -272,3 +272,16 @@ def test_gate_rejects_bad_arguments_clearly(args, message, capsys):
         run.main(args)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_corrupt_baseline_is_a_clear_error(tmp_path):
+    import json
+
+    from benches.gate import baselines
+
+    cls = {"cpu_model": "x", "cpu_count": "2", "torch": "2.13.0", "threads": 1, "scale": "default"}
+    path = baselines.save(cls, {"tt_cpu_forward": {"normalised_median": 0.0, "runs": [0.0], "calibration": "c"}},
+                          {}, tmp_path)
+    assert json.loads(path.read_text())["benchmarks"]["tt_cpu_forward"]["normalised_median"] == 0.0
+    with pytest.raises(ValueError, match=r"tt_cpu_forward.normalised_median: got 0.0; must be a finite number > 0"):
+        baselines.load(cls, "c", tmp_path)

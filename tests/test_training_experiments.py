@@ -173,3 +173,13 @@ def test_criteo_files_hold_out_their_first_samples_and_train(tmp_path):
     assert (df["source"] == "criteo").all() and "planted" not in set(df["model"])
     acc = df[(df["metric"] == "accuracy") & (df["model"] == "main")]["median"].iloc[0]
     assert 0 <= acc <= 100
+
+
+def test_a_criteo_file_held_out_whole_is_a_clear_error_not_a_hang(tmp_path):
+    from ttrec.dlrm import table_sizes
+    from ttrec.synthetic_clicks import CriteoClicks
+
+    path = _criteo_file(tmp_path / "day_0", 50)
+    data = CriteoClicks(path, table_sizes("kaggle", 20000), batch_size=32, eval_samples=100)
+    with pytest.raises(ValueError, match="has 50 samples and eval_samples=50 holds them all out"):
+        data.next_batch()

@@ -10,6 +10,7 @@ of the run that produced it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -56,6 +57,10 @@ def load(cls: dict, calibration: str, directory: Path = DEFAULT_DIR) -> tuple[di
                       f"match this run's ({FORMAT}, {cls}); refresh it with `nox -s gate -- --update-baseline`")
     values, stale = {}, []
     for name, entry in data["benchmarks"].items():
+        v = entry.get("normalised_median")
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{path}: benchmarks.{name}.normalised_median: got {v!r}; must be a finite number > 0 "
+                             f"(refresh the baseline with `nox -s gate -- --update-baseline`)")
         (values.__setitem__(name, entry["normalised_median"]) if entry.get("calibration") == calibration
          else stale.append(name))
     msg = f"baseline {path}" + (f" (ignored, other calibration: {stale})" if stale else "")

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"run{i}"
             artifact["runs"][tag] = run_benchmarks(out / f"benchmark_{tag}.json", options, names)
             found.append({k: m.summary() for k, m in measurements(artifact["runs"][tag]).items()})
+        lost = sorted({n for f in found for n in names if n not in f})
+        if lost:
+            raise BenchmarksFailed(f"pytest-benchmark wrote no result for {lost} (skipped or deselected?)")
         current = {n: found[0][n] for n in names}
         if args.update_baseline:
             entries = {n: {"normalised_median": statistics.median(f[n] for f in found),
@@ -164,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             artifact["decision"] = {"baseline_written": str(path), "entries": entries, "exit_code": EXIT_PASS}
             return _finish(artifact, out, started, EXIT_PASS)
 
-        base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
+        try:
+            base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
+        except ValueError as exc:  # a corrupt baseline is a usage error (exit 2), never a verdict
+            parser().error(str(exc))
         own = {p.name: p.threshold for p in known if p.threshold is not None and p.threshold > args.threshold}
         verdicts = decide(current, base, args.threshold, own, report_only={p.name for p in known if not p.gated})
         again = [] if args.no_confirm else suspects(verdicts)

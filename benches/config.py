@@ -364,7 +364,7 @@ class ScaleConfig:
     """Sizes of the paper experiments (conf/scale/*.yaml), read by the experiment presets through
     interpolation (``${scale.ranks}``). Lists are comma-separated sweep values.
 
-    smoke: seconds (the tests); default: all of experiment=paper in about 15 minutes on a 2-core
+    smoke: seconds (the tests); default: all of experiment=paper in about 5 minutes on a quiet 2-core
     CPU; paper: the paper's sizes (Kaggle's largest table, batch 65,536).
     """
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +15,8 @@ from omegaconf.errors import ValidationError
 from benches.app import measure_point
 from benches.config import BenchConfig, register, to_objects
 from benches.results import AGGREGATE_FILE, collect
+
+from .apprun import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -142,9 +142,7 @@ def test_fused_mode_applies_to_tt_only_and_the_rows_say_what_ran():
 
 
 def _run_app(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "benches.app", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_app(*overrides, timeout=300)
 
 
 @pytest.mark.slow

@@ -19,6 +19,8 @@ from benches.config import output_dir, register, to_objects
 from benches.paper import EXPERIMENTS, TRAINING_EXPERIMENTS
 from benches.results import AGGREGATE_FILE, POINT_FILE, RESULTS_FILE, claim_point
 
+from .apprun import run_app
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 SCALES = ("smoke", "default", "paper")
@@ -31,10 +33,7 @@ def _compose(*overrides: str, hydra: bool = False):
         return compose(config_name="bench", overrides=list(overrides), return_hydra_config=hydra)
 
 
-def _run_app(*overrides: str, timeout: float = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "benches.app", *overrides], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout, **kw)
+_run_app = run_app
 
 
 def test_every_preset_is_listed_and_composes_at_every_scale():

@@ -3,9 +3,6 @@ figures and claims from their tables."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +17,8 @@ from benches.results import AGGREGATE_FILE
 from benches.training import batch_size, train_rows
 from reports.claims import claims
 from reports.report import draw
+
+from .apprun import run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -102,10 +101,8 @@ def test_cached_model_reports_its_hit_ratio_and_zero_tt_tables_are_trained_once(
 @pytest.fixture(scope="module")
 def training_smoke(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    done = subprocess.run([sys.executable, "-m", "benches.app", "experiment=training", "scale=smoke",
-                           f"results_root={root}", f"figures_dir={root / 'figs'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = run_app("experiment=training", "scale=smoke", f"results_root={root}", f"figures_dir={root / 'figs'}",
+                   timeout=900, env={"OMP_WAIT_POLICY": "PASSIVE"})
     return root / "smoke", done
 
 

@@ -51,6 +51,29 @@ class Bags:
         return self.offsets[1:] - self.offsets[:-1]
 
 
+def _min_max(t: torch.Tensor) -> tuple[int, int]:
+    """Smallest and largest entry of a non-empty integer tensor. On CPU through a numpy view: one
+    thread, no wake-up of the intra-op pool (the checks of a 64K-lookup batch took 0.2-0.5 ms as
+    torch ops, 0.03 ms this way)."""
+    if t.device.type == "cpu":
+        a = t.detach().numpy()
+        return int(a.min()), int(a.max())
+    lo, hi = torch.aminmax(t)
+    return int(lo), int(hi)
+
+
+def _first_decrease(offs: torch.Tensor) -> int | None:
+    """The first j with offs[j] > offs[j + 1], or None (offs non-decreasing)."""
+    if offs.numel() < 2:
+        return None
+    if offs.device.type == "cpu":
+        a = offs.detach().numpy()
+        bad = a[1:] < a[:-1]
+        return int(bad.argmax()) if bad.any() else None
+    steps = offs[1:] - offs[:-1]
+    return int(torch.nonzero(steps < 0)[0]) if bool((steps < 0).any()) else None
+
+
 def _fail(param: str, value: str, allowed: str) -> None:
     raise ValueError(f"{param}: got {value}; {allowed}")
 
@@ -114,9 +137,7 @@ def make_bags(
             _fail("offsets", "an empty tensor", "offsets needs at least one entry (the first bag's start, 0)")
         if int(offs[0]) != 0:
             _fail("offsets", f"offsets[0]={int(offs[0])}", "the first bag must start at 0")
-        steps = offs[1:] - offs[:-1]
-        if steps.numel() and bool((steps < 0).any()):
-            j = int(torch.nonzero(steps < 0)[0])
+        if (j := _first_decrease(offs)) is not None:
             _fail("offsets", f"offsets[{j}]={int(offs[j])} > offsets[{j + 1}]={int(offs[j + 1])}",
                   "offsets must be non-decreasing")
         if include_last_offset:
@@ -135,7 +156,7 @@ def make_bags(
     if not indices.device.type == offs.device.type:
         _fail("offsets", f"device {offs.device}", f"must be on input's device {indices.device}")
     if indices.numel():
-        lo, hi = int(indices.min()), int(indices.max())
+        lo, hi = _min_max(indices)
         if lo < 0 or hi >= num_embeddings:
             bad_pos = int(torch.nonzero((indices < 0) | (indices >= num_embeddings))[0])
             _fail("input", f"index {int(indices[bad_pos])} at position {bad_pos}",

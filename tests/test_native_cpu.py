@@ -94,6 +94,29 @@ def test_paper_like_shapes_dims_16_64_128(p, q, r):
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("p,q,r", [((200, 220, 250), (2, 2, 4), (32, 32)), ((5, 6, 7), (1, 3, 2), (3, 5)),
+                                   ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4)), ((30, 40), (4, 4), (16,))])
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_pooling_one_bags_written_directly_equal_the_pooled_path(p, q, r, mode):
+    """Bags of one lookup each (unweighted) skip the pooling pass: the rows go straight to the
+    output. Same values as the reference and, bitwise, as the pooled path (weights of 1.0)."""
+    spec = _spec(p, q, r, rows_short=3)
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, spec.num_embeddings, (4000,), generator=g)
+    idx[1000:1400] = idx[:400]  # repeated rows: copies of their first row
+    direct = make_bags(idx, torch.arange(4000), None, num_embeddings=spec.num_embeddings, mode=mode)
+    pooled = make_bags(idx, torch.arange(4000), torch.ones(4000), num_embeddings=spec.num_embeddings, mode="sum")
+    got = ops.forward(cores, spec, direct, mode)
+    assert torch.equal(got, ops.forward(cores, spec, pooled, "sum"))
+    want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, direct, mode)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    one_empty = make_bags(idx[1:], torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(3999)]), None,
+                          num_embeddings=spec.num_embeddings, mode=mode)  # not all bags of one lookup
+    out = ops.forward(cores, spec, one_empty, mode)
+    assert torch.equal(out[0], torch.zeros(spec.embedding_dim)) and torch.equal(out[1:], got[1:])
+
+
 def test_results_do_not_depend_on_thread_count_or_chunking():
     spec = _spec((13, 17, 19), (2, 2, 4), (16, 16))
     cores = _cores(spec)

@@ -259,7 +259,7 @@ void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_
 // entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) << lb) | i_d with
 // lb = bits of p_d. Equal prefixes form runs, runs sharing i_{d-1} are adjacent (so they share
 // G_{d-1}'s slice in L1), and prefix and i_d are read off the key by shifts and masks (no
-// divisions in the per-lookup loops). LSD radix sort, 11 bits a pass: stable, so ties keep
+// divisions in the per-lookup loops). LSD radix sort, at most 12 bits a pass: stable, so ties keep
 // lookup order.
 constexpr int kJBits = 24;
 constexpr int64_t kSegments = 8;  // fixed pieces of the last-core gradient sum (thread-count independent)
@@ -300,10 +300,13 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   uint64_t* const A = a.data();
   const FastDiv by_pd(pd), by_plast(plast);
   const int bits = last_bits(plast * pfront) + lb;  // <= 40: checked in Python before the call
+  // LSD passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two passes)
+  const int passes = std::max(1, (bits + 11) / 12), width = std::max(1, (bits + passes - 1) / passes);
+  const int64_t nbk = (int64_t)1 << width, mask = nbk - 1;
   // one parallel region for keys and every radix pass (fewer fork/joins): per-thread histograms
   // over fixed slices, bucket-major offsets, so the sort is stable and the same for any thread count
   const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
-  std::vector<int64_t> count((size_t)T << 11);
+  std::vector<int64_t> count((size_t)T * nbk);
   int64_t* const cnt = count.data();
   uint64_t* bufs[2] = {a.data(), tmp.data()};
 #pragma omp parallel num_threads(T)
@@ -316,30 +319,31 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
       A[j] = key << kJBits | (uint64_t)j;
     }
     int cur = 0;
-    for (int shift = 0; shift < bits; shift += 11) {
+    for (int pass = 0; pass < passes; ++pass) {
+      const int shift = kJBits + pass * width;
       const uint64_t* src = bufs[cur];
       uint64_t* dst = bufs[cur ^ 1];
-      int64_t* c = cnt + ((size_t)t << 11);
-      std::fill(c, c + 2048, 0);
+      int64_t* c = cnt + (size_t)t * nbk;
+      std::fill(c, c + nbk, 0);
 #pragma omp barrier
-      for (int64_t x = lo; x < hi; ++x) c[(src[x] >> (kJBits + shift)) & 2047]++;
+      for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
 #pragma omp barrier
 #pragma omp single
       {
         int64_t sum = 0;
-        for (int bucket = 0; bucket < 2048; ++bucket)
+        for (int64_t bucket = 0; bucket < nbk; ++bucket)
           for (int u = 0; u < nt; ++u) {
-            const int64_t v = cnt[((size_t)u << 11) + bucket];
-            cnt[((size_t)u << 11) + bucket] = sum;
+            const int64_t v = cnt[(size_t)u * nbk + bucket];
+            cnt[(size_t)u * nbk + bucket] = sum;
             sum += v;
           }
       }  // implicit barrier
-      for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> (kJBits + shift)) & 2047]++] = src[x];
+      for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
       cur ^= 1;
 #pragma omp barrier
     }
   }
-  if (((bits + 10) / 11) % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp
+  if (passes % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp
 }
 
 // Start of every run of equal prefixes in a sorted chunk, then cn; run_of[x] (optional) = run of x.
@@ -655,6 +659,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
     // one chunk: the pooling pass visits every bag once and writes it whole; otherwise bags may
     // span chunks and accumulate into a zeroed output
     const bool whole = n > 0 && C >= n;
+    // every bag one lookup, unweighted (pooling 1, as for many DLRM tables): each row is written
+    // straight into its bag's output row and the pooling pass is skipped
+    bool direct = whole && n == n_bags && !weights;
+    for (int64_t b = 0; direct && b <= n_bags; ++b) direct = offsets[b] == b;
     if (!whole) std::memset(out, 0, sizeof(float) * n_bags * D);
     for (int64_t s0 = 0; s0 < n; s0 += C) {
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
@@ -696,22 +704,25 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             P = padded.data();
             ldp = Rp;
           }
-          // rows land in sorted order (sequential writes); a repeat of a row points at its first copy
+          // rows land in sorted order (sequential writes), or (direct) in their bags' output rows;
+          // a repeat of a row points at (direct: copies) its first copy
           int64_t lead = -1;
           for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
             if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again
-              pos[j] = (int32_t)lead;
+              if (direct) copy_floats(out + j * D, out + lead * D, D);
+              else pos[j] = (int32_t)lead;
               continue;
             }
-            lead = x;
-            pos[j] = (int32_t)x;
+            lead = direct ? j : x;
+            if (!direct) pos[j] = (int32_t)x;
+            float* const row = direct ? out + j * D : rbuf + x * D;
             const float* St = ctx.last_slice(entry_last(e, lb));
             if (fast)
-              last_stage16(D, Rp, P, St, arow.data(), brow.data(), rbuf + x * D);
+              last_stage16(D, Rp, P, St, arow.data(), brow.data(), row);
             else
-              gemm_nt(M, qd, R, P, ldp, St, Rp, rbuf + x * D, qd, false);
+              gemm_nt(M, qd, R, P, ldp, St, Rp, row, qd, false);
           }
         };
         if (d == 3) {
@@ -746,8 +757,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       if (keep) keep->has_P = true;
       const double t2 = omp_get_wtime();
       // 3. pool: bags overlapping [s0, e0), lookups in order
-      const int64_t b0 = whole ? 0 : std::upper_bound(offsets, offsets + n_bags + 1, s0) - offsets - 1;
-      const int64_t b1 = whole ? n_bags : std::lower_bound(offsets, offsets + n_bags + 1, e0) - offsets;
+      const int64_t b0 = direct ? 0 : whole ? 0 : std::upper_bound(offsets, offsets + n_bags + 1, s0) - offsets - 1;
+      const int64_t b1 = direct ? 0 : whole ? n_bags : std::lower_bound(offsets, offsets + n_bags + 1, e0) - offsets;
 #pragma omp parallel for schedule(static) num_threads(threads)
       for (int64_t b = std::max<int64_t>(b0, 0); b < std::min(b1, n_bags); ++b) {
         int64_t lo, hi;
@@ -768,7 +779,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       }
     }
   }
-  if (mean)
+  if (mean)  // (bags of one lookup keep scale 1)
     for (int64_t b = 0; b < n_bags; ++b) {
       const float sc = bag_scale(offsets, b, 1);
       for (int c = 0; c < D; ++c) out[b * D + c] *= sc;

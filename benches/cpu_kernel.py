@@ -16,13 +16,15 @@ import argparse
 import dataclasses
 import datetime as dt
 import math
+import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
 
-from .app import measure_point, step_for_memory_probe
+from .app import build_point, measure_point, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
 from .environment import capture
@@ -33,9 +35,9 @@ from .timing import measure
 SCALES = {
     # rows, batch (lookups per batch at pooling 1), ranks, poolings
     "paper": dict(table=TableConfig("kaggle_largest", 10_131_227, 16), batch=65_536, ranks=(8, 16, 32, 64),
-                  poolings=(1, 10, 100), target_time_s=2.0),
+                  poolings=(1, 10, 100), target_time_s=2.0, rounds=15, block_s=0.25),
     "smoke": dict(table=TableConfig("small", 100_000, 16), batch=512, ranks=(8,), poolings=(1, 10),
-                  target_time_s=0.05),
+                  target_time_s=0.05, rounds=3, block_s=0.01),
 }
 IMPLS = {  # label -> impl config
     "native": ImplConfig(Impl.tt, Backend.cpu),
@@ -56,6 +58,20 @@ def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str
         tt=TTConfig(rank=rank), timing=timing,
         workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=batch, pooling_factor=pooling),
         mode=ModeConfig(name=Mode(mode), fused=fused, lr=0.01))
+
+
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
+    """Seconds per call of each step, one value per round: the median of a short block of calls
+    (about ``block_s``), the steps taking turns within every round (order rotated each round).
+    On a machine whose speed drifts (shared hosts: an sgemm read 65-129 GFLOP/s within an hour
+    here), ratios of the same round cancel the drift that a sgemm measured once, minutes before
+    the kernel, would not."""
+    labels = list(steps)
+    out: dict[str, list[float]] = {k: [] for k in labels}
+    for r in range(rounds):
+        for k in labels[r % len(labels):] + labels[:r % len(labels)]:
+            out[k].append(measure(steps[k], warmup=1, min_repeats=3, max_repeats=50, target_time_s=block_s).median)
+    return out
 
 
 def _median(rows: list[dict], metric: str) -> float:
@@ -103,6 +119,20 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
         "native autograd + SGD": point("native", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
         "nn.EmbeddingBag sparse + SGD": point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
     }
+    log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
+    _, _, native_fwd = build_point(_cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
+    fwd_rounds = interleaved({"sgemm": lambda: a @ b, "native": native_fwd}, scale["rounds"], scale["block_s"])
+    train_steps = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
+                                           threads=threads, **kw))[2]
+                   for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
+                                           ("native autograd + SGD", "native", {}),
+                                           ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
+    train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"])
+    rounds = {"n": scale["rounds"], "sgemm_flops": 2 * n**3, "forward": fwd_rounds, "train": train_rounds}
+    for label, times in {**fwd_rounds, **train_rounds}.items():
+        rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
+                     "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": B,
+                     "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
     log("ranks x poolings (lookups per batch held at the batch size):")
     grid = []
     for rank in scale["ranks"]:
@@ -123,13 +153,20 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
         log(f"  {label}: {value} bytes ({note})")
 
     write_rows(rows, out_dir / RESULTS_FILE)
-    report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases)
+    report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases, rounds)
     (out_dir / "report.md").write_text(report)
     log(report)
     return pd.DataFrame(rows)
 
 
-def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases) -> str:
+def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratios num[r] / den[r]."""
+    ratios = sorted(x / y for x, y in zip(num, den))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), q[0], q[2]
+
+
+def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases, rounds) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     nat = fwd["native"][0]
     spec_prefix, spec_last = _chain_flops(scale["table"], 32)
@@ -160,15 +197,26 @@ def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phase
         f"{useful_gflops:.1f} GFLOP/s = **{100 * useful_gflops / sgemm:.0f}%** of a {2048 if scale_name == 'paper' else 512}^3 "
         f"sgemm measured in this run ({sgemm:.1f} GFLOP/s).",
         "",
+        f"Interleaved ({rounds['n']} rounds of sgemm and the native forward taking turns; per-round ratios, "
+        "median [quartiles]): useful FLOPs = **{:.0f}%** [{:.0f}–{:.0f}%] of the sgemm's GFLOP/s.".format(
+            *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
+                                              [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
+        "",
         "## Training step (forward + backward + SGD), R = 32, Zipf(1.05) scattered by a permutation, pooling 1",
         "",
         "| implementation | time per step (ms) | lookups/s | vs nn.EmbeddingBag |",
         "| --- | ---: | ---: | ---: |",
     ]
     dense_tp = _median(train["nn.EmbeddingBag sparse + SGD"], "throughput")
+    tr = rounds["train"]
+    dense_rounds = tr["nn.EmbeddingBag sparse + SGD"]
     for k, v in train.items():
         lines.append(f"| {k} | {_median(v, 'time_per_batch'):.2f} | {_median(v, 'throughput'):,.0f} | "
                      f"{_median(v, 'throughput') / dense_tp:.2f}x |")
+    lines += ["", f"Interleaved ({rounds['n']} rounds, the three steps taking turns; throughput vs nn.EmbeddingBag, "
+              "per-round ratios, median [quartiles]): " + "; ".join(
+                  "{}: **{:.2f}x** [{:.2f}–{:.2f}]".format(k, *_round_ratios(dense_rounds, tr[k]))
+                  for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]
     lines += ["", "## Lookups/s by rank and pooling factor (forward; batch = lookups / pooling)", "",

@@ -25,3 +25,9 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     report = (tmp_path / "report.md").read_text()
     for heading in ("## Forward", "## Training step", "## Lookups/s by rank", "## Peak transient memory"):
         assert heading in report
+    # the headline ratios again, from rounds in which the steps took turns (one time per round each)
+    rounds = stored[stored["metric"] == "interleaved_round_time"]
+    assert set(rounds["label"]) == {"sgemm", "native", "native fused SGD", "native autograd + SGD",
+                                    "nn.EmbeddingBag sparse + SGD"}
+    assert (rounds["n"] == 3).all() and (rounds["median"] > 0).all()
+    assert report.count("Interleaved (3 rounds") == 2

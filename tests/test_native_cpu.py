@@ -97,9 +97,10 @@ def test_paper_like_shapes_dims_16_64_128(p, q, r):
 @pytest.mark.parametrize("p,q,r", [((200, 220, 250), (2, 2, 4), (32, 32)), ((5, 6, 7), (1, 3, 2), (3, 5)),
                                    ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4)), ((30, 40), (4, 4), (16,))])
 @pytest.mark.parametrize("mode", ["sum", "mean"])
-def test_pooling_one_bags_written_directly_equal_the_pooled_path(p, q, r, mode):
-    """Bags of one lookup each (unweighted) skip the pooling pass: the rows go straight to the
-    output. Same values as the reference and, bitwise, as the pooled path (weights of 1.0)."""
+def test_pooling_one_bags_take_shortcuts_with_the_pooled_paths_results(p, q, r, mode):
+    """Bags of one lookup each (unweighted) skip the pooling pass (the rows go straight to the
+    output) and, in the backward, the per-lookup bag numbers and weights. Same values as the
+    reference and, bitwise, as the general path (weights of 1.0)."""
     spec = _spec(p, q, r, rows_short=3)
     cores = _cores(spec)
     g = torch.Generator().manual_seed(2)
@@ -111,6 +112,14 @@ def test_pooling_one_bags_written_directly_equal_the_pooled_path(p, q, r, mode):
     assert torch.equal(got, ops.forward(cores, spec, pooled, "sum"))
     want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, direct, mode)
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    # the backward's own shortcut for such bags (no bag numbers or weights): the same core gradients
+    grad_out = torch.randn(4000, spec.embedding_dim, generator=g)
+    grads = ops.backward(cores, spec, direct, mode, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ops.backward(cores, spec, pooled, "sum", grad_out)))
+    ref_cores = [c.double().requires_grad_() for c in cores]
+    want_grads = torch.autograd.grad(ttrec.tt_embedding_bag(ref_cores, spec, direct, mode), ref_cores, grad_out.double())
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
     one_empty = make_bags(idx[1:], torch.cat([torch.zeros(1, dtype=torch.int64), torch.arange(3999)]), None,
                           num_embeddings=spec.num_embeddings, mode=mode)  # not all bags of one lookup
     out = ops.forward(cores, spec, one_empty, mode)

@@ -586,8 +586,13 @@ inline void row_grads16(v16 gv, int M, int qd, const float* St, int64_t ldst, co
 // further on are fetched, and the gradient rows and weights of those kAhead further on.
 constexpr int64_t kAhead = 16;
 inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
+// Bags of one unweighted lookup each (bag_of == nullptr): lookup j's gradient row is row j.
 inline void prefetch_ahead(int64_t y, int64_t cn, int64_t s0, const uint64_t* sorted, const int32_t* bag_of,
                            const float* lookup_w, const float* grad_out, int D) {
+  if (!bag_of) {
+    if (y + kAhead < cn) prefetch_line(grad_out + (s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1))) * D);
+    return;
+  }
   if (y + 2 * kAhead < cn) prefetch_line(bag_of + s0 + (int64_t)(sorted[y + 2 * kAhead] & (kMaxChunk - 1)));
   if (y + kAhead < cn) {
     const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
@@ -799,7 +804,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 //      stacked G_1[i1]^T @ stacked dP (the bucket's own slice: one writer), and dP_1 = stacked
 //      dP @ G_2[:, i2]^T added into a segment-private dG_1[i1];
 //   3. the segment copies of dG_1 and dG_3 added in segment order, one digit value per thread.
-// No atomics; the sums do not depend on the thread count.
+// No atomics; the sums do not depend on the thread count. bag_of and lookup_w null: bags of one
+// unweighted lookup each (lookup j's upstream gradient is row j of grad_out).
 static void backward_d3(const tt_shape_t* s, const float* const* cores, const int64_t* idx, int64_t n,
                         const int32_t* bag_of, const float* lookup_w, const float* grad_out,
                         float* const* grad_cores, uint8_t* const* touched, int threads, int64_t C, Plan* kept,
@@ -883,7 +889,8 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                   for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
                     prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
                     const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                    gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
+                    if (!bag_of) gv += load16(grad_out + j * D);
+                    else gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
                   }
                   if (R2 == 16 || R2 == 32 || R2 == 64) {
                     const int64_t i3 = entry_last(sorted[x], lb);
@@ -903,8 +910,8 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                   for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
                     prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
                     const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                    const float w = lookup_w[j];
-                    const float* go = grad_out + (int64_t)bag_of[j] * D;
+                    const float w = bag_of ? lookup_w[j] : 1.0f;
+                    const float* go = grad_out + (bag_of ? (int64_t)bag_of[j] : j) * D;
                     for (int c = 0; c < D; ++c) g[c] += w * go[c];
                   }
                 }
@@ -1014,9 +1021,12 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   if (d == 3 && n_bags <= INT32_MAX) {  // (bags numbered in int32)
     static std::vector<float> lookup_w;  // weight x bag scale of every lookup
     static std::vector<int32_t> bag32;  // bag of every lookup (int32: half the cache footprint)
-    lookup_w.resize(n);
-    bag32.resize(n);
-    for (int64_t b = 0; b < n_bags; ++b) {
+    // bags of one unweighted lookup each (pooling 1): no per-lookup bag numbers or weights
+    bool single = n == n_bags && !weights;
+    for (int64_t b = 0; single && b <= n_bags; ++b) single = offsets[b] == b;
+    lookup_w.resize(single ? 0 : n);
+    bag32.resize(single ? 0 : n);
+    for (int64_t b = 0; b < n_bags && !single; ++b) {
       const float sc = bag_scale(offsets, b, mean);
       for (int64_t j = offsets[b]; j < offsets[b + 1]; ++j) {
         lookup_w[j] = (weights ? weights[j] : 1.0f) * sc;
@@ -1026,7 +1036,7 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     lap(0);
     Plan* kept = static_cast<Plan*>(state);
     if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
-    backward_d3(s, cores, idx, n, bag32.data(), lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
+    backward_d3(s, cores, idx, n, single ? nullptr : bag32.data(), single ? nullptr : lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
                 stats, tick);
     return 0;
   }

@@ -80,6 +80,13 @@ def _shape(spec: TTSpec) -> TTShape:
     return s
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """t itself when contiguous (only its data pointer is passed on; autograd never sees the
+    kernel), else a contiguous copy. Spares the torch ops of detach().contiguous() per core, which
+    right after a kernel call run with torch's dispatcher cold in cache (tens of microseconds each)."""
+    return t if t.is_contiguous() else t.detach().contiguous()
+
+
 def _ptrs(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
@@ -169,7 +176,7 @@ def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chu
     """The forward, and with ``keep`` what its backward can reuse (None where the kernel keeps nothing)."""
     bags = _require(cores, spec, bags, mode)
     originals = list(cores)
-    cores = [c.detach().contiguous() for c in cores]
+    cores = [_plain(c) for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
     w = bags.float32_weights()
     stats = TTStats()
@@ -200,12 +207,12 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
     if saved is not None and not isinstance(saved, SavedForward):
         raise TypeError(f"saved: got {type(saved).__name__}; expected SavedForward or None")
     plan = saved.pointer if saved is not None and saved.current() else None
-    cores = [c.detach().contiguous() for c in cores]
-    grad_out = grad_out.detach().to(torch.float32).contiguous()
+    cores = [_plain(c) for c in cores]
+    grad_out = _plain(grad_out if grad_out.dtype == torch.float32 else grad_out.detach().to(torch.float32))
     if tuple(grad_out.shape) != (bags.num_bags, spec.embedding_dim):
         raise ValueError(f"grad_out: got shape {tuple(grad_out.shape)}; expected {(bags.num_bags, spec.embedding_dim)}")
     if grads is None:
-        grads = [torch.zeros_like(c) for c in cores]
+        grads = [torch.zeros(c.shape, dtype=torch.float32) for c in cores]
     w = bags.float32_weights()
     stats = TTStats()
     _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
@@ -231,14 +238,14 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
         raise ValueError("state: Adagrad needs accumulators shaped like the cores")
     if not lr > 0 or not eps >= 0:
         raise ValueError(f"lr, eps: got lr={lr}, eps={eps}; need lr > 0 and eps >= 0")
-    _check_like_cores("cores", [c.data for c in cores], spec)  # updated in place: no copies allowed
+    _check_like_cores("cores", cores, spec)  # updated in place: no copies allowed
     _check_like_cores("scratch", scratch, spec)
     _check_like_cores("state", state, spec)
     global _update_epoch
     touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
     backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched, saved=saved)
     _update_epoch += 1  # every kept forward plan is stale from here on
-    _call(library().tt_sparse_update, ctypes.byref(_shape(spec)), _ptrs([c.data for c in cores]), _ptrs(scratch),
+    _call(library().tt_sparse_update, ctypes.byref(_shape(spec)), _ptrs(cores), _ptrs(scratch),
           None if state is None else _ptrs(state), _ptrs(touched), int(optimizer == "adagrad"), lr, eps,
           torch.get_num_threads())
     return touched

@@ -244,7 +244,8 @@ def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     key = _same_point_key(cfg)
     if key is not None and key in _SAME_POINT:
         log.info("0 TT tables: tt.* / cache.* do not change the model; rows reused from this sweep's earlier job")
-        return [dict(r, note=((r.get("note") or "") + "; reused: same model as an earlier job (0 TT tables)").lstrip("; "))
+        return [dict(r, experiment=experiment,
+                     note=((r.get("note") or "") + "; reused: same model as an earlier job (0 TT tables)").lstrip("; "))
                 for r in _SAME_POINT[key]]
     d = cfg.dlrm
     torch.set_num_threads(cfg.timing.threads)

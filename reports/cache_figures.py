@@ -20,16 +20,12 @@ import seaborn as sns  # noqa: E402
 
 from benches.cache_experiments import break_even  # noqa: E402
 
-from .figures import save  # noqa: E402
+from .figures import _style, save  # noqa: E402
 
 __all__ = ["is_cache_experiment", "plot_cache_figures", "plot_topk_stability", "plot_hit_rate_sweep",
            "plot_cache_size_warmup"]
 
 log = logging.getLogger("ttrec.bench")
-
-
-def _style() -> None:
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
 
 
 def _cached(df: pd.DataFrame) -> pd.Series:

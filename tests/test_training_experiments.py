@@ -96,6 +96,8 @@ def test_cached_model_reports_its_hit_ratio_and_zero_tt_tables_are_trained_once(
     b = train_rows(_tiny("tt.rank=8", "tt.init=uniform", "dlrm.eval_samples=300"), "fig6")
     assert [r["median"] for r in a] == [r["median"] for r in b]
     assert all("reused" in (r["note"] or "") for r in b)
+    c = train_rows(_tiny("tt.rank=16", "dlrm.eval_samples=300"), "table1")  # another preset, same process
+    assert [r["median"] for r in c] == [r["median"] for r in a] and {r["experiment"] for r in c} == {"table1"}
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,9 @@ def _check_threshold(threshold: float) -> None:
 def decide(current: Mapping[str, float], baseline: Mapping[str, float] | None, threshold: float = DEFAULT_THRESHOLD,
            thresholds: Mapping[str, float] | None = None, report_only: Collection[str] = ()) -> list[Verdict]:
     """First-pass verdicts of normalised medians against the baseline's (both by benchmark name);
-    ``thresholds`` overrides ``threshold`` per benchmark. A benchmark missing from the baseline (or
+    a benchmark in ``thresholds`` is judged by its entry there instead of ``threshold`` (as called
+    by :mod:`benches.gate.run`, an entry only where a point's own threshold is above ``--threshold``,
+    so a point's threshold is a floor that ``--threshold`` can raise). A benchmark missing from the baseline (or
     no baseline at all) gets NO_BASELINE, never a failure; one in ``report_only`` above its
     threshold gets SLOWER_NOT_GATED, never a failure."""
     _check_threshold(threshold)

@@ -81,8 +81,8 @@ def summary(rows: list[dict], factors: list[float], env: dict, threshold: str, s
     lines = ["# Gate evidence", "", *([note, ""] if note else []),
              f"Machine: {env.get('cpu_model')} ({env.get('cpu_count')} logical CPUs), torch {env.get('torch')}, "
              f"gate threads {env.get('threads')}, commit {env.get('git_sha', '?')[:10]}"
-             f"{' (dirty)' if env.get('git_dirty') == 'True' else ''}; started {started} UTC. The machine was shared "
-             "with other engineers' benchmark and test runs throughout (load averages below; 2 cores).", "",
+             f"{' (dirty)' if env.get('git_dirty') == 'True' else ''}; started {started} UTC. Load averages (2 cores) "
+             "are in the table; what else ran on the machine is in the note above.", "",
              f"Threshold {threshold} (per-point thresholds in the second table); every run is the full gate (a failing benchmark is re-measured once and fails "
              "only if confirmed). Plant f: every native CPU kernel call takes f times its CPU time "
              "(TTREC_PLANT_SLOWDOWN=f); 'raw slowdown' is how much slower the step really got: the median over "

@@ -17,6 +17,7 @@
 // memory follows the batch, not the table. Layout: core k is (R_{k-1}, p_k, q_k, R_k) row-major
 // fp32, as in ttrec.reference.
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <mutex>
@@ -668,6 +669,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
     // straight into its bag's output row and the pooling pass is skipped
     bool direct = whole && n == n_bags && !weights;
     for (int64_t b = 0; direct && b <= n_bags; ++b) direct = offsets[b] == b;
+    const bool stream_out = direct && D == 16 && (reinterpret_cast<uintptr_t>(out) & 63) == 0 && (ctx.Rp == 16 || ctx.Rp == 32 || ctx.Rp == 64);
     if (!whole) std::memset(out, 0, sizeof(float) * n_bags * D);
     for (int64_t s0 = 0; s0 < n; s0 += C) {
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
@@ -701,6 +703,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           arow[o] = (int32_t)((oo / qd) * Rp);  // P's rows are padded to Rp below when R != Rp
           brow[o] = (oo % qd) * Rp;
         }
+        alignas(64) float lead_row[16];  // (stream_out) the last distinct row, for its repeats
         // the rows of prefix t's lookups from its partial product P (M x R)
         auto finish = [&](int64_t t, const float* P) {
           int64_t ldp = R;
@@ -716,7 +719,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
             if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again
-              if (direct) copy_floats(out + j * D, out + lead * D, D);
+              if (stream_out) _mm512_stream_ps(out + j * D, _mm512_load_ps(lead_row));
+              else if (direct) copy_floats(out + j * D, out + lead * D, D);
               else pos[j] = (int32_t)lead;
               continue;
             }
@@ -724,7 +728,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             if (!direct) pos[j] = (int32_t)x;
             float* const row = direct ? out + j * D : rbuf + x * D;
             const float* St = ctx.last_slice(entry_last(e, lb));
-            if (fast)
+            if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)
+              last_stage16(D, Rp, P, St, arow.data(), brow.data(), lead_row);
+              _mm512_stream_ps(row, _mm512_load_ps(lead_row));
+            } else if (fast)
               last_stage16(D, Rp, P, St, arow.data(), brow.data(), row);
             else
               gemm_nt(M, qd, R, P, ldp, St, Rp, row, qd, false);
@@ -758,6 +765,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             finish(t, P);
           }
         }
+        if (stream_out) _mm_sfence();  // this thread's streamed rows are out before the barrier
       }
       if (keep) keep->has_P = true;
       const double t2 = omp_get_wtime();

@@ -63,7 +63,7 @@ def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
     """Seconds per call of each step, one value per round: the median of a short block of calls
     (about ``block_s``), the steps taking turns within every round (order rotated each round).
-    On a machine whose speed drifts (shared hosts: an sgemm read 65-129 GFLOP/s within an hour
+    On a machine whose speed drifts (shared hosts: an sgemm read 65-173 GFLOP/s within one day
     here), ratios of the same round cancel the drift that a sgemm measured once, minutes before
     the kernel, would not."""
     labels = list(steps)

@@ -427,6 +427,15 @@ inline void bag_range(const int64_t* offsets, int64_t b, int64_t s, int64_t e, i
   *hi = std::min(offsets[b + 1], e);
 }
 
+// Every bag holds exactly one lookup and there are no weights (pooling 1, as for many DLRM tables):
+// the forward writes rows straight to the output, the backward reads gradient rows by lookup.
+inline bool one_unweighted_lookup_per_bag(const int64_t* offsets, int64_t n_bags, const float* weights) {
+  if (weights || offsets[n_bags] != n_bags) return false;
+  for (int64_t b = 0; b <= n_bags; ++b)
+    if (offsets[b] != b) return false;
+  return true;
+}
+
 inline float bag_scale(const int64_t* offsets, int64_t b, int mean) {
   const int64_t n = offsets[b + 1] - offsets[b];
   return (mean && n > 0) ? 1.0f / (float)n : 1.0f;
@@ -665,11 +674,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
     // one chunk: the pooling pass visits every bag once and writes it whole; otherwise bags may
     // span chunks and accumulate into a zeroed output
     const bool whole = n > 0 && C >= n;
-    // every bag one lookup, unweighted (pooling 1, as for many DLRM tables): each row is written
-    // straight into its bag's output row and the pooling pass is skipped
-    bool direct = whole && n == n_bags && !weights;
-    for (int64_t b = 0; direct && b <= n_bags; ++b) direct = offsets[b] == b;
-    const bool stream_out = direct && D == 16 && (reinterpret_cast<uintptr_t>(out) & 63) == 0 && (ctx.Rp == 16 || ctx.Rp == 32 || ctx.Rp == 64);
+    // each row written straight into its bag's output row, no pooling pass; 16-float rows (one
+    // aligned line each) as non-temporal stores
+    const bool direct = whole && one_unweighted_lookup_per_bag(offsets, n_bags, weights);
+    const bool stream_out = direct && D == 16 && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
     if (!whole) std::memset(out, 0, sizeof(float) * n_bags * D);
     for (int64_t s0 = 0; s0 < n; s0 += C) {
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
@@ -1029,9 +1037,7 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   if (d == 3 && n_bags <= INT32_MAX) {  // (bags numbered in int32)
     static std::vector<float> lookup_w;  // weight x bag scale of every lookup
     static std::vector<int32_t> bag32;  // bag of every lookup (int32: half the cache footprint)
-    // bags of one unweighted lookup each (pooling 1): no per-lookup bag numbers or weights
-    bool single = n == n_bags && !weights;
-    for (int64_t b = 0; single && b <= n_bags; ++b) single = offsets[b] == b;
+    const bool single = one_unweighted_lookup_per_bag(offsets, n_bags, weights);  // no bag numbers or weights
     lookup_w.resize(single ? 0 : n);
     bag32.resize(single ? 0 : n);
     for (int64_t b = 0; b < n_bags && !single; ++b) {
@@ -1044,8 +1050,8 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     lap(0);
     Plan* kept = static_cast<Plan*>(state);
     if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
-    backward_d3(s, cores, idx, n, single ? nullptr : bag32.data(), single ? nullptr : lookup_w.data(), grad_out, grad_cores, touched, threads, C, kept,
-                stats, tick);
+    backward_d3(s, cores, idx, n, single ? nullptr : bag32.data(), single ? nullptr : lookup_w.data(), grad_out,
+                grad_cores, touched, threads, C, kept, stats, tick);
     return 0;
   }
   bag_of.resize(n);

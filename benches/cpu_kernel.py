@@ -63,8 +63,8 @@ def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str
 def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
     """Seconds per call of each step, one value per round: the median of a short block of calls
     (about ``block_s``), the steps taking turns within every round (order rotated each round).
-    On a machine whose speed drifts (shared hosts: an sgemm read 65-173 GFLOP/s within one day
-    here), ratios of the same round cancel the drift that a sgemm measured once, minutes before
+    On a machine whose speed drifts (here an sgemm read 92-173 GFLOP/s within hours on a quiet
+    machine), ratios of the same round cancel the drift that a sgemm measured once, minutes before
     the kernel, would not."""
     labels = list(steps)
     out: dict[str, list[float]] = {k: [] for k in labels}

@@ -126,16 +126,22 @@ def test_pooling_one_bags_take_shortcuts_with_the_pooled_paths_results(p, q, r, 
     assert torch.equal(out[0], torch.zeros(spec.embedding_dim)) and torch.equal(out[1:], got[1:])
 
 
-def test_results_do_not_depend_on_thread_count_or_chunking():
-    spec = _spec((13, 17, 19), (2, 2, 4), (16, 16))
+@pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),
+                                   ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
+def test_results_do_not_depend_on_thread_count_or_chunking(p, q, r):
+    """36,000 lookups: the sort, the run search and the pieces are split between threads (slices
+    of at least 8,192 lookups), and the results match the reference and each other bitwise."""
+    spec = _spec(p, q, r)
     cores = _cores(spec)
-    bags = _bags(spec, [3, 0, 50, 7] * 100, 3, "sum", True)
-    grad_out = torch.randn(bags.num_bags, 16)
+    bags = _bags(spec, [3, 0, 50, 7] * 600, 3, "sum", True)
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim)
     outs, grads = [], []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         outs.append(ops.forward(cores, spec, bags, "sum"))
         grads.append(ops.backward(cores, spec, bags, "sum", grad_out))
+    want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags, "sum")
+    torch.testing.assert_close(outs[0].double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     outs.append(ops.forward(cores, spec, bags, "sum", chunk_bytes=1))  # the smallest chunk: 1024 lookups
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
@@ -144,16 +150,22 @@ def test_results_do_not_depend_on_thread_count_or_chunking():
     chunked = ops.backward(cores, spec, bags, "sum", grad_out, chunk_bytes=1)
     for a, b in zip(chunked, grads[0]):  # chunks change the summation order only
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    ref_cores = [c.double().requires_grad_() for c in cores]
+    want_grads = torch.autograd.grad(ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum"), ref_cores,
+                                     grad_out.double())
+    for a, b in zip(grads[0], want_grads):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
 def test_unique_prefix_count_is_the_closed_form_count():
     spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
     cores = _cores(spec)
-    idx = torch.randint(0, spec.num_embeddings, (5000,))
-    bags = make_bags(idx, torch.arange(5000), None, num_embeddings=spec.num_embeddings, mode="sum")
+    idx = torch.randint(0, spec.num_embeddings, (40000,))  # runs found by several threads
+    bags = make_bags(idx, torch.arange(40000), None, num_embeddings=spec.num_embeddings, mode="sum")
+    torch.set_num_threads(3)
     ops.forward(cores, spec, bags, "sum")
     stats = ops.last_stats()
-    assert stats["chunks"] == 1 and stats["lookups"] == 5000
+    assert stats["chunks"] == 1 and stats["lookups"] == 40000
     assert stats["unique_prefixes"] == torch.unique(idx // 60).numel()
 
 

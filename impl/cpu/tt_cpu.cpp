@@ -348,16 +348,43 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
 }
 
 // Start of every run of equal prefixes in a sorted chunk, then cn; run_of[x] (optional) = run of x.
+// Two passes over fixed slices (count the starts, then write them at the slice's offset), with no
+// data-dependent branch: runs of one or two lookups make a branch on "new run" a coin flip.
 int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::vector<int64_t>& runs,
-                  std::vector<int32_t>* run_of) {
-  runs.clear();
+                  std::vector<int32_t>* run_of, int threads) {
+  const int T = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(threads, 64), cn / 8192 + 1));
+  runs.resize(cn + 1 + T);  // slot cn + 1 + t: where slice t writes lookups that start no run
   if (run_of) run_of->resize(cn);
-  for (int64_t x = 0; x < cn; ++x) {
-    if (x == 0 || entry_prefix(sorted[x], lb) != entry_prefix(sorted[x - 1], lb)) runs.push_back(x);
-    if (run_of) (*run_of)[x] = (int32_t)runs.size() - 1;
+  const uint64_t* const e = sorted.data();
+  int64_t* const out = runs.data();
+  int32_t* const of = run_of ? run_of->data() : nullptr;
+  int64_t first[65] = {0};  // runs before each slice, then the total
+  int slices = 1;
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = cn * t / nt, hi = cn * (t + 1) / nt;
+    int64_t starts = 0;
+    for (int64_t x = lo; x < hi; ++x) starts += x == 0 || entry_prefix(e[x], lb) != entry_prefix(e[x - 1], lb);
+    first[t + 1] = starts;
+#pragma omp barrier
+#pragma omp single
+    {
+      slices = nt;
+      for (int u = 0; u < nt; ++u) first[u + 1] += first[u];
+    }  // implicit barrier
+    int64_t u = first[t];
+    const int64_t junk = cn + 1 + t;
+    for (int64_t x = lo; x < hi; ++x) {
+      const int64_t start = x == 0 || entry_prefix(e[x], lb) != entry_prefix(e[x - 1], lb);
+      out[start ? u : junk] = x;
+      u += start;
+      if (of) of[x] = (int32_t)(u - 1);
+    }
   }
-  const int64_t U = (int64_t)runs.size();
-  runs.push_back(cn);
+  const int64_t U = first[slices];
+  runs.resize(U + 1);
+  runs[U] = cn;
   return U;
 }
 
@@ -475,16 +502,24 @@ bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
 void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl) {
   sort_lookups(s, idx, cn, pl.sorted, pl.tmp, threads);
   const int lb = last_bits(s->p[2]);
-  const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr);
+  const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
   const int64_t p0 = s->p[0];
+  const FastDiv by_p0(p0);
   pl.digits.resize(2 * U);
+  int64_t* const dig = pl.digits.data();
+  const uint64_t* const e = pl.sorted.data();
+  const int64_t* const runs = pl.runs.data();
+#pragma omp parallel for schedule(static) num_threads(threads) if (U > 8192)
+  for (int64_t t = 0; t < U; ++t) {
+    const int64_t key = entry_prefix(e[runs[t]], lb), i2 = by_p0(key);
+    dig[2 * t] = key - i2 * p0;
+    dig[2 * t + 1] = i2;
+  }
+  // buckets of equal i2 (a change is rare: a well-predicted branch), cut into pieces
   pl.buckets.clear();
   pl.pieces.clear();
   for (int64_t t = 0; t < U; ++t) {
-    const int64_t key = entry_prefix(pl.sorted[pl.runs[t]], lb), i2 = key / p0;
-    pl.digits[2 * t] = key - i2 * p0;
-    pl.digits[2 * t + 1] = i2;
-    if (t == 0 || i2 != pl.digits[2 * t - 1]) {
+    if (t == 0 || dig[2 * t + 1] != dig[2 * t - 1]) {
       pl.buckets.push_back(t);
       pl.pieces.push_back(t);
     } else if (t - pl.pieces.back() >= kPiece) {
@@ -689,7 +724,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
       ctx.prepare_last(sorted.data(), cn, lb);
-      const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr);
+      const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr, threads);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
       float* const rbuf = rows.data();  // rows in sorted order
@@ -1063,7 +1098,7 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
     ctx.prepare_last(sorted.data(), cn, lb);
-    const int64_t U = find_runs(sorted, cn, lb, runs, &run_of);
+    const int64_t U = find_runs(sorted, cn, lb, runs, &run_of, threads);
     digits.resize(U * (d - 1));
     for (int64_t t = 0; t < U; ++t)
       decode_prefix(s, entry_prefix(sorted[runs[t]], lb), pfront, digits.data() + t * (d - 1));

@@ -600,30 +600,61 @@ void release_plan(Plan* p) {
   else delete p;
 }
 
-// One distinct row's gradient work when D = 16 and R = 16 RV: dp (M x R) += g (M x qd) @ St (qd x R)
-// and c3 (qd x R) += g^T @ P (M x R), with g kept in a register and its entries broadcast by
-// shuffles (a store of g and scalar reloads stall on store forwarding). The same k-ordered sums
-// as gemm_nn_acc / gemm_tn_acc.
-template <int RV>
-inline void row_grads16(v16 gv, int M, int qd, const float* St, int64_t ldst, const float* P, float* dp, float* c3) {
-  constexpr int R = 16 * RV;
-  for (int m = 0; m < M; ++m) {
-    v16 acc[RV];
-    for (int v = 0; v < RV; ++v) acc[v] = load16(dp + m * R + 16 * v);
-    for (int c = 0; c < qd; ++c) {
-      const v16 b = __builtin_shuffle(gv, v16i{} + (m * qd + c));
-      for (int v = 0; v < RV; ++v) acc[v] += b * load16(St + c * ldst + 16 * v);
+// All distinct rows of one prefix when D = 16 = M q_d and R = 16 RV (the common DLRM case): for each
+// row, g = the upstream gradient summed over the row's repeats (a register), then
+// dp (M x R) += g (M x q_d) @ St (q_d x R) and c3 (q_d x R) += g^T @ P (M x R). dp stays in registers
+// across the prefix's rows (M x RV vectors: spilled when M = 16, still correct) and each entry of g is
+// broadcast once for both products. gather(y) is the weighted upstream gradient row of sorted lookup y.
+template <int QD, int RV, class Gather, class Slice>
+__attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1, const uint64_t* sorted,
+                                                          Gather&& gather, Slice&& slice, const float* P, float* dp) {
+  constexpr int M = 16 / QD, R = 16 * RV;
+  v16 acc[M][RV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < RV; ++v) acc[m][v] = load16(dp + m * R + 16 * v);
+  for (int64_t x = x0; x < x1;) {
+    const uint64_t row = sorted[x] >> kJBits;
+    v16 gv = {};
+    int64_t y = x;
+    for (; y < x1 && (sorted[y] >> kJBits) == row; ++y) gv += gather(y);
+    const float* S;
+    float* const c3 = slice(sorted[x], &S);  // the row's c3 accumulator; S = its last-core slice (q_d x R)
+    for (int c = 0; c < QD; ++c) {
+      v16 sc[RV], cc[RV];
+      for (int v = 0; v < RV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
+      for (int m = 0; m < M; ++m) {
+        const v16 b = __builtin_shuffle(gv, v16i{} + (m * QD + c));
+        for (int v = 0; v < RV; ++v) {
+          acc[m][v] += b * sc[v];
+          cc[v] += b * load16(P + m * R + 16 * v);
+        }
+      }
+      for (int v = 0; v < RV; ++v) store16(c3 + c * R + 16 * v, cc[v]);
     }
-    for (int v = 0; v < RV; ++v) store16(dp + m * R + 16 * v, acc[v]);
+    x = y;
   }
-  for (int c = 0; c < qd; ++c) {
-    v16 acc[RV];
-    for (int v = 0; v < RV; ++v) acc[v] = load16(c3 + c * R + 16 * v);
-    for (int m = 0; m < M; ++m) {
-      const v16 b = __builtin_shuffle(gv, v16i{} + (m * qd + c));
-      for (int v = 0; v < RV; ++v) acc[v] += b * load16(P + m * R + 16 * v);
-    }
-    for (int v = 0; v < RV; ++v) store16(c3 + c * R + 16 * v, acc[v]);
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < RV; ++v) store16(dp + m * R + 16 * v, acc[m][v]);
+}
+
+// f(QD, RV) with compile-time q_d (a divisor of 16) and R / 16 in {1, 2, 4}; false for other shapes.
+template <class F>
+inline bool with_row16_shape(int qd, int R, F&& f) {
+  using std::integral_constant;
+  const int rv = R % 16 ? 0 : R / 16;
+  if (rv != 1 && rv != 2 && rv != 4) return false;
+  auto with_rv = [&](auto QD) {
+    if (rv == 1) f(QD, integral_constant<int, 1>{});
+    else if (rv == 2) f(QD, integral_constant<int, 2>{});
+    else f(QD, integral_constant<int, 4>{});
+  };
+  switch (qd) {
+    case 1: with_rv(integral_constant<int, 1>{}); return true;
+    case 2: with_rv(integral_constant<int, 2>{}); return true;
+    case 4: with_rv(integral_constant<int, 4>{}); return true;
+    case 8: with_rv(integral_constant<int, 8>{}); return true;
+    case 16: with_rv(integral_constant<int, 16>{}); return true;
+    default: return false;
   }
 }
 
@@ -896,12 +927,14 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     first.reset(p0);
     for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
     const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
-    // segments: whole buckets, cut where the running lookup count crosses multiples of cn / S
+    // segments: whole buckets of about equal work, cut where the running cost crosses multiples of
+    // the total / S; cost = 8 per prefix (its two GEMMs, 16 q1 R1 q2 R2 FLOPs, dominate) + 1 per lookup
     const int64_t nb = (int64_t)pl->buckets.size() - 1;
     const int64_t S = std::min<int64_t>(kBucketSegments, nb);
+    auto cost = [&](int64_t b) { return 8 * pl->buckets[b] + runs[pl->buckets[b]]; };
     seg.assign(1, 0);
     for (int64_t b = 1; b < nb && (int64_t)seg.size() < S; ++b)
-      if (runs[pl->buckets[b]] * S >= cn * (int64_t)seg.size()) seg.push_back(b);
+      if (cost(b) * S >= cost(nb) * (int64_t)seg.size()) seg.push_back(b);
     seg.push_back(nb);
     const int64_t nseg = (int64_t)seg.size() - 1;
     acc1.resize((size_t)nseg * n1 * w1);
@@ -909,16 +942,29 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     used1.assign((size_t)nseg * n1, 0);
     used3.assign((size_t)nseg * n3, 0);
     float* const g1 = grad_cores[1];
+    const bool fast16 = D == 16 && with_row16_shape(qd, R2, [](auto, auto) {});
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> Ap, Bp((size_t)R1 * N), BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
-          dP1((size_t)kPiece * w1), g(D);
+          dP1((size_t)kPiece * w1), g(D), gs;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t sg = 0; sg < nseg; ++sg) {
         float* const a1 = acc1.data() + (size_t)sg * n1 * w1;
         float* const a3 = acc3.data() + (size_t)sg * n3 * w3;
         uint8_t* const u1 = used1.data() + (size_t)sg * n1;
         uint8_t* const u3 = used3.data() + (size_t)sg * n3;
+        // (fast16) the segment's upstream gradient rows, weighted, in sorted order: one tight loop
+        // of random reads (many in flight) instead of one read per step of the row loop
+        const int64_t xs = runs[pl->buckets[seg[sg]]], xe = runs[pl->buckets[seg[sg + 1]]];
+        if (fast16) {
+          gs.resize((size_t)(xe - xs) * 16);
+          for (int64_t y = xs; y < xe; ++y) {
+            prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
+            const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+            store16(gs.data() + (y - xs) * 16, bag_of ? splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D)
+                                                      : load16(grad_out + j * D));
+          }
+        }
         for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
           pack_slice(s, cores[1], 1, i2, Bp.data());
@@ -931,40 +977,33 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
             for (int64_t t = ta; t < tb; ++t) {
               const float* P = pl->P.data() + t * MR2;
               float* dp = dPb.data() + (t - ta) * MR2;
+              if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see prefix_grads16
+                const int64_t x1 = runs[t + 1];
+                auto gather = [&](int64_t y) __attribute__((always_inline)) { return load16(gs.data() + (y - xs) * 16); };
+                auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
+                  const int64_t i3 = entry_last(e, lb);
+                  const int32_t v = ctx.last.slot[i3];
+                  float* c3 = a3 + (size_t)v * w3;
+                  if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
+                  *S = ctx.last_slice(i3);
+                  return c3;
+                };
+                with_row16_shape(qd, R2, [&](auto QD, auto RV) __attribute__((always_inline)) {
+                  prefix_grads16<QD.value, RV.value>(runs[t], x1, sorted.data(), gather, slice, P, dp);
+                });
+                continue;
+              }
               for (int64_t x = runs[t]; x < runs[t + 1];) {
                 // g: the upstream gradient of this row, summed over its repeats (adjacent)
                 const uint64_t row = sorted[x] >> kJBits;
                 int64_t y = x;
-                if (D == 16) {  // one vector: summed in a register
-                  v16 gv = {};
-                  for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                    prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
-                    const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                    if (!bag_of) gv += load16(grad_out + j * D);
-                    else gv += splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D);
-                  }
-                  if (R2 == 16 || R2 == 32 || R2 == 64) {
-                    const int64_t i3 = entry_last(sorted[x], lb);
-                    const int32_t v = ctx.last.slot[i3];
-                    float* c3 = a3 + (size_t)v * w3;
-                    if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
-                    const float* St = ctx.last_slice(i3);
-                    if (R2 == 16) row_grads16<1>(gv, M, qd, St, Rp, P, dp, c3);
-                    else if (R2 == 32) row_grads16<2>(gv, M, qd, St, Rp, P, dp, c3);
-                    else row_grads16<4>(gv, M, qd, St, Rp, P, dp, c3);
-                    x = y;
-                    continue;
-                  }
-                  store16(g.data(), gv);
-                } else {
-                  std::fill(g.begin(), g.end(), 0.f);
-                  for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                    prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
-                    const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                    const float w = bag_of ? lookup_w[j] : 1.0f;
-                    const float* go = grad_out + (bag_of ? (int64_t)bag_of[j] : j) * D;
-                    for (int c = 0; c < D; ++c) g[c] += w * go[c];
-                  }
+                std::fill(g.begin(), g.end(), 0.f);
+                for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+                  prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
+                  const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+                  const float w = bag_of ? lookup_w[j] : 1.0f;
+                  const float* go = grad_out + (bag_of ? (int64_t)bag_of[j] : j) * D;
+                  for (int c = 0; c < D; ++c) g[c] += w * go[c];
                 }
                 const int64_t i3 = entry_last(sorted[x], lb);
                 // dp (M x R2) += g (M x q_d) @ St (q_d x R2)
@@ -998,15 +1037,18 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     float* const gd = grad_cores[2];  // (R2, p_d, q_d, 1)
 #pragma omp parallel num_threads(threads)
     {
+      std::vector<float> sum(w3);
 #pragma omp for schedule(static) nowait
       for (int64_t v = 0; v < n3; ++v) {
         const int64_t i = ctx.last.digit[v];
-        for (int64_t sg = 0; sg < nseg; ++sg) {
+        std::fill(sum.begin(), sum.end(), 0.f);  // the segments' c3 (q_d x R2) summed in order, then
+        for (int64_t sg = 0; sg < nseg; ++sg) {  // added once into G_d's strided slice
           if (!used3[(size_t)sg * n3 + v]) continue;
           const float* a = acc3.data() + ((size_t)sg * n3 + v) * w3;
-          for (int r = 0; r < R2; ++r)
-            for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += a[(size_t)c * R2 + r];
+          for (int64_t c = 0; c < w3; ++c) sum[c] += a[c];
         }
+        for (int r = 0; r < R2; ++r)
+          for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += sum[(size_t)c * R2 + r];
         if (touched) touched[2][i] = 1;
       }
 #pragma omp for schedule(static)

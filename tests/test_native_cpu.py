@@ -127,19 +127,25 @@ def test_pooling_one_bags_take_shortcuts_with_the_pooled_paths_results(p, q, r, 
 
 
 @pytest.mark.parametrize("q,r", [((4, 4, 1), (8, 16)), ((2, 4, 2), (8, 64)), ((1, 4, 4), (16, 32)),
-                                 ((1, 2, 8), (4, 16)), ((1, 1, 16), (8, 32)), ((2, 2, 4), (8, 48))])
-def test_embedding_dim_16_backward_paths(q, r):
-    """D = 16 with R_2 in {16, 32, 64} takes the register path of the backward (one per q_d); R_2 = 48
-    takes the general one. Weighted bags of repeated rows, against the reference's autograd."""
+                                 ((1, 2, 8), (4, 16)), ((1, 1, 16), (8, 32)), ((2, 2, 4), (8, 48)),
+                                 ((2, 2, 4), (8, 8)), ((2, 2, 4), (4, 17)), ((2, 2, 4), (8, 64))])
+def test_embedding_dim_16_paths(q, r):
+    """D = 16: with q_1 q_2 = q_3 = 4 the forward's last step takes the block-broadcast path (R_2 padded
+    to 16, 32 or 64), else the dot-product one; with R_2 in {16, 32, 64} the backward takes the
+    register path (one per q_d), else the general one. Weighted bags of repeated rows, against the
+    reference and its autograd."""
     spec = _spec((6, 7, 8), q, r)
     cores = _cores(spec)
     bags = _bags(spec, [1, 4, 0, 2, 3] * 300, 5, "sum", True)
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(bags.num_bags, 16, generator=g)
     torch.set_num_threads(2)
-    grads = ops.backward(cores, spec, bags, "sum", grad_out)
     ref_cores = [c.double().requires_grad_() for c in cores]
-    want = torch.autograd.grad(ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum"), ref_cores, grad_out.double())
+    ref_out = ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum")
+    got = ops.forward(cores, spec, bags, "sum")
+    torch.testing.assert_close(got.double(), ref_out.detach(), atol=1e-5 * ref_out.abs().max().item(), rtol=1e-5)
+    grads = ops.backward(cores, spec, bags, "sum", grad_out)
+    want = torch.autograd.grad(ref_out, ref_cores, grad_out.double())
     for a, b in zip(grads, want):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 

@@ -193,6 +193,52 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
   }
 }
 
+// 128-bit block broadcast and shuffle without _mm512_undefined_ps (GCC 12 reports the intrinsics'
+// undefined pass-through operand as maybe-uninitialized; the full mask never reads it)
+inline __m512 bcast4(const float* p) {
+  return (__m512)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(), (__mmask16)-1);
+}
+template <int IMM>
+inline __m512 shuffle_blocks(__m512 a, __m512 b) {
+  return (__m512)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(), (__mmask16)-1);
+}
+
+// The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
+// rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
+// P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles: kept in registers),
+// and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so each row is
+// 4 Rp / 4 FMAs (every lane useful) and two levels of in-block shuffles that sum over s.
+template <int RV>  // Rp = 16 RV
+struct Last44 {
+  __m512 pk[4 * RV];
+  Last44(const float* P, int64_t ldp) {  // P: 4 rows ldp apart, Rp floats each (zero-padded)
+    for (int h = 0; h < RV; ++h) {
+      const __m512 p0 = _mm512_loadu_ps(P + 16 * h), p1 = _mm512_loadu_ps(P + ldp + 16 * h),
+                   p2 = _mm512_loadu_ps(P + 2 * ldp + 16 * h), p3 = _mm512_loadu_ps(P + 3 * ldp + 16 * h);
+      const __m512 t0 = shuffle_blocks<0x44>(p0, p1), t1 = shuffle_blocks<0xEE>(p0, p1),
+                   t2 = shuffle_blocks<0x44>(p2, p3), t3 = shuffle_blocks<0xEE>(p2, p3);
+      pk[4 * h + 0] = shuffle_blocks<0x88>(t0, t2);  // blocks: P[0..3][16h + 4j ..], j = 0..3
+      pk[4 * h + 1] = shuffle_blocks<0xDD>(t0, t2);
+      pk[4 * h + 2] = shuffle_blocks<0x88>(t1, t3);
+      pk[4 * h + 3] = shuffle_blocks<0xDD>(t1, t3);
+    }
+  }
+  // one row from the transposed last-core slice St (4 x Rp, rows Rp apart)
+  __m512 row(const float* St) const {
+    constexpr int Rp = 16 * RV;
+    __m512 acc[4];
+    for (int c = 0; c < 4; ++c) {
+      acc[c] = _mm512_mul_ps(pk[0], bcast4(St + c * Rp));
+      for (int k = 1; k < 4 * RV; ++k)
+        acc[c] = _mm512_fmadd_ps(pk[k], bcast4(St + c * Rp + 4 * k), acc[c]);
+    }
+    // block a of acc[c] holds the four partial sums over s of out[a][c]
+    const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(acc[0], acc[1], 0x44), _mm512_shuffle_ps(acc[0], acc[1], 0xEE));
+    const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(acc[2], acc[3], 0x44), _mm512_shuffle_ps(acc[2], acc[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
+  }
+};
+
 // C (M x N) (+)= A (M x K, lda) @ B^T, B is (N x K, ldb): dot-product form, K contiguous.
 void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
              bool accumulate) {
@@ -770,6 +816,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         for (int k = 1; k < d - 1; ++k) scratch[k].resize((size_t)ctx.width[k] * s->r[k + 1]);
         const int Rp = ctx.Rp;
         const bool fast = D % 16 == 0;
+        const bool quad = M == 4 && qd == 4;  // see Last44
         std::vector<float> padded(fast ? (size_t)M * Rp : 0, 0.f);
         std::vector<int32_t> arow(D), brow(D);
         for (int o = 0; o < D; ++o) {
@@ -779,15 +826,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         }
         alignas(64) float lead_row[16];  // (stream_out) the last distinct row, for its repeats
         // the rows of prefix t's lookups from its partial product P (M x R)
-        auto finish = [&](int64_t t, const float* P) {
-          int64_t ldp = R;
-          if (fast && Rp != R) {  // zero-pad P's rows to Rp so the dots run on whole vectors
-            for (int m = 0; m < M; ++m) std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
-            P = padded.data();
-            ldp = Rp;
-          }
-          // rows land in sorted order (sequential writes), or (direct) in their bags' output rows;
-          // a repeat of a row points at (direct: copies) its first copy
+        // the rows of prefix t's lookups; compute(St, dst) writes one row from the last-core slice St.
+        // Rows land in sorted order (sequential writes), or (direct) in their bags' output rows; a
+        // repeat of a row points at (direct: copies) its first copy
+        auto rows_of = [&](int64_t t, auto&& compute) {
           int64_t lead = -1;
           for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
             const uint64_t e = sorted[x];
@@ -803,13 +845,31 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             float* const row = direct ? out + j * D : rbuf + x * D;
             const float* St = ctx.last_slice(entry_last(e, lb));
             if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)
-              last_stage16(D, Rp, P, St, arow.data(), brow.data(), lead_row);
+              compute(St, lead_row);
               _mm512_stream_ps(row, _mm512_load_ps(lead_row));
-            } else if (fast)
-              last_stage16(D, Rp, P, St, arow.data(), brow.data(), row);
-            else
-              gemm_nt(M, qd, R, P, ldp, St, Rp, row, qd, false);
+            } else {
+              compute(St, row);
+            }
           }
+        };
+        // the rows of prefix t from its partial product P (M x R)
+        auto finish = [&](int64_t t, const float* P) {
+          int64_t ldp = R;
+          if (fast && Rp != R) {  // zero-pad P's rows to Rp so the dots run on whole vectors
+            for (int m = 0; m < M; ++m) std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
+            P = padded.data();
+            ldp = Rp;
+          }
+          auto by44 = [&](auto stage) {
+            rows_of(t, [&](const float* St, float* dst) { _mm512_storeu_ps(dst, stage.row(St)); });
+          };
+          if (quad && Rp == 16) by44(Last44<1>(P, ldp));
+          else if (quad && Rp == 32) by44(Last44<2>(P, ldp));
+          else if (quad && Rp == 64) by44(Last44<4>(P, ldp));
+          else if (fast)
+            rows_of(t, [&](const float* St, float* dst) { last_stage16(D, Rp, P, St, arow.data(), brow.data(), dst); });
+          else
+            rows_of(t, [&](const float* St, float* dst) { gemm_nt(M, qd, R, P, ldp, St, Rp, dst, qd, false); });
         };
         if (d == 3) {
           std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]), Pl(keep ? 0 : (size_t)kPiece * M * R);

@@ -290,6 +290,8 @@ def tt_bag_cpu(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str = 
         raise NotImplementedError("per_sample_weights that require grad: the native CPU kernel gives no "
                                   "gradient for the weights; use backend='torch' for that")
     # keep the forward's plan only for a backward that can come (never under no_grad / inference_mode)
-    keep = (torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-            and (fused is None or getattr(fused, "accepts_saved", False)))
+    graph = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+    if not graph:  # nothing to differentiate: the kernel alone (an autograd Function call costs ~0.1 ms)
+        return _forward(cores, spec, bags, mode)[0]
+    keep = fused is None or getattr(fused, "accepts_saved", False)
     return _TTBagCPU.apply(spec, bags, mode, fused, keep, *cores)

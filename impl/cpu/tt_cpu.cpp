@@ -817,6 +817,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         const int Rp = ctx.Rp;
         const bool fast = D % 16 == 0;
         const bool quad = M == 4 && qd == 4;  // see Last44
+        const int64_t st_bytes = (int64_t)sizeof(float) * qd * ctx.Rp;
         std::vector<float> padded(fast ? (size_t)M * Rp : 0, 0.f);
         std::vector<int32_t> arow(D), brow(D);
         for (int o = 0; o < D; ++o) {
@@ -844,6 +845,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             if (!direct) pos[j] = (int32_t)x;
             float* const row = direct ? out + j * D : rbuf + x * D;
             const float* St = ctx.last_slice(entry_last(e, lb));
+            if (x + 1 < cn) {  // the next lookup's slice into L1 while this row is computed
+              const char* nx = (const char*)ctx.last_slice(entry_last(sorted[x + 1], lb));
+              for (int64_t bb = 0; bb < st_bytes; bb += 64) _mm_prefetch(nx + bb, _MM_HINT_T0);
+            }
             if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)
               compute(St, lead_row);
               _mm512_stream_ps(row, _mm512_load_ps(lead_row));

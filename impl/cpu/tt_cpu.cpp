@@ -648,16 +648,15 @@ void release_plan(Plan* p) {
 
 // All distinct rows of one prefix when D = 16 = M q_d and R = 16 RV (the common DLRM case): for each
 // row, g = the upstream gradient summed over the row's repeats (a register), then
-// dp (M x R) += g (M x q_d) @ St (q_d x R) and c3 (q_d x R) += g^T @ P (M x R). dp stays in registers
+// dp (M x R) = sum of g (M x q_d) @ St (q_d x R) and c3 (q_d x R) += g^T @ P (M x R). dp stays in registers
 // across the prefix's rows (M x RV vectors: spilled when M = 16, still correct) and each entry of g is
 // broadcast once for both products. gather(y) is the weighted upstream gradient row of sorted lookup y.
+// dp is written, not added to: these rows are all of the prefix's (no zeroing of dp beforehand).
 template <int QD, int RV, class Gather, class Slice>
 __attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1, const uint64_t* sorted,
                                                           Gather&& gather, Slice&& slice, const float* P, float* dp) {
   constexpr int M = 16 / QD, R = 16 * RV;
-  v16 acc[M][RV];
-  for (int m = 0; m < M; ++m)
-    for (int v = 0; v < RV; ++v) acc[m][v] = load16(dp + m * R + 16 * v);
+  v16 acc[M][RV] = {};
   for (int64_t x = x0; x < x1;) {
     const uint64_t row = sorted[x] >> kJBits;
     v16 gv = {};
@@ -1038,7 +1037,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           if (touched) touched[1][i2] = 1;
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
-            std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);
+            if (!fast16) std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);  // (fast16 writes whole dP)
             for (int64_t t = ta; t < tb; ++t) {
               const float* P = pl->P.data() + t * MR2;
               float* dp = dPb.data() + (t - ta) * MR2;

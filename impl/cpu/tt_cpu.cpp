@@ -445,7 +445,7 @@ inline void decode_prefix(const tt_shape_t* s, int64_t key, int64_t pfront, int6
   }
 }
 
-// The distinct digit values a chunk uses for one core, numbered in first-use order: per-call
+// The distinct digit values a chunk uses for one core, numbered in the order added: per-call
 // copies of core slices are made for these only, so scratch memory follows the batch, not p_k.
 struct UsedDigits {
   std::vector<int32_t> slot;   // p_k entries, -1 where unused
@@ -470,24 +470,44 @@ struct Ctx {
   int Rp;                     // R_{d-1} rounded up to a multiple of 16
   UsedDigits last;            // last-core digits of the current chunk
   std::vector<float> last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
+  std::vector<uint8_t> marks;  // per thread: which last digits its slice of lookups uses
 
   Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
     for (int k = 0; k < d; ++k) width[k] = tt_cols_through(s, k);
     Rp = (s->r[d - 1] + 15) / 16 * 16;
   }
 
-  // Collect the last digits of a sorted chunk and build their transposed slices.
-  void prepare_last(const uint64_t* sorted, int64_t cn, int lb) {
+  // Collect the last digits of a sorted chunk (threads mark them over fixed slices; slots in
+  // ascending digit order) and build their transposed slices.
+  void prepare_last(const uint64_t* sorted, int64_t cn, int lb, int threads) {
     const int64_t pd = s->p[d - 1];
     const int qd = s->q[d - 1], R = s->r[d - 1];
-    last.reset(pd);
-    for (int64_t x = 0; x < cn; ++x) last.add(entry_last(sorted[x], lb));
-    last_t.assign(last.digit.size() * qd * Rp, 0.f);
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, cn / 8192 + 1));
+    marks.assign((size_t)T * pd, 0);
+    uint8_t* const mk = marks.data();
     const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
-    for (size_t u = 0; u < last.digit.size(); ++u) {
-      const int64_t i = last.digit[u];
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < qd; ++c) last_t[(u * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+#pragma omp parallel num_threads(T)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      uint8_t* const m = mk + (size_t)t * pd;
+      for (int64_t x = cn * t / nt; x < cn * (t + 1) / nt; ++x) m[entry_last(sorted[x], lb)] = 1;
+#pragma omp barrier
+#pragma omp single
+      {
+        last.reset(pd);
+        for (int64_t i = 0; i < pd; ++i) {
+          uint8_t used = 0;
+          for (int u = 0; u < T; ++u) used |= mk[(size_t)u * pd + i];
+          if (used) last.add(i);
+        }
+        last_t.assign(last.digit.size() * qd * Rp, 0.f);
+      }  // implicit barrier
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < (int64_t)last.digit.size(); ++u) {
+        const int64_t i = last.digit[u];
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < qd; ++c) last_t[(u * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+      }
     }
   }
 
@@ -799,7 +819,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       else sort_lookups(s, idx + s0, cn, sorted_g, tmp, threads);
       const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
-      ctx.prepare_last(sorted.data(), cn, lb);
+      ctx.prepare_last(sorted.data(), cn, lb, threads);
       const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr, threads);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
@@ -979,7 +999,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
       pl = &plan_g;
       plan_chunk(s, idx + s0, cn, threads, *pl);
     }
-    ctx.prepare_last(pl->sorted.data(), cn, lb);
+    ctx.prepare_last(pl->sorted.data(), cn, lb, threads);
     if (stats) { stats->unique_prefixes += pl->U; stats->chunks++; }
     lap(1);
     if (!pl->has_P) plan_chains(s, cores, *pl, threads);
@@ -1203,7 +1223,7 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
     sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
-    ctx.prepare_last(sorted.data(), cn, lb);
+    ctx.prepare_last(sorted.data(), cn, lb, threads);
     const int64_t U = find_runs(sorted, cn, lb, runs, &run_of, threads);
     digits.resize(U * (d - 1));
     for (int64_t t = 0; t < U; ++t)

@@ -8,11 +8,15 @@
 //      adjacent; repeats of a row are adjacent too;
 //   2. forward, threads over prefixes: the prefix's partial product G_1[i_1] ... G_{d-1}[i_{d-1}]
 //      once, in a thread-local scratch (the reuse of EL-Rec/EcoRec), then each distinct row of
-//      the run with the last core into a row buffer: no per-lookup gathered cores;
+//      the run with the last core into a row buffer, or straight into the output for bags of one
+//      unweighted lookup: no per-lookup gathered cores. For D = 16 with q_1..q_{d-1} = q_d = 4
+//      the last step broadcasts blocks of the last-core slice (Last44), else 16 dot products
+//      and a transpose-add tree (last_stage16);
 //   3. forward: bags pooled from the row buffer in lookup order (deterministic);
-//   4. backward: the upstream gradient summed per row and per prefix; each core's gradient
-//      reduced per digit value by one thread (or over fixed pieces for the last core): no
-//      atomics, and results that do not depend on the thread count.
+//   4. backward: the upstream gradient summed per row and per prefix (for D = 16, per prefix in
+//      registers, prefix_grads16); each core's gradient reduced per digit value by one thread (or
+//      over fixed segments of the work): no atomics, and results that do not depend on the
+//      thread count.
 // Per-call copies of core slices are made only for the digit values a chunk uses, so scratch
 // memory follows the batch, not the table. Layout: core k is (R_{k-1}, p_k, q_k, R_k) row-major
 // fp32, as in ttrec.reference.

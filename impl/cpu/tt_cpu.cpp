@@ -1034,7 +1034,10 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> Ap, Bp((size_t)R1 * N), BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
-          dP1((size_t)kPiece * w1), g(D), gs;
+          dP1((size_t)kPiece * w1), g(D);
+      // a segment's gathered gradient rows (up to megabytes): kept by each pool thread across calls,
+      // so it is not mapped and faulted in afresh every backward
+      static thread_local std::vector<float> gs;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t sg = 0; sg < nseg; ++sg) {
         float* const a1 = acc1.data() + (size_t)sg * n1 * w1;

@@ -374,9 +374,8 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
       const int shift = kJBits + pass * width;
       const uint64_t* src = bufs[cur];
       uint64_t* dst = bufs[cur ^ 1];
-      int64_t* c = cnt + (size_t)t * nbk;
+      int64_t* c = cnt + (size_t)t * nbk;  // this thread's own: no barrier needed before filling it
       std::fill(c, c + nbk, 0);
-#pragma omp barrier
       for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
 #pragma omp barrier
 #pragma omp single
@@ -391,7 +390,9 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
       }  // implicit barrier
       for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
       cur ^= 1;
+      if (pass + 1 < passes) {  // the next pass reads all of dst (the region's end waits for the last)
 #pragma omp barrier
+      }
     }
   }
   if (passes % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp

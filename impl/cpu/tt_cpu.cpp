@@ -561,7 +561,7 @@ struct Plan {
   bool has_P = false;
 };
 constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
-constexpr int64_t kBucketSegments = 8;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
+constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   if (a.d != b.d) return false;
@@ -1016,14 +1016,17 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     first.reset(p0);
     for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
     const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
-    // segments: whole buckets of about equal work, cut where the running cost crosses multiples of
-    // the total / S; cost = 8 per prefix (its two GEMMs, 16 q1 R1 q2 R2 FLOPs, dominate) + 1 per lookup
+    // segments: whole buckets, cut where the running cost crosses 1/8, 2/8, ..., 6/8, then 13/16,
+    // 14/16, 15/16 of the total: the last four are half-size, so the threads taking segments in turn
+    // finish close together. cost = 8 per prefix (its two GEMMs, 16 q1 R1 q2 R2 FLOPs, dominate) +
+    // 1 per lookup
     const int64_t nb = (int64_t)pl->buckets.size() - 1;
     const int64_t S = std::min<int64_t>(kBucketSegments, nb);
     auto cost = [&](int64_t b) { return 8 * pl->buckets[b] + runs[pl->buckets[b]]; };
+    auto cut = [](int64_t k) { return k <= 6 ? 2 * k : k + 6; };  // k-th boundary, in 16ths
     seg.assign(1, 0);
     for (int64_t b = 1; b < nb && (int64_t)seg.size() < S; ++b)
-      if (cost(b) * S >= cost(nb) * (int64_t)seg.size()) seg.push_back(b);
+      if (cost(b) * 16 >= cost(nb) * cut((int64_t)seg.size())) seg.push_back(b);
     seg.push_back(nb);
     const int64_t nseg = (int64_t)seg.size() - 1;
     acc1.resize((size_t)nseg * n1 * w1);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from functools import lru_cache
 
 import torch
 
@@ -20,8 +21,7 @@ __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "
            "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
-_last_stats: dict[str, float] = {}
-_last_backward_stats: dict[str, float] = {}
+_last: dict[str, TTStats] = {}  # the last call's raw stats per direction, read out by last_stats()
 _update_epoch = 0  # bumped by every fused update: a kept forward plan is used only if none ran since
 
 
@@ -70,7 +70,8 @@ def live_saved_forwards() -> int:
     return int(library().tt_states_live())
 
 
-def _shape(spec: TTSpec) -> TTShape:
+@lru_cache(maxsize=64)
+def _shape(spec: TTSpec) -> TTShape:  # read-only for the kernel (const tt_shape_t*): one per spec
     s = TTShape()
     s.d = spec.d
     for k in range(spec.d):
@@ -185,15 +186,17 @@ def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chu
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
           out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
           ctypes.byref(state) if keep else None)
-    _last_stats.clear()
-    _last_stats.update(stats.as_dict(TTStats.FORWARD_PHASES))
+    _last["forward"] = stats
     return out, (SavedForward(state.value, originals) if state.value else None)
 
 
 def last_stats(which: str = "forward") -> dict[str, float]:
     """Of the last native ``forward`` or ``backward`` call: lookups, unique prefixes and chunks,
     and the seconds spent in each phase (``seconds_<phase>``, see TTStats.*_PHASES)."""
-    return dict(_last_stats if which == "forward" else _last_backward_stats)
+    stats = _last.get("forward" if which == "forward" else "backward")
+    if stats is None:
+        return {}
+    return stats.as_dict(TTStats.FORWARD_PHASES if which == "forward" else TTStats.BACKWARD_PHASES)
 
 
 def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
@@ -219,8 +222,7 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
           grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(),
           chunk_bytes, ctypes.byref(stats), plan)
-    _last_backward_stats.clear()
-    _last_backward_stats.update(stats.as_dict(TTStats.BACKWARD_PHASES))
+    _last["backward"] = stats
     return grads
 
 

@@ -850,7 +850,6 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           brow[o] = (oo % qd) * Rp;
         }
         alignas(64) float lead_row[16];  // (stream_out) the last distinct row, for its repeats
-        // the rows of prefix t's lookups from its partial product P (M x R)
         // the rows of prefix t's lookups; compute(St, dst) writes one row from the last-core slice St.
         // Rows land in sorted order (sequential writes), or (direct) in their bags' output rows; a
         // repeat of a row points at (direct: copies) its first copy

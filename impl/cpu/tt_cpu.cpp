@@ -200,18 +200,21 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
 // 128-bit block broadcast and shuffle without _mm512_undefined_ps (GCC 12 reports the intrinsics'
 // undefined pass-through operand as maybe-uninitialized; the full mask never reads it)
 inline __m512 bcast4(const float* p) {
-  return (__m512)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(), (__mmask16)-1);
+  return (__m512)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
+                                                   (__mmask16)-1);
 }
 template <int IMM>
 inline __m512 shuffle_blocks(__m512 a, __m512 b) {
-  return (__m512)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(), (__mmask16)-1);
+  return (__m512)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
+                                                (__mmask16)-1);
 }
 
 // The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
 // rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
 // P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles: kept in registers),
 // and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so each row is
-// 4 Rp / 4 FMAs (every lane useful) and two levels of in-block shuffles that sum over s.
+// Rp FMAs (4 outputs c x Rp / 4 steps k; every lane useful) and two levels of in-block shuffles
+// that sum over s.
 template <int RV>  // Rp = 16 RV
 struct Last44 {
   __m512 pk[4 * RV];
@@ -409,6 +412,9 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
   const uint64_t* const e = sorted.data();
   int64_t* const out = runs.data();
   int32_t* const of = run_of ? run_of->data() : nullptr;
+  auto starts_run = [&](int64_t x) -> int64_t {
+    return x == 0 || entry_prefix(e[x], lb) != entry_prefix(e[x - 1], lb);
+  };
   int64_t first[65] = {0};  // runs before each slice, then the total
   int slices = 1;
 #pragma omp parallel num_threads(T)
@@ -416,7 +422,7 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t lo = cn * t / nt, hi = cn * (t + 1) / nt;
     int64_t starts = 0;
-    for (int64_t x = lo; x < hi; ++x) starts += x == 0 || entry_prefix(e[x], lb) != entry_prefix(e[x - 1], lb);
+    for (int64_t x = lo; x < hi; ++x) starts += starts_run(x);
     first[t + 1] = starts;
 #pragma omp barrier
 #pragma omp single
@@ -427,7 +433,7 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
     int64_t u = first[t];
     const int64_t junk = cn + 1 + t;
     for (int64_t x = lo; x < hi; ++x) {
-      const int64_t start = x == 0 || entry_prefix(e[x], lb) != entry_prefix(e[x - 1], lb);
+      const int64_t start = starts_run(x);
       out[start ? u : junk] = x;
       u += start;
       if (of) of[x] = (int32_t)(u - 1);
@@ -884,7 +890,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         auto finish = [&](int64_t t, const float* P) {
           int64_t ldp = R;
           if (fast && Rp != R) {  // zero-pad P's rows to Rp so the dots run on whole vectors
-            for (int m = 0; m < M; ++m) std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
+            for (int m = 0; m < M; ++m)
+              std::memcpy(padded.data() + (size_t)m * Rp, P + (size_t)m * R, sizeof(float) * R);
             P = padded.data();
             ldp = Rp;
           }
@@ -1073,7 +1080,9 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               float* dp = dPb.data() + (t - ta) * MR2;
               if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see prefix_grads16
                 const int64_t x1 = runs[t + 1];
-                auto gather = [&](int64_t y) __attribute__((always_inline)) { return load16(gs.data() + (y - xs) * 16); };
+                auto gather = [&](int64_t y) __attribute__((always_inline)) {
+                  return load16(gs.data() + (y - xs) * 16);
+                };
                 auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
                   const int64_t i3 = entry_last(e, lb);
                   const int32_t v = ctx.last.slot[i3];

@@ -33,6 +33,21 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _cpu_isa() -> str:
+    """The widest x86 vector ISA the CPU has (the native kernel compiles to it: ``-march=native``).
+    The model name alone does not tell: virtual machines report Zen 2 and Zen 4 both as "AMD EPYC"."""
+    try:
+        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), set())
+    except OSError:
+        flags = set()
+    if "avx512f" in flags:
+        return "avx512"
+    if "avx2" in flags:
+        return "avx2"
+    return platform.machine().lower() or "unknown"
+
+
 def _gpu() -> dict[str, str]:
     if not torch.cuda.is_available():
         return {"gpu_name": "not available: torch.cuda.is_available() is False", "gpu_driver": "not available"}
@@ -70,6 +85,7 @@ def _static() -> dict[str, str]:
         "numpy": numpy.__version__,
         "hydra": hydra.__version__,
         "cpu_model": _cpu_model(),
+        "cpu_isa": _cpu_isa(),
         "cpu_count": str(os.cpu_count()),
         "hostname": platform.node(),
         **_gpu(),

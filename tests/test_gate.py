@@ -134,17 +134,18 @@ def test_bad_measurements_and_thresholds_are_clear_errors():
 # ---- baselines ----
 
 def _cls(**kw):
-    env = {"cpu_model": "AMD EPYC 7B13", "cpu_count": "2", "torch": "2.13.0+cpu", "gpu_name": "n/a"}
+    env = {"cpu_model": "AMD EPYC 7B13", "cpu_isa": "avx2", "cpu_count": "2", "torch": "2.13.0+cpu", "gpu_name": "n/a"}
     return baselines.machine_class({**env, **kw}, threads=1, scale="default", cuda=False)
 
 
 def test_baseline_round_trip_and_keys(tmp_path):
     cls = _cls()
-    assert baselines.slug(cls) == "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t"
+    assert baselines.slug(cls) == "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t"
     assert baselines.slug(_cls(torch="2.14.0")) != baselines.slug(cls)
+    assert baselines.slug(_cls(cpu_isa="avx512")) != baselines.slug(cls)  # one model name, two kernels
     path = baselines.save(cls, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"},
                                 "old": {"normalised_median": 2.0, "calibration": "cal-B"}}, {"note": "test"}, tmp_path)
-    assert path == tmp_path / "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t.json"
+    assert path == tmp_path / "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t.json"
     values, message = baselines.load(cls, "cal-A", tmp_path)
     assert values == {"fwd": 1.5}  # measured with another calibration: not comparable, left out
     assert "other calibration: ['old']" in message
@@ -153,7 +154,7 @@ def test_baseline_round_trip_and_keys(tmp_path):
 def test_missing_baseline_message_names_the_file_and_the_fix(tmp_path):
     values, message = baselines.load(_cls(), "cal-A", tmp_path)
     assert values is None
-    assert str(tmp_path / "amd_epyc_7b13-2cpu-torch2.13.0_cpu-1t.json") in message
+    assert str(tmp_path / "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t.json") in message
     assert "--update-baseline" in message
 
 
@@ -279,7 +280,7 @@ def test_a_corrupt_baseline_is_a_clear_error(tmp_path):
 
     from benches.gate import baselines
 
-    cls = {"cpu_model": "x", "cpu_count": "2", "torch": "2.13.0", "threads": 1, "scale": "default"}
+    cls = {"cpu_model": "x", "cpu_isa": "avx2", "cpu_count": "2", "torch": "2.13.0", "threads": 1, "scale": "default"}
     path = baselines.save(cls, {"tt_cpu_forward": {"normalised_median": 0.0, "runs": [0.0], "calibration": "c"}},
                           {}, tmp_path)
     assert json.loads(path.read_text())["benchmarks"]["tt_cpu_forward"]["normalised_median"] == 0.0

@@ -23,7 +23,7 @@ FORMAT = 1
 
 def machine_class(env: dict, threads: int, scale: str, cuda: bool) -> dict:
     """The fields that key a baseline (from :func:`benches.environment.capture`)."""
-    cls = {"cpu_model": env["cpu_model"], "cpu_count": env["cpu_count"], "torch": env["torch"],
+    cls = {"cpu_model": env["cpu_model"], "cpu_isa": env["cpu_isa"], "cpu_count": env["cpu_count"], "torch": env["torch"],
            "threads": str(threads), "scale": scale}
     if cuda:
         cls["gpu_name"] = env["gpu_name"]
@@ -31,7 +31,7 @@ def machine_class(env: dict, threads: int, scale: str, cuda: bool) -> dict:
 
 
 def slug(cls: dict) -> str:
-    parts = [cls["cpu_model"], f"{cls['cpu_count']}cpu", f"torch{cls['torch']}", f"{cls['threads']}t"]
+    parts = [cls["cpu_model"], cls["cpu_isa"], f"{cls['cpu_count']}cpu", f"torch{cls['torch']}", f"{cls['threads']}t"]
     if "gpu_name" in cls:
         parts.append(cls["gpu_name"])
     if cls["scale"] != "default":

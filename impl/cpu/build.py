@@ -18,12 +18,12 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["SOURCES", "FLAGS", "library", "unavailable_reason", "TTShape", "TTStats"]
+__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "TTShape", "TTStats"]
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "tt_cpu.cpp", HERE.parent / "include" / "tt_row.h")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
-         "-Wall", "-Wextra", "-Werror")
+         "-Wall", "-Wextra", "-Werror", "-Wno-psabi")
 TT_MAX_D = 4
 
 
@@ -69,39 +69,43 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("TTREC_CACHE_DIR") or Path.home() / ".cache" / "ttrec")
 
 
-def _build(cxx: str) -> Path:
+def _flags(march: str) -> tuple[str, ...]:
+    return tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
+
+
+def build(cxx: str | None = None, march: str = "native") -> Path:
+    """The kernel compiled for ``-march=march`` (cached). The source picks its vector code by what
+    the target has (AVX-512, else AVX2/generic), so tests build the other variant with e.g.
+    ``march="x86-64-v3"`` to run both paths on one AVX-512 machine."""
+    cxx = cxx or _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    flags = _flags(march)
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     h = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in SOURCES), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]:
+    for part in [*(p.read_bytes() for p in SOURCES), " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]:
         h.update(part)
     target = _cache_dir() / f"tt_cpu_{h.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[ttrec] compiling the native CPU kernel ({cxx}) -> {target}", file=sys.stderr, flush=True)
+    print(f"[ttrec] compiling the native CPU kernel ({cxx}, -march={march}) -> {target}", file=sys.stderr, flush=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCES[0]), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cxx, *flags, str(SOURCES[0]), "-o", tmp], capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"building the native CPU kernel failed ({cxx} exit {done.returncode}):\n{done.stderr[-4000:]}")
+            raise RuntimeError(f"building the native CPU kernel failed ({cxx} -march={march}, exit {done.returncode}):\n"
+                               f"{done.stderr[-4000:]}")
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
 
 
-@lru_cache(maxsize=1)
-def _load() -> tuple[ctypes.CDLL | None, str | None]:
-    if os.environ.get("TTREC_DISABLE_NATIVE"):
-        return None, "disabled by TTREC_DISABLE_NATIVE"
-    cxx = _compiler()
-    if cxx is None:
-        return None, "no C++ compiler found (set CXX or install g++)"
-    try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, RuntimeError) as exc:
-        return None, str(exc)
+def bind(path: Path) -> ctypes.CDLL:
+    """Load a built kernel and declare its C ABI; raises RuntimeError on an ABI mismatch."""
+    lib = ctypes.CDLL(str(path))
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     shape_p = ctypes.POINTER(TTShape)
     lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats),
@@ -117,13 +121,31 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     for f in (lib.tt_forward, lib.tt_backward, lib.tt_sparse_update):
         f.restype = ctypes.c_int
     if lib.tt_abi_version() != 3:
-        return None, "native library ABI mismatch"
-    return lib, None
+        raise RuntimeError("native library ABI mismatch")
+    return lib
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get("TTREC_DISABLE_NATIVE"):
+        return None, "disabled by TTREC_DISABLE_NATIVE"
+    cxx = _compiler()
+    if cxx is None:
+        return None, "no C++ compiler found (set CXX or install g++)"
+    try:
+        return bind(build(cxx)), None
+    except (OSError, RuntimeError) as exc:
+        return None, str(exc)
 
 
 def unavailable_reason() -> str | None:
     """None if the native kernel is built and loaded, else why not."""
     return _load()[1]
+
+
+def expected_unavailable() -> bool:
+    """True when the kernel is off by choice or for want of a compiler; a failed build is not expected."""
+    return bool(os.environ.get("TTREC_DISABLE_NATIVE")) or _compiler() is None
 
 
 def library() -> ctypes.CDLL:

@@ -197,17 +197,56 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
   }
 }
 
-// 128-bit block broadcast and shuffle without _mm512_undefined_ps (GCC 12 reports the intrinsics'
-// undefined pass-through operand as maybe-uninitialized; the full mask never reads it)
-inline __m512 bcast4(const float* p) {
-  return (__m512)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
-                                                   (__mmask16)-1);
-}
-template <int IMM>
-inline __m512 shuffle_blocks(__m512 a, __m512 b) {
-  return (__m512)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
+// Block (128-bit) operations of Last44 and the output stream, per vector ISA. With AVX-512 they are
+// single instructions (written without _mm512_undefined_ps: GCC 12 reports the intrinsics' undefined
+// pass-through operand as maybe-uninitialized; the full mask never reads it). Elsewhere (AVX2
+// machines, e.g. Zen 2) the same lane permutations are generic vector shuffles that GCC lowers to
+// pairs of 256-bit operations, and rows are streamed as two 32-byte halves.
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
+#ifdef __AVX512F__
+inline v16 bcast4(const float* p) {
+  return (v16)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
                                                 (__mmask16)-1);
 }
+// blocks [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshuff32x4)
+template <int IMM>
+inline v16 shuffle_blocks(v16 a, v16 b) {
+  return (v16)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
+                                             (__mmask16)-1);
+}
+// within every block: [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshufps)
+template <int IMM>
+inline v16 shuffle_in_blocks(v16 a, v16 b) {
+  return (v16)_mm512_shuffle_ps((__m512)a, (__m512)b, IMM);
+}
+inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
+#else
+inline v16 bcast4(const float* p) {
+  const v4f x = *reinterpret_cast<const v4f*>(p);
+  return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+}
+template <int IMM>
+inline v16 shuffle_blocks(v16 a, v16 b) {
+  constexpr int b0 = IMM & 3, b1 = IMM >> 2 & 3, b2 = (IMM >> 4 & 3) + 4, b3 = (IMM >> 6 & 3) + 4;
+  return __builtin_shufflevector(a, b, 4 * b0, 4 * b0 + 1, 4 * b0 + 2, 4 * b0 + 3, 4 * b1, 4 * b1 + 1, 4 * b1 + 2,
+                                 4 * b1 + 3, 4 * b2, 4 * b2 + 1, 4 * b2 + 2, 4 * b2 + 3, 4 * b3, 4 * b3 + 1,
+                                 4 * b3 + 2, 4 * b3 + 3);
+}
+template <int IMM>
+inline v16 shuffle_in_blocks(v16 a, v16 b) {
+  constexpr int s0 = IMM & 3, s1 = IMM >> 2 & 3, s2 = (IMM >> 4 & 3) + 16, s3 = (IMM >> 6 & 3) + 16;
+  return __builtin_shufflevector(a, b, s0, s1, s2, s3, 4 + s0, 4 + s1, 4 + s2, 4 + s3, 8 + s0, 8 + s1, 8 + s2,
+                                 8 + s3, 12 + s0, 12 + s1, 12 + s2, 12 + s3);
+}
+inline void stream16(float* p, v16 v) {
+#ifdef __AVX__
+  _mm256_stream_ps(p, __m256{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]});
+  _mm256_stream_ps(p + 8, __m256{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]});
+#else
+  store16(p, v);
+#endif
+}
+#endif
 
 // The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
 // rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
@@ -217,12 +256,12 @@ inline __m512 shuffle_blocks(__m512 a, __m512 b) {
 // that sum over s.
 template <int RV>  // Rp = 16 RV
 struct Last44 {
-  __m512 pk[4 * RV];
+  v16 pk[4 * RV];
   Last44(const float* P, int64_t ldp) {  // P: 4 rows ldp apart, Rp floats each (zero-padded)
     for (int h = 0; h < RV; ++h) {
-      const __m512 p0 = _mm512_loadu_ps(P + 16 * h), p1 = _mm512_loadu_ps(P + ldp + 16 * h),
-                   p2 = _mm512_loadu_ps(P + 2 * ldp + 16 * h), p3 = _mm512_loadu_ps(P + 3 * ldp + 16 * h);
-      const __m512 t0 = shuffle_blocks<0x44>(p0, p1), t1 = shuffle_blocks<0xEE>(p0, p1),
+      const v16 p0 = load16(P + 16 * h), p1 = load16(P + ldp + 16 * h),
+                   p2 = load16(P + 2 * ldp + 16 * h), p3 = load16(P + 3 * ldp + 16 * h);
+      const v16 t0 = shuffle_blocks<0x44>(p0, p1), t1 = shuffle_blocks<0xEE>(p0, p1),
                    t2 = shuffle_blocks<0x44>(p2, p3), t3 = shuffle_blocks<0xEE>(p2, p3);
       pk[4 * h + 0] = shuffle_blocks<0x88>(t0, t2);  // blocks: P[0..3][16h + 4j ..], j = 0..3
       pk[4 * h + 1] = shuffle_blocks<0xDD>(t0, t2);
@@ -231,18 +270,19 @@ struct Last44 {
     }
   }
   // one row from the transposed last-core slice St (4 x Rp, rows Rp apart)
-  __m512 row(const float* St) const {
+  v16 row(const float* St) const {
     constexpr int Rp = 16 * RV;
-    __m512 acc[4];
+    v16 acc[4];
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      acc[c] = _mm512_mul_ps(pk[0], bcast4(St + c * Rp));
-      for (int k = 1; k < 4 * RV; ++k)
-        acc[c] = _mm512_fmadd_ps(pk[k], bcast4(St + c * Rp + 4 * k), acc[c]);
+      acc[c] = pk[0] * bcast4(St + c * Rp);
+#pragma GCC unroll 16
+      for (int k = 1; k < 4 * RV; ++k) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
     }
     // block a of acc[c] holds the four partial sums over s of out[a][c]
-    const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(acc[0], acc[1], 0x44), _mm512_shuffle_ps(acc[0], acc[1], 0xEE));
-    const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(acc[2], acc[3], 0x44), _mm512_shuffle_ps(acc[2], acc[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_ps(u0, u1, 0x88), _mm512_shuffle_ps(u0, u1, 0xDD));
+    const v16 u0 = shuffle_in_blocks<0x44>(acc[0], acc[1]) + shuffle_in_blocks<0xEE>(acc[0], acc[1]);
+    const v16 u1 = shuffle_in_blocks<0x44>(acc[2], acc[3]) + shuffle_in_blocks<0xEE>(acc[2], acc[3]);
+    return shuffle_in_blocks<0x88>(u0, u1) + shuffle_in_blocks<0xDD>(u0, u1);
   }
 };
 
@@ -865,7 +905,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             const uint64_t e = sorted[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
             if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again
-              if (stream_out) _mm512_stream_ps(out + j * D, _mm512_load_ps(lead_row));
+              if (stream_out) stream16(out + j * D, load16(lead_row));
               else if (direct) copy_floats(out + j * D, out + lead * D, D);
               else pos[j] = (int32_t)lead;
               continue;
@@ -880,7 +920,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             }
             if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)
               compute(St, lead_row);
-              _mm512_stream_ps(row, _mm512_load_ps(lead_row));
+              stream16(row, load16(lead_row));
             } else {
               compute(St, row);
             }
@@ -896,7 +936,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             ldp = Rp;
           }
           auto by44 = [&](auto stage) {
-            rows_of(t, [&](const float* St, float* dst) { _mm512_storeu_ps(dst, stage.row(St)); });
+            rows_of(t, [&](const float* St, float* dst) { store16(dst, stage.row(St)); });
           };
           if (quad && Rp == 16) by44(Last44<1>(P, ldp));
           else if (quad && Rp == 32) by44(Last44<2>(P, ldp));

@@ -1,0 +1,92 @@
+"""The native kernel builds wherever a compiler exists, and both of its vector paths are right.
+
+tt_cpu.cpp picks its vector code at compile time: AVX-512 intrinsics when the target has them,
+else generic vector shuffles (AVX2 machines such as Zen 2). The default build targets the machine
+(``-march=native``), so one machine runs one path; here both variants are built, each is run
+against the reference where this CPU can execute it, and the other is at least compiled (with
+-Werror), so a change that breaks either path fails on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import ttrec
+from ttrec.bags import make_bags
+from ttrec.cpu import build, ops
+
+VARIANTS = {  # -march -> the CPU flags it needs to run
+    "x86-64-v3": {"avx2", "fma", "bmi2"},
+    "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
+}
+x86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 variants only")
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    """The other native tests skip when the kernel is unavailable: a failed build must not hide
+    behind those skips (only TTREC_DISABLE_NATIVE or a missing compiler may switch it off)."""
+    if build.expected_unavailable():
+        pytest.skip("native kernel switched off or no compiler")
+    assert build.unavailable_reason() is None, build.unavailable_reason()
+
+
+def _cpu_flags() -> set[str]:
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+
+
+@pytest.fixture(scope="module")
+def variants():
+    if build.expected_unavailable():
+        pytest.skip("native kernel switched off or no compiler")
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:  # two compilers at once: about 20 s each
+        paths = dict(zip(VARIANTS, pool.map(lambda m: build.build(march=m), VARIANTS)))
+    return paths
+
+
+def _spec(p, q, r):
+    return ttrec.TTSpec(math.prod(p), math.prod(q), tuple(p), tuple(q), tuple(r))
+
+
+# the shapes whose code differs by vector ISA: Last44 (q_1 q_2 = q_3 = 4, R padded or not), the
+# dot-product last step and the D = 16 register backward, the pooling-1 streamed output, d = 2 and 4
+CASES = [((6, 7, 8), (2, 2, 4), (32, 32), 1), ((6, 7, 8), (2, 2, 4), (17, 8), 3),
+         ((6, 7, 8), (1, 4, 4), (16, 64), 1), ((6, 7, 8), (4, 2, 2), (16, 16), 2),
+         ((6, 7, 8), (2, 2, 2), (5, 3), 2), ((30, 40), (4, 4), (8,), 1), ((5, 6, 7, 3), (2, 2, 2, 2), (4, 8, 4), 2)]
+
+
+@x86
+@pytest.mark.parametrize("march", sorted(VARIANTS))
+@pytest.mark.parametrize("p,q,r,pooling", CASES)
+def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling, monkeypatch):
+    path = variants[march]
+    assert path.exists()  # compiled with -Werror: the variant builds
+    missing = VARIANTS[march] - _cpu_flags()
+    if missing:
+        pytest.skip(f"-march={march} built; this CPU cannot run it (no {', '.join(sorted(missing))})")
+    lib = build.bind(path)
+    monkeypatch.setattr(ops, "library", lambda: lib)
+    spec = _spec(p, q, r)
+    g = torch.Generator().manual_seed(7)
+    cores = [c.float() for c in ttrec.init_tt_cores(spec, "normal", generator=g)]
+    n_bags = 3000
+    idx = torch.randint(0, spec.num_embeddings, (n_bags * pooling,), generator=g)
+    idx[1::5] = idx[0::5][: idx[1::5].numel()]  # repeated rows
+    offsets = torch.arange(0, n_bags * pooling, pooling)
+    w = None if pooling == 1 else torch.rand(idx.numel(), generator=g)
+    bags = make_bags(idx, offsets, w, num_embeddings=spec.num_embeddings, mode="sum")
+    grad_out = torch.randn(n_bags, spec.embedding_dim, generator=g)
+    torch.set_num_threads(2)
+    ref_cores = [c.double().requires_grad_() for c in cores]
+    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum")
+    got = ops.forward(cores, spec, bags, "sum")
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    grads = ops.backward(cores, spec, bags, "sum", grad_out)
+    for a, b in zip(grads, torch.autograd.grad(want, ref_cores, grad_out.double())):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)

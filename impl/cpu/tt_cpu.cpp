@@ -39,21 +39,156 @@
 
 namespace {
 
+// ---- 16-float vectors, per vector ISA ----
+// The kernel computes in 16-float vectors (one embedding row of D = 16, one output line). With
+// AVX-512 a v16 is one register. Without it (AVX2 machines, e.g. Zen 2) GCC would keep a 64-byte
+// generic vector in memory and split every operation (measured: 10x slower GEMMs), so there a v16
+// is a pair of 8-float register vectors with the same operators; the code above this section is
+// written once for both. Lane permutations (block broadcasts and shuffles, the transpose-add tree,
+// lane broadcasts) are single instructions with AVX-512 and pairs of 256-bit ones with AVX2.
+typedef float v4f __attribute__((vector_size(16), aligned(4)));
+#ifdef __AVX512F__
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 inline v16 splat16(float x) { return v16{} + x; }
+inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
+inline v16 lane_bcast(v16 v, int i) { return __builtin_shuffle(v, v16i{} + i); }  // every lane = lane i
 
-// C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb). Register-blocked: 2 rows x 64 cols.
+// Sums of 16 vectors as one vector: lane k = sum of acc[bitrev4(k)] (a transpose-add tree).
+inline v16 hsum16_bitrev(const v16* acc) {
+  v16 w[8], x[4], y[2];
+  const v16i l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const v16i l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  for (int i = 0; i < 8; ++i)
+    w[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1a) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1b);
+  const v16i l2a = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const v16i l2b = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  for (int i = 0; i < 4; ++i)
+    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], l2a) + __builtin_shuffle(w[2 * i], w[2 * i + 1], l2b);
+  const v16i l3a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const v16i l3b = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  for (int i = 0; i < 2; ++i)
+    y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], l3a) + __builtin_shuffle(x[2 * i], x[2 * i + 1], l3b);
+  const v16i l4a = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const v16i l4b = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
+}
+
+// Last44's block (128-bit) operations, written without _mm512_undefined_ps (GCC 12 reports the
+// intrinsics' undefined pass-through operand as maybe-uninitialized; the full mask never reads it).
+inline v16 bcast4(const float* p) {  // the 4 floats at p in every block
+  return (v16)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
+                                                (__mmask16)-1);
+}
+// blocks [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshuff32x4)
+template <int IMM>
+inline v16 shuffle_blocks(v16 a, v16 b) {
+  return (v16)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
+                                             (__mmask16)-1);
+}
+// within every block: [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshufps)
+template <int IMM>
+inline v16 shuffle_in_blocks(v16 a, v16 b) {
+  return (v16)_mm512_shuffle_ps((__m512)a, (__m512)b, IMM);
+}
+#else
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+struct v16 {
+  v8 lo, hi;  // lanes 0-7, 8-15
+  float operator[](int i) const { return i < 8 ? lo[i] : hi[i - 8]; }
+  v16& operator+=(v16 b) { lo += b.lo; hi += b.hi; return *this; }
+};
+inline v16 operator+(v16 a, v16 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+inline v16 operator*(v16 a, v16 b) { return {a.lo * b.lo, a.hi * b.hi}; }
+
+inline v16 load16(const float* p) { return {*reinterpret_cast<const v8*>(p), *reinterpret_cast<const v8*>(p + 8)}; }
+inline void store16(float* p, v16 v) {
+  *reinterpret_cast<v8*>(p) = v.lo;
+  *reinterpret_cast<v8*>(p + 8) = v.hi;
+}
+inline v16 splat16(float x) { return {v8{} + x, v8{} + x}; }
+inline void stream16(float* p, v16 v) {  // p: 64-byte aligned
+#ifdef __AVX__
+  _mm256_stream_ps(p, (__m256)v.lo);
+  _mm256_stream_ps(p + 8, (__m256)v.hi);
+#else
+  store16(p, v);
+#endif
+}
+inline v16 lane_bcast(v16 v, int i) {
+  const v8 h = __builtin_shuffle(i < 8 ? v.lo : v.hi, v8i{} + (i & 7));
+  return {h, h};
+}
+
+// hsum16_bitrev as above, on halves: its first level adds halves, the others permute within halves
+template <int... I>
+inline v16 halves_shuffle(v16 a, v16 b) {
+  return {__builtin_shufflevector(a.lo, b.lo, I...), __builtin_shufflevector(a.hi, b.hi, I...)};
+}
+inline v16 hsum16_bitrev(const v16* acc) {
+  v16 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) w[i] = {acc[2 * i].lo + acc[2 * i].hi, acc[2 * i + 1].lo + acc[2 * i + 1].hi};
+  for (int i = 0; i < 4; ++i)
+    x[i] = halves_shuffle<0, 1, 2, 3, 8, 9, 10, 11>(w[2 * i], w[2 * i + 1]) +
+           halves_shuffle<4, 5, 6, 7, 12, 13, 14, 15>(w[2 * i], w[2 * i + 1]);
+  for (int i = 0; i < 2; ++i)
+    y[i] = halves_shuffle<0, 1, 8, 9, 4, 5, 12, 13>(x[2 * i], x[2 * i + 1]) +
+           halves_shuffle<2, 3, 10, 11, 6, 7, 14, 15>(x[2 * i], x[2 * i + 1]);
+  return halves_shuffle<0, 8, 2, 10, 4, 12, 6, 14>(y[0], y[1]) + halves_shuffle<1, 9, 3, 11, 5, 13, 7, 15>(y[0], y[1]);
+}
+
+inline v16 bcast4(const float* p) {
+  const v4f x = *reinterpret_cast<const v4f*>(p);
+  const v8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+  return {h, h};
+}
+// block j (0..3) of a: half j / 2, lanes 4 (j % 2) ..
+template <int J0, int J1>
+inline v8 two_blocks(v16 a) {
+  return __builtin_shufflevector(J0 < 2 ? a.lo : a.hi, J1 < 2 ? a.lo : a.hi, 4 * (J0 & 1), 4 * (J0 & 1) + 1,
+                                 4 * (J0 & 1) + 2, 4 * (J0 & 1) + 3, 8 + 4 * (J1 & 1), 9 + 4 * (J1 & 1),
+                                 10 + 4 * (J1 & 1), 11 + 4 * (J1 & 1));
+}
+template <int IMM>
+inline v16 shuffle_blocks(v16 a, v16 b) {
+  return {two_blocks<(IMM & 3), (IMM >> 2 & 3)>(a), two_blocks<(IMM >> 4 & 3), (IMM >> 6 & 3)>(b)};
+}
+template <int IMM>
+inline v16 shuffle_in_blocks(v16 a, v16 b) {
+  return {(v8)_mm256_shuffle_ps((__m256)a.lo, (__m256)b.lo, IMM), (v8)_mm256_shuffle_ps((__m256)a.hi, (__m256)b.hi, IMM)};
+}
+#endif
+
+// Register tiles of the small GEMMs: MR rows x NV 16-float vectors of C stay in registers.
+// AVX-512 has 32 vector registers of 16 floats: tiles of up to 24 accumulators (6 x 64, 12 x 32,
+// 16 x 16). AVX2 has 16 registers of 8 floats, so a 16-float vector takes two: 6 x 16 (12
+// registers, 2 for B and 1 for the broadcast of A), the classic AVX2 sgemm tile.
+#ifdef __AVX512F__
+constexpr int kWidestNV = 4;
+constexpr int tile_rows(int nv) { return nv >= 4 ? 6 : nv == 2 ? 12 : 16; }
+#else
+constexpr int kWidestNV = 1;
+constexpr int tile_rows(int) { return 6; }
+#endif
+
 // Calls block(std::integral_constant<int, NV>{}, n) over the columns [0, N) in blocks of 64, 32
-// and 16 floats (NV vectors), and tail(n) for the columns left over.
+// and 16 floats (NV vectors, at most kWidestNV), and tail(n) for the columns left over.
 template <class Block, class Tail>
 inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   int n = 0;
-  for (; n + 64 <= N; n += 64) block(std::integral_constant<int, 4>{}, n);
-  if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
-  if (n + 16 <= N) { block(std::integral_constant<int, 1>{}, n); n += 16; }
+  if constexpr (kWidestNV >= 4)
+    for (; n + 64 <= N; n += 64) block(std::integral_constant<int, 4>{}, n);
+  if constexpr (kWidestNV >= 2)
+    if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
+  if constexpr (kWidestNV >= 2) {
+    if (n + 16 <= N) { block(std::integral_constant<int, 1>{}, n); n += 16; }
+  } else {
+    for (; n + 16 <= N; n += 16) block(std::integral_constant<int, 1>{}, n);
+  }
   if (n < N) tail(n);
 }
 
@@ -76,12 +211,12 @@ inline void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t 
     for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c[m][v]);
 }
 
-// Rows of C for one block of NV vectors: tiles of up to 24 accumulators, then smaller tiles. Every
+// Rows of C for one block of NV vectors: tiles of tile_rows(NV) rows, then smaller tiles. Every
 // element is the same k-ordered sum whatever tile computes it (results do not depend on M).
 template <int NV, bool ACC>
 inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                      int64_t ldc) {
-  constexpr int MR = NV >= 4 ? 6 : NV == 2 ? 12 : 16;
+  constexpr int MR = tile_rows(NV);
   int m = 0;
   for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
   for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
@@ -130,28 +265,6 @@ inline float dot(const float* a, const float* b, int K) {
   return s;
 }
 
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-// Sums of 16 vectors as one vector: lane k = sum of acc[bitrev4(k)] (a transpose-add tree).
-inline v16 hsum16_bitrev(const v16* acc) {
-  v16 w[8], x[4], y[2];
-  const v16i l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const v16i l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  for (int i = 0; i < 8; ++i)
-    w[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1a) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1b);
-  const v16i l2a = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-  const v16i l2b = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-  for (int i = 0; i < 4; ++i)
-    x[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], l2a) + __builtin_shuffle(w[2 * i], w[2 * i + 1], l2b);
-  const v16i l3a = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const v16i l3b = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  for (int i = 0; i < 2; ++i)
-    y[i] = __builtin_shuffle(x[2 * i], x[2 * i + 1], l3a) + __builtin_shuffle(x[2 * i], x[2 * i + 1], l3b);
-  const v16i l4a = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-  const v16i l4b = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-  return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
-}
-
 constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
 
 // The last chain step for one lookup: out[o] = dot(P[o / qd], St[o % qd]) for o < D, where P is
@@ -196,57 +309,6 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
     store16(out + g, hsum16_bitrev(acc));
   }
 }
-
-// Block (128-bit) operations of Last44 and the output stream, per vector ISA. With AVX-512 they are
-// single instructions (written without _mm512_undefined_ps: GCC 12 reports the intrinsics' undefined
-// pass-through operand as maybe-uninitialized; the full mask never reads it). Elsewhere (AVX2
-// machines, e.g. Zen 2) the same lane permutations are generic vector shuffles that GCC lowers to
-// pairs of 256-bit operations, and rows are streamed as two 32-byte halves.
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
-#ifdef __AVX512F__
-inline v16 bcast4(const float* p) {
-  return (v16)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
-                                                (__mmask16)-1);
-}
-// blocks [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshuff32x4)
-template <int IMM>
-inline v16 shuffle_blocks(v16 a, v16 b) {
-  return (v16)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
-                                             (__mmask16)-1);
-}
-// within every block: [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshufps)
-template <int IMM>
-inline v16 shuffle_in_blocks(v16 a, v16 b) {
-  return (v16)_mm512_shuffle_ps((__m512)a, (__m512)b, IMM);
-}
-inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
-#else
-inline v16 bcast4(const float* p) {
-  const v4f x = *reinterpret_cast<const v4f*>(p);
-  return __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
-}
-template <int IMM>
-inline v16 shuffle_blocks(v16 a, v16 b) {
-  constexpr int b0 = IMM & 3, b1 = IMM >> 2 & 3, b2 = (IMM >> 4 & 3) + 4, b3 = (IMM >> 6 & 3) + 4;
-  return __builtin_shufflevector(a, b, 4 * b0, 4 * b0 + 1, 4 * b0 + 2, 4 * b0 + 3, 4 * b1, 4 * b1 + 1, 4 * b1 + 2,
-                                 4 * b1 + 3, 4 * b2, 4 * b2 + 1, 4 * b2 + 2, 4 * b2 + 3, 4 * b3, 4 * b3 + 1,
-                                 4 * b3 + 2, 4 * b3 + 3);
-}
-template <int IMM>
-inline v16 shuffle_in_blocks(v16 a, v16 b) {
-  constexpr int s0 = IMM & 3, s1 = IMM >> 2 & 3, s2 = (IMM >> 4 & 3) + 16, s3 = (IMM >> 6 & 3) + 16;
-  return __builtin_shufflevector(a, b, s0, s1, s2, s3, 4 + s0, 4 + s1, 4 + s2, 4 + s3, 8 + s0, 8 + s1, 8 + s2,
-                                 8 + s3, 12 + s0, 12 + s1, 12 + s2, 12 + s3);
-}
-inline void stream16(float* p, v16 v) {
-#ifdef __AVX__
-  _mm256_stream_ps(p, __m256{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]});
-  _mm256_stream_ps(p + 8, __m256{v[8], v[9], v[10], v[11], v[12], v[13], v[14], v[15]});
-#else
-  store16(p, v);
-#endif
-}
-#endif
 
 // The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
 // rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
@@ -318,10 +380,11 @@ inline void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t 
 
 template <int NV>
 inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  constexpr int KR = NV >= 4 ? 6 : NV == 2 ? 12 : 16;
+  constexpr int KR = tile_rows(NV);
   int k = 0;
   for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
-  for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  if constexpr (KR > 4)
+    for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
   for (; k < K; ++k) tn_tile<NV, 1>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
 }
 
@@ -739,7 +802,7 @@ __attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1
       v16 sc[RV], cc[RV];
       for (int v = 0; v < RV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
       for (int m = 0; m < M; ++m) {
-        const v16 b = __builtin_shuffle(gv, v16i{} + (m * QD + c));
+        const v16 b = lane_bcast(gv, m * QD + c);
         for (int v = 0; v < RV; ++v) {
           acc[m][v] += b * sc[v];
           cc[v] += b * load16(P + m * R + 16 * v);

@@ -53,7 +53,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
-inline v16 splat16(float x) { return v16{} + x; }
+inline v16 splat16(float x) { return (v16)_mm512_set1_ps(x); }  // a broadcast (0 + x would be an add)
 inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
 inline v16 lane_bcast(v16 v, int i) { return __builtin_shuffle(v, v16i{} + i); }  // every lane = lane i
 
@@ -110,7 +110,10 @@ inline void store16(float* p, v16 v) {
   *reinterpret_cast<v8*>(p) = v.lo;
   *reinterpret_cast<v8*>(p + 8) = v.hi;
 }
-inline v16 splat16(float x) { return {v8{} + x, v8{} + x}; }
+inline v16 splat16(float x) {
+  const v8 h = (v8)_mm256_set1_ps(x);
+  return {h, h};
+}
 inline void stream16(float* p, v16 v) {  // p: 64-byte aligned
 #ifdef __AVX__
   _mm256_stream_ps(p, (__m256)v.lo);
@@ -198,7 +201,7 @@ template <int NV, int MR, bool ACC>
 inline void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   v16 c[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : v16{};
+    for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : splat16(0.f);
   for (int k = 0; k < K; ++k) {
     v16 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);

@@ -46,7 +46,6 @@ namespace {
 // is a pair of 8-float register vectors with the same operators; the code above this section is
 // written once for both. Lane permutations (block broadcasts and shuffles, the transpose-add tree,
 // lane broadcasts) are single instructions with AVX-512 and pairs of 256-bit ones with AVX2.
-typedef float v4f __attribute__((vector_size(16), aligned(4)));
 #ifdef __AVX512F__
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -144,9 +143,8 @@ inline v16 hsum16_bitrev(const v16* acc) {
   return halves_shuffle<0, 8, 2, 10, 4, 12, 6, 14>(y[0], y[1]) + halves_shuffle<1, 9, 3, 11, 5, 13, 7, 15>(y[0], y[1]);
 }
 
-inline v16 bcast4(const float* p) {
-  const v4f x = *reinterpret_cast<const v4f*>(p);
-  const v8 h = __builtin_shufflevector(x, x, 0, 1, 2, 3, 0, 1, 2, 3);
+inline v16 bcast4(const float* p) {  // vbroadcastf128 from memory: a load, no shuffle
+  const v8 h = (v8)_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
   return {h, h};
 }
 // block j (0..3) of a: half j / 2, lanes 4 (j % 2) ..
@@ -338,12 +336,20 @@ struct Last44 {
   v16 row(const float* St) const {
     constexpr int Rp = 16 * RV;
     v16 acc[4];
+#ifdef __AVX512F__
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       acc[c] = pk[0] * bcast4(St + c * Rp);
 #pragma GCC unroll 16
       for (int k = 1; k < 4 * RV; ++k) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
     }
+#else  // 16 registers: k outer, so only pk[k] (2), the four broadcasts and the accumulators (8) are live
+    for (int c = 0; c < 4; ++c) acc[c] = pk[0] * bcast4(St + c * Rp);
+#pragma GCC unroll 16
+    for (int k = 1; k < 4 * RV; ++k)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
+#endif
     // block a of acc[c] holds the four partial sums over s of out[a][c]
     const v16 u0 = shuffle_in_blocks<0x44>(acc[0], acc[1]) + shuffle_in_blocks<0xEE>(acc[0], acc[1]);
     const v16 u1 = shuffle_in_blocks<0x44>(acc[2], acc[3]) + shuffle_in_blocks<0xEE>(acc[2], acc[3]);

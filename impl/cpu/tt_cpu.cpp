@@ -168,12 +168,17 @@ inline v16 shuffle_in_blocks(v16 a, v16 b) {
 // AVX-512 has 32 vector registers of 16 floats: tiles of up to 24 accumulators (6 x 64, 12 x 32,
 // 16 x 16). AVX2 has 16 registers of 8 floats, so a 16-float vector takes two: 6 x 16 (12
 // registers, 2 for B and 1 for the broadcast of A), the classic AVX2 sgemm tile.
+// With AVX2 a tile is its own function: inlined into the loops around it, GCC ran out of general
+// registers and reloaded the rows' offsets from the stack before every broadcast (one load per FMA
+// pair more).
 #ifdef __AVX512F__
 constexpr int kWidestNV = 4;
 constexpr int tile_rows(int nv) { return nv >= 4 ? 6 : nv == 2 ? 12 : 16; }
+#define TILE_ATTR inline
 #else
 constexpr int kWidestNV = 1;
 constexpr int tile_rows(int) { return 6; }
+#define TILE_ATTR __attribute__((noinline))
 #endif
 
 // Calls block(std::integral_constant<int, NV>{}, n) over the columns [0, N) in blocks of 64, 32
@@ -196,19 +201,26 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
 // MR rows x NV vectors of C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb), or += with
 // ACC: the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
 template <int NV, int MR, bool ACC>
-inline void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+TILE_ATTR void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   v16 c[MR][NV];
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : splat16(0.f);
   for (int k = 0; k < K; ++k) {
     v16 b[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+#pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const v16 a = splat16(A[m * lda + k]);
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) c[m][v] += a * b[v];
     }
   }
+#pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c[m][v]);
 }
 

@@ -382,20 +382,27 @@ void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, i
 // C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Tiles of KR rows x NV vectors of C
 // stay in registers while all M rank-1 contributions are added (every element summed over m in order).
 template <int NV, int KR>
-inline void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+TILE_ATTR void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   v16 acc[KR][NV];
+#pragma GCC unroll 16
   for (int kk = 0; kk < KR; ++kk)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + kk * ldc + 16 * v);
   for (int m = 0; m < M; ++m) {
     v16 b[NV];
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
     const float* a = A + m * lda;
+#pragma GCC unroll 16
     for (int kk = 0; kk < KR; ++kk) {
       const v16 x = splat16(a[kk]);
+#pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
     }
   }
+#pragma GCC unroll 16
   for (int kk = 0; kk < KR; ++kk)
+#pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store16(C + kk * ldc + 16 * v, acc[kk][v]);
 }
 
@@ -403,6 +410,27 @@ template <int NV>
 inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   constexpr int KR = tile_rows(NV);
   int k = 0;
+  if constexpr (kWidestNV == 1) {
+    // AVX2 (6-row tiles of 2-register rows): rows split evenly over the fewest tiles, so no tile
+    // is one or two rows (K = 32 was 6 x 5 + 1 + 1: the 1-row tiles, one FMA chain per register
+    // over all M, latency-bound, took a quarter of the time)
+    const int tiles = (K + KR - 1) / KR;
+    for (int t = 0; t < tiles; ++t) {
+      const int rows = K / tiles + (t < K % tiles);
+      const float* a = A + k;
+      float* c = C + k * ldc;
+      switch (rows) {
+        case 6: tn_tile<NV, 6>(M, a, lda, B, ldb, c, ldc); break;
+        case 5: tn_tile<NV, 5>(M, a, lda, B, ldb, c, ldc); break;
+        case 4: tn_tile<NV, 4>(M, a, lda, B, ldb, c, ldc); break;
+        case 3: tn_tile<NV, 3>(M, a, lda, B, ldb, c, ldc); break;
+        case 2: tn_tile<NV, 2>(M, a, lda, B, ldb, c, ldc); break;
+        default: tn_tile<NV, 1>(M, a, lda, B, ldb, c, ldc); break;
+      }
+      k += rows;
+    }
+    return;
+  }
   for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
   if constexpr (KR > 4)
     for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
@@ -811,30 +839,37 @@ template <int QD, int RV, class Gather, class Slice>
 __attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1, const uint64_t* sorted,
                                                           Gather&& gather, Slice&& slice, const float* P, float* dp) {
   constexpr int M = 16 / QD, R = 16 * RV;
-  v16 acc[M][RV] = {};
-  for (int64_t x = x0; x < x1;) {
-    const uint64_t row = sorted[x] >> kJBits;
-    v16 gv = {};
-    int64_t y = x;
-    for (; y < x1 && (sorted[y] >> kJBits) == row; ++y) gv += gather(y);
-    const float* S;
-    float* const c3 = slice(sorted[x], &S);  // the row's c3 accumulator; S = its last-core slice (q_d x R)
-    for (int c = 0; c < QD; ++c) {
-      v16 sc[RV], cc[RV];
-      for (int v = 0; v < RV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
-      for (int m = 0; m < M; ++m) {
-        const v16 b = lane_bcast(gv, m * QD + c);
-        for (int v = 0; v < RV; ++v) {
-          acc[m][v] += b * sc[v];
-          cc[v] += b * load16(P + m * R + 16 * v);
+  // columns per pass over the rows: all with AVX-512; with AVX2 (16 registers, two per v16) as many
+  // as keep dp's M x CV vectors in 8 registers, the rows visited once per pass (their gradient rows
+  // are already gathered, contiguous)
+  constexpr int CV = kWidestNV > 1 ? RV : std::max(1, std::min(RV, 4 / M));
+  for (int col = 0; col < R; col += 16 * CV) {
+    v16 acc[M][CV] = {};
+    for (int64_t x = x0; x < x1;) {
+      const uint64_t row = sorted[x] >> kJBits;
+      v16 gv = {};
+      int64_t y = x;
+      for (; y < x1 && (sorted[y] >> kJBits) == row; ++y) gv += gather(y);
+      const float* S;
+      float* const c3 = slice(sorted[x], &S) + col;  // the row's c3 accumulator; S = its last-core slice (q_d x R)
+      S += col;
+      for (int c = 0; c < QD; ++c) {
+        v16 sc[CV], cc[CV];
+        for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
+        for (int m = 0; m < M; ++m) {
+          const v16 b = lane_bcast(gv, m * QD + c);
+          for (int v = 0; v < CV; ++v) {
+            acc[m][v] += b * sc[v];
+            cc[v] += b * load16(P + m * R + col + 16 * v);
+          }
         }
+        for (int v = 0; v < CV; ++v) store16(c3 + c * R + 16 * v, cc[v]);
       }
-      for (int v = 0; v < RV; ++v) store16(c3 + c * R + 16 * v, cc[v]);
+      x = y;
     }
-    x = y;
+    for (int m = 0; m < M; ++m)
+      for (int v = 0; v < CV; ++v) store16(dp + m * R + col + 16 * v, acc[m][v]);
   }
-  for (int m = 0; m < M; ++m)
-    for (int v = 0; v < RV; ++v) store16(dp + m * R + 16 * v, acc[m][v]);
 }
 
 // f(QD, RV) with compile-time q_d (a divisor of 16) and R / 16 in {1, 2, 4}; false for other shapes.

@@ -179,7 +179,7 @@ def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phase
         f"# CPU kernel experiment ({scale_name} scale)",
         "",
         f"Table {t.num_embeddings:,} x {t.embedding_dim} (p, q suggested: {nat['tt_p_shapes']}, {nat['tt_q_shapes']}), "
-        f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs), "
+        f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
         f"torch {env['torch']}, commit {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] == 'True' else ''}.",
         "Medians of repeated calls in one process; ratios are of medians.",
         "",

@@ -21,6 +21,8 @@ import ttrec
 from ttrec.bags import make_bags
 from ttrec.cpu import build, ops
 
+from .native_reference import assert_matches_reference
+
 VARIANTS = {  # -march -> the CPU flags it needs to run
     "x86-64-v3": {"avx2", "fma", "bmi2"},
     "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},
@@ -83,10 +85,4 @@ def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling,
     bags = make_bags(idx, offsets, w, num_embeddings=spec.num_embeddings, mode="sum")
     grad_out = torch.randn(n_bags, spec.embedding_dim, generator=g)
     torch.set_num_threads(2)
-    ref_cores = [c.double().requires_grad_() for c in cores]
-    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum")
-    got = ops.forward(cores, spec, bags, "sum")
-    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5 * want.abs().max().item(), rtol=1e-5)
-    grads = ops.backward(cores, spec, bags, "sum", grad_out)
-    for a, b in zip(grads, torch.autograd.grad(want, ref_cores, grad_out.double())):
-        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+    assert_matches_reference(cores, spec, bags, grad_out)

@@ -13,6 +13,8 @@ from ttrec.bags import Bags, make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
+from .native_reference import assert_matches_reference
+
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
 
 
@@ -140,14 +142,7 @@ def test_embedding_dim_16_paths(q, r):
     g = torch.Generator().manual_seed(1)
     grad_out = torch.randn(bags.num_bags, 16, generator=g)
     torch.set_num_threads(2)
-    ref_cores = [c.double().requires_grad_() for c in cores]
-    ref_out = ttrec.tt_embedding_bag(ref_cores, spec, bags, "sum")
-    got = ops.forward(cores, spec, bags, "sum")
-    torch.testing.assert_close(got.double(), ref_out.detach(), atol=1e-5 * ref_out.abs().max().item(), rtol=1e-5)
-    grads = ops.backward(cores, spec, bags, "sum", grad_out)
-    want = torch.autograd.grad(ref_out, ref_cores, grad_out.double())
-    for a, b in zip(grads, want):
-        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+    assert_matches_reference(cores, spec, bags, grad_out)
 
 
 @pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),

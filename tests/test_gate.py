@@ -151,6 +151,25 @@ def test_baseline_round_trip_and_keys(tmp_path):
     assert "other calibration: ['old']" in message
 
 
+def test_pooled_baseline_adds_runs_of_the_same_calibration_and_takes_the_median(tmp_path):
+    cls = _cls()
+    baselines.save(cls, {"fwd": {"normalised_median": 2.0, "runs": [1.0, 2.0, 3.0], "calibration": "cal-A"},
+                         "old": {"normalised_median": 5.0, "runs": [5.0], "calibration": "cal-B"}}, {}, tmp_path)
+    entries = baselines.pooled(cls, {"fwd": [10.0, 11.0], "old": [7.0], "new": [4.0]}, "cal-A", tmp_path)
+    assert entries["fwd"] == {"normalised_median": 3.0, "runs": [1.0, 2.0, 3.0, 10.0, 11.0], "calibration": "cal-A"}
+    assert entries["old"]["runs"] == [7.0]  # stored with another calibration: not comparable, not pooled
+    assert entries["new"]["normalised_median"] == 4.0
+    assert baselines.pooled(_cls(cpu_isa="avx512"), {"fwd": [9.0]}, "cal-A", tmp_path)["fwd"]["runs"] == [9.0]
+
+
+def test_update_and_add_to_baseline_exclude_each_other(capsys):
+    from benches.gate.run import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--update-baseline", "--add-to-baseline"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_missing_baseline_message_names_the_file_and_the_fix(tmp_path):
     values, message = baselines.load(_cls(), "cal-A", tmp_path)
     assert values is None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import os
 import re
 from pathlib import Path
 
-__all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save"]
+__all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save", "pooled"]
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "baselines"
 FORMAT = 1
@@ -76,3 +77,26 @@ def save(cls: dict, entries: dict[str, dict], env: dict, directory: Path = DEFAU
                               indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def pooled(cls: dict, new: dict[str, list[float]], calibration: str,
+           directory: Path = DEFAULT_DIR) -> dict[str, dict]:
+    """Entries whose runs are the stored baseline's runs (same machine class and calibration) plus
+    ``new``, each with the median of them all. A baseline pooled over recordings made hours apart
+    covers the machine's slow drift (the calibration cancels most of it, not all), where one
+    recording fixes whatever state the machine was in then. Benchmarks absent from the stored file
+    start from their new runs."""
+    path = path_for(cls, directory)
+    stored = {}
+    if path.exists():
+        data = json.loads(path.read_text())
+        if data.get("format") == FORMAT and data.get("machine_class") == cls:
+            stored = data["benchmarks"]
+    out = {}
+    for name, runs in new.items():
+        old = stored.get(name, {})
+        prior = list(old.get("runs", [])) if old.get("calibration") == calibration else []
+        everything = prior + list(runs)
+        out[name] = {"normalised_median": statistics.median(everything), "runs": everything,
+                     "calibration": calibration}
+    return out

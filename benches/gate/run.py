@@ -68,8 +68,12 @@ def _positive_int(name: str):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benches.gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--update-baseline", action="store_true",
-                   help="measure --baseline-runs times and write this machine class's baseline (no decision)")
+    record = p.add_mutually_exclusive_group()
+    record.add_argument("--update-baseline", action="store_true",
+                        help="measure --baseline-runs times and write this machine class's baseline (no decision)")
+    record.add_argument("--add-to-baseline", action="store_true",
+                        help="like --update-baseline, but pool the new runs with the stored baseline's runs "
+                             "(median of all): a baseline that spans hours of the machine's drift")
     p.add_argument("--baseline-runs", type=_positive_int("--baseline-runs"), default=3,
                    help="runs whose per-benchmark median makes a new baseline (default 3)")
     p.add_argument("--threshold", type=_positive_float("--threshold", 1.0), default=DEFAULT_THRESHOLD,
@@ -147,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     artifact = {"method": METHOD, "machine_class": cls, "environment": env, "options": options,
                 "plant_slowdown": os.environ.get("TTREC_PLANT_SLOWDOWN"), "loadavg_before": _load(), "runs": {}}
     try:
-        runs = args.baseline_runs if args.update_baseline else 1
+        recording = args.update_baseline or args.add_to_baseline
+        runs = args.baseline_runs if recording else 1
         found = []
         for i in range(runs):
             tag = f"run{i}"
@@ -157,11 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         if lost:
             raise BenchmarksFailed(f"pytest-benchmark wrote no result for {lost} (skipped or deselected?)")
         current = {n: found[0][n] for n in names}
-        if args.update_baseline:
-            entries = {n: {"normalised_median": statistics.median(f[n] for f in found),
-                           "runs": [f[n] for f in found], "calibration": IDENTITY} for n in names}
+        if recording:
+            if args.add_to_baseline:
+                entries = baselines.pooled(cls, {n: [f[n] for f in found] for n in names}, IDENTITY, args.baseline_dir)
+            else:
+                entries = {n: {"normalised_median": statistics.median(f[n] for f in found),
+                               "runs": [f[n] for f in found], "calibration": IDENTITY} for n in names}
             path = baselines.save(cls, entries, env, args.baseline_dir)
-            print(f"\ngate: wrote baseline {path} ({runs} runs; median of their normalised medians):")
+            total = len(next(iter(entries.values()))["runs"]) if entries else 0
+            print(f"\ngate: wrote baseline {path} ({runs} new runs, {total} in all; median of their normalised medians):")
             for n, e in entries.items():
                 print(f"  {n}: {e['normalised_median']:.4g}  (runs: {', '.join(f'{x:.4g}' for x in e['runs'])})")
             artifact["decision"] = {"baseline_written": str(path), "entries": entries, "exit_code": EXIT_PASS}

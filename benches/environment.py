@@ -36,11 +36,9 @@ def _cpu_model() -> str:
 def _cpu_isa() -> str:
     """The widest x86 vector ISA the CPU has (the native kernel compiles to it: ``-march=native``).
     The model name alone does not tell: virtual machines report Zen 2 and Zen 4 both as "AMD EPYC"."""
-    try:
-        flags = next((set(line.split(":", 1)[1].split()) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), set())
-    except OSError:
-        flags = set()
+    from ttrec.cpu.build import cpu_flags
+
+    flags = cpu_flags()
     if "avx512f" in flags:
         return "avx512"
     if "avx2" in flags:

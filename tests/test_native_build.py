@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import platform
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,11 +35,6 @@ def test_kernel_builds_where_a_compiler_exists():
     if build.expected_unavailable():
         pytest.skip("native kernel switched off or no compiler")
     assert build.unavailable_reason() is None, build.unavailable_reason()
-
-
-def _cpu_flags() -> set[str]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ CASES = [((6, 7, 8), (2, 2, 4), (32, 32), 1), ((6, 7, 8), (2, 2, 4), (17, 8), 3)
 def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling, monkeypatch):
     path = variants[march]
     assert path.exists()  # compiled with -Werror: the variant builds
-    missing = VARIANTS[march] - _cpu_flags()
+    missing = VARIANTS[march] - build.cpu_flags()
     if missing:
         pytest.skip(f"-march={march} built; this CPU cannot run it (no {', '.join(sorted(missing))})")
     lib = build.bind(path)

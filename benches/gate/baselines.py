@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import os
 import re
+import statistics
 from pathlib import Path
 
 __all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save", "pooled"]

@@ -18,7 +18,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "TTShape", "TTStats"]
+__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "cpu_flags", "TTShape",
+           "TTStats"]
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "tt_cpu.cpp", HERE.parent / "include" / "tt_row.h")
@@ -63,6 +64,12 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where unknown)."""
+    line = _cpu_flags()
+    return set(line.split(":", 1)[1].split()) if ":" in line else set()
 
 
 def _cache_dir() -> Path:

@@ -43,7 +43,7 @@ namespace {
 // The kernel computes in 16-float vectors (one embedding row of D = 16, one output line). With
 // AVX-512 a v16 is one register. Without it (AVX2 machines, e.g. Zen 2) GCC would keep a 64-byte
 // generic vector in memory and split every operation (measured: 10x slower GEMMs), so there a v16
-// is a pair of 8-float register vectors with the same operators; the code above this section is
+// is a pair of 8-float register vectors with the same operators; the code below this section is
 // written once for both. Lane permutations (block broadcasts and shuffles, the transpose-add tree,
 // lane broadcasts) are single instructions with AVX-512 and pairs of 256-bit ones with AVX2.
 #ifdef __AVX512F__
@@ -188,9 +188,8 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   int n = 0;
   if constexpr (kWidestNV >= 4)
     for (; n + 64 <= N; n += 64) block(std::integral_constant<int, 4>{}, n);
-  if constexpr (kWidestNV >= 2)
-    if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
   if constexpr (kWidestNV >= 2) {
+    if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
     if (n + 16 <= N) { block(std::integral_constant<int, 1>{}, n); n += 16; }
   } else {
     for (; n + 16 <= N; n += 16) block(std::integral_constant<int, 1>{}, n);
@@ -325,7 +324,8 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
 
 // The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
 // rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
-// P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles: kept in registers),
+// P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles; kept in registers
+// with AVX-512, reloaded from L1 per row with AVX2),
 // and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so each row is
 // Rp FMAs (4 outputs c x Rp / 4 steps k; every lane useful) and two levels of in-block shuffles
 // that sum over s.
@@ -410,27 +410,6 @@ template <int NV>
 inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
   constexpr int KR = tile_rows(NV);
   int k = 0;
-  if constexpr (kWidestNV == 1) {
-    // AVX2 (6-row tiles of 2-register rows): rows split evenly over the fewest tiles, so no tile
-    // is one or two rows (K = 32 was 6 x 5 + 1 + 1: the 1-row tiles, one FMA chain per register
-    // over all M, latency-bound, took a quarter of the time)
-    const int tiles = (K + KR - 1) / KR;
-    for (int t = 0; t < tiles; ++t) {
-      const int rows = K / tiles + (t < K % tiles);
-      const float* a = A + k;
-      float* c = C + k * ldc;
-      switch (rows) {
-        case 6: tn_tile<NV, 6>(M, a, lda, B, ldb, c, ldc); break;
-        case 5: tn_tile<NV, 5>(M, a, lda, B, ldb, c, ldc); break;
-        case 4: tn_tile<NV, 4>(M, a, lda, B, ldb, c, ldc); break;
-        case 3: tn_tile<NV, 3>(M, a, lda, B, ldb, c, ldc); break;
-        case 2: tn_tile<NV, 2>(M, a, lda, B, ldb, c, ldc); break;
-        default: tn_tile<NV, 1>(M, a, lda, B, ldb, c, ldc); break;
-      }
-      k += rows;
-    }
-    return;
-  }
   for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
   if constexpr (KR > 4)
     for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);

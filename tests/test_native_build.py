@@ -1,7 +1,7 @@
 """The native kernel builds wherever a compiler exists, and both of its vector paths are right.
 
-tt_cpu.cpp picks its vector code at compile time: AVX-512 intrinsics when the target has them,
-else generic vector shuffles (AVX2 machines such as Zen 2). The default build targets the machine
+tt_cpu.cpp picks its vector code at compile time: 512-bit registers and AVX-512 intrinsics when the
+target has them, else pairs of 256-bit vectors (AVX2 machines such as Zen 2). The default build targets the machine
 (``-march=native``), so one machine runs one path; here both variants are built, each is run
 against the reference where this CPU can execute it, and the other is at least compiled (with
 -Werror), so a change that breaks either path fails on every machine.
@@ -44,6 +44,13 @@ def variants():
     with ThreadPoolExecutor(len(VARIANTS)) as pool:  # two compilers at once: about 20 s each
         paths = dict(zip(VARIANTS, pool.map(lambda m: build.build(march=m), VARIANTS)))
     return paths
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def _spec(p, q, r):

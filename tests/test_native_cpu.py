@@ -188,6 +188,20 @@ def test_unique_prefix_count_is_the_closed_form_count():
     assert stats["unique_prefixes"] == torch.unique(idx // 60).numel()
 
 
+def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():
+    """Row -> digits divides by p_3 and p_2 through a floating-point reciprocal (4 lanes at a time
+    on AVX2), then corrects the quotient by its remainder: for p = 49, floor(k * 49 * (1 / 49.0))
+    is k - 1 for about half of all k. Every row of a (5, 49, 49) table, shuffled, each against its
+    float64 reference row."""
+    spec = _spec((5, 49, 49), (1, 2, 2), (3, 4))
+    cores = _cores(spec)
+    idx = torch.randperm(spec.num_embeddings, generator=torch.Generator().manual_seed(4))
+    bags = make_bags(idx, torch.arange(idx.numel()), None, num_embeddings=spec.num_embeddings, mode="sum")
+    torch.set_num_threads(2)
+    want = ttrec.tt_rows([c.double() for c in cores], spec, idx)
+    torch.testing.assert_close(ops.forward(cores, spec, bags, "sum").double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_int32_indices_and_2d_input_through_the_module():
     m = ttrec.TTEmbeddingBag(1000, 16, 8, backend="cpu", seed=0)
     ref = ttrec.TTEmbeddingBag(1000, 16, 8, backend="torch", seed=0)

@@ -481,6 +481,7 @@ inline int64_t entry_last(uint64_t e, int lb) { return (int64_t)(e >> kJBits) & 
 // lookup not done.
 typedef double v4d __attribute__((vector_size(32), aligned(8)));
 typedef int64_t v4q __attribute__((vector_size(32), aligned(8)));
+typedef uint64_t v4u __attribute__((vector_size(32), aligned(8)));
 inline v4d exact_double(v4q x) { return (v4d)(x | 0x4330000000000000) - 4503599627370496.0; }
 inline v4q exact_int(v4d x) { return (v4q)(x + 4503599627370496.0) ^ 0x4330000000000000; }
 inline v4d floor_div(v4d x, double d, double inv) {
@@ -498,8 +499,8 @@ int64_t sort_keys4(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64
   for (; j + 4 <= hi; j += 4) {
     const v4d x = exact_double(*reinterpret_cast<const v4q*>(idx + j));
     const v4d pre = floor_div(x, dpd, inv_pd), front = floor_div(pre, dplast, inv_plast);
-    const v4q key = exact_int((pre - front * dplast) * dpfront + front) << lb | exact_int(x - pre * dpd);
-    *reinterpret_cast<v4q*>(A + j) = key << kJBits | (v4q{0, 1, 2, 3} + j);
+    const v4u key = (v4u)exact_int((pre - front * dplast) * dpfront + front) << lb | (v4u)exact_int(x - pre * dpd);
+    *reinterpret_cast<v4u*>(A + j) = key << kJBits | (v4u)(v4q{0, 1, 2, 3} + j);  // unsigned: keys reach bit 63
   }
   return j;
 }

@@ -134,21 +134,38 @@ def test_bad_measurements_and_thresholds_are_clear_errors():
 # ---- baselines ----
 
 def _cls(**kw):
-    env = {"cpu_model": "AMD EPYC 7B13", "cpu_isa": "avx2", "cpu_count": "2", "torch": "2.13.0+cpu", "gpu_name": "n/a"}
+    env = {"cpu_model": "AMD EPYC 7B13", "cpu_isa": "avx2", "cpu_family_model": "family 25 model 1", "cpu_count": "2",
+           "torch": "2.13.0+cpu", "gpu_name": "n/a"}
     return baselines.machine_class({**env, **kw}, threads=1, scale="default", cuda=False)
 
 
 def test_baseline_round_trip_and_keys(tmp_path):
     cls = _cls()
-    assert baselines.slug(cls) == "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t"
+    assert baselines.slug(cls) == "amd_epyc_7b13-avx2-f25m1-2cpu-torch2.13.0_cpu-1t"
     assert baselines.slug(_cls(torch="2.14.0")) != baselines.slug(cls)
     assert baselines.slug(_cls(cpu_isa="avx512")) != baselines.slug(cls)  # one model name, two kernels
+    assert baselines.slug(_cls(cpu_family_model="family 23 model 49")) != baselines.slug(cls)  # Zen 2 vs Zen 3
     path = baselines.save(cls, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"},
                                 "old": {"normalised_median": 2.0, "calibration": "cal-B"}}, {"note": "test"}, tmp_path)
-    assert path == tmp_path / "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t.json"
+    assert path == tmp_path / "amd_epyc_7b13-avx2-f25m1-2cpu-torch2.13.0_cpu-1t.json"
     values, message = baselines.load(cls, "cal-A", tmp_path)
     assert values == {"fwd": 1.5}  # measured with another calibration: not comparable, left out
     assert "other calibration: ['old']" in message
+
+
+def test_a_baseline_of_another_microarchitecture_is_not_used_and_a_legacy_one_is_used_with_a_warning(tmp_path):
+    zen2, zen3 = _cls(cpu_family_model="family 23 model 49"), _cls()
+    baselines.save(zen2, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"}}, {}, tmp_path)
+    values, message = baselines.load(zen3, "cal-A", tmp_path)
+    assert values is None and "no baseline for this machine class" in message and "f23m49" in message
+    legacy = _cls(cpu_family_model=baselines.UNKNOWN_FAMILY_MODEL)  # recorded before the field existed
+    baselines.save(legacy, {"fwd": {"normalised_median": 2.5, "calibration": "cal-A"}}, {}, tmp_path)
+    values, message = baselines.load(zen3, "cal-A", tmp_path)
+    assert values == {"fwd": 2.5} and "possibly on another microarchitecture" in message
+    assert baselines.load(zen2, "cal-A", tmp_path)[0] == {"fwd": 1.5}  # its own class first
+    for name in ("amd_epyc-avx2-f23m49-2cpu-torch2.13.0_cpu-1t.json", "amd_epyc-avx512-unknown-2cpu-torch2.13.0_cpu-1t.json"):
+        stored = json.loads((baselines.DEFAULT_DIR / name).read_text())["machine_class"]
+        assert baselines.path_for(stored).name == name  # committed files are found under their class
 
 
 def test_pooled_baseline_adds_runs_of_the_same_calibration_and_takes_the_median(tmp_path):
@@ -173,7 +190,7 @@ def test_update_and_add_to_baseline_exclude_each_other(capsys):
 def test_missing_baseline_message_names_the_file_and_the_fix(tmp_path):
     values, message = baselines.load(_cls(), "cal-A", tmp_path)
     assert values is None
-    assert str(tmp_path / "amd_epyc_7b13-avx2-2cpu-torch2.13.0_cpu-1t.json") in message
+    assert str(tmp_path / "amd_epyc_7b13-avx2-f25m1-2cpu-torch2.13.0_cpu-1t.json") in message
     assert "--update-baseline" in message
 
 
@@ -299,7 +316,8 @@ def test_a_corrupt_baseline_is_a_clear_error(tmp_path):
 
     from benches.gate import baselines
 
-    cls = {"cpu_model": "x", "cpu_isa": "avx2", "cpu_count": "2", "torch": "2.13.0", "threads": 1, "scale": "default"}
+    cls = {"cpu_model": "x", "cpu_isa": "avx2", "cpu_family_model": "family 25 model 1", "cpu_count": "2",
+           "torch": "2.13.0", "threads": 1, "scale": "default"}
     path = baselines.save(cls, {"tt_cpu_forward": {"normalised_median": 0.0, "runs": [0.0], "calibration": "c"}},
                           {}, tmp_path)
     assert json.loads(path.read_text())["benchmarks"]["tt_cpu_forward"]["normalised_median"] == 0.0

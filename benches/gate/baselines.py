@@ -1,6 +1,7 @@
 """Committed baselines of the gate, one JSON file per machine class.
 
-A machine class is what makes normalised times comparable: CPU model, logical CPU count, torch
+A machine class is what makes normalised times comparable: CPU model, vector ISA, CPU family and
+model (the microarchitecture: VMs name Zen 2, 3 and 4 all "AMD EPYC"), logical CPU count, torch
 version, the gate's thread count and scale, and the GPU name when CUDA is used. Its slug names the
 file: ``benches/gate/baselines/<slug>.json``. A file holds, per benchmark, the normalised median
 (see :mod:`benches.gate.decision`) with the calibration it was normalised by, and the environment
@@ -20,19 +21,22 @@ __all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save", "
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "baselines"
 FORMAT = 1
+UNKNOWN_FAMILY_MODEL = "unknown"
 
 
 def machine_class(env: dict, threads: int, scale: str, cuda: bool) -> dict:
     """The fields that key a baseline (from :func:`benches.environment.capture`)."""
-    cls = {"cpu_model": env["cpu_model"], "cpu_isa": env["cpu_isa"], "cpu_count": env["cpu_count"], "torch": env["torch"],
-           "threads": str(threads), "scale": scale}
+    cls = {"cpu_model": env["cpu_model"], "cpu_isa": env["cpu_isa"], "cpu_family_model": env["cpu_family_model"],
+           "cpu_count": env["cpu_count"], "torch": env["torch"], "threads": str(threads), "scale": scale}
     if cuda:
         cls["gpu_name"] = env["gpu_name"]
     return cls
 
 
 def slug(cls: dict) -> str:
-    parts = [cls["cpu_model"], cls["cpu_isa"], f"{cls['cpu_count']}cpu", f"torch{cls['torch']}", f"{cls['threads']}t"]
+    fm = re.fullmatch(r"family (\d+) model (\d+)", cls["cpu_family_model"])
+    parts = [cls["cpu_model"], cls["cpu_isa"], f"f{fm[1]}m{fm[2]}" if fm else cls["cpu_family_model"],
+             f"{cls['cpu_count']}cpu", f"torch{cls['torch']}", f"{cls['threads']}t"]
     if "gpu_name" in cls:
         parts.append(cls["gpu_name"])
     if cls["scale"] != "default":
@@ -44,9 +48,20 @@ def path_for(cls: dict, directory: Path = DEFAULT_DIR) -> Path:
     return Path(directory) / f"{slug(cls)}.json"
 
 
+def _stored_path(cls: dict, directory: Path) -> tuple[Path, dict]:
+    """This class's baseline file and the class it must hold; failing that, a baseline of the same
+    class recorded before the microarchitecture was part of it (``cpu_family_model`` "unknown"),
+    when one exists."""
+    path = path_for(cls, directory)
+    legacy = {**cls, "cpu_family_model": UNKNOWN_FAMILY_MODEL}
+    if not path.exists() and path_for(legacy, directory).exists():
+        return path_for(legacy, directory), legacy
+    return path, cls
+
+
 def load(cls: dict, calibration: str, directory: Path = DEFAULT_DIR) -> tuple[dict[str, float] | None, str]:
     """Normalised medians by benchmark name, or None, and a message saying what was found."""
-    path = path_for(cls, directory)
+    path, cls = _stored_path(cls, directory)
     if not path.exists():
         known = sorted(p.name for p in Path(directory).glob("*.json")) if Path(directory).is_dir() else []
         return None, (f"no baseline for this machine class ({slug(cls)}): {path} does not exist "
@@ -65,6 +80,9 @@ def load(cls: dict, calibration: str, directory: Path = DEFAULT_DIR) -> tuple[di
         (values.__setitem__(name, entry["normalised_median"]) if entry.get("calibration") == calibration
          else stale.append(name))
     msg = f"baseline {path}" + (f" (ignored, other calibration: {stale})" if stale else "")
+    if cls["cpu_family_model"] == UNKNOWN_FAMILY_MODEL:
+        msg += (" - recorded before the CPU family and model were part of the machine class, so possibly on another "
+                "microarchitecture of this ISA; record this machine's with `nox -s gate -- --update-baseline`")
     return values, msg
 
 

@@ -267,6 +267,14 @@ inline void copy_floats(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// dst[0..n) = src[0..n), the 64-byte lines of dst as non-temporal stores (the caller fences)
+inline void stream_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) stream16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
 inline float dot(const float* a, const float* b, int K) {
   v16 acc = {};
   int k = 0;
@@ -731,8 +739,12 @@ struct Plan {
   std::vector<int64_t> digits;   // U x 2: i1, i2
   std::vector<int64_t> buckets;  // first prefix of each i2 bucket, then U
   std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
-  std::vector<float> P;
+  std::vector<float> P;           // see Pa()
   bool has_P = false;
+  void resize_P(size_t n) { P.resize(n + 16); }
+  float* Pa() {  // P's first 64-byte boundary: the forward streams P here (stream_floats)
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
+  }
 };
 constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
 constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
@@ -801,7 +813,7 @@ void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl,
 // All prefixes' P into pl.P (the backward's recomputation when no forward state is at hand).
 void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int threads) {
   const int64_t MR2 = (int64_t)s->q[0] * s->q[1] * s->r[2];
-  pl.P.resize((size_t)pl.U * MR2);
+  pl.resize_P((size_t)pl.U * MR2);
   const int64_t npieces = (int64_t)pl.pieces.size() - 1;
 #pragma omp parallel num_threads(threads)
   {
@@ -811,7 +823,7 @@ void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int t
     for (int64_t pc = 0; pc < npieces; ++pc) {
       const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1], i2 = pl.digits[2 * t0 + 1];
       if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
-      piece_chain(s, cores, pl, t0, t1, Ap, Bp.data(), pl.P.data() + t0 * MR2);
+      piece_chain(s, cores, pl, t0, t1, Ap, Bp.data(), pl.Pa() + t0 * MR2);
     }
   }
   pl.has_P = true;
@@ -1012,7 +1024,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       float* const rbuf = rows.data();  // rows in sorted order
       row_pos.resize(cn);
       int32_t* const pos = row_pos.data();  // lookup j's row: rbuf + pos[j] * D
-      if (keep) keep->P.resize((size_t)U * M * R);
+      if (keep) keep->resize_P((size_t)U * M * R);
       const double t1 = omp_get_wtime();
       // 2. per prefix: chain (d == 3: per piece of an i2 bucket), then the rows of its lookups
 #pragma omp parallel num_threads(threads)
@@ -1082,16 +1094,19 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             rows_of(t, [&](const float* St, float* dst) { gemm_nt(M, qd, R, P, ldp, St, Rp, dst, qd, false); });
         };
         if (d == 3) {
-          std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]), Pl(keep ? 0 : (size_t)kPiece * M * R);
+          std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]), Pl((size_t)kPiece * M * R);
           int64_t packed = -1;
           const int64_t npieces = (int64_t)pl->pieces.size() - 1;
 #pragma omp for schedule(dynamic, 1)
           for (int64_t pc = 0; pc < npieces; ++pc) {
             const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1], i2 = pl->digits[2 * ta + 1];
             if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
-            float* P = keep ? keep->P.data() + ta * (int64_t)M * R : Pl.data();
+            // P in a cache-resident scratch; kept for the backward by streaming stores (written
+            // past the cache: no read of the megabytes of plan it lands in)
+            float* const P = Pl.data();
             piece_chain(s, cores, *pl, ta, tb, Ap, Bp.data(), P);
             for (int64_t t = ta; t < tb; ++t) finish(t, P + (t - ta) * (int64_t)M * R);
+            if (keep) stream_floats(keep->Pa() + ta * (int64_t)M * R, P, (tb - ta) * (int64_t)M * R);
           }
         } else {
           int64_t dig[TT_MAX_D];
@@ -1109,7 +1124,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             finish(t, P);
           }
         }
-        if (stream_out) _mm_sfence();  // this thread's streamed rows are out before the barrier
+        if (stream_out || keep) _mm_sfence();  // this thread's streamed rows (and kept P) are out before the barrier
       }
       if (keep) keep->has_P = true;
       const double t2 = omp_get_wtime();
@@ -1251,7 +1266,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
             if (!fast16) std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);  // (fast16 writes whole dP)
             for (int64_t t = ta; t < tb; ++t) {
-              const float* P = pl->P.data() + t * MR2;
+              const float* P = pl->Pa() + t * MR2;
               float* dp = dPb.data() + (t - ta) * MR2;
               if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see prefix_grads16
                 const int64_t x1 = runs[t + 1];

@@ -725,7 +725,7 @@ inline float bag_scale(const int64_t* offsets, int64_t b, int mean) {
 // ---- d == 3: prefixes (i1, i2) grouped by their middle digit i2 ----
 // The sort puts i2 first, so the prefixes sharing G_2's slice are adjacent: a bucket. Per bucket,
 // the partial products P = G_1[i1] @ G_2[:, i2] of all its prefixes are one GEMM (stacked G_1 rows
-// times the packed slice), and in the backward dG_2[:, i2] and dP_1 = dP @ G_2[:, i2]^T are one
+// times the slice, read in place), and in the backward dG_2[:, i2] and dP_1 = dP @ G_2[:, i2]^T are one
 // GEMM each, all on the thread that owns the bucket.
 
 // A chunk's lookups sorted, their prefix runs, the prefixes' digits and i2 buckets, and (when
@@ -791,23 +791,48 @@ void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads
   pl.has_P = false;
 }
 
-// G_2[:, i2] (R1 x q2 R2) copied contiguous
-void pack_slice(const tt_shape_t* s, const float* core, int k, int64_t i, float* dst) {
-  int64_t ld;
-  const float* S = tt_slice(s, core, k, i, &ld);
-  const int64_t N = (int64_t)s->q[k] * s->r[k + 1];
-  for (int r = 0; r < s->r[k]; ++r) copy_floats(dst + r * N, S + r * ld, N);
+// T (cols x rows, contiguous) = S^T, S (rows x cols) with rows ld apart: 8 x 8 blocks through
+// registers (a scalar loop's strided stores made this the backward's largest cost at small batches)
+void transpose_to(const float* S, int64_t ld, int rows, int cols, float* T) {
+  int r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      __m256 x[8], y[8];
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(S + (r0 + i) * ld + c0);
+      for (int i = 0; i < 8; i += 2) {
+        y[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        y[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        x[i] = _mm256_shuffle_ps(y[i], y[i + 2], 0x44);
+        x[i + 1] = _mm256_shuffle_ps(y[i], y[i + 2], 0xEE);
+        x[i + 2] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0x44);
+        x[i + 3] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0xEE);
+      }
+      // x[0..3]: columns c0 + {0, 1, 2, 3} of rows 0-3 (low half) and c0 + {4..7} (high half); x[4..7]: rows 4-7
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(T + (int64_t)(c0 + i) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
+        _mm256_storeu_ps(T + (int64_t)(c0 + i + 4) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+      }
+    }
+    for (; c0 < cols; ++c0)
+      for (int i = 0; i < 8; ++i) T[(int64_t)c0 * rows + r0 + i] = S[(r0 + i) * ld + c0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int c = 0; c < cols; ++c) T[(int64_t)c * rows + r0] = S[r0 * ld + c];
 }
 
-// P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ packed G_2 slice Bp.
+// P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ the G_2 slice
+// (R1 x q2 R2, rows ldb apart: read in place).
 void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
-                 std::vector<float>& Ap, const float* Bp, float* P) {
+                 std::vector<float>& Ap, const float* B, int64_t ldb, float* P) {
   const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
   const int64_t w1 = (int64_t)q1 * R1;
   Ap.resize((size_t)(t1 - t0) * w1);
   for (int64_t t = t0; t < t1; ++t)
     copy_floats(Ap.data() + (t - t0) * w1, cores[0] + pl.digits[2 * t] * w1, w1);
-  gemm_nn((int)((t1 - t0) * q1), N, R1, Ap.data(), R1, Bp, N, P, N);
+  gemm_nn((int)((t1 - t0) * q1), N, R1, Ap.data(), R1, B, ldb, P, N);
 }
 
 // All prefixes' P into pl.P (the backward's recomputation when no forward state is at hand).
@@ -817,13 +842,13 @@ void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int t
   const int64_t npieces = (int64_t)pl.pieces.size() - 1;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]);
-    int64_t packed = -1;
+    std::vector<float> Ap;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t pc = 0; pc < npieces; ++pc) {
-      const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1], i2 = pl.digits[2 * t0 + 1];
-      if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
-      piece_chain(s, cores, pl, t0, t1, Ap, Bp.data(), pl.Pa() + t0 * MR2);
+      const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1];
+      int64_t ld;
+      const float* S = tt_slice(s, cores[1], 1, pl.digits[2 * t0 + 1], &ld);
+      piece_chain(s, cores, pl, t0, t1, Ap, S, ld, pl.Pa() + t0 * MR2);
     }
   }
   pl.has_P = true;
@@ -1094,17 +1119,17 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             rows_of(t, [&](const float* St, float* dst) { gemm_nt(M, qd, R, P, ldp, St, Rp, dst, qd, false); });
         };
         if (d == 3) {
-          std::vector<float> Ap, Bp((size_t)s->r[1] * s->q[1] * s->r[2]), Pl((size_t)kPiece * M * R);
-          int64_t packed = -1;
+          std::vector<float> Ap, Pl((size_t)kPiece * M * R);
           const int64_t npieces = (int64_t)pl->pieces.size() - 1;
 #pragma omp for schedule(dynamic, 1)
           for (int64_t pc = 0; pc < npieces; ++pc) {
-            const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1], i2 = pl->digits[2 * ta + 1];
-            if (i2 != packed) { pack_slice(s, cores[1], 1, i2, Bp.data()); packed = i2; }
+            const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1];
+            int64_t ld;
+            const float* S = tt_slice(s, cores[1], 1, pl->digits[2 * ta + 1], &ld);
             // P in a cache-resident scratch; kept for the backward by streaming stores (written
             // past the cache: no read of the megabytes of plan it lands in)
             float* const P = Pl.data();
-            piece_chain(s, cores, *pl, ta, tb, Ap, Bp.data(), P);
+            piece_chain(s, cores, *pl, ta, tb, Ap, S, ld, P);
             for (int64_t t = ta; t < tb; ++t) finish(t, P + (t - ta) * (int64_t)M * R);
             if (keep) stream_floats(keep->Pa() + ta * (int64_t)M * R, P, (tb - ta) * (int64_t)M * R);
           }
@@ -1233,7 +1258,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     const bool fast16 = D == 16 && with_row16_shape(qd, R2, [](auto, auto) {});
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<float> Ap, Bp((size_t)R1 * N), BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
+      std::vector<float> Ap, BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
           dP1((size_t)kPiece * w1), g(D);
       // a segment's gathered gradient rows (up to megabytes): kept by each pool thread across calls,
       // so it is not mapped and faulted in afresh every backward
@@ -1258,9 +1283,9 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
         }
         for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
-          pack_slice(s, cores[1], 1, i2, Bp.data());
-          for (int r = 0; r < R1; ++r)
-            for (int c = 0; c < N; ++c) BT[(size_t)c * R1 + r] = Bp[(size_t)r * N + c];
+          int64_t ld;
+          const float* S2 = tt_slice(s, cores[1], 1, i2, &ld);
+          transpose_to(S2, ld, R1, N, BT.data());  // G_2[:, i2]^T (q2 R2 x R1)
           if (touched) touched[1][i2] = 1;
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;

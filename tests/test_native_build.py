@@ -37,6 +37,34 @@ def test_kernel_builds_where_a_compiler_exists():
     assert build.unavailable_reason() is None, build.unavailable_reason()
 
 
+def test_a_cpu_without_avx2_or_not_x86_gets_a_reason_not_a_failed_build():
+    # the kernel is AVX2 + FMA or AVX-512 code: on a pre-AVX2 CPU its build fails (e.g. with
+    # -march=x86-64-v2, "inlining failed ... target specific option mismatch"), so it is reported
+    # unavailable up front and TTEmbeddingBag falls back to the torch backend
+    assert build.cpu_reason({"sse4_2", "avx", "fma"}, "x86_64") == (
+        "the native CPU kernel needs AVX2 and FMA; this CPU lacks avx2")
+    assert "this machine is aarch64" in build.cpu_reason({"asimd"}, "aarch64")
+    assert build.cpu_reason({"avx2", "fma"}, "x86_64") is None
+    assert build.cpu_reason(set(), "x86_64") is None  # flags unknown: the build decides
+    if platform.machine() in ("x86_64", "AMD64") and {"avx2", "fma"} <= build.cpu_flags():
+        assert build.cpu_reason(build.cpu_flags(), platform.machine()) is None
+
+
+def test_on_such_a_cpu_the_module_falls_back_to_torch_and_says_why(monkeypatch):
+    monkeypatch.setattr(build, "cpu_flags", lambda: {"sse2", "sse4_2", "avx"})
+    build._load.cache_clear()
+    try:
+        assert "needs AVX2 and FMA" in build.unavailable_reason() and build.expected_unavailable()
+        emb = ttrec.TTEmbeddingBag(1000, 16, tt_p_shapes=(10, 10, 10), tt_q_shapes=(2, 2, 4), tt_ranks=(8, 8))
+        assert emb.resolved_backend() == "torch"
+        with pytest.raises(RuntimeError, match="needs AVX2 and FMA"):
+            ttrec.TTEmbeddingBag(1000, 16, tt_p_shapes=(10, 10, 10), tt_q_shapes=(2, 2, 4), tt_ranks=(8, 8),
+                                 backend="cpu")(torch.tensor([1, 2]), torch.tensor([0]))
+    finally:
+        monkeypatch.undo()
+        build._load.cache_clear()
+
+
 @pytest.fixture(scope="module")
 def variants():
     if build.expected_unavailable():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "cpu_flags", "TTShape",
+__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "cpu_flags",
+           "cpu_reason", "TTShape",
            "TTStats"]
 
 HERE = Path(__file__).resolve().parent
@@ -132,10 +134,26 @@ def bind(path: Path) -> ctypes.CDLL:
     return lib
 
 
+NEEDED_CPU_FLAGS = ("avx2", "fma")  # the kernel's vector code: AVX-512, else pairs of AVX2 registers
+
+
+def cpu_reason(flags: set[str], machine: str) -> str | None:
+    """Why this CPU cannot run the kernel (None if it can). ``flags``: from /proc/cpuinfo, empty
+    where unknown (then the build decides)."""
+    if machine.lower() not in ("x86_64", "amd64"):
+        return f"the native CPU kernel is x86-64 code (AVX2 + FMA or AVX-512); this machine is {machine}"
+    missing = [f for f in NEEDED_CPU_FLAGS if flags and f not in flags]
+    if missing:
+        return f"the native CPU kernel needs AVX2 and FMA; this CPU lacks {', '.join(missing)}"
+    return None
+
+
 @lru_cache(maxsize=1)
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get("TTREC_DISABLE_NATIVE"):
         return None, "disabled by TTREC_DISABLE_NATIVE"
+    if (reason := cpu_reason(cpu_flags(), platform.machine())) is not None:
+        return None, reason
     cxx = _compiler()
     if cxx is None:
         return None, "no C++ compiler found (set CXX or install g++)"
@@ -151,8 +169,10 @@ def unavailable_reason() -> str | None:
 
 
 def expected_unavailable() -> bool:
-    """True when the kernel is off by choice or for want of a compiler; a failed build is not expected."""
-    return bool(os.environ.get("TTREC_DISABLE_NATIVE")) or _compiler() is None
+    """True when the kernel is off by choice, for want of a compiler or on a CPU it does not
+    support (see cpu_reason); a failed build is not expected."""
+    return (bool(os.environ.get("TTREC_DISABLE_NATIVE")) or _compiler() is None
+            or cpu_reason(cpu_flags(), platform.machine()) is not None)
 
 
 def library() -> ctypes.CDLL:

@@ -53,9 +53,10 @@ def _stored_path(cls: dict, directory: Path) -> tuple[Path, dict]:
     class recorded before the microarchitecture was part of it (``cpu_family_model`` "unknown"),
     when one exists."""
     path = path_for(cls, directory)
-    legacy = {**cls, "cpu_family_model": UNKNOWN_FAMILY_MODEL}
-    if not path.exists() and path_for(legacy, directory).exists():
-        return path_for(legacy, directory), legacy
+    if not path.exists():
+        legacy = {**cls, "cpu_family_model": UNKNOWN_FAMILY_MODEL}
+        if (legacy_path := path_for(legacy, directory)).exists():
+            return legacy_path, legacy
     return path, cls
 
 

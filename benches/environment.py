@@ -53,7 +53,7 @@ def _cpu_family_model() -> str:
 
 def _cpu_isa() -> str:
     """The widest x86 vector ISA the CPU has (the native kernel compiles to it: ``-march=native``).
-    The model name alone does not tell: virtual machines report Zen 2 and Zen 4 both as "AMD EPYC"."""
+    The model name alone does not tell: virtual machines report Zen 2 and an AVX-512 EPYC both as "AMD EPYC"."""
     from ttrec.cpu.build import cpu_flags
 
     flags = cpu_flags()

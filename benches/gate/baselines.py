@@ -1,7 +1,7 @@
 """Committed baselines of the gate, one JSON file per machine class.
 
 A machine class is what makes normalised times comparable: CPU model, vector ISA, CPU family and
-model (the microarchitecture: VMs name Zen 2, 3 and 4 all "AMD EPYC"), logical CPU count, torch
+model (the microarchitecture: VMs name Zen 2, Zen 3 and AVX-512 EPYCs all "AMD EPYC"), logical CPU count, torch
 version, the gate's thread count and scale, and the GPU name when CUDA is used. Its slug names the
 file: ``benches/gate/baselines/<slug>.json``. A file holds, per benchmark, the normalised median
 (see :mod:`benches.gate.decision`) with the calibration it was normalised by, and the environment

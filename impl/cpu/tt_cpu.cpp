@@ -14,7 +14,7 @@
 //      and a transpose-add tree (last_stage16);
 //   3. forward: bags pooled from the row buffer in lookup order (deterministic);
 //   4. backward: the upstream gradient summed per row and per prefix (for D = 16, per prefix in
-//      registers, prefix_grads16); each core's gradient reduced per digit value by one thread (or
+//      registers, piece_grads16); each core's gradient reduced per digit value by one thread (or
 //      over fixed segments of the work): no atomics, and results that do not depend on the
 //      thread count.
 // Per-call copies of core slices are made only for the digit values a chunk uses, so scratch
@@ -883,20 +883,30 @@ void release_plan(Plan* p) {
   else delete p;
 }
 
-// All distinct rows of one prefix when D = 16 = M q_d and R = 16 RV (the common DLRM case): for each
-// row, g = the upstream gradient summed over the row's repeats (a register), then
+// The prefixes [t0, t1) of a piece when D = 16 = M q_d and R = 16 RV (the common DLRM case), prefix t
+// with partial product P = P0 + (t - t0) M R and rows runs[t] .. runs[t + 1] - 1 (sorted lookups).
+// For each distinct row, g = the upstream gradient summed over the row's repeats (a register), then
 // dp (M x R) = sum of g (M x q_d) @ St (q_d x R) and c3 (q_d x R) += g^T @ P (M x R). dp stays in registers
 // across the prefix's rows (M x RV vectors: spilled when M = 16, still correct) and each entry of g is
-// broadcast once for both products. gather(y) is the weighted upstream gradient row of sorted lookup y.
-// dp is written, not added to: these rows are all of the prefix's (no zeroing of dp beforehand).
-template <int QD, int RV, class Gather, class Slice>
-__attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1, const uint64_t* sorted,
-                                                          Gather&& gather, Slice&& slice, const float* P, float* dp) {
+// broadcast once for both products. gather(y) is the weighted upstream gradient row of sorted lookup y;
+// slice(e, &S) the c3 accumulator of sorted entry e (and S its last-core slice); ahead(y) prefetches
+// lookup y's. dp (dp0 + (t - t0) M R) is written, not added to: these rows are all of the prefix's.
+// One call per piece: the setup (lane-broadcast indices, captures) is not repeated per prefix.
+template <int QD, int RV, class Gather, class Slice, class Ahead>
+void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, const uint64_t* sorted,
+                   Gather&& gather, Slice&& slice, Ahead&& ahead, const float* P0, float* dp0) {
   constexpr int M = 16 / QD, R = 16 * RV;
   // columns per pass over the rows: all with AVX-512; with AVX2 (16 registers, two per v16) as many
   // as keep dp's M x CV vectors in 8 registers, the rows visited once per pass (their gradient rows
   // are already gathered, contiguous)
   constexpr int CV = kWidestNV > 1 ? RV : std::max(1, std::min(RV, 4 / M));
+  for (int64_t t = t0; t < t1; ++t) {
+  const float* const P = P0 + (t - t0) * M * R;
+  float* const dp = dp0 + (t - t0) * M * R;
+  const int64_t x0 = runs[t], x1 = runs[t + 1];
+  // the partial product 4 prefixes on into L1 (the forward wrote it past the cache, so it is in memory)
+  if (t + 4 < t_end)
+    for (int64_t bb = 0; bb < (int64_t)sizeof(float) * M * R; bb += 64) _mm_prefetch((const char*)(P + 4 * M * R) + bb, _MM_HINT_T0);
   for (int col = 0; col < R; col += 16 * CV) {
     v16 acc[M][CV] = {};
     for (int64_t x = x0; x < x1;) {
@@ -904,25 +914,34 @@ __attribute__((always_inline)) inline void prefix_grads16(int64_t x0, int64_t x1
       v16 gv = {};
       int64_t y = x;
       for (; y < x1 && (sorted[y] >> kJBits) == row; ++y) gv += gather(y);
+      if (col == 0) ahead(y);
       const float* S;
       float* const c3 = slice(sorted[x], &S) + col;  // the row's c3 accumulator; S = its last-core slice (q_d x R)
       S += col;
+#pragma GCC unroll 16
       for (int c = 0; c < QD; ++c) {
         v16 sc[CV], cc[CV];
+#pragma GCC unroll 4
         for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
+#pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
           const v16 b = lane_bcast(gv, m * QD + c);
+#pragma GCC unroll 4
           for (int v = 0; v < CV; ++v) {
             acc[m][v] += b * sc[v];
             cc[v] += b * load16(P + m * R + col + 16 * v);
           }
         }
+#pragma GCC unroll 4
         for (int v = 0; v < CV; ++v) store16(c3 + c * R + 16 * v, cc[v]);
       }
       x = y;
     }
+#pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
       for (int v = 0; v < CV; ++v) store16(dp + m * R + col + 16 * v, acc[m][v]);
+  }
   }
 }
 
@@ -1291,27 +1310,33 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
             if (!fast16) std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);  // (fast16 writes whole dP)
-            for (int64_t t = ta; t < tb; ++t) {
+            if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see piece_grads16
+              const float* const gsp = gs.data();
+              auto gather = [&](int64_t y) __attribute__((always_inline)) { return load16(gsp + (y - xs) * 16); };
+              auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
+                const int64_t i3 = entry_last(e, lb);
+                const int32_t v = ctx.last.slot[i3];
+                float* c3 = a3 + (size_t)v * w3;
+                if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
+                *S = ctx.last_slice(i3);
+                return c3;
+              };
+              // the next row's last-core slice and c3 accumulator into L1 (both are random reads in L2)
+              auto ahead = [&](int64_t y) __attribute__((always_inline)) {
+                if (y >= xe) return;
+                const int64_t i3 = entry_last(sorted[y], lb);
+                const char* sn = (const char*)ctx.last_slice(i3);
+                const char* cn3 = (const char*)(a3 + (size_t)ctx.last.slot[i3] * w3);
+                for (int64_t bb = 0; bb < 4 * w3; bb += 64) { _mm_prefetch(sn + bb, _MM_HINT_T0); _mm_prefetch(cn3 + bb, _MM_HINT_T0); }
+              };
+              with_row16_shape(qd, R2, [&](auto QD, auto RV) {
+                piece_grads16<QD.value, RV.value>(ta, tb, U, runs.data(), sorted.data(), gather, slice, ahead,
+                                                  pl->Pa() + ta * MR2, dPb.data());
+              });
+            }
+            for (int64_t t = ta; t < tb && !fast16; ++t) {
               const float* P = pl->Pa() + t * MR2;
               float* dp = dPb.data() + (t - ta) * MR2;
-              if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see prefix_grads16
-                const int64_t x1 = runs[t + 1];
-                auto gather = [&](int64_t y) __attribute__((always_inline)) {
-                  return load16(gs.data() + (y - xs) * 16);
-                };
-                auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
-                  const int64_t i3 = entry_last(e, lb);
-                  const int32_t v = ctx.last.slot[i3];
-                  float* c3 = a3 + (size_t)v * w3;
-                  if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
-                  *S = ctx.last_slice(i3);
-                  return c3;
-                };
-                with_row16_shape(qd, R2, [&](auto QD, auto RV) __attribute__((always_inline)) {
-                  prefix_grads16<QD.value, RV.value>(runs[t], x1, sorted.data(), gather, slice, P, dp);
-                });
-                continue;
-              }
               for (int64_t x = runs[t]; x < runs[t + 1];) {
                 // g: the upstream gradient of this row, summed over its repeats (adjacent)
                 const uint64_t row = sorted[x] >> kJBits;

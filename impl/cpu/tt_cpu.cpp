@@ -421,6 +421,7 @@ inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, 
   for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
   if constexpr (KR > 4)
     for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  for (; k + 2 <= K; k += 2) tn_tile<NV, 2>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
   for (; k < K; ++k) tn_tile<NV, 1>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
 }
 

@@ -584,7 +584,9 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
 int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::vector<int64_t>& runs,
                   std::vector<int32_t>* run_of, int threads) {
   const int T = (int)std::max<int64_t>(1, std::min<int64_t>(std::min(threads, 64), cn / 8192 + 1));
-  runs.resize(cn + 1 + T);  // slot cn + 1 + t: where slice t writes lookups that start no run
+  // slot cn + 1 + 8 t: where slice t writes lookups that start no run (a cache line apart: on one
+  // line, the threads' writes of every such lookup contended for it, 3.6x the time of the first pass)
+  runs.resize(cn + 1 + 8 * T);
   if (run_of) run_of->resize(cn);
   const uint64_t* const e = sorted.data();
   int64_t* const out = runs.data();
@@ -607,11 +609,14 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
       slices = nt;
       for (int u = 0; u < nt; ++u) first[u + 1] += first[u];
     }  // implicit barrier
+    // every lookup is written to the next free slot of the slice, where the next start overwrites
+    // it (or, once the slice's starts are all written, to its junk slot): the store address depends
+    // on u alone, not on the comparison (3.5x the first pass's time with the address chosen by it)
     int64_t u = first[t];
-    const int64_t junk = cn + 1 + t;
+    const int64_t end = first[t + 1], junk = cn + 1 + 8 * t;
     for (int64_t x = lo; x < hi; ++x) {
+      out[u < end ? u : junk] = x;
       const int64_t start = starts_run(x);
-      out[start ? u : junk] = x;
       u += start;
       if (of) of[x] = (int32_t)(u - 1);
     }

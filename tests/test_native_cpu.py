@@ -249,6 +249,38 @@ def test_fused_update_equals_torch_optimizer_and_touches_only_looked_up_slices(o
         assert changed[-1] or p[k] < 3  # the last digit value of a large p_k is updated too
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fused_update_in_the_backward_and_as_a_scratch_pass_match_torch(optimizer, chunked, monkeypatch):
+    """d = 3: a batch in one chunk is updated inside the backward (no gradient scratch written); a
+    batch split into chunks (tiny chunk budget) gets its gradients in the scratch and a separate
+    update pass. Both must equal torch's optimizer on float64 and leave the scratch zero."""
+    if chunked:
+        monkeypatch.setattr(ops, "DEFAULT_CHUNK_BYTES", 1)  # the backward's chunks: 1,024 lookups
+    p, q, r = (30, 20, 25), (2, 2, 4), (16, 16)
+    lr = 0.05
+    fused = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="cpu", seed=1, optimizer=optimizer, learning_rate=lr)
+    ref = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="torch", seed=1, dtype=torch.float64)
+    with torch.no_grad():
+        for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
+            c_ref.copy_(c.double())
+    opt = (torch.optim.SGD(ref.parameters(), lr=lr) if optimizer == "sgd"
+           else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10))
+    g = torch.Generator().manual_seed(9)
+    idx = torch.randint(0, 15000, (2600,), generator=g)  # > 2 chunks of 1,024 when chunked
+    offsets = torch.arange(0, 2600, 2)
+    grad_out = torch.randn(1300, 16, generator=g, dtype=torch.float64)
+    for _ in range(2):
+        fused(idx, offsets).backward(grad_out.float())
+        opt.zero_grad()
+        ref(idx, offsets).backward(grad_out)
+        opt.step()
+    assert ops.last_stats("backward")["chunks"] == (3 if chunked else 1)
+    for c_fused, c_ref in zip(fused.tt_cores, ref.tt_cores):
+        torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
+    assert all(not s.any() for s in fused._scratch)
+
+
 def test_fused_update_leaves_untouched_slices_bitwise_unchanged():
     p, q, r = (1200, 5), (4, 4), (8,)
     m = ttrec.TTEmbeddingBag(6000, 16, r, p, q, backend="cpu", seed=0, optimizer="adagrad", learning_rate=0.1)

@@ -119,17 +119,17 @@ def bind(path: Path) -> ctypes.CDLL:
     shape_p = ctypes.POINTER(TTShape)
     lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats),
                                ctypes.POINTER(ctypes.c_void_p)]
-    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64, ctypes.POINTER(TTStats), P]
+    lib.tt_backward.argtypes = [shape_p, P, P, P, I64, P, I32, P, P, P, I32, I64, ctypes.POINTER(TTStats), P,
+                                I32, F32, F32, P]
     lib.tt_state_free.argtypes = [P]
     lib.tt_state_free.restype = None
     lib.tt_state_bytes.argtypes = [P]
     lib.tt_state_bytes.restype = I64
     lib.tt_states_live.argtypes = []
     lib.tt_states_live.restype = I64
-    lib.tt_sparse_update.argtypes = [shape_p, P, P, P, P, I32, F32, F32, I32]
-    for f in (lib.tt_forward, lib.tt_backward, lib.tt_sparse_update):
+    for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 3:
+    if lib.tt_abi_version() != 4:
         raise RuntimeError("native library ABI mismatch")
     return lib
 

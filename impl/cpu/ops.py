@@ -204,6 +204,17 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
              chunk_bytes: int = DEFAULT_CHUNK_BYTES, saved: SavedForward | None = None) -> list[torch.Tensor]:
     """Core gradients (added into ``grads`` when given, else new zero tensors). ``saved``: the
     forward's kept plan for these cores and bags (used only if still valid, see SavedForward)."""
+    return _backward(cores, spec, bags, mode, grad_out, grads, touched, chunk_bytes, saved)
+
+
+_OPTIMIZERS = {"sgd": 1, "adagrad": 2}  # the kernel's codes (tt_backward's optimizer argument)
+
+
+def _backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor, grads, touched, chunk_bytes: int,
+              saved: SavedForward | None, optimizer: str | None = None, lr: float = 0.0, eps: float = 0.0,
+              state: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The one native backward call: gradients into ``grads``, or with ``optimizer`` the fused
+    update of the cores in place (``grads`` then a zero scratch, left zero)."""
     bags = _require(cores, spec, bags, mode)
     _check_like_cores("grads", grads, spec)
     _check_touched(touched, spec)
@@ -221,7 +232,8 @@ def backward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, gra
     _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
           grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(),
-          chunk_bytes, ctypes.byref(stats), plan)
+          chunk_bytes, ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0), lr, eps,
+          None if state is None else _ptrs(state))
     _last["backward"] = stats
     return grads
 
@@ -245,11 +257,11 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     _check_like_cores("state", state, spec)
     global _update_epoch
     touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
-    backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched, saved=saved)
-    _update_epoch += 1  # every kept forward plan is stale from here on
-    _call(library().tt_sparse_update, ctypes.byref(_shape(spec)), _ptrs(cores), _ptrs(scratch),
-          None if state is None else _ptrs(state), _ptrs(touched), int(optimizer == "adagrad"), lr, eps,
-          torch.get_num_threads())
+    try:
+        _backward(cores, spec, bags, mode, grad_out, scratch, touched, DEFAULT_CHUNK_BYTES, saved, optimizer, lr, eps,
+                  state)
+    finally:
+        _update_epoch += 1  # the cores changed in that call: every kept forward plan is stale from here on
     return touched
 
 

@@ -1,7 +1,7 @@
 """A planted slowdown of the native CPU kernel, for testing the performance-regression gate.
 
 ``TTREC_PLANT_SLOWDOWN=f`` (a number >= 1; unset or ``1`` means off) makes every native call
-(forward, backward, fused update) take ``f`` times as long: after a call that took ``t`` seconds of
+(forward; backward, with or without the fused update) take ``f`` times as long: after a call that took ``t`` seconds of
 the calling thread's CPU time, :func:`pad` busy-waits until that thread has burnt another
 ``(f - 1) * t`` CPU seconds. CPU time, not wall time, so that on a shared machine the padding
 costs what a slower kernel would cost, however often a neighbour takes the core away (with one

@@ -991,6 +991,28 @@ inline void prefetch_ahead(int64_t y, int64_t cn, int64_t s0, const uint64_t* so
   }
 }
 
+// The optimizer step of one slice row (W floats): SGD G -= lr g, or Adagrad h += g^2,
+// G -= lr g / (sqrt(h) + eps). One definition for the fused update in the backward and the
+// separate pass over the gradient scratch (results are the same bit for bit either way).
+struct Update {
+  int optimizer = 0;  // 0 none (gradients into the scratch), 1 SGD, 2 Adagrad
+  float lr = 0.f, eps = 0.f;
+  float* const* cores = nullptr;  // updated in place
+  float* const* state = nullptr;  // Adagrad accumulators, shaped like the cores
+  void row(int k, int64_t base, const float* g, int64_t W) const {
+    float* const G = cores[k] + base;
+    if (optimizer == 2) {
+      float* const h = state[k] + base;
+      for (int64_t c = 0; c < W; ++c) {
+        h[c] += g[c] * g[c];
+        G[c] -= lr * g[c] / (std::sqrt(h[c]) + eps);
+      }
+    } else {
+      for (int64_t c = 0; c < W; ++c) G[c] -= lr * g[c];
+    }
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -1227,7 +1249,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 static void backward_d3(const tt_shape_t* s, const float* const* cores, const int64_t* idx, int64_t n,
                         const int32_t* bag_of, const float* lookup_w, const float* grad_out,
                         float* const* grad_cores, uint8_t* const* touched, int threads, int64_t C, Plan* kept,
-                        tt_stats_t* stats, double& tick) {
+                        const Update& up, tt_stats_t* stats, double& tick) {
   auto lap = [&](int phase) {
     const double now = omp_get_wtime();
     if (stats) stats->seconds[phase] += now - tick;
@@ -1282,10 +1304,11 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     used3.assign((size_t)nseg * n3, 0);
     float* const g1 = grad_cores[1];
     const bool fast16 = D == 16 && with_row16_shape(qd, R2, [](auto, auto) {});
+    const bool fused = up.optimizer != 0;  // (one chunk: the caller checks)
 #pragma omp parallel num_threads(threads)
     {
       std::vector<float> Ap, BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
-          dP1((size_t)kPiece * w1), g(D);
+          dP1((size_t)kPiece * w1), g(D), dg2(fused ? (size_t)R1 * N : 0);
       // a segment's gathered gradient rows (up to megabytes): kept by each pool thread across calls,
       // so it is not mapped and faulted in afresh every backward
       static thread_local std::vector<float> gs;
@@ -1313,6 +1336,12 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           const float* S2 = tt_slice(s, cores[1], 1, i2, &ld);
           transpose_to(S2, ld, R1, N, BT.data());  // G_2[:, i2]^T (q2 R2 x R1)
           if (touched) touched[1][i2] = 1;
+          // dG_2[:, i2]: into the gradient scratch, or (fused) into a bucket-local tile applied to
+          // G_2[:, i2] once the bucket is done (no other bucket reads that slice; the tile stays in
+          // L1 instead of a read, write, reread and zeroing of the scratch)
+          float* const dg2_out = fused ? dg2.data() : g1 + i2 * N;
+          const int64_t dg2_ld = fused ? N : p1 * N;
+          if (fused) std::fill(dg2.begin(), dg2.end(), 0.f);
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
             if (!fast16) std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);  // (fast16 writes whole dP)
@@ -1369,7 +1398,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
             Ap.resize((size_t)np * w1);
             for (int64_t t = ta; t < tb; ++t)
               copy_floats(Ap.data() + (t - ta) * w1, cores[0] + digits[2 * t] * w1, w1);
-            gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, g1 + i2 * N, p1 * N);
+            gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, dg2_out, dg2_ld);
             gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
             for (int64_t t = ta; t < tb; ++t) {
               const int32_t v = first.slot[digits[2 * t]];
@@ -1379,6 +1408,8 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               else for (int64_t c = 0; c < w1; ++c) c1[c] += src[c];
             }
           }
+          if (fused)
+            for (int r = 0; r < R1; ++r) up.row(1, ((int64_t)r * p1 + i2) * N, dg2.data() + (size_t)r * N, N);
         }
       }
     }
@@ -1387,7 +1418,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     float* const gd = grad_cores[2];  // (R2, p_d, q_d, 1)
 #pragma omp parallel num_threads(threads)
     {
-      std::vector<float> sum(w3);
+      std::vector<float> sum(std::max(w3, w1)), row(qd);
 #pragma omp for schedule(static) nowait
       for (int64_t v = 0; v < n3; ++v) {
         const int64_t i = ctx.last.digit[v];
@@ -1397,18 +1428,27 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           const float* a = acc3.data() + ((size_t)sg * n3 + v) * w3;
           for (int64_t c = 0; c < w3; ++c) sum[c] += a[c];
         }
-        for (int r = 0; r < R2; ++r)
-          for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += sum[(size_t)c * R2 + r];
+        for (int r = 0; r < R2; ++r) {
+          if (fused) {  // (fused) applied to G_d's slice row by row, else added into the scratch
+            for (int c = 0; c < qd; ++c) row[c] = sum[(size_t)c * R2 + r];
+            up.row(2, ((int64_t)r * pd + i) * qd, row.data(), qd);
+          } else {
+            for (int c = 0; c < qd; ++c) gd[((int64_t)r * pd + i) * qd + c] += sum[(size_t)c * R2 + r];
+          }
+        }
         if (touched) touched[2][i] = 1;
       }
 #pragma omp for schedule(static)
       for (int64_t v = 0; v < n1; ++v) {
         const int64_t i = first.digit[v];
+        float* const out = fused ? sum.data() : g0 + i * w1;  // (fused: summed here, then applied)
+        if (fused) std::fill(sum.begin(), sum.begin() + w1, 0.f);
         for (int64_t sg = 0; sg < nseg; ++sg) {
           if (!used1[(size_t)sg * n1 + v]) continue;
           const float* a = acc1.data() + ((size_t)sg * n1 + v) * w1;
-          for (int64_t c = 0; c < w1; ++c) g0[i * w1 + c] += a[c];
+          for (int64_t c = 0; c < w1; ++c) out[c] += a[c];
         }
+        if (fused) up.row(0, i * w1, out, w1);
         if (touched) touched[0][i] = 1;
       }
     }
@@ -1428,9 +1468,13 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
 //      using it; then dP_{k-1} = dP_k @ G_k[:, i_k]^T per prefix (a transposed copy of G_k);
 //   4. first core: sum of dP_0 per digit value.
 // Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
+static void sparse_update_pass(const tt_shape_t* s, const Update& up, float* const* grads, uint8_t* const* touched,
+                               int threads);
+
 static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
-                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state) {
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state,
+                const Update& up) {
   double tick = omp_get_wtime();
   auto lap = [&](int phase) {  // add the time since the last lap to a phase
     const double now = omp_get_wtime();
@@ -1477,8 +1521,12 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     lap(0);
     Plan* kept = static_cast<Plan*>(state);
     if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
+    // the optimizer step inside the backward needs the whole batch in one chunk (a later chunk
+    // must see the cores the forward saw); otherwise gradients go to the scratch and a pass follows
+    const bool fuse = n <= C;
     backward_d3(s, cores, idx, n, single ? nullptr : bag32.data(), single ? nullptr : lookup_w.data(), grad_out,
-                grad_cores, touched, threads, C, kept, stats, tick);
+                grad_cores, touched, threads, C, kept, fuse ? up : Update{}, stats, tick);
+    if (up.optimizer && !fuse) sparse_update_pass(s, up, grad_cores, touched, threads);
     return 0;
   }
   bag_of.resize(n);
@@ -1669,16 +1717,15 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
     }
     lap(6);
   }
+  if (up.optimizer) sparse_update_pass(s, up, grad_cores, touched, threads);
   return 0;
 }
 
-// Fused sparse update: with grads (dense scratch, zero on entry) from tt_backward and the touched
-// digit marks, update exactly the touched slices of every core:
-//   SGD:     G -= lr * g
-//   Adagrad: h += g^2 ; G -= lr * g / (sqrt(h) + eps)     (h has the cores' shapes)
-// Then zero the touched slices of grads, so the scratch is clean for the next call.
-static int tt_sparse_update_impl(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
-                     uint8_t* const* touched, int adagrad, float lr, float eps, int threads) {
+// The optimizer step as a pass over the gradient scratch (grads, zero on entry, from the backward)
+// when it could not run inside the backward: every touched slice of every core is updated (see
+// Update), then zeroed in the scratch, which is clean again for the next call.
+static void sparse_update_pass(const tt_shape_t* s, const Update& up, float* const* grads, uint8_t* const* touched,
+                               int threads) {
   for (int k = 0; k < s->d; ++k) {
     const int64_t pk = s->p[k];
     const int64_t W = (int64_t)s->q[k] * s->r[k + 1];
@@ -1688,22 +1735,11 @@ static int tt_sparse_update_impl(const tt_shape_t* s, float* const* cores, float
       if (!touched[k][i]) continue;
       for (int r = 0; r < Rk; ++r) {
         const int64_t base = ((int64_t)r * pk + i) * W;
-        float* G = cores[k] + base;
-        float* g = grads[k] + base;
-        if (adagrad) {
-          float* h = state[k] + base;
-          for (int64_t c = 0; c < W; ++c) {
-            h[c] += g[c] * g[c];
-            G[c] -= lr * g[c] / (std::sqrt(h[c]) + eps);
-          }
-        } else {
-          for (int64_t c = 0; c < W; ++c) G[c] -= lr * g[c];
-        }
-        std::memset(g, 0, sizeof(float) * W);
+        up.row(k, base, grads[k] + base, W);
+        std::memset(grads[k] + base, 0, sizeof(float) * W);
       }
     }
   }
-  return 0;
 }
 
 // C++ exceptions must not cross into Python (they would abort the process): return codes instead.
@@ -1721,23 +1757,19 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
   }
 }
 
+// optimizer 0: grad_cores += the core gradients. optimizer 1 (SGD) or 2 (Adagrad, accumulators in
+// opt_state): the fused sparse update, in place on the cores (writable memory, though passed as
+// const for the no-optimizer case), of exactly the touched slices (touched required);
+// grad_cores is then a zero scratch, zero again on return.
 int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
-                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state) {
+                uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state,
+                int optimizer, float lr, float eps, float* const* opt_state) {
   try {
+    Update up;
+    if (optimizer) up = Update{optimizer, lr, eps, (float* const*)cores, opt_state};
     return tt_backward_impl(s, cores, idx, offsets, n_bags, weights, mean, grad_out, grad_cores, touched, threads,
-                            chunk_bytes, stats, state);
-  } catch (const std::bad_alloc&) {
-    return 1;
-  } catch (...) {
-    return 2;
-  }
-}
-
-int tt_sparse_update(const tt_shape_t* s, float* const* cores, float* const* grads, float* const* state,
-                     uint8_t* const* touched, int adagrad, float lr, float eps, int threads) {
-  try {
-    return tt_sparse_update_impl(s, cores, grads, state, touched, adagrad, lr, eps, threads);
+                            chunk_bytes, stats, state, up);
   } catch (const std::bad_alloc&) {
     return 1;
   } catch (...) {
@@ -1761,6 +1793,6 @@ int64_t tt_states_live(void) {
   return g_plans_live;
 }
 
-int tt_abi_version(void) { return 3; }
+int tt_abi_version(void) { return 4; }
 
 }  // extern "C"

@@ -972,20 +972,24 @@ inline bool with_row16_shape(int qd, int R, F&& f) {
   }
 }
 
-// The upstream gradient rows are random reads in sorted order: the bag numbers of lookups 2 kAhead
-// further on are fetched, and the gradient rows and weights of those kAhead further on.
+// Random reads ahead of their use: the pooling pass fetches the row kAhead lookups on; the
+// backward's gather (prefetch_ahead) fetches the bag numbers of lookups 2 kGatherAhead on and the
+// gradient rows and weights of those kGatherAhead on. The gather is a tight loop of nothing but
+// such reads, so it runs further ahead (on the Zen 5 VM, 48 against 16: backward bucket phase 0.93x
+// [0.90-0.96], 14 alternating rounds; 32: 0.96x).
 constexpr int64_t kAhead = 16;
+constexpr int64_t kGatherAhead = 48;
 inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
 // Bags of one unweighted lookup each (bag_of == nullptr): lookup j's gradient row is row j.
 inline void prefetch_ahead(int64_t y, int64_t cn, int64_t s0, const uint64_t* sorted, const int32_t* bag_of,
                            const float* lookup_w, const float* grad_out, int D) {
   if (!bag_of) {
-    if (y + kAhead < cn) prefetch_line(grad_out + (s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1))) * D);
+    if (y + kGatherAhead < cn) prefetch_line(grad_out + (s0 + (int64_t)(sorted[y + kGatherAhead] & (kMaxChunk - 1))) * D);
     return;
   }
-  if (y + 2 * kAhead < cn) prefetch_line(bag_of + s0 + (int64_t)(sorted[y + 2 * kAhead] & (kMaxChunk - 1)));
-  if (y + kAhead < cn) {
-    const int64_t ja = s0 + (int64_t)(sorted[y + kAhead] & (kMaxChunk - 1));
+  if (y + 2 * kGatherAhead < cn) prefetch_line(bag_of + s0 + (int64_t)(sorted[y + 2 * kGatherAhead] & (kMaxChunk - 1)));
+  if (y + kGatherAhead < cn) {
+    const int64_t ja = s0 + (int64_t)(sorted[y + kGatherAhead] & (kMaxChunk - 1));
     prefetch_line(grad_out + (int64_t)bag_of[ja] * D);
     prefetch_line(lookup_w + ja);
   }

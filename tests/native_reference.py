@@ -1,4 +1,4 @@
-"""One check shared by the native-kernel tests: forward and core gradients against the reference."""
+"""Checks shared by the native-kernel tests: forward, core gradients and a fused SGD step against the reference."""
 
 from __future__ import annotations
 
@@ -18,3 +18,20 @@ def assert_matches_reference(cores, spec, bags, grad_out, mode: str = "sum") -> 
     grads = ops.backward(cores, spec, bags, mode, grad_out)
     for a, b in zip(grads, torch.autograd.grad(want, ref_cores, grad_out.double())):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 0.1, mode: str = "sum") -> None:
+    """One fused SGD step (ops.sparse_update) moves every core by -lr x the float64 reference
+    gradient, and leaves its gradient scratch zero."""
+    ref_cores = [c.double().requires_grad_() for c in cores]
+    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, mode)
+    ref_grads = torch.autograd.grad(want, ref_cores, grad_out.double())
+    new = [c.clone() for c in cores]
+    scratch = [torch.zeros_like(c) for c in cores]
+    ops.sparse_update(new, spec, bags, mode, grad_out, "sgd", lr, 0.0, scratch, None)
+    for c_new, c_old, g in zip(new, cores, ref_grads):
+        step = -lr * g
+        torch.testing.assert_close((c_new.double() - c_old.double()), step,
+                                   atol=1e-5 * step.abs().max().item() + 1e-6 * c_old.abs().max().item(), rtol=1e-4)
+    assert all(not s.any() for s in scratch)
+

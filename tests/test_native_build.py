@@ -20,7 +20,7 @@ import ttrec
 from ttrec.bags import make_bags
 from ttrec.cpu import build, ops
 
-from .native_reference import assert_matches_reference
+from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
 
 VARIANTS = {  # -march -> the CPU flags it needs to run
     "x86-64-v3": {"avx2", "fma", "bmi2"},
@@ -118,3 +118,4 @@ def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling,
     grad_out = torch.randn(n_bags, spec.embedding_dim, generator=g)
     torch.set_num_threads(2)
     assert_matches_reference(cores, spec, bags, grad_out)
+    assert_fused_sgd_matches_reference(cores, spec, bags, grad_out)  # the update inside the backward (d = 3)

@@ -281,6 +281,24 @@ def test_fused_update_in_the_backward_and_as_a_scratch_pass_match_torch(optimize
     assert all(not s.any() for s in fused._scratch)
 
 
+def test_kernel_refuses_an_optimizer_step_without_its_masks_or_state():
+    """The native backward's own guard (ops.sparse_update always passes them): a code, not a crash."""
+    spec = _spec((6, 7, 8), (2, 2, 4), (4, 4))
+    cores = _cores(spec)
+    bags = make_bags(torch.tensor([0, 5, 300]), torch.tensor([0, 1]), None, num_embeddings=spec.num_embeddings,
+                     mode="sum")
+    scratch = [torch.zeros_like(c) for c in cores]
+    before = [c.clone() for c in cores]
+    with pytest.raises(RuntimeError, match="code 2"):  # SGD without touched masks
+        ops._backward(cores, spec, bags, "sum", torch.ones(2, 16), scratch, None, ops.DEFAULT_CHUNK_BYTES, None,
+                      "sgd", 0.1)
+    touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
+    with pytest.raises(RuntimeError, match="code 2"):  # Adagrad without accumulators
+        ops._backward(cores, spec, bags, "sum", torch.ones(2, 16), scratch, touched, ops.DEFAULT_CHUNK_BYTES, None,
+                      "adagrad", 0.1, 1e-10)
+    assert all(torch.equal(a, b) for a, b in zip(cores, before)) and not any(s.any() for s in scratch)
+
+
 def test_fused_update_leaves_untouched_slices_bitwise_unchanged():
     p, q, r = (1200, 5), (4, 4), (8,)
     m = ttrec.TTEmbeddingBag(6000, 16, r, p, q, backend="cpu", seed=0, optimizer="adagrad", learning_rate=0.1)

@@ -1464,8 +1464,30 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
   }
 }
 
-// grad_cores[k] (same shapes as cores) += dL/dG_k. touched[k] (optional, p_k bytes) marks the
-// digit values whose slices received gradient. Returns 0.
+// The optimizer step as a pass over the gradient scratch (grads, zero on entry, from the backward)
+// when it could not run inside the backward: every touched slice of every core is updated (see
+// Update), then zeroed in the scratch, which is clean again for the next call.
+static void sparse_update_pass(const tt_shape_t* s, const Update& up, float* const* grads, uint8_t* const* touched,
+                               int threads) {
+  for (int k = 0; k < s->d; ++k) {
+    const int64_t pk = s->p[k];
+    const int64_t W = (int64_t)s->q[k] * s->r[k + 1];
+    const int Rk = s->r[k];
+#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
+    for (int64_t i = 0; i < pk; ++i) {
+      if (!touched[k][i]) continue;
+      for (int r = 0; r < Rk; ++r) {
+        const int64_t base = ((int64_t)r * pk + i) * W;
+        up.row(k, base, grads[k] + base, W);
+        std::memset(grads[k] + base, 0, sizeof(float) * W);
+      }
+    }
+  }
+}
+
+// grad_cores[k] (same shapes as cores) += dL/dG_k, or with up.optimizer the optimizer step applied to
+// the cores (see tt_backward). touched[k] (optional, p_k bytes) marks the digit values whose slices
+// received gradient. Returns 0.
 //
 // Per chunk, with lookups sorted as in the forward (runs = unique prefixes):
 //   1. per prefix (threads over prefixes): the chain P_1..P_{d-2} (stored) and
@@ -1475,9 +1497,6 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
 //      using it; then dP_{k-1} = dP_k @ G_k[:, i_k]^T per prefix (a transposed copy of G_k);
 //   4. first core: sum of dP_0 per digit value.
 // Every sum runs in a fixed order on one thread: no atomics, and results independent of threads.
-static void sparse_update_pass(const tt_shape_t* s, const Update& up, float* const* grads, uint8_t* const* touched,
-                               int threads);
-
 static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
                 uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state,
@@ -1728,26 +1747,6 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   return 0;
 }
 
-// The optimizer step as a pass over the gradient scratch (grads, zero on entry, from the backward)
-// when it could not run inside the backward: every touched slice of every core is updated (see
-// Update), then zeroed in the scratch, which is clean again for the next call.
-static void sparse_update_pass(const tt_shape_t* s, const Update& up, float* const* grads, uint8_t* const* touched,
-                               int threads) {
-  for (int k = 0; k < s->d; ++k) {
-    const int64_t pk = s->p[k];
-    const int64_t W = (int64_t)s->q[k] * s->r[k + 1];
-    const int Rk = s->r[k];
-#pragma omp parallel for schedule(dynamic, 64) num_threads(threads)
-    for (int64_t i = 0; i < pk; ++i) {
-      if (!touched[k][i]) continue;
-      for (int r = 0; r < Rk; ++r) {
-        const int64_t base = ((int64_t)r * pk + i) * W;
-        up.row(k, base, grads[k] + base, W);
-        std::memset(grads[k] + base, 0, sizeof(float) * W);
-      }
-    }
-  }
-}
 
 // C++ exceptions must not cross into Python (they would abort the process): return codes instead.
 // 0 ok, 1 out of memory, 2 any other failure.
@@ -1766,12 +1765,13 @@ int tt_forward(const tt_shape_t* s, const float* const* cores, const int64_t* id
 
 // optimizer 0: grad_cores += the core gradients. optimizer 1 (SGD) or 2 (Adagrad, accumulators in
 // opt_state): the fused sparse update, in place on the cores (writable memory, though passed as
-// const for the no-optimizer case), of exactly the touched slices (touched required);
-// grad_cores is then a zero scratch, zero again on return.
+// const for the no-optimizer case), of exactly the touched slices (touched required, and opt_state
+// for Adagrad: code 2 without them); grad_cores is then a zero scratch, zero again on return.
 int tt_backward(const tt_shape_t* s, const float* const* cores, const int64_t* idx, const int64_t* offsets,
                 int64_t n_bags, const float* weights, int mean, const float* grad_out, float* const* grad_cores,
                 uint8_t* const* touched, int threads, int64_t chunk_bytes, tt_stats_t* stats, void* state,
                 int optimizer, float lr, float eps, float* const* opt_state) {
+  if (optimizer < 0 || optimizer > 2 || (optimizer && !touched) || (optimizer == 2 && !opt_state)) return 2;
   try {
     Update up;
     if (optimizer) up = Update{optimizer, lr, eps, (float* const*)cores, opt_state};

@@ -142,19 +142,28 @@ class TTEmbeddingBag(nn.Module):
             if cores[0].is_cuda:
                 cuda_loader.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
                                           self.learning_rate, self.eps, self._scratch, state)
-            else:  # the native forward's kept plan (``saved``) spares the backward its sort and chains
-                cpu_ops.sparse_update([c.data for c in cores], spec, bags, mode, grad_out, self.optimizer,
-                                      self.learning_rate, self.eps, self._scratch, state, saved=saved)
+            else:  # the native forward's kept plan (``saved``) spares the backward its sort and chains;
+                # the kernel writes through the cores' pointers (no torch op: autograd never sees it)
+                cpu_ops.sparse_update(cores, spec, bags, mode, grad_out, self.optimizer, self.learning_rate, self.eps,
+                                      self._scratch, state, saved=saved)
 
     _fused_update.accepts_saved = True  # see ttrec.cpu.ops.tt_bag_cpu
 
+    def _core_list(self) -> list[nn.Parameter]:
+        # the ParameterList's own dict, in order: iterating the ParameterList goes through Python
+        # __getitem__/__getattr__ per core (tens of microseconds right after a kernel call)
+        return list(self.tt_cores._parameters.values())
+
     def resolved_backend(self) -> str:
         """The backend a forward call uses now, after resolving "auto"."""
+        return self._resolve(self._core_list())
+
+    def _resolve(self, cores: list[torch.Tensor]) -> str:
         if self.backend != "auto":
             return self.backend
-        if self.tt_cores[0].is_cuda:
+        if cores[0].is_cuda:
             return "cuda"
-        if backend_status("cpu") is None and cpu_ops.check_supported(list(self.tt_cores), self.spec) is None:
+        if backend_status("cpu") is None and cpu_ops.check_supported(cores, self.spec) is None:
             return "cpu"
         return "torch"
 
@@ -162,9 +171,10 @@ class TTEmbeddingBag(nn.Module):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
                          mode=self.mode, include_last_offset=self.include_last_offset)
-        if bags.indices.device != self.tt_cores[0].device:
-            raise ValueError(f"input: got device {bags.indices.device}; the cores are on {self.tt_cores[0].device}")
-        name = self.resolved_backend()
+        cores = self._core_list()
+        if bags.indices.device != cores[0].device:
+            raise ValueError(f"input: got device {bags.indices.device}; the cores are on {cores[0].device}")
+        name = self._resolve(cores)
         reason = backend_status(name)
         if reason is not None:
             raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
@@ -172,9 +182,9 @@ class TTEmbeddingBag(nn.Module):
         if self.optimizer is not None:
             if name == "torch":
                 raise RuntimeError(f"optimizer={self.optimizer!r} (fused update) has no torch backend; "
-                                   f"backend 'auto' resolved to 'torch' because: {backend_status('cpu') or cpu_ops.check_supported(list(self.tt_cores), self.spec)}")
-            return fn(list(self.tt_cores), self.spec, bags, self.mode, fused=self._fused_update)
-        return fn(list(self.tt_cores), self.spec, bags, self.mode)
+                                   f"backend 'auto' resolved to 'torch' because: {backend_status('cpu') or cpu_ops.check_supported(cores, self.spec)}")
+            return fn(cores, self.spec, bags, self.mode, fused=self._fused_update)
+        return fn(cores, self.spec, bags, self.mode)
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

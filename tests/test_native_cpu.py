@@ -336,6 +336,13 @@ def test_unsupported_cores_are_refused_before_native_code():
     bags = make_bags(torch.tensor([1, 2]), torch.tensor([0]), None, num_embeddings=1000, mode="sum")
     with pytest.raises(ValueError, match="float64"):  # and by the op itself
         ops.forward(_cores(spec, dtype=torch.float64), spec, bags, "sum")
+    with pytest.raises(ValueError, match="got 2 cores; the spec has d=3"):  # a missing core pointer
+        ops.forward(_cores(spec)[:2], spec, bags, "sum")
+    cores = _cores(spec)
+    cores[1] = cores[1].transpose(0, 3).contiguous().transpose(0, 3)  # right shape, not contiguous
+    with pytest.raises(ValueError, match=r"cores\[1\]: got a non-contiguous"):  # written in place by the update
+        ops.sparse_update(cores, spec, bags, "sum", torch.ones(1, 16), "sgd", 0.1, 0.0,
+                          [torch.zeros_like(c) for c in _cores(spec)], None)
     assert ttrec.TTEmbeddingBag(1000, 16, 4, dtype=torch.float64).resolved_backend() == "torch"
     m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu")
     w = torch.ones(2, requires_grad=True)

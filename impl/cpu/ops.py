@@ -10,6 +10,7 @@ import ctypes
 import math
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from ..bags import MODES, Bags, checked_for, make_bags
@@ -92,34 +93,55 @@ def _ptrs(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
 
 
-def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
-    """None if the native kernel can run these cores, else why not."""
+@lru_cache(maxsize=64)
+def _spec_facts(spec: TTSpec) -> tuple[str | None, tuple[torch.Size, ...]]:
+    """Once per spec: why the kernel cannot run it (None if it can), and its core shapes."""
+    shapes = tuple(torch.Size(spec.core_shape(k)) for k in range(spec.d))
     if spec.d > TT_MAX_D:
-        return f"d={spec.d} cores; the native kernel supports 2..{TT_MAX_D}"
+        return f"d={spec.d} cores; the native kernel supports 2..{TT_MAX_D}", shapes
     key_bits = (math.prod(spec.tt_p_shapes[:-1]) - 1).bit_length() + (spec.tt_p_shapes[-1] - 1).bit_length()
     if key_bits > 40:
         return (f"tt_p_shapes={spec.tt_p_shapes} need {key_bits}-bit sort keys; the native kernel supports "
-                "up to 40 (about 10^12 rows)")
+                "up to 40 (about 10^12 rows)"), shapes
+    return None, shapes
+
+
+# The checks below run several times per training step, right after native calls, when every
+# tensor attribute read is a cache miss: they read the fewest attributes (is_cpu, dtype, shape)
+# against shapes computed once per spec.
+def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
+    """None if the native kernel can run these cores, else why not."""
+    reason, shapes = _spec_facts(spec)
+    if reason is not None:
+        return reason
+    if len(cores) != spec.d:
+        return f"got {len(cores)} cores; the spec has d={spec.d}"
     for k, c in enumerate(cores):
-        if c.device.type != "cpu":
+        if not c.is_cpu:
             return f"core {k} is on {c.device}; the native CPU kernel needs CPU tensors"
-        if c.dtype != torch.float32:
+        if c.dtype is not torch.float32:
             return f"core {k} has dtype {c.dtype}; the native CPU kernel supports torch.float32"
-        if tuple(c.shape) != spec.core_shape(k):
-            return f"core {k} has shape {tuple(c.shape)}, expected {spec.core_shape(k)}"
+        if c.shape != shapes[k]:
+            return f"core {k} has shape {tuple(c.shape)}, expected {tuple(shapes[k])}"
     return None
 
 
-def _require(cores, spec, bags: Bags, mode: str) -> Bags:
-    """Everything the kernel trusts, checked before any pointer is passed; returns trusted Bags."""
+def _require(cores, spec, bags: Bags, mode: str, in_place: bool = False) -> Bags:
+    """Everything the kernel trusts, checked before any pointer is passed; returns trusted Bags.
+    ``in_place``: the cores are updated through their pointers, so they must also be contiguous."""
     reason = check_supported(cores, spec)
     if reason is not None:
         raise ValueError(f"backend='cpu': {reason}")
+    if in_place:
+        for k, c in enumerate(cores):
+            if not c.is_contiguous():
+                raise ValueError(f"cores[{k}]: got a non-contiguous tensor of shape {tuple(c.shape)}; the fused "
+                                 "update writes the cores in place, so they must be contiguous")
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
     if not isinstance(bags, Bags):
         raise TypeError(f"bags: got {type(bags).__name__}; expected ttrec.bags.Bags (from make_bags)")
-    if bags.indices.device.type != "cpu":
+    if not bags.indices.is_cpu:
         raise ValueError(f"bags: indices on {bags.indices.device}; the native CPU kernel needs CPU tensors")
     if not checked_for(bags, spec.num_embeddings):  # built by hand: validate like every forward input
         bags = make_bags(bags.indices, bags.offsets, bags.per_sample_weights, num_embeddings=spec.num_embeddings,
@@ -132,9 +154,9 @@ def _check_like_cores(name: str, tensors, spec: TTSpec) -> None:
         return
     if len(tensors) != spec.d:
         raise ValueError(f"{name}: got {len(tensors)} tensors; expected one per core ({spec.d})")
+    shapes = _spec_facts(spec)[1]
     for k, t in enumerate(tensors):
-        if (tuple(t.shape) != spec.core_shape(k) or t.dtype != torch.float32 or t.device.type != "cpu"
-                or not t.is_contiguous()):
+        if t.shape != shapes[k] or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
             raise ValueError(f"{name}[{k}]: got {t.dtype} {tuple(t.shape)} on {t.device} "
                              f"(contiguous={t.is_contiguous()}); expected contiguous float32 {spec.core_shape(k)} on cpu")
 
@@ -175,7 +197,12 @@ def forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
 def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
              keep: bool = False) -> tuple[torch.Tensor, SavedForward | None]:
     """The forward, and with ``keep`` what its backward can reuse (None where the kernel keeps nothing)."""
-    bags = _require(cores, spec, bags, mode)
+    return _run_forward(cores, spec, _require(cores, spec, bags, mode), mode, chunk_bytes, keep)
+
+
+def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chunk_bytes: int,
+                 keep: bool) -> tuple[torch.Tensor, SavedForward | None]:
+    """_forward on inputs that passed :func:`_require`."""
     originals = list(cores)
     cores = [_plain(c) for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
@@ -218,6 +245,14 @@ def _backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor
     bags = _require(cores, spec, bags, mode)
     _check_like_cores("grads", grads, spec)
     _check_touched(touched, spec)
+    return _run_backward(cores, spec, bags, mode, grad_out, grads, touched, chunk_bytes, saved, optimizer, lr, eps,
+                         state)
+
+
+def _run_backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor, grads, touched,
+                  chunk_bytes: int, saved: SavedForward | None, optimizer: str | None, lr: float, eps: float,
+                  state: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """_backward once the cores, bags and buffers passed :func:`_require` and the buffer checks."""
     if saved is not None and not isinstance(saved, SavedForward):
         raise TypeError(f"saved: got {type(saved).__name__}; expected SavedForward or None")
     plan = saved.pointer if saved is not None and saved.current() else None
@@ -252,14 +287,15 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
         raise ValueError("state: Adagrad needs accumulators shaped like the cores")
     if not lr > 0 or not eps >= 0:
         raise ValueError(f"lr, eps: got lr={lr}, eps={eps}; need lr > 0 and eps >= 0")
-    _check_like_cores("cores", cores, spec)  # updated in place: no copies allowed
+    bags = _require(cores, spec, bags, mode, in_place=True)  # updated in place: no copies allowed
     _check_like_cores("scratch", scratch, spec)
     _check_like_cores("state", state, spec)
     global _update_epoch
-    touched = [torch.zeros(p, dtype=torch.uint8) for p in spec.tt_p_shapes]
+    # (numpy allocates and zeroes without torch's dispatcher: see ttrec.bags on cold torch ops)
+    touched = [torch.from_numpy(np.zeros(p, dtype=np.uint8)) for p in spec.tt_p_shapes]
     try:
-        _backward(cores, spec, bags, mode, grad_out, scratch, touched, DEFAULT_CHUNK_BYTES, saved, optimizer, lr, eps,
-                  state)
+        _run_backward(cores, spec, bags, mode, grad_out, scratch, touched, DEFAULT_CHUNK_BYTES, saved, optimizer, lr,
+                      eps, state)
     finally:
         _update_epoch += 1  # the cores changed in that call: every kept forward plan is stale from here on
     return touched
@@ -270,7 +306,8 @@ class _TTBagCPU(torch.autograd.Function):
     def forward(ctx, spec, bags, mode, fused, keep, *cores):
         ctx.spec, ctx.bags, ctx.mode, ctx.fused = spec, bags, mode, fused
         ctx.save_for_backward(*cores)
-        out, ctx.saved_plan = _forward(list(cores), spec, bags, mode, keep=keep)
+        # (the inputs passed _require in tt_bag_cpu)
+        out, ctx.saved_plan = _run_forward(list(cores), spec, bags, mode, DEFAULT_CHUNK_BYTES, keep)
         return out
 
     @staticmethod
@@ -303,9 +340,10 @@ def tt_bag_cpu(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str = 
     if w is not None and w.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError("per_sample_weights that require grad: the native CPU kernel gives no "
                                   "gradient for the weights; use backend='torch' for that")
+    bags = _require(cores, spec, bags, mode)  # once, here: the Function's forward trusts them
     # keep the forward's plan only for a backward that can come (never under no_grad / inference_mode)
     graph = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
     if not graph:  # nothing to differentiate: the kernel alone (an autograd Function call costs ~0.1 ms)
-        return _forward(cores, spec, bags, mode)[0]
+        return _run_forward(cores, spec, bags, mode, DEFAULT_CHUNK_BYTES, False)[0]
     keep = fused is None or getattr(fused, "accepts_saved", False)
     return _TTBagCPU.apply(spec, bags, mode, fused, keep, *cores)

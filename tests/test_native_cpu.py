@@ -176,16 +176,19 @@ def test_results_do_not_depend_on_thread_count_or_chunking(p, q, r):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
-def test_unique_prefix_count_is_the_closed_form_count():
+def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
     spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
     cores = _cores(spec)
     idx = torch.randint(0, spec.num_embeddings, (40000,))  # runs found by several threads
     bags = make_bags(idx, torch.arange(40000), None, num_embeddings=spec.num_embeddings, mode="sum")
     torch.set_num_threads(3)
-    ops.forward(cores, spec, bags, "sum")
+    out = ops.forward(cores, spec, bags, "sum")
     stats = ops.last_stats()
     assert stats["chunks"] == 1 and stats["lookups"] == 40000
     assert stats["unique_prefixes"] == torch.unique(idx // 60).numel()
+    # and the runs' starts, found in slices by several threads (8 at a time with AVX-512), are right
+    want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags, "sum")
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():

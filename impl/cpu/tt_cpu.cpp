@@ -596,12 +596,30 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
   };
   int64_t first[65] = {0};  // runs before each slice, then the total
   int slices = 1;
+#ifdef __AVX512F__
+  // 8 lookups a step: a mask of the run starts among e[x .. x + 8) (prefixes compared with those
+  // of e[x - 1 ..)), counted, and in the second pass their positions compressed into the free
+  // slots by a masked store (only the starts' lanes are written). On the Zen 5 VM the scalar
+  // passes took about 40 us each per thread on a 65,536-lookup batch; forward sort phase 0.82x
+  // [0.75-0.93] so (14 alternating rounds).
+  // (shifts as vector extensions: GCC 12's _mm512_srli_epi64 trips -Wmaybe-uninitialized)
+  typedef uint64_t v8u __attribute__((vector_size(64), aligned(8)));
+  const int sh = kJBits + lb;
+  auto start_mask = [&](int64_t x) -> __mmask8 {  // x >= 1, x + 8 <= cn
+    const v8u a = *reinterpret_cast<const v8u*>(e + x) >> sh, b = *reinterpret_cast<const v8u*>(e + x - 1) >> sh;
+    return _mm512_cmpneq_epu64_mask((__m512i)a, (__m512i)b);
+  };
+#endif
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t lo = cn * t / nt, hi = cn * (t + 1) / nt;
-    int64_t starts = 0;
-    for (int64_t x = lo; x < hi; ++x) starts += starts_run(x);
+    int64_t starts = 0, y = lo;
+#ifdef __AVX512F__
+    if (y == 0 && y < hi) starts += starts_run(y++);
+    for (; y + 8 <= hi; y += 8) starts += __builtin_popcount((unsigned)start_mask(y));
+#endif
+    for (; y < hi; ++y) starts += starts_run(y);
     first[t + 1] = starts;
 #pragma omp barrier
 #pragma omp single
@@ -609,13 +627,26 @@ int64_t find_runs(const std::vector<uint64_t>& sorted, int64_t cn, int lb, std::
       slices = nt;
       for (int u = 0; u < nt; ++u) first[u + 1] += first[u];
     }  // implicit barrier
-    // every lookup is written to the next free slot of the slice, where the next start overwrites
-    // it (or, once the slice's starts are all written, to its junk slot): the store address depends
-    // on u alone, not on the comparison. On the Zen 5 VM this pass took 0.10 ms (the first, 0.025)
-    // with the address chosen by the comparison, and takes 0.04 ms so.
-    int64_t u = first[t];
+    int64_t u = first[t], x = lo;
+#ifdef __AVX512F__
+    if (!of) {
+      if (x == 0 && x < hi) out[u++] = x++;  // lookup 0 starts the first run
+      const __m512i step = _mm512_set1_epi64(8);
+      __m512i xs = _mm512_add_epi64(_mm512_set1_epi64(x), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+      for (; x + 8 <= hi; x += 8, xs = _mm512_add_epi64(xs, step)) {
+        const __mmask8 m = start_mask(x);
+        const int c = __builtin_popcount((unsigned)m);
+        _mm512_mask_storeu_epi64(out + u, (__mmask8)((1u << c) - 1), _mm512_maskz_compress_epi64(m, xs));
+        u += c;
+      }
+    }
+#endif
+    // (without AVX-512, and for run_of) every lookup is written to the next free slot of the slice,
+    // where the next start overwrites it (or, once the slice's starts are all written, to its junk
+    // slot): the store address depends on u alone, not on the comparison (on the Zen 5 VM 0.04 ms
+    // against 0.10 with the address chosen by the comparison).
     const int64_t end = first[t + 1], junk = cn + 1 + 8 * t;
-    for (int64_t x = lo; x < hi; ++x) {
+    for (; x < hi; ++x) {
       out[u < end ? u : junk] = x;
       const int64_t start = starts_run(x);
       u += start;

@@ -151,6 +151,20 @@ def test_cores_changed_in_place_after_forward_are_refused_by_autograd():
         out.backward(torch.ones_like(out))
 
 
+def test_cores_changed_in_place_before_a_fused_update_are_refused():
+    """The fused path hands autograd an anchor instead of the cores, and keeps its check by hand:
+    an update at cores changed since the forward would apply gradients taken at other cores."""
+    fused, _ = _fused_pair("sgd")
+    bags = _bags(fused.spec, 400, 1)
+    out = fused(bags.indices, bags.offsets[:-1])
+    with torch.no_grad():
+        fused.tt_cores[1].mul_(2.0)
+    before = [c.detach().clone() for c in fused.tt_cores]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(torch.ones_like(out))
+    assert all(torch.equal(a, b) for a, b in zip(fused.tt_cores, before))  # no update happened
+
+
 def _fused_pair(optimizer):
     p, q, r = (11, 13, 17), (2, 2, 4), (16, 16)
     n = math.prod(p) - 3

@@ -6,6 +6,7 @@ these checks, so no kernel ever sees an out-of-range index or a malformed offset
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,12 +60,53 @@ class Bags:
 # is one reduction (negatives read as unsigned are huge). In a 64K-lookup step right after a
 # kernel call: 0.47 ms (torch ops), then 0.38 (numpy, several views); as below, 0.94x the time of
 # the several views (150 alternating pairs, 0.48 against 0.51 ms, on a VM in a slow stretch).
+# Once the native kernel is loaded, its tt_scan_bags does the same checks in one pass over each
+# array, copying the offsets on the way (numpy reads the offsets three times): see _scan_cpu.
 def _out_of_range(t: torch.Tensor, num_embeddings: int) -> bool:
     """Whether a non-empty int64 tensor holds an entry outside [0, num_embeddings)."""
     if t.device.type == "cpu":
         return int(t.numpy().view(np.uint64).max()) >= num_embeddings
     lo, hi = torch.aminmax(t)
     return int(lo) < 0 or int(hi) >= num_embeddings
+
+
+def _first_out_of_range(t: torch.Tensor, num_embeddings: int) -> int | None:
+    """The first position of an entry outside [0, num_embeddings) in an int64 tensor, or None."""
+    if not t.numel() or not _out_of_range(t, num_embeddings):
+        return None
+    return int(torch.nonzero((t < 0) | (t >= num_embeddings))[0])
+
+
+_kernel = None  # ttrec.cpu.build, imported on first use (ttrec.cpu imports this module)
+
+
+def _scan_cpu(indices: torch.Tensor, a: np.ndarray | None, n: int, num_embeddings: int,
+              append_n: bool) -> tuple[int | None, int | None, np.ndarray | None]:
+    """Of a CPU batch (int64 indices, offsets ``a`` or None): the first decrease of the offsets,
+    the first index out of range (each None where there is none), and with ``append_n`` the
+    offsets with n appended, as int64. One native pass when the kernel library is already loaded
+    (make_bags never builds it), else numpy; the same answers either way."""
+    global _kernel
+    if _kernel is None:
+        from .cpu import build as _kernel
+    lib = _kernel.loaded()
+    m = 0 if a is None else len(a)
+    csr = np.empty(m + 1, dtype=np.int64) if append_n else None
+    if lib is not None and indices.is_contiguous() and (a is None or (a.dtype == np.int64 and a.flags.c_contiguous)):
+        bad_index, bad_offset = ctypes.c_int64(), ctypes.c_int64()
+        lib.tt_scan_bags(indices.data_ptr(), indices.numel(), num_embeddings, None if a is None else a.ctypes.data,
+                         m, None if csr is None else csr.ctypes.data, torch.get_num_threads(),
+                         ctypes.byref(bad_index), ctypes.byref(bad_offset))
+        first_decrease = None if bad_offset.value < 0 else bad_offset.value
+        first_bad = None if bad_index.value < 0 else bad_index.value
+    else:
+        first_decrease = None if a is None else _first_decrease(a)
+        first_bad = _first_out_of_range(indices, num_embeddings)
+        if csr is not None:
+            csr[:-1] = a
+    if csr is not None:
+        csr[-1] = n
+    return first_decrease, first_bad, csr
 
 
 def _as_int64(t: torch.Tensor) -> torch.Tensor:
@@ -123,6 +165,7 @@ def make_bags(
         if per_sample_weights.device != input.device:
             _fail("per_sample_weights", f"device {per_sample_weights.device}", f"must be on input's device {input.device}")
 
+    first_bad = _MISSING  # the first index out of range, once scanned
     if input.dim() == 2:
         if offsets is not None:
             _fail("offsets", "a tensor with 2D input", "offsets must be None when input is 2D (B, L)")
@@ -141,7 +184,7 @@ def make_bags(
             _fail("offsets", f"shape {tuple(offsets.shape)}", "offsets must be a 1D int32/int64 tensor")
         if offsets.device != input.device:
             _fail("offsets", f"device {offsets.device}", f"must be on input's device {input.device}")
-        indices = input
+        indices = _as_int64(input)
         n = indices.numel()
         if offsets.numel() == 0:
             _fail("offsets", "an empty tensor", "offsets needs at least one entry (the first bag's start, 0)")
@@ -150,7 +193,11 @@ def make_bags(
         first, last = int(a[0]), int(a[-1])
         if first != 0:
             _fail("offsets", f"offsets[0]={first}", "the first bag must start at 0")
-        if (j := _first_decrease(a)) is not None:
+        if cpu:
+            j, first_bad, csr = _scan_cpu(indices, a, n, num_embeddings, not include_last_offset)
+        else:
+            j, first_bad, csr = _first_decrease(a), _MISSING, None
+        if j is not None:
             _fail("offsets", f"offsets[{j}]={int(a[j])} > offsets[{j + 1}]={int(a[j + 1])}",
                   "offsets must be non-decreasing")
         if include_last_offset:
@@ -161,11 +208,8 @@ def make_bags(
         else:
             if last > n:
                 _fail("offsets", f"offsets[-1]={last}", f"offsets must be <= len(input)={n}")
-            if cpu:  # offsets with n appended, as int64
-                ext = np.empty(len(a) + 1, dtype=np.int64)
-                ext[:-1] = a
-                ext[-1] = n
-                offs = torch.from_numpy(ext)
+            if csr is not None:  # offsets with n appended, as int64
+                offs = torch.from_numpy(csr)
             else:
                 offs = torch.cat([_as_int64(offsets), torch.tensor([n], dtype=torch.int64, device=offsets.device)])
     else:
@@ -175,11 +219,12 @@ def make_bags(
     indices = _as_int64(indices)
     if not indices.device.type == offs.device.type:
         _fail("offsets", f"device {offs.device}", f"must be on input's device {indices.device}")
-    if indices.numel():
-        if _out_of_range(indices, num_embeddings):
-            bad_pos = int(torch.nonzero((indices < 0) | (indices >= num_embeddings))[0])
-            _fail("input", f"index {int(indices[bad_pos])} at position {bad_pos}",
-                  f"indices must be in [0, num_embeddings={num_embeddings})")
+    if first_bad is _MISSING:  # (a 2D input, or a CUDA batch)
+        first_bad = (_scan_cpu(indices, None, 0, num_embeddings, False)[1] if indices.device.type == "cpu"
+                     else _first_out_of_range(indices, num_embeddings))
+    if first_bad is not None:
+        _fail("input", f"index {int(indices[first_bad])} at position {first_bad}",
+              f"indices must be in [0, num_embeddings={num_embeddings})")
     bags = Bags(_contiguous(indices), _contiguous(offs),
                 None if per_sample_weights is None else _contiguous(per_sample_weights))
     object.__setattr__(bags, "_checked", (_CHECKED, num_embeddings))
@@ -187,6 +232,7 @@ def make_bags(
 
 
 _CHECKED = object()  # private mark: only make_bags sets it
+_MISSING = object()  # make_bags: the index range not scanned yet
 
 
 def checked_for(bags: Bags, num_embeddings: int) -> bool:

@@ -153,3 +153,40 @@ def test_modules_agree_with_F_embedding_bag_on_valid_input(factory):
     expected = F.embedding_bag(x, weight, offs, mode="sum")
     torch.testing.assert_close(m(x, offs).detach(), expected)
     assert ttrec.make_bags(x, offs, None, num_embeddings=N, mode="sum").num_bags == 4
+
+
+SCAN_CASES = [  # (input, offsets, include_last_offset): good and bad batches for both scans
+    (torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 2, 2, 4]), False),
+    (torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 2, 2, 5]), True),
+    (torch.tensor([3, 1, 4, 1, 5], dtype=torch.int32), torch.tensor([0, 2, 2, 4], dtype=torch.int32), False),
+    (torch.tensor([3, 1, -4, 1, -5]), torch.tensor([0, 2, 2, 4]), False),  # first bad index at 2
+    (torch.tensor([3, 1, 4, N, N + 7]), torch.tensor([0, 5]), True),  # at 3
+    (torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 3, 2, 4, 1]), False),  # first decrease at 1
+    (torch.tensor([-1, 1, 4, 1, 5]), torch.tensor([0, 3, 2]), False),  # both: the offsets' error first
+    (torch.arange(20000) % N, torch.arange(0, 20000, 7), False),  # several threads' worth
+    (torch.cat([torch.arange(19999) % N, torch.tensor([N])]), torch.arange(0, 20000, 7), False),
+    (torch.tensor([], dtype=torch.int64), torch.tensor([0, 0]), False),
+    (torch.tensor([[1, 2], [3, 4]]), None, False),
+    (torch.tensor([[1, 2], [3, 2**40]]), None, False),
+    (torch.arange(10)[::2], torch.tensor([0, 2]), False),  # strided indices: numpy either way
+]
+
+
+@pytest.mark.parametrize("inp,offsets,last", SCAN_CASES)
+def test_native_and_numpy_scans_give_the_same_bags_and_errors(inp, offsets, last, monkeypatch):
+    """make_bags checks a CPU batch with the kernel's one-pass scan once the kernel is loaded, else
+    with numpy: the same Bags, or the same error naming the same first position, either way."""
+    from ttrec.cpu import build
+    if build.unavailable_reason() is not None:  # (loads the kernel where it can be built)
+        pytest.skip(f"native kernel unavailable: {build.unavailable_reason()}")
+    assert build.loaded() is not None
+
+    def outcome():
+        try:
+            b = make_bags(inp, offsets, None, num_embeddings=N, mode="sum", include_last_offset=last)
+        except (ValueError, TypeError) as exc:
+            return str(exc)
+        return b.indices.tolist(), b.offsets.tolist(), b.offsets.dtype
+    native = outcome()
+    monkeypatch.setattr(build, "loaded", lambda: None)
+    assert outcome() == native

@@ -127,9 +127,11 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.tt_state_bytes.restype = I64
     lib.tt_states_live.argtypes = []
     lib.tt_states_live.restype = I64
+    lib.tt_scan_bags.argtypes = [P, I64, I64, P, I64, P, I32, ctypes.POINTER(I64), ctypes.POINTER(I64)]
+    lib.tt_scan_bags.restype = None
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 4:
+    if lib.tt_abi_version() != 5:
         raise RuntimeError("native library ABI mismatch")
     return lib
 
@@ -161,6 +163,12 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
         return bind(build(cxx)), None
     except (OSError, RuntimeError) as exc:
         return None, str(exc)
+
+
+def loaded() -> ctypes.CDLL | None:
+    """The kernel library if an earlier call has already loaded it, else None (never builds it:
+    for callers that only use it to go faster, e.g. ttrec.bags)."""
+    return _load()[0] if _load.cache_info().currsize else None
 
 
 def unavailable_reason() -> str | None:

@@ -1831,6 +1831,32 @@ int64_t tt_states_live(void) {
   return g_plans_live;
 }
 
-int tt_abi_version(void) { return 4; }
+// The checks ttrec.bags.make_bags needs of a CPU batch, in one pass over each array (Python
+// raises the errors): *bad_index = the first position of an index outside [0, num_embeddings),
+// *bad_offset = the first j with offsets[j] > offsets[j + 1], each -1 where there is none; with
+// csr, offsets[0, m) are copied there on the way (make_bags appends n). Reads exactly n indices and
+// m offsets, whatever their values: nothing here trusts the batch.
+void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const int64_t* offsets, int64_t m,
+                  int64_t* csr, int threads, int64_t* bad_index, int64_t* bad_offset) {
+  uint64_t top = 0;  // the largest index read as unsigned: a negative one is huge
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : top) if (n > 65536)
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, (uint64_t)idx[j]);
+  *bad_index = -1;
+  if (top >= (uint64_t)num_embeddings)
+    for (int64_t j = 0; j < n; ++j)
+      if ((uint64_t)idx[j] >= (uint64_t)num_embeddings) { *bad_index = j; break; }
+  bool down = false;
+  if (csr && m) csr[0] = offsets[0];
+  for (int64_t j = 1; j < m; ++j) {
+    down |= offsets[j] < offsets[j - 1];
+    if (csr) csr[j] = offsets[j];
+  }
+  *bad_offset = -1;
+  if (down)
+    for (int64_t j = 0; j + 1 < m; ++j)
+      if (offsets[j + 1] < offsets[j]) { *bad_offset = j; break; }
+}
+
+int tt_abi_version(void) { return 5; }
 
 }  // extern "C"

@@ -31,3 +31,7 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
                                     "nn.EmbeddingBag sparse + SGD"}
     assert (rounds["n"] == 3).all() and (rounds["median"] > 0).all()
     assert report.count("Interleaved (3 rounds") == 2
+    # the fastest-round ratio, recomputed from the stored rounds
+    best = {r["label"]: min(float(x) for x in r["note"].split(":")[1].split()) for _, r in rounds.iterrows()}
+    want = best["nn.EmbeddingBag sparse + SGD"] / best["native fused SGD"]
+    assert f"native fused SGD: **{want:.2f}x**" in report.split("fastest rounds:")[1]

@@ -786,6 +786,11 @@ struct Plan {
   std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
   std::vector<float> P;           // see Pa()
   bool has_P = false;
+  // (kept by a forward for its backward, with P) the forward's used last digits and their
+  // transposed slices (Ctx::prepare_last), and whether every bag held one unweighted lookup
+  UsedDigits last;
+  std::vector<float> last_t;
+  bool one_per_bag = false;
   void resize_P(size_t n) { P.resize(n + 16); }
   float* Pa() {  // P's first 64-byte boundary: the forward streams P here (stream_floats)
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
@@ -1243,7 +1248,12 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         }
         if (stream_out || keep) _mm_sfence();  // this thread's streamed rows (and kept P) are out before the barrier
       }
-      if (keep) keep->has_P = true;
+      if (keep) {  // its backward reuses the used last digits, their slices and the bag check
+        keep->has_P = true;
+        std::swap(keep->last, ctx.last);
+        std::swap(keep->last_t, ctx.last_t);
+        keep->one_per_bag = direct;
+      }
       const double t2 = omp_get_wtime();
       // 3. pool: bags overlapping [s0, e0), lookups in order
       const int64_t b0 = direct ? 0 : whole ? 0 : std::upper_bound(offsets, offsets + n_bags + 1, s0) - offsets - 1;
@@ -1317,7 +1327,12 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
       pl = &plan_g;
       plan_chunk(s, idx + s0, cn, threads, *pl);
     }
-    ctx.prepare_last(pl->sorted.data(), cn, lb, threads);
+    if (kept) {  // the forward's (same cores: the plan is only passed while they are unchanged)
+      std::swap(ctx.last, kept->last);
+      std::swap(ctx.last_t, kept->last_t);
+    } else {
+      ctx.prepare_last(pl->sorted.data(), cn, lb, threads);
+    }
     if (stats) { stats->unique_prefixes += pl->U; stats->chunks++; }
     lap(1);
     if (!pl->has_P) plan_chains(s, cores, *pl, threads);
@@ -1572,7 +1587,10 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   if (d == 3 && n_bags <= INT32_MAX) {  // (bags numbered in int32)
     static std::vector<float> lookup_w;  // weight x bag scale of every lookup
     static std::vector<int32_t> bag32;  // bag of every lookup (int32: half the cache footprint)
-    const bool single = one_unweighted_lookup_per_bag(offsets, n_bags, weights);  // no bag numbers or weights
+    Plan* kept = static_cast<Plan*>(state);
+    if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
+    // no bag numbers or weights (a kept plan has the forward's answer for the same bags)
+    const bool single = kept ? kept->one_per_bag : one_unweighted_lookup_per_bag(offsets, n_bags, weights);
     lookup_w.resize(single ? 0 : n);
     bag32.resize(single ? 0 : n);
     for (int64_t b = 0; b < n_bags && !single; ++b) {
@@ -1583,8 +1601,6 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
       }
     }
     lap(0);
-    Plan* kept = static_cast<Plan*>(state);
-    if (kept && !(kept->has_P && kept->n == n && n <= C && same_shape(kept->shape, *s))) kept = nullptr;
     // the optimizer step inside the backward needs the whole batch in one chunk (a later chunk
     // must see the cores the forward saw); otherwise gradients go to the scratch and a pass follows
     const bool fuse = n <= C;
@@ -1830,7 +1846,8 @@ int64_t tt_state_bytes(void* state) {
   const Plan* p = static_cast<const Plan*>(state);
   if (!p) return 0;
   return (int64_t)(p->sorted.capacity() * 8 + p->tmp.capacity() * 8 + (p->runs.capacity() + p->digits.capacity() +
-                   p->buckets.capacity() + p->pieces.capacity()) * 8 + p->P.capacity() * 4);
+                   p->buckets.capacity() + p->pieces.capacity() + p->last.digit.capacity()) * 8 + p->P.capacity() * 4 +
+                   p->last.slot.capacity() * 4 + p->last_t.capacity() * 4);
 }
 
 int64_t tt_states_live(void) {

@@ -62,19 +62,17 @@ class Bags:
 # the several views (150 alternating pairs, 0.48 against 0.51 ms, on a VM in a slow stretch).
 # Once the native kernel is loaded, its tt_scan_bags does the same checks in one pass over each
 # array, copying the offsets on the way (numpy reads the offsets three times): see _scan_cpu.
-def _out_of_range(t: torch.Tensor, num_embeddings: int) -> bool:
-    """Whether a non-empty int64 tensor holds an entry outside [0, num_embeddings)."""
-    if t.device.type == "cpu":
-        return int(t.numpy().view(np.uint64).max()) >= num_embeddings
-    lo, hi = torch.aminmax(t)
-    return int(lo) < 0 or int(hi) >= num_embeddings
-
-
 def _first_out_of_range(t: torch.Tensor, num_embeddings: int) -> int | None:
-    """The first position of an entry outside [0, num_embeddings) in an int64 tensor, or None."""
-    if not t.numel() or not _out_of_range(t, num_embeddings):
+    """The first position of an entry outside [0, num_embeddings) in an int64 tensor, or None: one
+    reduction, and the search for the position only when there is one."""
+    if not t.numel():
         return None
-    return int(torch.nonzero((t < 0) | (t >= num_embeddings))[0])
+    if t.device.type == "cpu":
+        bad = int(t.numpy().view(np.uint64).max()) >= num_embeddings
+    else:
+        lo, hi = torch.aminmax(t)
+        bad = int(lo) < 0 or int(hi) >= num_embeddings
+    return int(torch.nonzero((t < 0) | (t >= num_embeddings))[0]) if bad else None
 
 
 _kernel = None  # ttrec.cpu.build, imported on first use (ttrec.cpu imports this module)

@@ -8,24 +8,28 @@ import ttrec
 from ttrec.cpu import ops
 
 
+def _reference(cores, spec, bags, grad_out, mode: str):
+    """The float64 reference forward and its core gradients for grad_out (autograd)."""
+    ref_cores = [c.double().requires_grad_() for c in cores]
+    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, mode)
+    return want.detach(), torch.autograd.grad(want, ref_cores, grad_out.double())
+
+
 def assert_matches_reference(cores, spec, bags, grad_out, mode: str = "sum") -> None:
     """ops.forward and ops.backward equal the float64 reference and its autograd (fp32 tolerances
     scaled by the largest reference value)."""
-    ref_cores = [c.double().requires_grad_() for c in cores]
-    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, mode)
+    want, want_grads = _reference(cores, spec, bags, grad_out, mode)
     got = ops.forward(cores, spec, bags, mode)
-    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5 * want.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     grads = ops.backward(cores, spec, bags, mode, grad_out)
-    for a, b in zip(grads, torch.autograd.grad(want, ref_cores, grad_out.double())):
+    for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
 def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 0.1, mode: str = "sum") -> None:
     """One fused SGD step (ops.sparse_update) moves every core by -lr x the float64 reference
     gradient, and leaves its gradient scratch zero."""
-    ref_cores = [c.double().requires_grad_() for c in cores]
-    want = ttrec.tt_embedding_bag(ref_cores, spec, bags, mode)
-    ref_grads = torch.autograd.grad(want, ref_cores, grad_out.double())
+    ref_grads = _reference(cores, spec, bags, grad_out, mode)[1]
     new = [c.clone() for c in cores]
     scratch = [torch.zeros_like(c) for c in cores]
     ops.sparse_update(new, spec, bags, mode, grad_out, "sgd", lr, 0.0, scratch, None)
@@ -34,4 +38,3 @@ def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 
         torch.testing.assert_close((c_new.double() - c_old.double()), step,
                                    atol=1e-5 * step.abs().max().item() + 1e-6 * c_old.abs().max().item(), rtol=1e-4)
     assert all(not s.any() for s in scratch)
-

@@ -29,19 +29,15 @@ _update_epoch = 0  # bumped by every fused update: a kept forward plan is used o
 class SavedForward:
     """What a native forward keeps for its backward (d = 3, one chunk): the sorted lookups, prefix
     runs and the prefixes' partial products G_1[i1] @ G_2[:, i2], so the backward skips the sort and
-    the chains. Owned by one autograd node; used only while the cores are unchanged (no fused update
-    anywhere and the same tensor versions since the forward), else the backward recomputes."""
+    the chains. Owned by one autograd node; used only while no fused update has run anywhere since
+    the forward, else the backward recomputes. (Cores changed in place in between never reach it:
+    autograd refuses saved tensors changed since the forward, and the fused path checks by hand.)"""
 
-    __slots__ = ("_ptr", "epoch", "versions")
+    __slots__ = ("_ptr", "epoch")
 
-    def __init__(self, ptr: int, cores: list[torch.Tensor]) -> None:
+    def __init__(self, ptr: int) -> None:
         self._ptr = ptr
         self.epoch = _update_epoch
-        self.versions = tuple(c._version for c in cores)
-
-    def usable_for(self, cores: list[torch.Tensor]) -> bool:
-        """Still valid for these cores (the forward's tensors, or ones sharing their version counter)."""
-        return self.current() and self.versions == tuple(c._version for c in cores)
 
     def current(self) -> bool:
         """Not released, and no fused update has run since the forward."""
@@ -203,7 +199,6 @@ def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chu
 def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chunk_bytes: int,
                  keep: bool) -> tuple[torch.Tensor, SavedForward | None]:
     """_forward on inputs that passed :func:`_require`."""
-    originals = list(cores)
     cores = [_plain(c) for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
     w = bags.float32_weights()
@@ -214,7 +209,7 @@ def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
           out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
           ctypes.byref(state) if keep else None)
     _last["forward"] = stats
-    return out, (SavedForward(state.value, originals) if state.value else None)
+    return out, (SavedForward(state.value) if state.value else None)
 
 
 def last_stats(which: str = "forward") -> dict[str, float]:
@@ -328,7 +323,7 @@ class _TTBagCPU(torch.autograd.Function):
         else:
             cores = list(ctx.saved_tensors)
         saved, ctx.saved_plan = ctx.saved_plan, None  # one use: a retained graph's next backward recomputes
-        if saved is not None and not saved.usable_for(cores):  # cores changed since the forward
+        if saved is not None and not saved.current():  # a fused update ran since the forward
             saved.release()
             saved = None
         try:

@@ -1403,8 +1403,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           if (fused) std::fill(dg2.begin(), dg2.end(), 0.f);
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
-            if (!fast16) std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);  // (fast16 writes whole dP)
-            if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see piece_grads16
+            if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see piece_grads16 (it writes all of dP)
               const float* const gsp = gs.data();
               auto gather = [&](int64_t y) __attribute__((always_inline)) { return load16(gsp + (y - xs) * 16); };
               auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
@@ -1428,30 +1427,32 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                 piece_grads16<QD.value, RV.value>(ta, tb, U, runs.data(), sorted.data(), gather, slice, ahead,
                                                   pl->Pa() + ta * MR2, dPb.data());
               });
-            }
-            for (int64_t t = ta; t < tb && !fast16; ++t) {
-              const float* P = pl->Pa() + t * MR2;
-              float* dp = dPb.data() + (t - ta) * MR2;
-              for (int64_t x = runs[t]; x < runs[t + 1];) {
-                // g: the upstream gradient of this row, summed over its repeats (adjacent)
-                const uint64_t row = sorted[x] >> kJBits;
-                int64_t y = x;
-                std::fill(g.begin(), g.end(), 0.f);
-                for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
-                  prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
-                  const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
-                  const float w = bag_of ? lookup_w[j] : 1.0f;
-                  const float* go = grad_out + (bag_of ? (int64_t)bag_of[j] : j) * D;
-                  for (int c = 0; c < D; ++c) g[c] += w * go[c];
+            } else {
+              std::fill(dPb.begin(), dPb.begin() + np * MR2, 0.f);
+              for (int64_t t = ta; t < tb; ++t) {  // other shapes: per row, small GEMMs
+                const float* P = pl->Pa() + t * MR2;
+                float* dp = dPb.data() + (t - ta) * MR2;
+                for (int64_t x = runs[t]; x < runs[t + 1];) {
+                  // g: the upstream gradient of this row, summed over its repeats (adjacent)
+                  const uint64_t row = sorted[x] >> kJBits;
+                  int64_t y = x;
+                  std::fill(g.begin(), g.end(), 0.f);
+                  for (; y < runs[t + 1] && (sorted[y] >> kJBits) == row; ++y) {
+                    prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
+                    const int64_t j = s0 + (int64_t)(sorted[y] & (kMaxChunk - 1));
+                    const float w = bag_of ? lookup_w[j] : 1.0f;
+                    const float* go = grad_out + (bag_of ? (int64_t)bag_of[j] : j) * D;
+                    for (int c = 0; c < D; ++c) g[c] += w * go[c];
+                  }
+                  const int64_t i3 = entry_last(sorted[x], lb);
+                  // dp (M x R2) += g (M x q_d) @ St (q_d x R2)
+                  gemm_nn_acc(M, R2, qd, g.data(), qd, ctx.last_slice(i3), Rp, dp, R2);
+                  const int32_t v = ctx.last.slot[i3];
+                  float* c3 = a3 + (size_t)v * w3;
+                  if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
+                  gemm_tn_acc(M, R2, qd, g.data(), qd, P, R2, c3, R2);  // c3 (q_d x R2) += g^T @ P
+                  x = y;
                 }
-                const int64_t i3 = entry_last(sorted[x], lb);
-                // dp (M x R2) += g (M x q_d) @ St (q_d x R2)
-                gemm_nn_acc(M, R2, qd, g.data(), qd, ctx.last_slice(i3), Rp, dp, R2);
-                const int32_t v = ctx.last.slot[i3];
-                float* c3 = a3 + (size_t)v * w3;
-                if (!u3[v]) { std::fill(c3, c3 + w3, 0.f); u3[v] = 1; }
-                gemm_tn_acc(M, R2, qd, g.data(), qd, P, R2, c3, R2);  // c3 (q_d x R2) += g^T @ P
-                x = y;
               }
             }
             // stacked G_1 rows of the piece (np q1 x R1); dP viewed as (np q1 x q2 R2)
@@ -1800,7 +1801,6 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   if (up.optimizer) sparse_update_pass(s, up, grad_cores, touched, threads);
   return 0;
 }
-
 
 // C++ exceptions must not cross into Python (they would abort the process): return codes instead.
 // 0 ok, 1 out of memory, 2 any other failure.

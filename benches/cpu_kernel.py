@@ -152,6 +152,7 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
                      "unit": "bytes", "median": value, "n": 1, "batch_size": B, "note": note, **env})
         log(f"  {label}: {value} bytes ({note})")
 
+    env["sort_way"] = ops.sort_way()
     write_rows(rows, out_dir / RESULTS_FILE)
     report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases, rounds)
     (out_dir / "report.md").write_text(report)
@@ -182,6 +183,8 @@ def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phase
         f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
         f"torch {env['torch']}, commit {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] == 'True' else ''}.",
         "Medians of repeated calls in one process; ratios are of medians.",
+        f"The native kernel's sort way at the end of the run: {env.get('sort_way', 'not recorded')} "
+        "(chosen by timing both on its first calls; README, native CPU kernel).",
         "",
         "## Forward, R = 32, uniform indices, pooling 1",
         "",

@@ -176,6 +176,66 @@ def test_results_do_not_depend_on_thread_count_or_chunking(p, q, r):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
+@pytest.fixture
+def _sort_way_timing_again():
+    yield
+    ops.force_sort_way("timing")
+
+
+@pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),
+                                   ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
+@pytest.mark.parametrize("batch", ["uniform", "skewed", "one_row"])
+def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_way_timing_again):
+    """With 2 or 3 threads the kernel sorts either over the whole batch ("shared") or in one part per
+    thread ("split", parts cut at top-digit boundaries). 20,000 lookups, uniform, skewed (a third on
+    one row, so one part's top digit holds far more than its share) or all on one row (every part but
+    one empty): forward and core gradients equal one thread's bitwise, and the reference."""
+    spec = _spec(p, q, r)
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(5)
+    n = 20000
+    idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+    if batch == "skewed":
+        idx[torch.randperm(n, generator=g)[: n // 3]] = spec.num_embeddings // 2
+    elif batch == "one_row":
+        idx.fill_(spec.num_embeddings - 1)
+    bags = make_bags(idx, torch.arange(0, n, 2), None, num_embeddings=spec.num_embeddings, mode="sum")
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=g)
+    torch.set_num_threads(1)
+    want_out, want_grads = ops.forward(cores, spec, bags, "sum"), ops.backward(cores, spec, bags, "sum", grad_out)
+    ref = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags, "sum")
+    torch.testing.assert_close(want_out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    for way in ("shared", "split"):
+        ops.force_sort_way(way)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.forward(cores, spec, bags, "sum"), want_out), (way, threads)
+            got = ops.backward(cores, spec, bags, "sum", grad_out)
+            assert all(torch.equal(a, b) for a, b in zip(got, want_grads)), (way, threads)
+        assert ops.sort_way() == way
+
+
+def test_the_sort_way_is_chosen_by_timing_both_then_kept(_sort_way_timing_again):
+    spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
+    cores = _cores(spec)
+    idx = torch.randint(0, spec.num_embeddings, (16384,))
+    bags = make_bags(idx, torch.arange(16384), None, num_embeddings=spec.num_embeddings, mode="sum")
+    ops.force_sort_way("timing")
+    assert ops.sort_way() == "timing"
+    torch.set_num_threads(1)  # one thread never needs the choice: nothing is timed
+    for _ in range(10):
+        ops.forward(cores, spec, bags, "sum")
+    assert ops.sort_way() == "timing"
+    torch.set_num_threads(2)
+    for _ in range(7):
+        ops.forward(cores, spec, bags, "sum")
+    assert ops.sort_way() == "timing"  # 4 calls of each way
+    ops.forward(cores, spec, bags, "sum")
+    assert ops.sort_way() in ("shared", "split")
+    with pytest.raises(ValueError, match="way: got 'fast'; allowed"):
+        ops.force_sort_way("fast")
+
+
 def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
     spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
     cores = _cores(spec)

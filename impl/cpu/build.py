@@ -129,9 +129,13 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.tt_states_live.restype = I64
     lib.tt_scan_bags.argtypes = [P, I64, I64, P, I64, P, I32, ctypes.POINTER(I64), ctypes.POINTER(I64)]
     lib.tt_scan_bags.restype = None
+    lib.tt_sort_way.argtypes = []
+    lib.tt_sort_way.restype = ctypes.c_int
+    lib.tt_force_sort_way.argtypes = [ctypes.c_int]
+    lib.tt_force_sort_way.restype = None
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 5:
+    if lib.tt_abi_version() != 6:
         raise RuntimeError("native library ABI mismatch")
     return lib
 

@@ -18,7 +18,7 @@ from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
 
-__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "check_supported",
+__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "force_sort_way", "check_supported",
            "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
@@ -210,6 +210,24 @@ def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
           ctypes.byref(state) if keep else None)
     _last["forward"] = stats
     return out, (SavedForward(state.value) if state.value else None)
+
+
+SORT_WAYS = {-1: "timing", 0: "shared", 1: "split"}  # the kernel's SortWay (tt_cpu.cpp)
+
+
+def sort_way() -> str:
+    """How the kernel sorts lookups with two or more threads: "shared" (radix passes over the whole
+    batch), "split" (one part per thread, sorted privately), or "timing" while its first calls still
+    time both (both give the same order; only speed differs)."""
+    return SORT_WAYS[int(library().tt_sort_way())]
+
+
+def force_sort_way(way: str) -> None:
+    """Fix the sort's way ("shared" or "split"), or "timing" to time both again on the next calls."""
+    codes = {v: k for k, v in SORT_WAYS.items()}
+    if way not in codes:
+        raise ValueError(f"way: got {way!r}; allowed: {sorted(codes)}")
+    library().tt_force_sort_way(codes[way])
 
 
 def last_stats(which: str = "forward") -> dict[str, float]:

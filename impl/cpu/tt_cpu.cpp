@@ -453,8 +453,8 @@ void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_
 // entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) << lb) | i_d with
 // lb = bits of p_d. Equal prefixes form runs, runs sharing i_{d-1} are adjacent (so they share
 // G_{d-1}'s slice in L1), and prefix and i_d are read off the key by shifts and masks (no
-// divisions in the per-lookup loops). LSD radix sort, at most 12 bits a pass: stable, so ties keep
-// lookup order.
+// divisions in the per-lookup loops). Radix sort (see SortWay); entries are distinct, so the
+// order is the same whichever way sorted them.
 constexpr int kJBits = 24;
 constexpr int64_t kSegments = 8;  // fixed pieces of the last-core gradient sum (thread-count independent)
 constexpr int64_t kMaxChunk = (int64_t)1 << kJBits;
@@ -515,8 +515,43 @@ int64_t sort_keys4(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64
 }
 #endif
 
+// Two ways to sort with two or more threads; entries are distinct (lookup position in the low
+// bits), so both give the one sorted order. kShared: LSD passes of up to 12 bits over the whole
+// array, each thread scattering its slice (per-thread histograms, bucket-major offsets). kSplit:
+// the entries are first split by their top bits into one contiguous part per thread (parts end at
+// top-digit boundaries, balanced by count), then each thread sorts its own part with private LSD
+// passes of up to 8 bits. kShared moves the data twice, but with 4,096 buckets of a few entries both
+// threads write into the same cache lines, whose transfers between cores are cheap on some machines
+// and dear on others: on an Intel Xeon VM its sort phase took 1.3x kSplit's, while on a Zen 5 VM
+// the whole sort phase took 0.21-0.27 ms with kShared. So the first calls time both (SortTuner).
+enum SortWay { kShared = 0, kSplit = 1 };
+
+// The faster sort, measured: the first 2 * kTrials eligible calls (two or more threads, at least
+// kMinTuned lookups) alternate the two ways; from then on the one with the lower minimum is used.
+struct SortTuner {
+  static constexpr int kTrials = 4;
+  static constexpr int64_t kMinTuned = 16384;
+  std::mutex m;
+  int calls = 0, choice = -1;
+  double best[2] = {1e30, 1e30};
+  SortWay pick(int64_t n, int threads) {
+    if (threads < 2 || n < kMinTuned) return kShared;
+    std::lock_guard<std::mutex> lock(m);
+    return choice >= 0 ? (SortWay)choice : (SortWay)(calls % 2);
+  }
+  void record(SortWay way, int64_t n, int threads, double seconds) {
+    if (threads < 2 || n < kMinTuned) return;
+    std::lock_guard<std::mutex> lock(m);
+    if (choice >= 0) return;
+    best[way] = std::min(best[way], seconds / (double)n);
+    if (++calls == 2 * kTrials) choice = best[kSplit] < best[kShared] ? kSplit : kShared;
+  }
+};
+SortTuner g_sort_tuner;
+
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
                   std::vector<uint64_t>& tmp, int threads) {
+  const double t_start = omp_get_wtime();
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
@@ -525,17 +560,22 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   a.resize(n);
   tmp.resize(n);
   uint64_t* const A = a.data();
+  uint64_t* const B = tmp.data();
   const FastDiv by_pd(pd), by_plast(plast);
   const int bits = last_bits(plast * pfront) + lb;  // <= 40: checked in Python before the call
-  // LSD passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two passes)
-  const int passes = std::max(1, (bits + 11) / 12), width = std::max(1, (bits + passes - 1) / passes);
-  const int64_t nbk = (int64_t)1 << width, mask = nbk - 1;
-  // one parallel region for keys and every radix pass (fewer fork/joins): per-thread histograms
-  // over fixed slices, bucket-major offsets, so the sort is stable and the same for any thread count
   const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
-  std::vector<int64_t> count((size_t)T * nbk);
+  const SortWay way = g_sort_tuner.pick(n, T);
+  // kShared: passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two);
+  // kSplit: at most 8 bits (a part holds n / T entries: 4,096 buckets would hold a few each)
+  const int max_width = way == kSplit ? 8 : 12;
+  const int passes = std::max(1, (bits + max_width - 1) / max_width), width = std::max(1, (bits + passes - 1) / passes);
+  const int64_t nbk = (int64_t)1 << width, mask = nbk - 1;
+  const int top_shift = kJBits + (passes - 1) * width;
+  std::vector<int64_t> count((size_t)T * nbk), part_off((size_t)T * T), part_start(T + 1);
+  std::vector<int32_t> part_of(way == kSplit ? nbk : 0);
   int64_t* const cnt = count.data();
-  uint64_t* bufs[2] = {a.data(), tmp.data()};
+  int scatters = 0;  // how many times the entries moved (odd: they end in tmp)
+  // one parallel region for keys and every pass (fewer fork/joins); the same order for any thread count
 #pragma omp parallel num_threads(T)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -549,33 +589,91 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
       const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
       A[j] = key << kJBits | (uint64_t)j;
     }
+    int64_t* const c = cnt + (size_t)t * nbk;  // this thread's own histogram
+    uint64_t* bufs[2] = {A, B};
     int cur = 0;
-    for (int pass = 0; pass < passes; ++pass) {
-      const int shift = kJBits + pass * width;
-      const uint64_t* src = bufs[cur];
-      uint64_t* dst = bufs[cur ^ 1];
-      int64_t* c = cnt + (size_t)t * nbk;  // this thread's own: no barrier needed before filling it
-      std::fill(c, c + nbk, 0);
-      for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
+    if (way == kShared || nt == 1) {
+      for (int pass = 0; pass < passes; ++pass) {
+        const int shift = kJBits + pass * width;
+        const uint64_t* src = bufs[cur];
+        uint64_t* dst = bufs[cur ^ 1];
+        std::fill(c, c + nbk, 0);  // no barrier needed before filling it
+        for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
 #pragma omp barrier
 #pragma omp single
-      {
-        int64_t sum = 0;
-        for (int64_t bucket = 0; bucket < nbk; ++bucket)
-          for (int u = 0; u < nt; ++u) {
-            const int64_t v = cnt[(size_t)u * nbk + bucket];
-            cnt[(size_t)u * nbk + bucket] = sum;
-            sum += v;
-          }
-      }  // implicit barrier
-      for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
-      cur ^= 1;
-      if (pass + 1 < passes) {  // the next pass reads all of dst (the region's end waits for the last)
+        {
+          int64_t sum = 0;
+          for (int64_t bucket = 0; bucket < nbk; ++bucket)
+            for (int u = 0; u < nt; ++u) {
+              const int64_t v = cnt[(size_t)u * nbk + bucket];
+              cnt[(size_t)u * nbk + bucket] = sum;
+              sum += v;
+            }
+        }  // implicit barrier
+        for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
+        cur ^= 1;
+        if (pass + 1 < passes) {  // the next pass reads all of dst (the region's end waits for the last)
 #pragma omp barrier
+        }
+      }
+      if (t == 0) scatters = passes;
+    } else {
+      std::fill(c, c + nbk, 0);
+      for (int64_t x = lo; x < hi; ++x) c[(A[x] >> top_shift) & mask]++;
+#pragma omp barrier
+#pragma omp single
+      {  // part k: the top-digit buckets up to where the running count reaches n (k + 1) / nt
+        int64_t sum = 0;
+        int k = 0;
+        for (int64_t bucket = 0; bucket < nbk; ++bucket) {
+          part_of[bucket] = k;
+          for (int u = 0; u < nt; ++u) sum += cnt[(size_t)u * nbk + bucket];
+          while (k + 1 < nt && sum >= n * (k + 1) / nt) part_start[++k] = sum;
+        }
+        while (k + 1 < nt) part_start[++k] = n;
+        part_start[0] = 0;
+        part_start[nt] = n;
+        std::vector<int64_t> fill(part_start.begin(), part_start.begin() + nt);
+        for (int u = 0; u < nt; ++u) {  // thread u's entries of part k go at fill[k], after threads < u
+          for (int k2 = 0; k2 < nt; ++k2) part_off[(size_t)u * nt + k2] = 0;
+          for (int64_t bucket = 0; bucket < nbk; ++bucket)
+            part_off[(size_t)u * nt + part_of[bucket]] += cnt[(size_t)u * nbk + bucket];
+          for (int k2 = 0; k2 < nt; ++k2) {
+            const int64_t v = part_off[(size_t)u * nt + k2];
+            part_off[(size_t)u * nt + k2] = fill[k2];
+            fill[k2] += v;
+          }
+        }
+        scatters = 1 + passes;
+      }  // implicit barrier
+      int64_t* const off = part_off.data() + (size_t)t * nt;
+      const int32_t* const po = part_of.data();
+      for (int64_t x = lo; x < hi; ++x) {
+        const uint64_t e = A[x];
+        B[off[po[(e >> top_shift) & mask]]++] = e;
+      }
+#pragma omp barrier
+      const int64_t p0 = part_start[t], p1 = part_start[t + 1];
+      cur = 1;
+      for (int pass = 0; pass < passes; ++pass) {  // this thread's part only: nothing shared
+        const int shift = kJBits + pass * width;
+        const uint64_t* src = bufs[cur];
+        uint64_t* dst = bufs[cur ^ 1];
+        std::fill(c, c + nbk, 0);
+        for (int64_t x = p0; x < p1; ++x) c[(src[x] >> shift) & mask]++;
+        int64_t sum = p0;
+        for (int64_t bucket = 0; bucket < nbk; ++bucket) {
+          const int64_t v = c[bucket];
+          c[bucket] = sum;
+          sum += v;
+        }
+        for (int64_t x = p0; x < p1; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
+        cur ^= 1;
       }
     }
   }
-  if (passes % 2 == 1) a.swap(tmp);  // an odd number of passes ended in tmp
+  if (scatters % 2 == 1) a.swap(tmp);  // an odd number of scatters ended in tmp
+  g_sort_tuner.record(way, n, T, omp_get_wtime() - t_start);
 }
 
 // Start of every run of equal prefixes in a sorted chunk, then cn; run_of[x] (optional) = run of x.
@@ -1881,6 +1979,19 @@ void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const i
       if (offsets[j + 1] < offsets[j]) { *bad_offset = j; break; }
 }
 
-int tt_abi_version(void) { return 5; }
+int tt_abi_version(void) { return 6; }
+
+// The sort's way for two or more threads (SortWay): -1 while the first calls still time both, else
+// 0 (kShared) or 1 (kSplit). tt_force_sort_way(0 or 1) fixes it (tests, A/B runs); -1 starts timing again.
+int tt_sort_way(void) {
+  std::lock_guard<std::mutex> lock(g_sort_tuner.m);
+  return g_sort_tuner.choice;
+}
+void tt_force_sort_way(int way) {
+  std::lock_guard<std::mutex> lock(g_sort_tuner.m);
+  g_sort_tuner.choice = way == 0 || way == 1 ? way : -1;
+  g_sort_tuner.calls = 0;
+  g_sort_tuner.best[0] = g_sort_tuner.best[1] = 1e30;
+}
 
 }  // extern "C"

@@ -1266,12 +1266,20 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         // the rows of prefix t's lookups; compute(St, dst) writes one row from the last-core slice St.
         // Rows land in sorted order (sequential writes), or (direct) in their bags' output rows; a
         // repeat of a row points at (direct: copies) its first copy
+        // (bounds and arrays in locals: the non-temporal stores below may alias anything, so the
+        // compiler would reload captured vectors' pointers after each one)
+        const uint64_t* const srt = sorted.data();
+        const int64_t* const run_start = runs.data();
+        const float* const last_t = ctx.last_t.data();  // ctx.last_slice(i) = last_t + slot[i] * st_floats
+        const int32_t* const last_slot = ctx.last.slot.data();
+        const int64_t st_floats = (int64_t)qd * ctx.Rp;
         auto rows_of = [&](int64_t t, auto&& compute) {
           int64_t lead = -1;
-          for (int64_t x = runs[t]; x < runs[t + 1]; ++x) {
-            const uint64_t e = sorted[x];
+          const int64_t x0 = run_start[t], x1 = run_start[t + 1];
+          for (int64_t x = x0; x < x1; ++x) {
+            const uint64_t e = srt[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
-            if (x > runs[t] && (e >> kJBits) == (sorted[x - 1] >> kJBits)) {  // the same row again
+            if (x > x0 && (e >> kJBits) == (srt[x - 1] >> kJBits)) {  // the same row again
               if (stream_out) stream16(out + j * D, load16(lead_row));
               else if (direct) copy_floats(out + j * D, out + lead * D, D);
               else pos[j] = (int32_t)lead;
@@ -1280,9 +1288,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             lead = direct ? j : x;
             if (!direct) pos[j] = (int32_t)x;
             float* const row = direct ? out + j * D : rbuf + x * D;
-            const float* St = ctx.last_slice(entry_last(e, lb));
+            const float* St = last_t + last_slot[entry_last(e, lb)] * st_floats;
             if (x + 1 < cn) {  // the next lookup's slice into L1 while this row is computed
-              const char* nx = (const char*)ctx.last_slice(entry_last(sorted[x + 1], lb));
+              const char* nx = (const char*)(last_t + last_slot[entry_last(srt[x + 1], lb)] * st_floats);
               for (int64_t bb = 0; bb < st_bytes; bb += 64) _mm_prefetch(nx + bb, _MM_HINT_T0);
             }
             if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)

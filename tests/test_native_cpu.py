@@ -182,14 +182,17 @@ def _sort_way_timing_again():
     ops.force_sort_way("timing")
 
 
-@pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),
+# key bits 13, 17, 11, 7 and 13: the split way makes 1 + 2, 1 + 3, 1 + 2, 1 + 1 and 1 + 2 passes
+@pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((40, 50, 60), (2, 2, 4), (32, 32)),
+                                   ((30, 40), (4, 4), (8,)), ((8, 16), (4, 4), (8,)),
                                    ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
 @pytest.mark.parametrize("batch", ["uniform", "skewed", "one_row"])
 def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_way_timing_again):
     """With 2 or 3 threads the kernel sorts either over the whole batch ("shared") or in one part per
     thread ("split", parts cut at top-digit boundaries). 20,000 lookups, uniform, skewed (a third on
     one row, so one part's top digit holds far more than its share) or all on one row (every part but
-    one empty): forward and core gradients equal one thread's bitwise, and the reference."""
+    one empty): forward, core gradients and prefix counts equal one thread's bitwise, and the
+    reference."""
     spec = _spec(p, q, r)
     cores = _cores(spec)
     g = torch.Generator().manual_seed(5)
@@ -202,7 +205,9 @@ def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_w
     bags = make_bags(idx, torch.arange(0, n, 2), None, num_embeddings=spec.num_embeddings, mode="sum")
     grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=g)
     torch.set_num_threads(1)
-    want_out, want_grads = ops.forward(cores, spec, bags, "sum"), ops.backward(cores, spec, bags, "sum", grad_out)
+    want_out = ops.forward(cores, spec, bags, "sum")
+    want_prefixes = ops.last_stats()["unique_prefixes"]
+    want_grads = ops.backward(cores, spec, bags, "sum", grad_out)
     ref = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags, "sum")
     torch.testing.assert_close(want_out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
     for way in ("shared", "split"):
@@ -210,28 +215,45 @@ def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_w
         for threads in (2, 3):
             torch.set_num_threads(threads)
             assert torch.equal(ops.forward(cores, spec, bags, "sum"), want_out), (way, threads)
+            assert ops.last_sort_way() == way and ops.last_stats()["unique_prefixes"] == want_prefixes
             got = ops.backward(cores, spec, bags, "sum", grad_out)
+            assert ops.last_sort_way() == way and ops.last_stats("backward")["unique_prefixes"] == want_prefixes
             assert all(torch.equal(a, b) for a, b in zip(got, want_grads)), (way, threads)
-        assert ops.sort_way() == way
 
 
-def test_the_sort_way_is_chosen_by_timing_both_then_kept(_sort_way_timing_again):
-    spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
-    cores = _cores(spec)
-    idx = torch.randint(0, spec.num_embeddings, (16384,))
-    bags = make_bags(idx, torch.arange(16384), None, num_embeddings=spec.num_embeddings, mode="sum")
+def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
+    """The first 4 sorts of a key width with 2+ threads and 16,384+ lookups run both ways; smaller
+    or one-thread sorts run "shared" and do not count."""
+    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # 17 and 11 bits
+    batches = {}
+    for spec in (wide, narrow):
+        for n in (16384, 16000):
+            idx = torch.randint(0, spec.num_embeddings, (n,))
+            batches[spec, n] = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
+    cores = {spec: _cores(spec) for spec in (wide, narrow)}
+
+    def sort(spec, n):
+        ops.forward(cores[spec], spec, batches[spec, n], "sum")
+
     ops.force_sort_way("timing")
     assert ops.sort_way() == "timing"
-    torch.set_num_threads(1)  # one thread never needs the choice: nothing is timed
-    for _ in range(10):
-        ops.forward(cores, spec, bags, "sum")
-    assert ops.sort_way() == "timing"
+    torch.set_num_threads(1)
+    for _ in range(6):
+        sort(wide, 16384)
+        assert ops.last_sort_way() == "shared"
     torch.set_num_threads(2)
-    for _ in range(7):
-        ops.forward(cores, spec, bags, "sum")
-    assert ops.sort_way() == "timing"  # 4 calls of each way
-    ops.forward(cores, spec, bags, "sum")
-    assert ops.sort_way() in ("shared", "split")
+    for _ in range(3):
+        sort(wide, 16384)
+        sort(wide, 16000)  # too small: not timed, "shared"
+        assert ops.last_sort_way() == "shared"
+    assert ops.sort_way() == "timing"  # 3 timed sorts of the wide width
+    sort(narrow, 16384)  # another width: timed on its own
+    assert ops.sort_way() == "timing"
+    sort(wide, 16384)  # the wide width's 4th timed sort decides it
+    decided = ops.sort_way()
+    assert decided in ("shared", "split")
+    sort(wide, 16384)
+    assert ops.last_sort_way() == decided
     with pytest.raises(ValueError, match="way: got 'fast'; allowed"):
         ops.force_sort_way("fast")
 

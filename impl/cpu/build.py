@@ -131,6 +131,8 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.tt_scan_bags.restype = None
     lib.tt_sort_way.argtypes = []
     lib.tt_sort_way.restype = ctypes.c_int
+    lib.tt_last_sort_way.argtypes = []
+    lib.tt_last_sort_way.restype = ctypes.c_int
     lib.tt_force_sort_way.argtypes = [ctypes.c_int]
     lib.tt_force_sort_way.restype = None
     for f in (lib.tt_forward, lib.tt_backward):

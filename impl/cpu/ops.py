@@ -18,7 +18,7 @@ from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
 
-__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "force_sort_way", "check_supported",
+__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "last_sort_way", "force_sort_way", "check_supported",
            "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
@@ -216,14 +216,21 @@ SORT_WAYS = {-1: "timing", 0: "shared", 1: "split"}  # the kernel's SortWay (tt_
 
 
 def sort_way() -> str:
-    """How the kernel sorts lookups with two or more threads: "shared" (radix passes over the whole
-    batch), "split" (one part per thread, sorted privately), or "timing" while its first calls still
-    time both (both give the same order; only speed differs)."""
+    """How the kernel sorts lookups with two or more threads, at the key width of its last such sort
+    (at least 16,384 lookups): "shared" (radix passes over the whole batch), "split" (one part per
+    thread, sorted privately), or "timing" while the first sorts of that width still run both (they
+    give the same order; only speed differs)."""
     return SORT_WAYS[int(library().tt_sort_way())]
 
 
+def last_sort_way() -> str:
+    """The way whose result the kernel's last sort left ("shared" for sorts too small or on one thread)."""
+    return SORT_WAYS[int(library().tt_last_sort_way())]
+
+
 def force_sort_way(way: str) -> None:
-    """Fix the sort's way ("shared" or "split"), or "timing" to time both again on the next calls."""
+    """Fix the sort's way ("shared" or "split") for sorts of at least 16,384 lookups on two or more
+    threads (smaller ones always run "shared"), or "timing" to time both again on the next sorts."""
     codes = {v: k for k, v in SORT_WAYS.items()}
     if way not in codes:
         raise ValueError(f"way: got {way!r}; allowed: {sorted(codes)}")

@@ -453,8 +453,8 @@ void group_by(const std::vector<int64_t>& key, int64_t nkeys, std::vector<int64_
 // entries (key << 24 | j), key = ((i_{d-1} * Pfront + (i_1..i_{d-2})) << lb) | i_d with
 // lb = bits of p_d. Equal prefixes form runs, runs sharing i_{d-1} are adjacent (so they share
 // G_{d-1}'s slice in L1), and prefix and i_d are read off the key by shifts and masks (no
-// divisions in the per-lookup loops). Radix sort (see SortWay); entries are distinct, so the
-// order is the same whichever way sorted them.
+// divisions in the per-lookup loops). Radix sort over the key bits (see SortWay), stable: equal
+// keys keep lookup order, whichever way sorted them.
 constexpr int kJBits = 24;
 constexpr int64_t kSegments = 8;  // fixed pieces of the last-core gradient sum (thread-count independent)
 constexpr int64_t kMaxChunk = (int64_t)1 << kJBits;
@@ -515,43 +515,74 @@ int64_t sort_keys4(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64
 }
 #endif
 
-// Two ways to sort with two or more threads; entries are distinct (lookup position in the low
-// bits), so both give the one sorted order. kShared: LSD passes of up to 12 bits over the whole
-// array, each thread scattering its slice (per-thread histograms, bucket-major offsets). kSplit:
-// the entries are first split by their top bits into one contiguous part per thread (parts end at
-// top-digit boundaries, balanced by count), then each thread sorts its own part with private LSD
-// passes of up to 8 bits. kShared moves the data twice, but with 4,096 buckets of a few entries both
-// threads write into the same cache lines, whose transfers between cores are cheap on some machines
-// and dear on others: on an Intel Xeon VM its sort phase took 1.3x kSplit's, while on a Zen 5 VM
-// the whole sort phase took 0.21-0.27 ms with kShared. So the first calls time both (SortTuner).
+// Two ways to sort with two or more threads. Both are stable over the key bits and fill every
+// bucket (or part) in ascending lookup position, so they give the same order. kShared: LSD passes
+// of up to 12 bits over the whole array, each thread scattering its slice (per-thread histograms,
+// bucket-major offsets). kSplit: the entries are first split by their top digit into one contiguous
+// part per thread (parts end at top-digit boundaries, balanced by count, thread-major within a
+// part), then each thread sorts its own part with private LSD passes of up to 8 bits. kShared moves
+// the data ceil(bits / 12) times, kSplit 1 + ceil(bits / 8) times, but with 12-bit digits a bucket
+// holds a few entries and both threads write into the same cache lines, whose transfers between
+// cores are cheap on some machines and dear on others: on an Intel Xeon VM kShared's sort phase took
+// 1.3x kSplit's, while on a Zen 5 VM the whole sort phase took 0.21-0.27 ms with kShared. So the
+// first sorts of each key width time both (SortTuner). (kSplit with one OpenMP thread granted runs
+// kShared's loop with 8-bit digits.)
 enum SortWay { kShared = 0, kSplit = 1 };
 
-// The faster sort, measured: the first 2 * kTrials eligible calls (two or more threads, at least
-// kMinTuned lookups) alternate the two ways; from then on the one with the lower minimum is used.
+// The faster way per key width, measured: the first kTrials eligible sorts (two or more threads,
+// at least kMinTuned lookups) of a width run both ways back to back, in turns first, and record
+// each one's time per lookup unless the call had to grow its buffers (page faults); then the way
+// with the lower minimum is kept for that width. force() fixes a way for every width (tests, A/B).
 struct SortTuner {
   static constexpr int kTrials = 4;
   static constexpr int64_t kMinTuned = 16384;
+  static constexpr int kWidths = 41;  // key bits 0..40
   std::mutex m;
-  int calls = 0, choice = -1;
-  double best[2] = {1e30, 1e30};
-  SortWay pick(int64_t n, int threads) {
-    if (threads < 2 || n < kMinTuned) return kShared;
-    std::lock_guard<std::mutex> lock(m);
-    return choice >= 0 ? (SortWay)choice : (SortWay)(calls % 2);
+  int forced = -1, last_width = -1, last_way = kShared;
+  int trials[kWidths] = {}, choice[kWidths];
+  double best[kWidths][2];
+  SortTuner() { reset(); }
+  void reset() {
+    last_width = -1;
+    for (int w = 0; w < kWidths; ++w) {
+      trials[w] = 0;
+      choice[w] = -1;
+      best[w][0] = best[w][1] = 1e30;
+    }
   }
-  void record(SortWay way, int64_t n, int threads, double seconds) {
-    if (threads < 2 || n < kMinTuned) return;
+  static bool eligible(int64_t n, int threads) { return threads >= 2 && n >= kMinTuned; }
+  // the way to use (0 or 1), or -1: time both (the first to run is returned in *first)
+  int pick(int bits, int64_t n, int threads, SortWay* first) {
+    if (!eligible(n, threads)) return kShared;
     std::lock_guard<std::mutex> lock(m);
-    if (choice >= 0) return;
-    best[way] = std::min(best[way], seconds / (double)n);
-    if (++calls == 2 * kTrials) choice = best[kSplit] < best[kShared] ? kSplit : kShared;
+    last_width = bits;
+    if (forced >= 0) return forced;
+    if (choice[bits] >= 0) return choice[bits];
+    *first = (SortWay)(trials[bits] % 2);
+    return -1;
+  }
+  void record(int bits, const double seconds_per_lookup[2], bool valid) {
+    std::lock_guard<std::mutex> lock(m);
+    if (forced >= 0 || choice[bits] >= 0) return;
+    if (valid)
+      for (int w = 0; w < 2; ++w) best[bits][w] = std::min(best[bits][w], seconds_per_lookup[w]);
+    if (++trials[bits] >= kTrials && best[bits][0] < 1e30)
+      choice[bits] = best[bits][kSplit] < best[bits][kShared] ? kSplit : kShared;
   }
 };
 SortTuner g_sort_tuner;
 
-void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-                  std::vector<uint64_t>& tmp, int threads) {
-  const double t_start = omp_get_wtime();
+int key_bits(const tt_shape_t* s) {  // bits of the sort key (<= 40: checked in Python before the call)
+  int64_t front = 1;
+  for (int k = 0; k < s->d - 1; ++k) front *= s->p[k];
+  return last_bits(front) + last_bits(s->p[s->d - 1]);
+}
+int sort_threads(int64_t n, int threads) {  // slices of at least 4,096 lookups
+  return (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
+}
+
+void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
+               std::vector<uint64_t>& tmp, int threads) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
@@ -562,9 +593,8 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   uint64_t* const A = a.data();
   uint64_t* const B = tmp.data();
   const FastDiv by_pd(pd), by_plast(plast);
-  const int bits = last_bits(plast * pfront) + lb;  // <= 40: checked in Python before the call
-  const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
-  const SortWay way = g_sort_tuner.pick(n, T);
+  const int bits = key_bits(s);
+  const int T = sort_threads(n, threads);
   // kShared: passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two);
   // kSplit: at most 8 bits (a part holds n / T entries: 4,096 buckets would hold a few each)
   const int max_width = way == kSplit ? 8 : 12;
@@ -673,7 +703,28 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
     }
   }
   if (scatters % 2 == 1) a.swap(tmp);  // an odd number of scatters ended in tmp
-  g_sort_tuner.record(way, n, T, omp_get_wtime() - t_start);
+}
+
+// Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks.
+void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
+                  std::vector<uint64_t>& tmp, int threads) {
+  const int bits = key_bits(s);
+  SortWay first = kShared;
+  const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
+  if (way >= 0) {
+    sort_with((SortWay)way, s, idx, n, a, tmp, threads);
+  } else {  // timing: both ways on this input (same result), the second left in a
+    const bool valid = a.capacity() >= (size_t)n && tmp.capacity() >= (size_t)n;  // no fresh pages
+    double per_lookup[2];
+    for (SortWay w : {first, (SortWay)(1 - first)}) {
+      const double t0 = omp_get_wtime();
+      sort_with(w, s, idx, n, a, tmp, threads);
+      per_lookup[w] = (omp_get_wtime() - t0) / (double)n;
+    }
+    g_sort_tuner.record(bits, per_lookup, valid);
+  }
+  std::lock_guard<std::mutex> lock(g_sort_tuner.m);
+  g_sort_tuner.last_way = way >= 0 ? way : 1 - first;
 }
 
 // Start of every run of equal prefixes in a sorted chunk, then cn; run_of[x] (optional) = run of x.
@@ -1989,17 +2040,23 @@ void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const i
 
 int tt_abi_version(void) { return 6; }
 
-// The sort's way for two or more threads (SortWay): -1 while the first calls still time both, else
-// 0 (kShared) or 1 (kSplit). tt_force_sort_way(0 or 1) fixes it (tests, A/B runs); -1 starts timing again.
+// The sort's way for two or more threads (SortWay) at the key width of the last such sort: -1
+// while its first sorts still time both ways (or none has run), else 0 (kShared) or 1 (kSplit).
+// tt_last_sort_way: the way whose result the last sort left (0 for sorts not eligible for kSplit).
+// tt_force_sort_way(0 or 1) fixes the way for every width (tests, A/B runs); -1 times afresh.
 int tt_sort_way(void) {
   std::lock_guard<std::mutex> lock(g_sort_tuner.m);
-  return g_sort_tuner.choice;
+  if (g_sort_tuner.forced >= 0) return g_sort_tuner.forced;
+  return g_sort_tuner.last_width < 0 ? -1 : g_sort_tuner.choice[g_sort_tuner.last_width];
+}
+int tt_last_sort_way(void) {
+  std::lock_guard<std::mutex> lock(g_sort_tuner.m);
+  return g_sort_tuner.last_way;
 }
 void tt_force_sort_way(int way) {
   std::lock_guard<std::mutex> lock(g_sort_tuner.m);
-  g_sort_tuner.choice = way == 0 || way == 1 ? way : -1;
-  g_sort_tuner.calls = 0;
-  g_sort_tuner.best[0] = g_sort_tuner.best[1] = 1e30;
+  g_sort_tuner.forced = way == 0 || way == 1 ? way : -1;
+  g_sort_tuner.reset();
 }
 
 }  // extern "C"

@@ -601,7 +601,8 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   const int passes = std::max(1, (bits + max_width - 1) / max_width), width = std::max(1, (bits + passes - 1) / passes);
   const int64_t nbk = (int64_t)1 << width, mask = nbk - 1;
   const int top_shift = kJBits + (passes - 1) * width;
-  std::vector<int64_t> count((size_t)T * nbk), part_off((size_t)T * T), part_start(T + 1);
+  // (allocated here: an allocation failure inside the parallel region could not reach tt_forward's catch)
+  std::vector<int64_t> count((size_t)T * nbk), part_off((size_t)T * T), part_start(T + 1), fill(T);
   std::vector<int32_t> part_of(way == kSplit ? nbk : 0);
   int64_t* const cnt = count.data();
   int scatters = 0;  // how many times the entries moved (odd: they end in tmp)
@@ -663,7 +664,7 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
         while (k + 1 < nt) part_start[++k] = n;
         part_start[0] = 0;
         part_start[nt] = n;
-        std::vector<int64_t> fill(part_start.begin(), part_start.begin() + nt);
+        std::copy(part_start.begin(), part_start.begin() + nt, fill.begin());
         for (int u = 0; u < nt; ++u) {  // thread u's entries of part k go at fill[k], after threads < u
           for (int k2 = 0; k2 < nt; ++k2) part_off[(size_t)u * nt + k2] = 0;
           for (int64_t bucket = 0; bucket < nbk; ++bucket)

@@ -92,8 +92,11 @@ def test_an_interrupted_sweep_resumes_without_duplicates_or_losses(tmp_path):
             "scale.min_repeats=30", "scale.max_repeats=30"]  # slow enough to interrupt mid-sweep
     sweep = tmp_path / "smoke" / "fig11"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # SIGINT's default action restored in the child: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and the interrupt would then do nothing
     proc = subprocess.Popen([sys.executable, "-m", "benches.app", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while len(list(sweep.glob(f"*/{RESULTS_FILE}"))) < 2 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -18,8 +18,9 @@ from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
 
-__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "last_sort_way", "force_sort_way", "check_supported",
-           "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward", "live_saved_forwards"]
+__all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "last_sort_way",
+           "force_sort_way", "check_supported", "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward",
+           "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
 _last: dict[str, TTStats] = {}  # the last call's raw stats per direction, read out by last_stats()

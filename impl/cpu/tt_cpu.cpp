@@ -532,7 +532,7 @@ enum SortWay { kShared = 0, kSplit = 1 };
 // The faster way per key width, measured: the first kTrials eligible sorts (two or more threads,
 // at least kMinTuned lookups) of a width run both ways back to back, in turns first, and record
 // each one's time per lookup unless the call had to grow its buffers (page faults); then the way
-// with the lower minimum is kept for that width. force() fixes a way for every width (tests, A/B).
+// with the lower minimum is kept for that width. tt_force_sort_way fixes a way for every width.
 struct SortTuner {
   static constexpr int kTrials = 4;
   static constexpr int64_t kMinTuned = 16384;

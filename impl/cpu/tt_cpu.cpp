@@ -582,7 +582,7 @@ int sort_threads(int64_t n, int threads) {  // slices of at least 4,096 lookups
 }
 
 void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-               std::vector<uint64_t>& tmp, int threads) {
+               std::vector<uint64_t>& tmp, int threads, int low) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
@@ -593,14 +593,14 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   uint64_t* const A = a.data();
   uint64_t* const B = tmp.data();
   const FastDiv by_pd(pd), by_plast(plast);
-  const int bits = key_bits(s);
+  const int bits = key_bits(s) - low;  // the key bits sorted on, above the low ones
   const int T = sort_threads(n, threads);
   // kShared: passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two);
   // kSplit: at most 8 bits (a part holds n / T entries: 4,096 buckets would hold a few each)
   const int max_width = way == kSplit ? 8 : 12;
   const int passes = std::max(1, (bits + max_width - 1) / max_width), width = std::max(1, (bits + passes - 1) / passes);
   const int64_t nbk = (int64_t)1 << width, mask = nbk - 1;
-  const int top_shift = kJBits + (passes - 1) * width;
+  const int top_shift = kJBits + low + (passes - 1) * width;
   // (allocated here: an allocation failure inside the parallel region could not reach tt_forward's catch)
   std::vector<int64_t> count((size_t)T * nbk), part_off((size_t)T * T), part_start(T + 1), fill(T);
   std::vector<int32_t> part_of(way == kSplit ? nbk : 0);
@@ -625,7 +625,7 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
     int cur = 0;
     if (way == kShared || nt == 1) {
       for (int pass = 0; pass < passes; ++pass) {
-        const int shift = kJBits + pass * width;
+        const int shift = kJBits + low + pass * width;
         const uint64_t* src = bufs[cur];
         uint64_t* dst = bufs[cur ^ 1];
         std::fill(c, c + nbk, 0);  // no barrier needed before filling it
@@ -687,7 +687,7 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
       const int64_t p0 = part_start[t], p1 = part_start[t + 1];
       cur = 1;
       for (int pass = 0; pass < passes; ++pass) {  // this thread's part only: nothing shared
-        const int shift = kJBits + pass * width;
+        const int shift = kJBits + low + pass * width;
         const uint64_t* src = bufs[cur];
         uint64_t* dst = bufs[cur ^ 1];
         std::fill(c, c + nbk, 0);
@@ -706,20 +706,25 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   if (scatters % 2 == 1) a.swap(tmp);  // an odd number of scatters ended in tmp
 }
 
-// Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks.
+// Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks. With
+// by_prefix, sorted on the prefix bits only (the key without i_d): equal prefixes still form runs,
+// in lookup order, but equal rows need not be adjacent - enough for a forward that keeps no plan
+// (a repeat not next to its first copy is computed again, to the same bits), and on Kaggle's
+// largest table 16 bits instead of 24: two passes of 8-bit digits instead of 12-bit ones.
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-                  std::vector<uint64_t>& tmp, int threads) {
-  const int bits = key_bits(s);
+                  std::vector<uint64_t>& tmp, int threads, bool by_prefix = false) {
+  const int low = by_prefix ? last_bits(s->p[s->d - 1]) : 0;
+  const int bits = key_bits(s) - low;
   SortWay first = kShared;
   const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
   if (way >= 0) {
-    sort_with((SortWay)way, s, idx, n, a, tmp, threads);
+    sort_with((SortWay)way, s, idx, n, a, tmp, threads, low);
   } else {  // timing: both ways on this input (same result), the second left in a
     const bool valid = a.capacity() >= (size_t)n && tmp.capacity() >= (size_t)n;  // no fresh pages
     double per_lookup[2];
     for (SortWay w : {first, (SortWay)(1 - first)}) {
       const double t0 = omp_get_wtime();
-      sort_with(w, s, idx, n, a, tmp, threads);
+      sort_with(w, s, idx, n, a, tmp, threads, low);
       per_lookup[w] = (omp_get_wtime() - t0) / (double)n;
     }
     g_sort_tuner.record(bits, per_lookup, valid);
@@ -956,8 +961,8 @@ bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   return true;
 }
 
-void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl) {
-  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, threads);
+void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, bool by_prefix = false) {
+  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, threads, by_prefix);
   const int lb = last_bits(s->p[2]);
   const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
   const int64_t p0 = s->p[0];
@@ -1285,8 +1290,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const double t0 = omp_get_wtime();
       // 1. sort lookups so equal prefixes form runs (see sort_lookups); find the runs
       Plan* pl = keep ? keep : &plan_g;
-      if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl);
-      else sort_lookups(s, idx + s0, cn, sorted_g, tmp, threads);
+      // (a kept plan is sorted on the whole key: its backward sums the gradients of a row's repeats
+      // as one run)
+      if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl, !keep);
+      else sort_lookups(s, idx + s0, cn, sorted_g, tmp, threads, true);
       const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
       ctx.prepare_last(sorted.data(), cn, lb, threads);

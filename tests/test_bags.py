@@ -163,8 +163,10 @@ SCAN_CASES = [  # (input, offsets, include_last_offset): good and bad batches fo
     (torch.tensor([3, 1, 4, N, N + 7]), torch.tensor([0, 5]), True),  # at 3
     (torch.tensor([3, 1, 4, 1, 5]), torch.tensor([0, 3, 2, 4, 1]), False),  # first decrease at 1
     (torch.tensor([-1, 1, 4, 1, 5]), torch.tensor([0, 3, 2]), False),  # both: the offsets' error first
-    (torch.arange(20000) % N, torch.arange(0, 20000, 7), False),  # several threads' worth
-    (torch.cat([torch.arange(19999) % N, torch.tensor([N])]), torch.arange(0, 20000, 7), False),
+    # several threads' worth (the native scan splits batches of 32,768 indices and offsets or more)
+    (torch.arange(40000) % N, torch.arange(0, 40000, 7), False),
+    (torch.cat([torch.arange(39999) % N, torch.tensor([N])]), torch.arange(0, 40000, 7), False),  # at 39,999
+    (torch.arange(40000) % N, torch.cat([torch.arange(0, 40000, 7), torch.tensor([3, 39999])]), False),  # at 5,714
     (torch.tensor([], dtype=torch.int64), torch.tensor([0, 0]), False),
     (torch.tensor([[1, 2], [3, 4]]), None, False),
     (torch.tensor([[1, 2], [3, 2**40]]), None, False),

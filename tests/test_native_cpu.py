@@ -145,6 +145,22 @@ def test_embedding_dim_16_paths(q, r):
     assert_matches_reference(cores, spec, bags, grad_out)
 
 
+def test_buckets_of_more_prefixes_than_a_piece_match_the_reference():
+    """p_1 = 500, 3 values of i_2 and 12,000 uniform lookups: each i_2 bucket holds about 490
+    prefixes, more than a GEMM piece takes (kPiece, 192), so buckets are cut into pieces, forward
+    and backward, on 1 and 2 threads."""
+    spec = _spec((500, 3, 5), (2, 2, 4), (8, 8))
+    cores = _cores(spec)
+    bags = _bags(spec, [1] * 12000, 4, "sum", False)
+    g = torch.Generator().manual_seed(2)
+    grad_out = torch.randn(bags.num_bags, 16, generator=g)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert ops.forward(cores, spec, bags, "sum").shape == (12000, 16)
+        assert ops.last_stats()["unique_prefixes"] == torch.unique(bags.indices // 5).numel() > 3 * 192
+        assert_matches_reference(cores, spec, bags, grad_out)
+
+
 @pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),
                                    ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
 def test_results_do_not_depend_on_thread_count_or_chunking(p, q, r):

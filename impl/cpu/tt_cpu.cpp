@@ -980,7 +980,7 @@ struct Plan {
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
   }
 };
-constexpr int64_t kPiece = 96;  // prefixes per GEMM piece (bounds per-thread scratch)
+constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
 constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {

@@ -1006,16 +1006,25 @@ void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads
     dig[2 * t] = key - i2 * p0;
     dig[2 * t + 1] = i2;
   }
-  // buckets of equal i2 (a change is rare: a well-predicted branch), cut into pieces
+  // buckets of equal i2 (ascending in t), each found by a galloping search for its end (a few
+  // dozen probes instead of a visit to each of its ~150 prefixes), cut into pieces
   pl.buckets.clear();
   pl.pieces.clear();
-  for (int64_t t = 0; t < U; ++t) {
-    if (t == 0 || dig[2 * t + 1] != dig[2 * t - 1]) {
-      pl.buckets.push_back(t);
-      pl.pieces.push_back(t);
-    } else if (t - pl.pieces.back() >= kPiece) {
-      pl.pieces.push_back(t);
+  for (int64_t t = 0; t < U;) {
+    const int64_t i2 = dig[2 * t + 1];
+    int64_t lo = t, step = 1;  // dig[2 lo + 1] == i2; find the first t' > lo with a larger i2
+    while (lo + step < U && dig[2 * (lo + step) + 1] == i2) {
+      lo += step;
+      step *= 2;
     }
+    int64_t hi = std::min(U, lo + step);  // dig[2 hi + 1] > i2 (or hi == U)
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      (dig[2 * mid + 1] == i2 ? lo : hi) = mid;
+    }
+    pl.buckets.push_back(t);
+    for (int64_t a = t; a < hi; a += kPiece) pl.pieces.push_back(a);
+    t = hi;
   }
   pl.buckets.push_back(U);
   pl.pieces.push_back(U);

@@ -550,10 +550,11 @@ int64_t sort_keys8(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64
 // part), then each thread sorts its own part with private LSD passes of up to 8 bits. kShared moves
 // the data ceil(bits / 12) times, kSplit 1 + ceil(bits / 8) times, but with 12-bit digits a bucket
 // holds a few entries and both threads write into the same cache lines, whose transfers between
-// cores are cheap on some machines and dear on others: on an Intel Xeon VM kShared's sort phase took
-// 1.3x kSplit's, while on a Zen 5 VM the whole sort phase took 0.21-0.27 ms with kShared. So the
-// first sorts of each key width time both (SortTuner). (kSplit with one OpenMP thread granted runs
-// kShared's loop with 8-bit digits.)
+// cores are cheap on some machines and dear on others: on an Intel Xeon VM kShared's sort phase
+// took 1.3x kSplit's at 24 key bits (yet the tuner chose kShared at the 16 prefix bits of an
+// inference forward), while on a Zen 5 VM the whole sort phase took 0.21-0.27 ms with kShared. So
+// the first sorts of each key width time both (SortTuner). (kSplit with one OpenMP thread granted
+// runs kShared's loop with 8-bit digits.)
 enum SortWay { kShared = 0, kSplit = 1 };
 
 // The faster way per key width, measured: the first kTrials eligible sorts (two or more threads,
@@ -2074,7 +2075,7 @@ void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const i
     for (int64_t j = 0; j < n; ++j) top = std::max(top, (uint64_t)idx[j]);
 #pragma omp for schedule(static) reduction(|| : down)
     for (int64_t j = 1; j < m; ++j) {
-      down = down || offsets[j] < offsets[j - 1];
+      down |= offsets[j] < offsets[j - 1];  // (no branch: the private copies are combined by ||)
       if (csr) csr[j] = offsets[j];
     }
   }

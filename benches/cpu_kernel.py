@@ -109,11 +109,13 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
     log("forward, R=32, uniform, pooling 1:")
     fwd = {"native": point("native", rank=32, pooling=1, batch=B)}
     phases = {"forward (uniform)": ops.last_stats("forward")}  # the native kernel's last timed call
+    sort_ways = {"inference forward": ops.sort_way()}  # per key width: prefix bits here, the whole key in training
     fwd.update({label: point(label, rank=32, pooling=1, batch=B) for label in IMPLS if label != "native"})
     log("training step, R=32, Zipf(1.05) permuted, pooling 1:")
     train = {"native fused SGD": point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
                                        distribution="zipf")}
     phases["training forward (Zipf)"] = ops.last_stats("forward")
+    sort_ways["training"] = ops.sort_way()
     phases["training backward (Zipf)"] = ops.last_stats("backward")
     train |= {
         "native autograd + SGD": point("native", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
@@ -152,7 +154,7 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
                      "unit": "bytes", "median": value, "n": 1, "batch_size": B, "note": note, **env})
         log(f"  {label}: {value} bytes ({note})")
 
-    env["sort_way"] = ops.sort_way()
+    env["sort_way"] = ", ".join(f"{k} {v}" for k, v in sort_ways.items())
     write_rows(rows, out_dir / RESULTS_FILE)
     report = _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phases, rounds)
     (out_dir / "report.md").write_text(report)
@@ -183,8 +185,8 @@ def _report(scale_name, scale, threads, sgemm, fwd, train, grid, mem, env, phase
         f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
         f"torch {env['torch']}, commit {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] == 'True' else ''}.",
         "Medians of repeated calls in one process; ratios are of medians.",
-        f"The native kernel's sort way at the end of the run: {env.get('sort_way', 'not recorded')} "
-        "(chosen by timing both on its first calls; README, native CPU kernel).",
+        f"The native kernel's sort ways: {env.get('sort_way', 'not recorded')} "
+        "(chosen per key width by timing both on its first calls; README, native CPU kernel).",
         "",
         "## Forward, R = 32, uniform indices, pooling 1",
         "",

@@ -147,9 +147,12 @@ def test_embedding_dim_16_paths(q, r):
 
 def test_buckets_of_more_prefixes_than_a_piece_match_the_reference():
     """p_1 = 500, 3 values of i_2 and 12,000 uniform lookups: each i_2 bucket holds about 490
-    prefixes, more than a GEMM piece takes (kPiece, 192), so buckets are cut into pieces, forward
-    and backward, on 1 and 2 threads."""
-    spec = _spec((500, 3, 5), (2, 2, 4), (8, 8))
+    prefixes, more than a GEMM piece takes (kPiece, 192), so buckets are cut into pieces: forward
+    and backward on 1 and 2 threads, then two fused Adagrad steps through the module (its forward
+    keeps the plan; R_2 = 16 takes the backward's 16-float row path). Adagrad is not linear in the
+    gradient: a bucket ended early would update its G_2 slice twice per step and differ."""
+    p, q, r = (500, 3, 5), (2, 2, 4), (16, 16)
+    spec = _spec(p, q, r)
     cores = _cores(spec)
     bags = _bags(spec, [1] * 12000, 4, "sum", False)
     g = torch.Generator().manual_seed(2)
@@ -159,6 +162,21 @@ def test_buckets_of_more_prefixes_than_a_piece_match_the_reference():
         assert ops.forward(cores, spec, bags, "sum").shape == (12000, 16)
         assert ops.last_stats()["unique_prefixes"] == torch.unique(bags.indices // 5).numel() > 3 * 192
         assert_matches_reference(cores, spec, bags, grad_out)
+    lr = 0.05
+    fused = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, r, p, q, backend="cpu", seed=3, optimizer="adagrad",
+                                 learning_rate=lr)
+    ref = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, r, p, q, backend="torch", seed=3, dtype=torch.float64)
+    with torch.no_grad():
+        for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
+            c_ref.copy_(c.double())
+    opt = torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10)
+    for _ in range(2):
+        fused(bags.indices, bags.offsets[:-1]).backward(grad_out)
+        opt.zero_grad()
+        ref(bags.indices, bags.offsets[:-1]).backward(grad_out.double())
+        opt.step()
+    for c_fused, c_ref in zip(fused.tt_cores, ref.tt_cores):
+        torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((30, 40), (4, 4), (8,)),
@@ -198,7 +216,8 @@ def _sort_way_timing_again():
     ops.force_sort_way("timing")
 
 
-# key bits 13, 17, 11, 7 and 13: the split way makes 1 + 2, 1 + 3, 1 + 2, 1 + 1 and 1 + 2 passes
+# whole keys of 13, 17, 11, 7 and 13 bits (the backward; the split way makes 1 + 2, 1 + 3, 1 + 2,
+# 1 + 1 and 1 + 2 passes), prefixes of 8, 11, 5, 3 and 9 (the forward: 1 + 1, 1 + 2, 1 + 1, 1 + 1, 1 + 2)
 @pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((40, 50, 60), (2, 2, 4), (32, 32)),
                                    ((30, 40), (4, 4), (8,)), ((8, 16), (4, 4), (8,)),
                                    ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
@@ -240,7 +259,7 @@ def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_w
 def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
     """The first 4 sorts of a key width with 2+ threads and 16,384+ lookups run both ways; smaller
     or one-thread sorts run "shared" and do not count."""
-    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # 17 and 11 bits
+    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # forwards: 11 and 5 bits
     batches = {}
     for spec in (wide, narrow):
         for n in (16384, 16000):

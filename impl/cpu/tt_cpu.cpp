@@ -743,7 +743,8 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
 // largest table 16 bits instead of 24: two passes of 8-bit digits instead of 12-bit ones.
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
                   std::vector<uint64_t>& tmp, int threads, bool by_prefix = false) {
-  const int low = by_prefix ? last_bits(s->p[s->d - 1]) : 0;
+  // (at least one bit sorted: a shape whose prefix takes no bits sorts on i_d's)
+  const int low = by_prefix ? std::max(0, std::min(last_bits(s->p[s->d - 1]), key_bits(s) - 1)) : 0;
   const int bits = key_bits(s) - low;
   SortWay first = kShared;
   const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);

@@ -523,9 +523,11 @@ def test_scratch_memory_follows_the_batch_not_p_k():
     want = ttrec.tt_embedding_bag(ref_cores, spec, bags)
     got = ops.tt_bag_cpu(cores, spec, bags)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
-    g = torch.randn(3, 16, dtype=torch.float64)
+    g = torch.randn(3, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # (atol on the gradient's scale, as in native_reference: an element summed to near zero in
+    # fp32 cannot meet a relative bound; with atol=1e-9 an unseeded g failed 1 call in about 50)
     for a, b in zip(torch.autograd.grad(got, cores, g.float()), torch.autograd.grad(want, ref_cores, g)):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_planted_slowdown_repeats_the_same_work_and_checks_its_value(monkeypatch):

@@ -197,11 +197,28 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   if (n < N) tail(n);
 }
 
-// MR rows x NV vectors of C (M x N, rows ldc apart) = A (M x K, lda) @ B (K x N, ldb), or += with
-// ACC: the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
-template <int NV, int MR, bool ACC>
-TILE_ATTR void nn_tile(int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+// Where A's rows are: Strided, row m at a + m * lda; Gathered, row m at row[m] (the stacked G_1
+// slices of a piece, read in place instead of copied into a stacked matrix first).
+struct Strided {
+  const float* a;
+  int64_t lda;
+  const float* at(int64_t m) const { return a + m * lda; }
+  Strided from(int64_t m) const { return {a + m * lda, lda}; }
+};
+struct Gathered {
+  const float* const* row;
+  const float* at(int64_t m) const { return row[m]; }
+  Gathered from(int64_t m) const { return {row + m}; }
+};
+
+// MR rows x NV vectors of C (M x N, rows ldc apart) = A (M x K) @ B (K x N, ldb), or += with ACC:
+// the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
+template <int NV, int MR, bool ACC, class Rows>
+TILE_ATTR void nn_tile(int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
   v16 c[MR][NV];
+  const float* a[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) a[m] = A.at(m);
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
@@ -212,9 +229,9 @@ TILE_ATTR void nn_tile(int K, const float* A, int64_t lda, const float* B, int64
     for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
-      const v16 a = splat16(A[m * lda + k]);
+      const v16 am = splat16(a[m][k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[m][v] += a * b[v];
+      for (int v = 0; v < NV; ++v) c[m][v] += am * b[v];
     }
   }
 #pragma GCC unroll 16
@@ -225,26 +242,24 @@ TILE_ATTR void nn_tile(int K, const float* A, int64_t lda, const float* B, int64
 
 // Rows of C for one block of NV vectors: tiles of tile_rows(NV) rows, then smaller tiles. Every
 // element is the same k-ordered sum whatever tile computes it (results do not depend on M).
-template <int NV, bool ACC>
-inline void nn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                     int64_t ldc) {
+template <int NV, bool ACC, class Rows>
+inline void nn_block(int M, int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
   constexpr int MR = tile_rows(NV);
   int m = 0;
-  for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-  for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
-  for (; m < M; ++m) nn_tile<NV, 1, ACC>(K, A + m * lda, lda, B, ldb, C + m * ldc, ldc);
+  for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+  for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) nn_tile<NV, 1, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
 }
 
-template <bool ACC>
-void gemm_nn_impl(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-                  int64_t ldc) {
+template <bool ACC, class Rows>
+void gemm_nn_impl(int M, int N, int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
   by_column_blocks(
-      N, [&](auto nv, int n) { nn_block<decltype(nv)::value, ACC>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      N, [&](auto nv, int n) { nn_block<decltype(nv)::value, ACC>(M, K, A, B + n, ldb, C + n, ldc); },
       [&](int n0) {
         for (int m = 0; m < M; ++m)
           for (int n = n0; n < N; ++n) {
             float acc = ACC ? C[m * ldc + n] : 0.f;
-            for (int k = 0; k < K; ++k) acc += A[m * lda + k] * B[k * ldb + n];
+            for (int k = 0; k < K; ++k) acc += A.at(m)[k] * B[k * ldb + n];
             C[m * ldc + n] = acc;
           }
       });
@@ -253,11 +268,11 @@ void gemm_nn_impl(int M, int N, int K, const float* A, int64_t lda, const float*
 // C (M x N) = A @ B  and  C += A @ B  (see nn_block)
 inline void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                     int64_t ldc) {
-  gemm_nn_impl<false>(M, N, K, A, lda, B, ldb, C, ldc);
+  gemm_nn_impl<false>(M, N, K, Strided{A, lda}, B, ldb, C, ldc);
 }
 inline void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
                         int64_t ldc) {
-  gemm_nn_impl<true>(M, N, K, A, lda, B, ldb, C, ldc);
+  gemm_nn_impl<true>(M, N, K, Strided{A, lda}, B, ldb, C, ldc);
 }
 
 // dst[0, n) = src[0, n): inline (rows of a few dozen floats; a libc call costs more than the copy)
@@ -1072,13 +1087,13 @@ void transpose_to(const float* S, int64_t ld, int rows, int cols, float* T) {
 // P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ the G_2 slice
 // (R1 x q2 R2, rows ldb apart: read in place).
 void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
-                 std::vector<float>& Ap, const float* B, int64_t ldb, float* P) {
+                 std::vector<const float*>& Ap, const float* B, int64_t ldb, float* P) {
   const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
   const int64_t w1 = (int64_t)q1 * R1;
-  Ap.resize((size_t)(t1 - t0) * w1);
+  Ap.resize((size_t)(t1 - t0) * q1);
   for (int64_t t = t0; t < t1; ++t)
-    copy_floats(Ap.data() + (t - t0) * w1, cores[0] + pl.digits[2 * t] * w1, w1);
-  gemm_nn((int)((t1 - t0) * q1), N, R1, Ap.data(), R1, B, ldb, P, N);
+    for (int a = 0; a < q1; ++a) Ap[(t - t0) * q1 + a] = cores[0] + pl.digits[2 * t] * w1 + a * R1;
+  gemm_nn_impl<false>((int)((t1 - t0) * q1), N, R1, Gathered{Ap.data()}, B, ldb, P, N);
 }
 
 // All prefixes' P into pl.P (the backward's recomputation when no forward state is at hand).
@@ -1088,7 +1103,7 @@ void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int t
   const int64_t npieces = (int64_t)pl.pieces.size() - 1;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> Ap;
+    std::vector<const float*> Ap;  // the piece's G_1 rows
 #pragma omp for schedule(dynamic, 1)
     for (int64_t pc = 0; pc < npieces; ++pc) {
       const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1];
@@ -1421,7 +1436,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             rows_of(t, [&](const float* St, float* dst) { gemm_nt(M, qd, R, P, ldp, St, Rp, dst, qd, false); });
         };
         if (d == 3) {
-          std::vector<float> Ap, Pl((size_t)kPiece * M * R);
+          std::vector<const float*> Ap;
+          std::vector<float> Pl((size_t)kPiece * M * R);
           const int64_t npieces = (int64_t)pl->pieces.size() - 1;
 #pragma omp for schedule(dynamic, 1)
           for (int64_t pc = 0; pc < npieces; ++pc) {

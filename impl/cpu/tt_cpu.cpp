@@ -654,27 +654,38 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-    int64_t j = lo;
-#if defined(__AVX512DQ__)
-    j = sort_keys8(idx, lo, hi, pd, plast, pfront, lb, A);
-#elif !defined(__AVX512F__) && defined(__AVX2__)
-    j = sort_keys4(idx, lo, hi, pd, plast, pfront, lb, A);  // 4 at a time (AVX2 has no int64 <-> double)
-#endif
-    for (; j < hi; ++j) {
-      const int64_t i = idx[j], pre = by_pd(i), front = by_plast(pre);
-      const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
-      A[j] = key << kJBits | (uint64_t)j;
-    }
+    // keys in blocks of 512, each block's digits counted while it is in L1 (the first pass's
+    // histogram: the lowest digit for kShared, the top one for kSplit; the same slice of entries)
     int64_t* const c = cnt + (size_t)t * nbk;  // this thread's own histogram
+    const bool shared = way == kShared || nt == 1;
+    const int first_shift = shared ? kJBits + low : top_shift;
+    std::fill(c, c + nbk, 0);
+    for (int64_t b0 = lo; b0 < hi; b0 += 512) {
+      const int64_t b1 = std::min(hi, b0 + 512);
+      int64_t j = b0;
+#if defined(__AVX512DQ__)
+      j = sort_keys8(idx, b0, b1, pd, plast, pfront, lb, A);
+#elif !defined(__AVX512F__) && defined(__AVX2__)
+      j = sort_keys4(idx, b0, b1, pd, plast, pfront, lb, A);  // 4 at a time (AVX2 has no int64 <-> double)
+#endif
+      for (; j < b1; ++j) {
+        const int64_t i = idx[j], pre = by_pd(i), front = by_plast(pre);
+        const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
+        A[j] = key << kJBits | (uint64_t)j;
+      }
+      for (int64_t x = b0; x < b1; ++x) c[(A[x] >> first_shift) & mask]++;
+    }
     uint64_t* bufs[2] = {A, B};
     int cur = 0;
-    if (way == kShared || nt == 1) {
+    if (shared) {
       for (int pass = 0; pass < passes; ++pass) {
         const int shift = kJBits + low + pass * width;
         const uint64_t* src = bufs[cur];
         uint64_t* dst = bufs[cur ^ 1];
-        std::fill(c, c + nbk, 0);  // no barrier needed before filling it
-        for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
+        if (pass > 0) {  // (pass 0's was counted with the keys) no barrier needed before filling it
+          std::fill(c, c + nbk, 0);
+          for (int64_t x = lo; x < hi; ++x) c[(src[x] >> shift) & mask]++;
+        }
 #pragma omp barrier
 #pragma omp single
         {
@@ -693,9 +704,7 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
         }
       }
       if (t == 0) scatters = passes;
-    } else {
-      std::fill(c, c + nbk, 0);
-      for (int64_t x = lo; x < hi; ++x) c[(A[x] >> top_shift) & mask]++;
+    } else {  // (the top digit's histogram was counted with the keys)
 #pragma omp barrier
 #pragma omp single
       {  // part k: the top-digit buckets up to where the running count reaches n (k + 1) / nt

@@ -625,7 +625,7 @@ int sort_threads(int64_t n, int threads) {  // slices of at least 4,096 lookups
 }
 
 void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-               std::vector<uint64_t>& tmp, int threads, int low) {
+               std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, int low) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
@@ -648,6 +648,8 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   std::vector<int64_t> count((size_t)T * nbk), part_off((size_t)T * T), part_start(T + 1), fill(T);
   std::vector<int32_t> part_of(way == kSplit ? nbk : 0);
   int64_t* const cnt = count.data();
+  marks.assign((size_t)T * pd, 0);  // row t: the last digits in thread t's slice (see Ctx::prepare_last)
+  const uint64_t last_mask = ((uint64_t)1 << lb) - 1;
   int scatters = 0;  // how many times the entries moved (odd: they end in tmp)
   // one parallel region for keys and every pass (fewer fork/joins); the same order for any thread count
 #pragma omp parallel num_threads(T)
@@ -673,7 +675,11 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
         const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
         A[j] = key << kJBits | (uint64_t)j;
       }
-      for (int64_t x = b0; x < b1; ++x) c[(A[x] >> first_shift) & mask]++;
+      uint8_t* const m = marks.data() + (size_t)t * pd;
+      for (int64_t x = b0; x < b1; ++x) {
+        c[(A[x] >> first_shift) & mask]++;
+        m[(A[x] >> kJBits) & last_mask] = 1;
+      }
     }
     uint64_t* bufs[2] = {A, B};
     int cur = 0;
@@ -766,20 +772,20 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
 // (a repeat not next to its first copy is computed again, to the same bits), and on Kaggle's
 // largest table 16 bits instead of 24: two passes of 8-bit digits instead of 12-bit ones.
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-                  std::vector<uint64_t>& tmp, int threads, bool by_prefix = false) {
+                  std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, bool by_prefix = false) {
   // (at least one bit sorted: a shape whose prefix takes no bits sorts on i_d's)
   const int low = by_prefix ? std::max(0, std::min(last_bits(s->p[s->d - 1]), key_bits(s) - 1)) : 0;
   const int bits = key_bits(s) - low;
   SortWay first = kShared;
   const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
   if (way >= 0) {
-    sort_with((SortWay)way, s, idx, n, a, tmp, threads, low);
+    sort_with((SortWay)way, s, idx, n, a, tmp, marks, threads, low);
   } else {  // timing: both ways on this input (same result), the second left in a
     const bool valid = a.capacity() >= (size_t)n && tmp.capacity() >= (size_t)n;  // no fresh pages
     double per_lookup[2];
     for (SortWay w : {first, (SortWay)(1 - first)}) {
       const double t0 = omp_get_wtime();
-      sort_with(w, s, idx, n, a, tmp, threads, low);
+      sort_with(w, s, idx, n, a, tmp, marks, threads, low);
       per_lookup[w] = (omp_get_wtime() - t0) / (double)n;
     }
     g_sort_tuner.record(bits, per_lookup, valid);
@@ -912,34 +918,31 @@ struct Ctx {
   int Rp;                     // R_{d-1} rounded up to a multiple of 16
   UsedDigits last;            // last-core digits of the current chunk
   std::vector<float> last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
-  std::vector<uint8_t> marks;  // per thread: which last digits its slice of lookups uses
+  std::vector<uint8_t> marks;  // per sorting thread: which last digits its slice of lookups uses (sort_with)
 
   Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
     for (int k = 0; k < d; ++k) width[k] = tt_cols_through(s, k);
     Rp = (s->r[d - 1] + 15) / 16 * 16;
   }
 
-  // Collect the last digits of a sorted chunk (threads mark them over fixed slices; slots in
-  // ascending digit order) and build their transposed slices.
-  void prepare_last(const uint64_t* sorted, int64_t cn, int lb, int threads) {
+  // The last digits of a chunk, from the marks its sort left (rows of p_d flags, one per sorting
+  // thread, set while the keys were in L1: no pass over the sorted chunk here); slots in ascending
+  // digit order; and their transposed slices.
+  void prepare_last(int64_t cn, int threads) {
     const int64_t pd = s->p[d - 1];
     const int qd = s->q[d - 1], R = s->r[d - 1];
     const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, cn / 8192 + 1));
-    marks.assign((size_t)T * pd, 0);
-    uint8_t* const mk = marks.data();
+    const int rows = (int)(marks.size() / pd);
+    const uint8_t* const mk = marks.data();
     const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
 #pragma omp parallel num_threads(T)
     {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      uint8_t* const m = mk + (size_t)t * pd;
-      for (int64_t x = cn * t / nt; x < cn * (t + 1) / nt; ++x) m[entry_last(sorted[x], lb)] = 1;
-#pragma omp barrier
 #pragma omp single
       {
         last.reset(pd);
         for (int64_t i = 0; i < pd; ++i) {
           uint8_t used = 0;
-          for (int u = 0; u < T; ++u) used |= mk[(size_t)u * pd + i];
+          for (int u = 0; u < rows; ++u) used |= mk[(size_t)u * pd + i];
           if (used) last.add(i);
         }
         last_t.assign(last.digit.size() * qd * Rp, 0.f);
@@ -1016,8 +1019,9 @@ bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   return true;
 }
 
-void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, bool by_prefix = false) {
-  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, threads, by_prefix);
+void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, std::vector<uint8_t>& marks,
+                bool by_prefix = false) {
+  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix);
   const int lb = last_bits(s->p[2]);
   const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
   const int64_t p0 = s->p[0];
@@ -1356,11 +1360,11 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       Plan* pl = keep ? keep : &plan_g;
       // (a kept plan is sorted on the whole key: its backward sums the gradients of a row's repeats
       // as one run)
-      if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl, !keep);
-      else sort_lookups(s, idx + s0, cn, sorted_g, tmp, threads, true);
+      if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl, ctx.marks, !keep);
+      else sort_lookups(s, idx + s0, cn, sorted_g, tmp, ctx.marks, threads, true);
       const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
-      ctx.prepare_last(sorted.data(), cn, lb, threads);
+      ctx.prepare_last(cn, threads);
       const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr, threads);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
       rows.resize((size_t)cn * D);
@@ -1555,13 +1559,13 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     Plan* pl = kept;
     if (!pl) {
       pl = &plan_g;
-      plan_chunk(s, idx + s0, cn, threads, *pl);
+      plan_chunk(s, idx + s0, cn, threads, *pl, ctx.marks);
     }
     if (kept) {  // the forward's (same cores: the plan is only passed while they are unchanged)
       std::swap(ctx.last, kept->last);
       std::swap(ctx.last_t, kept->last_t);
     } else {
-      ctx.prepare_last(pl->sorted.data(), cn, lb, threads);
+      ctx.prepare_last(cn, threads);
     }
     if (stats) { stats->unique_prefixes += pl->U; stats->chunks++; }
     lap(1);
@@ -1847,8 +1851,8 @@ static int tt_backward_impl(const tt_shape_t* s, const float* const* cores, cons
   lap(0);
   for (int64_t s0 = 0; s0 < n; s0 += C) {
     const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
-    sort_lookups(s, idx + s0, cn, sorted, tmp, threads);
-    ctx.prepare_last(sorted.data(), cn, lb, threads);
+    sort_lookups(s, idx + s0, cn, sorted, tmp, ctx.marks, threads);
+    ctx.prepare_last(cn, threads);
     const int64_t U = find_runs(sorted, cn, lb, runs, &run_of, threads);
     digits.resize(U * (d - 1));
     for (int64_t t = 0; t < U; ++t)

@@ -174,19 +174,11 @@ SCAN_CASES = [  # (input, offsets, include_last_offset): good and bad batches fo
 ]
 
 
-@pytest.fixture
-def _two_threads():
-    """Two threads (the native scan's parallel path, whatever the runner's default), restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("inp,offsets,last", SCAN_CASES)
-def test_native_and_numpy_scans_give_the_same_bags_and_errors(inp, offsets, last, monkeypatch, _two_threads):
+def test_native_and_numpy_scans_give_the_same_bags_and_errors(inp, offsets, last, monkeypatch):
     """make_bags checks a CPU batch with the kernel's one-pass scan once the kernel is loaded, else
     with numpy: the same Bags, or the same error naming the same first position, either way."""
+    torch.set_num_threads(2)  # the native scan's parallel path, whatever the runner's default (restored: conftest)
     from ttrec.cpu import build
     if build.unavailable_reason() is not None:  # (loads the kernel where it can be built)
         pytest.skip(f"native kernel unavailable: {build.unavailable_reason()}")

@@ -74,13 +74,6 @@ def variants():
     return paths
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _spec(p, q, r):
     return ttrec.TTSpec(math.prod(p), math.prod(q), tuple(p), tuple(q), tuple(r))
 

@@ -18,13 +18,6 @@ from .native_reference import assert_matches_reference
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _spec(p, q, r, rows_short=0):
     return ttrec.TTSpec(math.prod(p) - rows_short, math.prod(q), tuple(p), tuple(q), tuple(r))
 

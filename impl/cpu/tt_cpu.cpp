@@ -661,6 +661,7 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
     int64_t* const c = cnt + (size_t)t * nbk;  // this thread's own histogram
     const bool shared = way == kShared || nt == 1;
     const int first_shift = shared ? kJBits + low : top_shift;
+    uint8_t* const m = marks.data() + (size_t)t * pd;
     std::fill(c, c + nbk, 0);
     for (int64_t b0 = lo; b0 < hi; b0 += 512) {
       const int64_t b1 = std::min(hi, b0 + 512);
@@ -675,7 +676,6 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
         const uint64_t key = ((uint64_t)((pre - front * plast) * pfront + front) << lb) | (uint64_t)(i - pre * pd);
         A[j] = key << kJBits | (uint64_t)j;
       }
-      uint8_t* const m = marks.data() + (size_t)t * pd;
       for (int64_t x = b0; x < b1; ++x) {
         c[(A[x] >> first_shift) & mask]++;
         m[(A[x] >> kJBits) & last_mask] = 1;

@@ -24,7 +24,7 @@ __all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason",
            "TTStats"]
 
 HERE = Path(__file__).resolve().parent
-SOURCES = (HERE / "tt_cpu.cpp", HERE.parent / "include" / "tt_row.h")
+SOURCES = (HERE / "tt_cpu.cpp", *sorted(HERE.glob("*.h")), HERE.parent / "include" / "tt_row.h")  # [0] is compiled; all are hashed
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared", "-std=c++17",
          "-Wall", "-Wextra", "-Werror", "-Wno-psabi")
 TT_MAX_D = 4

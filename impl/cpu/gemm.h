@@ -1,0 +1,309 @@
+// The small GEMMs of the chains (register tiles) and the last chain step of a lookup (Last44, last_stage16).
+// Part of the native CPU kernel: included once, in order, by tt_cpu.cpp (one translation unit).
+#pragma once
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+// Register tiles of the small GEMMs: MR rows x NV 16-float vectors of C stay in registers.
+// AVX-512 has 32 vector registers of 16 floats: tiles of up to 24 accumulators (6 x 64, 12 x 32,
+// 16 x 16). AVX2 has 16 registers of 8 floats, so a 16-float vector takes two: 6 x 16 (12
+// registers, 2 for B and 1 for the broadcast of A), the classic AVX2 sgemm tile.
+// With AVX2 a tile is its own function: inlined into the loops around it, GCC ran out of general
+// registers and reloaded the rows' offsets from the stack before every broadcast (one load per FMA
+// pair more).
+#ifdef __AVX512F__
+constexpr int kWidestNV = 4;
+constexpr int tile_rows(int nv) { return nv >= 4 ? 6 : nv == 2 ? 12 : 16; }
+#define TILE_ATTR inline
+#else
+constexpr int kWidestNV = 1;
+constexpr int tile_rows(int) { return 6; }
+#define TILE_ATTR __attribute__((noinline))
+#endif
+
+// Calls block(std::integral_constant<int, NV>{}, n) over the columns [0, N) in blocks of 64, 32
+// and 16 floats (NV vectors, at most kWidestNV), and tail(n) for the columns left over.
+template <class Block, class Tail>
+inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
+  int n = 0;
+  if constexpr (kWidestNV >= 4)
+    for (; n + 64 <= N; n += 64) block(std::integral_constant<int, 4>{}, n);
+  if constexpr (kWidestNV >= 2) {
+    if (n + 32 <= N) { block(std::integral_constant<int, 2>{}, n); n += 32; }
+    if (n + 16 <= N) { block(std::integral_constant<int, 1>{}, n); n += 16; }
+  } else {
+    for (; n + 16 <= N; n += 16) block(std::integral_constant<int, 1>{}, n);
+  }
+  if (n < N) tail(n);
+}
+
+// Where A's rows are: Strided, row m at a + m * lda; Gathered, row m at row[m] (the stacked G_1
+// slices of a piece, read in place instead of copied into a stacked matrix first).
+struct Strided {
+  const float* a;
+  int64_t lda;
+  const float* at(int64_t m) const { return a + m * lda; }
+  Strided from(int64_t m) const { return {a + m * lda, lda}; }
+};
+struct Gathered {
+  const float* const* row;
+  const float* at(int64_t m) const { return row[m]; }
+  Gathered from(int64_t m) const { return {row + m}; }
+};
+
+// MR rows x NV vectors of C (M x N, rows ldc apart) = A (M x K) @ B (K x N, ldb), or += with ACC:
+// the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
+template <int NV, int MR, bool ACC, class Rows>
+TILE_ATTR void nn_tile(int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  v16 c[MR][NV];
+  const float* a[MR];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) a[m] = A.at(m);
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : splat16(0.f);
+  for (int k = 0; k < K; ++k) {
+    v16 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const v16 am = splat16(a[m][k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[m][v] += am * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c[m][v]);
+}
+
+// Rows of C for one block of NV vectors: tiles of tile_rows(NV) rows, then smaller tiles. Every
+// element is the same k-ordered sum whatever tile computes it (results do not depend on M).
+template <int NV, bool ACC, class Rows>
+inline void nn_block(int M, int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int MR = tile_rows(NV);
+  int m = 0;
+  for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+  for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+  for (; m < M; ++m) nn_tile<NV, 1, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+}
+
+template <bool ACC, class Rows>
+void gemm_nn_impl(int M, int N, int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  by_column_blocks(
+      N, [&](auto nv, int n) { nn_block<decltype(nv)::value, ACC>(M, K, A, B + n, ldb, C + n, ldc); },
+      [&](int n0) {
+        for (int m = 0; m < M; ++m)
+          for (int n = n0; n < N; ++n) {
+            float acc = ACC ? C[m * ldc + n] : 0.f;
+            for (int k = 0; k < K; ++k) acc += A.at(m)[k] * B[k * ldb + n];
+            C[m * ldc + n] = acc;
+          }
+      });
+}
+
+// C (M x N) = A @ B  and  C += A @ B  (see nn_block)
+inline void gemm_nn(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                    int64_t ldc) {
+  gemm_nn_impl<false>(M, N, K, Strided{A, lda}, B, ldb, C, ldc);
+}
+inline void gemm_nn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                        int64_t ldc) {
+  gemm_nn_impl<true>(M, N, K, Strided{A, lda}, B, ldb, C, ldc);
+}
+
+// dst[0, n) = src[0, n): inline (rows of a few dozen floats; a libc call costs more than the copy)
+inline void copy_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+// dst[0..n) = src[0..n), the 64-byte lines of dst as non-temporal stores (the caller fences)
+inline void stream_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) stream16(dst + i, load16(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
+
+inline float dot(const float* a, const float* b, int K) {
+  v16 acc = {};
+  int k = 0;
+  for (; k + 16 <= K; k += 16) acc += load16(a + k) * load16(b + k);
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += acc[l];
+  for (; k < K; ++k) s += a[k] * b[k];
+  return s;
+}
+
+constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+// The last chain step for one lookup: out[o] = dot(P[o / qd], St[o % qd]) for o < D, where P is
+// (D/qd x Rp) rows ldp apart and St (qd x Rp) the transposed last-core slice, zero-padded to Rp,
+// a multiple of 16. Needs D % 16 == 0; 16 dots at a time, reduced by one transpose-add tree.
+// ``arow[o]`` = (o / qd) * ldp and ``brow[o]`` = (o % qd) * Rp, in the bit-reversed order of each
+// group of 16 (precomputed: no division in the loop).
+template <int RV>  // Rp = 16 RV: unrolled, so the 16 sums stay in registers
+inline void last_stage16_rv(int D, const float* P, const float* St, const int32_t* arow, const int32_t* brow,
+                            float* out) {
+  for (int g = 0; g < D; g += 16) {
+    v16 acc[16];
+    for (int l = 0; l < 16; ++l) {
+      const float* a = P + arow[g + l];
+      const float* b = St + brow[g + l];
+      v16 sum = load16(a) * load16(b);
+      for (int k = 1; k < RV; ++k) sum += load16(a + 16 * k) * load16(b + 16 * k);
+      acc[l] = sum;
+    }
+    store16(out + g, hsum16_bitrev(acc));
+  }
+}
+
+inline void last_stage16(int D, int Rp, const float* P, const float* St, const int32_t* arow, const int32_t* brow,
+                         float* out) {
+  switch (Rp) {
+    case 16: return last_stage16_rv<1>(D, P, St, arow, brow, out);
+    case 32: return last_stage16_rv<2>(D, P, St, arow, brow, out);
+    case 48: return last_stage16_rv<3>(D, P, St, arow, brow, out);
+    case 64: return last_stage16_rv<4>(D, P, St, arow, brow, out);
+    default: break;
+  }
+  for (int g = 0; g < D; g += 16) {
+    v16 acc[16];
+    for (int l = 0; l < 16; ++l) {
+      const float* a = P + arow[g + l];
+      const float* b = St + brow[g + l];
+      v16 sum = load16(a) * load16(b);
+      for (int k = 16; k < Rp; k += 16) sum += load16(a + k) * load16(b + k);
+      acc[l] = sum;
+    }
+    store16(out + g, hsum16_bitrev(acc));
+  }
+}
+
+// The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
+// rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
+// P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles; kept in registers
+// with AVX-512, reloaded from L1 per row with AVX2),
+// and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so each row is
+// Rp FMAs (4 outputs c x Rp / 4 steps k; every lane useful) and two levels of in-block shuffles
+// that sum over s.
+template <int RV>  // Rp = 16 RV
+struct Last44 {
+  v16 pk[4 * RV];
+  Last44(const float* P, int64_t ldp) {  // P: 4 rows ldp apart, Rp floats each (zero-padded)
+    for (int h = 0; h < RV; ++h) {
+      const v16 p0 = load16(P + 16 * h), p1 = load16(P + ldp + 16 * h),
+                   p2 = load16(P + 2 * ldp + 16 * h), p3 = load16(P + 3 * ldp + 16 * h);
+      const v16 t0 = shuffle_blocks<0x44>(p0, p1), t1 = shuffle_blocks<0xEE>(p0, p1),
+                   t2 = shuffle_blocks<0x44>(p2, p3), t3 = shuffle_blocks<0xEE>(p2, p3);
+      pk[4 * h + 0] = shuffle_blocks<0x88>(t0, t2);  // blocks: P[0..3][16h + 4j ..], j = 0..3
+      pk[4 * h + 1] = shuffle_blocks<0xDD>(t0, t2);
+      pk[4 * h + 2] = shuffle_blocks<0x88>(t1, t3);
+      pk[4 * h + 3] = shuffle_blocks<0xDD>(t1, t3);
+    }
+  }
+  // one row from the transposed last-core slice St (4 x Rp, rows Rp apart)
+  v16 row(const float* St) const {
+    constexpr int Rp = 16 * RV;
+    v16 acc[4];
+#ifdef __AVX512F__
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      acc[c] = pk[0] * bcast4(St + c * Rp);
+#pragma GCC unroll 16
+      for (int k = 1; k < 4 * RV; ++k) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
+    }
+#else  // 16 registers: k outer, so only pk[k] (2), the four broadcasts and the accumulators (8) are live
+    for (int c = 0; c < 4; ++c) acc[c] = pk[0] * bcast4(St + c * Rp);
+#pragma GCC unroll 16
+    for (int k = 1; k < 4 * RV; ++k)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
+#endif
+    // block a of acc[c] holds the four partial sums over s of out[a][c]
+    const v16 u0 = shuffle_in_blocks<0x44>(acc[0], acc[1]) + shuffle_in_blocks<0xEE>(acc[0], acc[1]);
+    const v16 u1 = shuffle_in_blocks<0x44>(acc[2], acc[3]) + shuffle_in_blocks<0xEE>(acc[2], acc[3]);
+    return shuffle_in_blocks<0x88>(u0, u1) + shuffle_in_blocks<0xDD>(u0, u1);
+  }
+};
+
+// C (M x N) (+)= A (M x K, lda) @ B^T, B is (N x K, ldb): dot-product form, K contiguous.
+void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+             bool accumulate) {
+  for (int m = 0; m < M; ++m)
+    for (int n = 0; n < N; ++n) {
+      const float v = dot(A + m * lda, B + n * ldb, K);
+      C[m * ldc + n] = accumulate ? C[m * ldc + n] + v : v;
+    }
+}
+
+// C (K x N, ldc) += A^T @ B with A (M x K, lda), B (M x N, ldb). Tiles of KR rows x NV vectors of C
+// stay in registers while all M rank-1 contributions are added (every element summed over m in order).
+template <int NV, int KR>
+TILE_ATTR void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  v16 acc[KR][NV];
+#pragma GCC unroll 16
+  for (int kk = 0; kk < KR; ++kk)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + kk * ldc + 16 * v);
+  for (int m = 0; m < M; ++m) {
+    v16 b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
+    const float* a = A + m * lda;
+#pragma GCC unroll 16
+    for (int kk = 0; kk < KR; ++kk) {
+      const v16 x = splat16(a[kk]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int kk = 0; kk < KR; ++kk)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) store16(C + kk * ldc + 16 * v, acc[kk][v]);
+}
+
+template <int NV>
+inline void tn_block(int M, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
+  constexpr int KR = tile_rows(NV);
+  int k = 0;
+  for (; k + KR <= K; k += KR) tn_tile<NV, KR>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  if constexpr (KR > 4)
+    for (; k + 4 <= K; k += 4) tn_tile<NV, 4>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  for (; k + 2 <= K; k += 2) tn_tile<NV, 2>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+  for (; k < K; ++k) tn_tile<NV, 1>(M, A + k, lda, B, ldb, C + k * ldc, ldc);
+}
+
+void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc) {
+  by_column_blocks(
+      N, [&](auto nv, int n) { tn_block<decltype(nv)::value>(M, K, A, lda, B + n, ldb, C + n, ldc); },
+      [&](int n0) {
+        for (int n = n0; n < N; ++n)
+          for (int k = 0; k < K; ++k) {
+            float acc = C[k * ldc + n];
+            for (int m = 0; m < M; ++m) acc += A[m * lda + k] * B[m * ldb + n];
+            C[k * ldc + n] = acc;
+          }
+      });
+}
+
+}  // namespace

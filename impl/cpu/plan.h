@@ -1,0 +1,295 @@
+// Per-call context (used last-core slices), bag helpers, and the d = 3 plan: prefixes in i2 buckets cut into GEMM pieces.
+// Part of the native CPU kernel: included once, in order, by tt_cpu.cpp (one translation unit).
+#pragma once
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+#include "gemm.h"
+#include "sort.h"
+
+namespace {
+
+// Digits i_1..i_{d-1} of a rotated prefix key (i_{d-1} * Pfront + front, see sort_lookups).
+inline void decode_prefix(const tt_shape_t* s, int64_t key, int64_t pfront, int64_t* dig) {
+  const int d = s->d;
+  int64_t front = key % pfront;
+  dig[d - 2] = key / pfront;
+  for (int k = d - 3; k >= 0; --k) {
+    dig[k] = k ? front % s->p[k] : front;
+    front /= s->p[k];
+  }
+}
+
+// The distinct digit values a chunk uses for one core, numbered in the order added: per-call
+// copies of core slices are made for these only, so scratch memory follows the batch, not p_k.
+struct UsedDigits {
+  std::vector<int32_t> slot;   // p_k entries, -1 where unused
+  std::vector<int64_t> digit;  // used digit values, by slot
+  void reset(int64_t p) {
+    slot.assign(p, -1);
+    digit.clear();
+  }
+  void add(int64_t i) {
+    if (slot[i] < 0) {
+      slot[i] = (int32_t)digit.size();
+      digit.push_back(i);
+    }
+  }
+};
+
+struct Ctx {
+  const tt_shape_t* s;
+  const float* const* cores;
+  int d;
+  int32_t width[TT_MAX_D];   // columns of the partial product after core k (q_1..q_k)
+  int Rp;                     // R_{d-1} rounded up to a multiple of 16
+  UsedDigits last;            // last-core digits of the current chunk
+  std::vector<float> last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
+  std::vector<uint8_t> marks;  // per sorting thread: which last digits its slice of lookups uses (sort_with)
+
+  Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
+    for (int k = 0; k < d; ++k) width[k] = tt_cols_through(s, k);
+    Rp = (s->r[d - 1] + 15) / 16 * 16;
+  }
+
+  // The last digits of a chunk, from the marks its sort left (rows of p_d flags, one per sorting
+  // thread, set while the keys were in L1: no pass over the sorted chunk here); slots in ascending
+  // digit order; and their transposed slices.
+  void prepare_last(int64_t cn, int threads) {
+    const int64_t pd = s->p[d - 1];
+    const int qd = s->q[d - 1], R = s->r[d - 1];
+    const int T = (int)std::max<int64_t>(1, std::min<int64_t>(threads, cn / 8192 + 1));
+    const int rows = (int)(marks.size() / pd);
+    const uint8_t* const mk = marks.data();
+    const float* g = cores[d - 1];  // (R, p_d, q_d, 1)
+#pragma omp parallel num_threads(T)
+    {
+#pragma omp single
+      {
+        last.reset(pd);
+        for (int64_t i = 0; i < pd; ++i) {
+          uint8_t used = 0;
+          for (int u = 0; u < rows; ++u) used |= mk[(size_t)u * pd + i];
+          if (used) last.add(i);
+        }
+        last_t.assign(last.digit.size() * qd * Rp, 0.f);
+      }  // implicit barrier
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < (int64_t)last.digit.size(); ++u) {
+        const int64_t i = last.digit[u];
+        for (int r = 0; r < R; ++r)
+          for (int c = 0; c < qd; ++c) last_t[(u * qd + c) * Rp + r] = g[((size_t)r * pd + i) * qd + c];
+      }
+    }
+  }
+
+  const float* last_slice(int64_t i) const { return last_t.data() + (size_t)last.slot[i] * s->q[d - 1] * Rp; }
+};
+
+// lookups of bag b inside [s, e)
+inline void bag_range(const int64_t* offsets, int64_t b, int64_t s, int64_t e, int64_t* lo, int64_t* hi) {
+  *lo = std::max(offsets[b], s);
+  *hi = std::min(offsets[b + 1], e);
+}
+
+// Every bag holds exactly one lookup and there are no weights (pooling 1, as for many DLRM tables):
+// the forward writes rows straight to the output, the backward reads gradient rows by lookup.
+inline bool one_unweighted_lookup_per_bag(const int64_t* offsets, int64_t n_bags, const float* weights) {
+  if (weights || offsets[n_bags] != n_bags) return false;
+  for (int64_t b = 0; b <= n_bags; ++b)
+    if (offsets[b] != b) return false;
+  return true;
+}
+
+inline float bag_scale(const int64_t* offsets, int64_t b, int mean) {
+  const int64_t n = offsets[b + 1] - offsets[b];
+  return (mean && n > 0) ? 1.0f / (float)n : 1.0f;
+}
+
+
+// ---- d == 3: prefixes (i1, i2) grouped by their middle digit i2 ----
+// The sort puts i2 first, so the prefixes sharing G_2's slice are adjacent: a bucket. Per bucket,
+// the partial products P = G_1[i1] @ G_2[:, i2] of all its prefixes are one GEMM (stacked G_1 rows
+// times the slice, read in place), and in the backward dG_2[:, i2] and dP_1 = dP @ G_2[:, i2]^T are one
+// GEMM each, all on the thread that owns the bucket.
+
+// A chunk's lookups sorted, their prefix runs, the prefixes' digits and i2 buckets, and (when
+// has_P) the prefixes' partial products P (U x q1 q2 R2). A forward that will be differentiated
+// keeps its plan for the backward (see tt_forward's state), which then skips the sort and chains.
+struct Plan {
+  tt_shape_t shape{};
+  int64_t n = 0, U = 0;
+  std::vector<uint64_t> sorted, tmp;
+  std::vector<int64_t> runs;     // U + 1
+  std::vector<int64_t> digits;   // U x 2: i1, i2
+  std::vector<int64_t> buckets;  // first prefix of each i2 bucket, then U
+  std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
+  std::vector<float> P;           // see Pa()
+  bool has_P = false;
+  // (kept by a forward for its backward, with P) the forward's used last digits and their
+  // transposed slices (Ctx::prepare_last), and whether every bag held one unweighted lookup
+  UsedDigits last;
+  std::vector<float> last_t;
+  bool one_per_bag = false;
+  void resize_P(size_t n) { P.resize(n + 16); }
+  float* Pa() {  // P's first 64-byte boundary: the forward streams P here (stream_floats)
+    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
+  }
+};
+constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
+constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
+
+bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
+  if (a.d != b.d) return false;
+  for (int k = 0; k < a.d; ++k)
+    if (a.p[k] != b.p[k] || a.q[k] != b.q[k] || a.r[k + 1] != b.r[k + 1]) return false;
+  return true;
+}
+
+void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, std::vector<uint8_t>& marks,
+                bool by_prefix = false) {
+  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix);
+  const int lb = last_bits(s->p[2]);
+  const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
+  const int64_t p0 = s->p[0];
+  const FastDiv by_p0(p0);
+  pl.digits.resize(2 * U);
+  int64_t* const dig = pl.digits.data();
+  const uint64_t* const e = pl.sorted.data();
+  const int64_t* const runs = pl.runs.data();
+#pragma omp parallel for schedule(static) num_threads(threads) if (U > 8192)
+  for (int64_t t = 0; t < U; ++t) {
+    const int64_t key = entry_prefix(e[runs[t]], lb), i2 = by_p0(key);
+    dig[2 * t] = key - i2 * p0;
+    dig[2 * t + 1] = i2;
+  }
+  // buckets of equal i2 (ascending in t), each found by a galloping search for its end (a few
+  // dozen probes instead of a visit to each of its ~150 prefixes), cut into pieces
+  pl.buckets.clear();
+  pl.pieces.clear();
+  for (int64_t t = 0; t < U;) {
+    const int64_t i2 = dig[2 * t + 1];
+    int64_t lo = t, step = 1;  // dig[2 lo + 1] == i2; find the first t' > lo with a larger i2
+    while (lo + step < U && dig[2 * (lo + step) + 1] == i2) {
+      lo += step;
+      step *= 2;
+    }
+    int64_t hi = std::min(U, lo + step);  // dig[2 hi + 1] > i2 (or hi == U)
+    while (hi - lo > 1) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      (dig[2 * mid + 1] == i2 ? lo : hi) = mid;
+    }
+    pl.buckets.push_back(t);
+    for (int64_t a = t; a < hi; a += kPiece) pl.pieces.push_back(a);
+    t = hi;
+  }
+  pl.buckets.push_back(U);
+  pl.pieces.push_back(U);
+  pl.shape = *s;
+  pl.n = cn;
+  pl.U = U;
+  pl.has_P = false;
+}
+
+// T (cols x rows, contiguous) = S^T, S (rows x cols) with rows ld apart: 8 x 8 blocks through
+// registers (the scalar loop of strided stores it replaces took about 5% of a batch-4,096 training
+// step by perf, once per i2 bucket)
+void transpose_to(const float* S, int64_t ld, int rows, int cols, float* T) {
+  int r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      __m256 x[8], y[8];
+      for (int i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(S + (r0 + i) * ld + c0);
+      for (int i = 0; i < 8; i += 2) {
+        y[i] = _mm256_unpacklo_ps(x[i], x[i + 1]);
+        y[i + 1] = _mm256_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        x[i] = _mm256_shuffle_ps(y[i], y[i + 2], 0x44);
+        x[i + 1] = _mm256_shuffle_ps(y[i], y[i + 2], 0xEE);
+        x[i + 2] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0x44);
+        x[i + 3] = _mm256_shuffle_ps(y[i + 1], y[i + 3], 0xEE);
+      }
+      // x[0..3]: columns c0 + {0, 1, 2, 3} of rows 0-3 (low half) and c0 + {4..7} (high half); x[4..7]: rows 4-7
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(T + (int64_t)(c0 + i) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x20));
+        _mm256_storeu_ps(T + (int64_t)(c0 + i + 4) * rows + r0, _mm256_permute2f128_ps(x[i], x[i + 4], 0x31));
+      }
+    }
+    for (; c0 < cols; ++c0)
+      for (int i = 0; i < 8; ++i) T[(int64_t)c0 * rows + r0 + i] = S[(r0 + i) * ld + c0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int c = 0; c < cols; ++c) T[(int64_t)c * rows + r0] = S[r0 * ld + c];
+}
+
+// P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ the G_2 slice
+// (R1 x q2 R2, rows ldb apart); both read in place, the G_1 rows through pointers (Gathered; a copy
+// into a stacked matrix made the forward 1.05x as long on an Intel Xeon VM).
+void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
+                 std::vector<const float*>& Ap, const float* B, int64_t ldb, float* P) {
+  const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
+  const int64_t w1 = (int64_t)q1 * R1;
+  Ap.resize((size_t)(t1 - t0) * q1);
+  for (int64_t t = t0; t < t1; ++t)
+    for (int a = 0; a < q1; ++a) Ap[(t - t0) * q1 + a] = cores[0] + pl.digits[2 * t] * w1 + a * R1;
+  gemm_nn_impl<false>((int)((t1 - t0) * q1), N, R1, Gathered{Ap.data()}, B, ldb, P, N);
+}
+
+// All prefixes' P into pl.P (the backward's recomputation when no forward state is at hand).
+void plan_chains(const tt_shape_t* s, const float* const* cores, Plan& pl, int threads) {
+  const int64_t MR2 = (int64_t)s->q[0] * s->q[1] * s->r[2];
+  pl.resize_P((size_t)pl.U * MR2);
+  const int64_t npieces = (int64_t)pl.pieces.size() - 1;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<const float*> Ap;  // the piece's G_1 rows
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t pc = 0; pc < npieces; ++pc) {
+      const int64_t t0 = pl.pieces[pc], t1 = pl.pieces[pc + 1];
+      int64_t ld;
+      const float* S = tt_slice(s, cores[1], 1, pl.digits[2 * t0 + 1], &ld);
+      piece_chain(s, cores, pl, t0, t1, Ap, S, ld, pl.Pa() + t0 * MR2);
+    }
+  }
+  pl.has_P = true;
+}
+
+// Plans kept by forwards for their backward: a small pool, so their buffers (megabytes) are reused
+// instead of faulting in fresh pages every step.
+std::mutex g_plan_mutex;
+std::vector<Plan*> g_plan_pool;
+int64_t g_plans_live = 0;
+
+Plan* acquire_plan() {
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  Plan* p;
+  if (!g_plan_pool.empty()) {
+    p = g_plan_pool.back();
+    g_plan_pool.pop_back();
+  } else {
+    p = new Plan();
+  }
+  ++g_plans_live;
+  return p;
+}
+
+void release_plan(Plan* p) {
+  if (!p) return;
+  std::lock_guard<std::mutex> lock(g_plan_mutex);
+  --g_plans_live;
+  p->has_P = false;
+  if (g_plan_pool.size() < 2) g_plan_pool.push_back(p);
+  else delete p;
+}
+
+}  // namespace

@@ -8,12 +8,15 @@ the :mod:`benches.callbacks` callback aggregates a run or sweep and draws its fi
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 import ttrec
@@ -26,7 +29,7 @@ from .config import BenchConfig, Task, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
-from .results import RESULTS_FILE, claim_point, write_rows
+from .results import RESULTS_FILE, claim_point, clear_failure, record_failure, write_rows
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -207,15 +210,38 @@ COMPUTED_TASKS = {  # task -> rows(cfg, experiment): experiments that compute ra
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
+    """One job. A job that fails writes its error and traceback to ``failed.txt`` in its directory.
+    In a sweep the sweep goes on: its end aggregates the jobs that finished, then lists every failure
+    and exits 1 (:class:`benches.callbacks.AggregateResults`). A single run prints the error on
+    stderr and exits 1 (HYDRA_FULL_ERROR=1: raises, for the whole traceback on the console)."""
     hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    try:
+        clear_failure(out)
+        _run(cfg, hc, out)
+    except Exception as exc:
+        path = record_failure(out, exc)
+        if hc.mode == RunMode.MULTIRUN:
+            log.error("job %s failed: %s: %s (traceback: %s)", hc.job.num, type(exc).__name__, exc, path)
+            return
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(traceback: {path})", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
+    if experiment == "none" and bench.scale.name != "default":
+        raise ValueError(f"scale: got {bench.scale.name!r} without an experiment; scale= sizes the experiment "
+                         f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
+                         f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
     if bench.task == Task.paper:
         paper.run_all(bench, hc)
         return
     if bench.task == Task.training:
         paper.run_all(bench, hc, paper.TRAINING_EXPERIMENTS, label="training")
         return
-    out = Path(hc.runtime.output_dir)
     if not claim_point(out, cfg, redo=bench.redo):
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
         return
@@ -230,4 +256,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every finished point is on disk
+        print("\ninterrupted: finished points keep their results.csv; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from reports.cache_figures import is_cache_experiment, plot_cache_figures
 from reports.figures import plot_rank_sweep
 
-from .results import AGGREGATE_FILE, aggregate
+from .results import AGGREGATE_FILE, FAILED_FILE, aggregate, failures
 
 log = logging.getLogger("ttrec.bench")
 
@@ -66,7 +66,14 @@ class Progress(Callback):
 class AggregateResults(Callback):
     """Writes results_all.csv at the run/sweep root and draws its figures into ``figures_dir``: an
     experiment preset's figure (reports.report), else, for a sweep over two or more TT ranks, the
-    time-vs-rank figure (one per mode), or the cache experiments' figures."""
+    time-vs-rank figure (one per mode), or the cache experiments' figures. A sweep's failed jobs
+    (benches.app records them and goes on) are listed after that, and the sweep exits 1."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.start = time.time()  # failures recorded before this belong to earlier sweeps
 
     def _finish(self, root: str, config: DictConfig) -> None:
         if config.get("task") in ("paper", "training"):  # its experiments aggregated themselves; report built
@@ -97,4 +104,11 @@ class AggregateResults(Callback):
         self._finish(config.hydra.run.dir, config)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        self._finish(config.hydra.sweep.dir, config)
+        root = config.hydra.sweep.dir
+        self._finish(root, config)
+        failed = failures(root, since=self.start)
+        if failed:
+            log.error("%d job(s) of the sweep failed (the others' results are aggregated above):", len(failed))
+            for job, error in failed:
+                log.error("  job %s: %s (traceback: %s)", job, error, Path(root) / job / FAILED_FILE)
+            raise SystemExit(1)

@@ -14,11 +14,13 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "write_rows", "claim_point", "collect", "aggregate"]
+__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "FAILED_FILE", "write_rows", "claim_point", "collect",
+           "aggregate", "record_failure", "clear_failure", "failures"]
 
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"
 POINT_FILE = "point.yaml"  # the resolved config of the point whose results sit beside it
+FAILED_FILE = "failed.txt"  # a sweep job that raised: its error and traceback (the sweep goes on)
 # config keys that say where results go or whether to redo them, not what is measured
 _NOT_THE_POINT = ("redo", "figures_dir", "results_root", "scale")
 
@@ -93,10 +95,15 @@ def write_rows(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
+def _job_order(path: Path) -> tuple:
+    """Sort key of a job directory: numbered parts by number (2 before 10), others by name."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
+
+
 def collect(root: str | Path) -> pd.DataFrame:
     """All job results under ``root`` (a run or sweep directory) as one table, sorted by job."""
     root = Path(root)
-    files = sorted(p for p in root.rglob(RESULTS_FILE))
+    files = sorted(root.rglob(RESULTS_FILE), key=lambda p: _job_order(p.parent.relative_to(root)))
     if not files:
         raise FileNotFoundError(f"no {RESULTS_FILE} under {root}: did any job finish?")
     frames = []
@@ -112,3 +119,27 @@ def aggregate(root: str | Path) -> pd.DataFrame:
     df = collect(root)
     write_rows(df.to_dict("records"), Path(root) / AGGREGATE_FILE)
     return df
+
+
+def record_failure(out_dir: str | Path, exc: BaseException) -> Path:
+    """Write a failed job's error and traceback to ``out_dir/failed.txt``; the first line is the error."""
+    import traceback
+
+    path = Path(out_dir) / FAILED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{type(exc).__name__}: {exc}\n\n" + "".join(traceback.format_exception(exc)))
+    return path
+
+
+def clear_failure(out_dir: str | Path) -> None:
+    """Forget an earlier failure of the job in ``out_dir`` (it is being run again)."""
+    (Path(out_dir) / FAILED_FILE).unlink(missing_ok=True)
+
+
+def failures(root: str | Path, since: float = 0.0) -> list[tuple[str, str]]:
+    """(job directory relative to ``root``, error line) of every job under ``root`` that failed at or
+    after time ``since`` (seconds since the epoch), in job order."""
+    root = Path(root)
+    found = [p for p in root.rglob(FAILED_FILE) if p.stat().st_mtime >= since]
+    found.sort(key=lambda p: _job_order(p.parent.relative_to(root)))
+    return [(str(p.parent.relative_to(root)), p.read_text().split("\n", 1)[0]) for p in found]

@@ -14,7 +14,7 @@ from omegaconf.errors import ValidationError
 
 from benches.app import measure_point
 from benches.config import BenchConfig, register, to_objects
-from benches.results import AGGREGATE_FILE, collect
+from benches.results import AGGREGATE_FILE, FAILED_FILE, collect
 
 from .apprun import run_app
 
@@ -169,6 +169,34 @@ def test_app_sweep_end_to_end_in_a_subprocess(tmp_path):
 @pytest.mark.slow
 def test_app_bad_override_exits_nonzero_with_message(tmp_path):
     done = _run_app(tmp_path, "tt.rank=0", f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode != 0
-    assert "tt.rank: got 0" in done.stderr
+    assert done.returncode == 1
+    assert "error: ValueError: tt.rank: got 0" in done.stderr and "Traceback" not in done.stderr
+    assert "Traceback" in (tmp_path / "run" / FAILED_FILE).read_text()  # the traceback is kept on disk
     assert not (tmp_path / "run" / "results.csv").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_job_does_not_cost_the_sweep_the_other_jobs_results(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = _run_app(tmp_path, "-m", "tt.rank=0,2,4", "table=tiny", "workload.batch_size=8", *QUICK,
+                    f"hydra.sweep.dir={sweep}", f"figures_dir={tmp_path / 'figs'}")
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    df = pd.read_csv(sweep / AGGREGATE_FILE)  # jobs 1 and 2 finished after job 0 failed
+    assert sorted(df["job_dir"].astype(str).unique()) == ["1", "2"] and set(df["tt_rank"]) == {2, 4}
+    assert "tt.rank: got 0" in (sweep / "0" / FAILED_FILE).read_text()
+    assert "1 job(s) of the sweep failed" in done.stdout and "job 0: ValueError: tt.rank: got 0" in done.stdout
+
+
+@pytest.mark.slow
+def test_scale_without_an_experiment_is_a_clear_error(tmp_path):
+    done = _run_app(tmp_path, "scale=smoke", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 1
+    assert "scale: got 'smoke' without an experiment" in done.stderr
+    assert not (tmp_path / "run" / "results.csv").exists()
+
+
+def test_results_are_collected_in_job_order(tmp_path):
+    for job in ("10", "2", "0", "1"):
+        (tmp_path / job).mkdir()
+        pd.DataFrame([{"job": int(job)}]).to_csv(tmp_path / job / "results.csv", index=False)
+    assert list(collect(tmp_path)["job_dir"]) == ["0", "1", "2", "10"]

@@ -10,3 +10,13 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def threads_at_any_size(monkeypatch):
+    """Native calls take every thread torch allows however few the lookups, so that the tests of
+    results across thread counts run the threaded paths on small batches (in use,
+    ttrec.cpu.ops.MIN_LOOKUPS_PER_THREAD keeps small batches on one thread)."""
+    from ttrec.cpu import ops
+
+    monkeypatch.setattr(ops, "MIN_LOOKUPS_PER_THREAD", 1)

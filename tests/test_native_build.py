@@ -22,6 +22,8 @@ from ttrec.cpu import build, ops
 
 from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
 
+pytestmark = pytest.mark.usefixtures("threads_at_any_size")  # the threaded paths on small batches too
+
 VARIANTS = {  # -march -> the CPU flags it needs to run
     "x86-64-v3": {"avx2", "fma", "bmi2"},
     "x86-64-v4": {"avx512f", "avx512bw", "avx512dq", "avx512vl"},

@@ -15,7 +15,8 @@ from ttrec.cpu.build import unavailable_reason
 
 from .native_reference import assert_matches_reference
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
+              pytest.mark.usefixtures("threads_at_any_size")]
 
 
 def _spec(p, q, r, rows_short=0):
@@ -536,3 +537,13 @@ def test_planted_slowdown_repeats_the_same_work_and_checks_its_value(monkeypatch
         monkeypatch.setenv("TTREC_PLANT_SLOWDOWN", bad)
         with pytest.raises(ValueError, match="TTREC_PLANT_SLOWDOWN"):
             ops.forward(cores, spec, bags, "sum")
+
+
+def test_small_batches_run_on_one_thread(monkeypatch):
+    """In use (MIN_LOOKUPS_PER_THREAD as shipped, not this module's fixture's 1) a native call takes one
+    thread per 4,096 lookups at most, and never more than torch allows."""
+    monkeypatch.setattr(ops, "MIN_LOOKUPS_PER_THREAD", 4096)
+    torch.set_num_threads(2)
+    assert [ops.threads_for(n) for n in (0, 64, 4095, 4096, 65536)] == [1, 1, 1, 2, 2]
+    torch.set_num_threads(1)
+    assert ops.threads_for(65536) == 1

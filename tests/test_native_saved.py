@@ -15,7 +15,8 @@ from ttrec.bags import make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
+              pytest.mark.usefixtures("threads_at_any_size")]
 
 
 def _spec(p, q, r):

@@ -19,10 +19,17 @@ from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
 
 __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "sort_way", "last_sort_way",
-           "force_sort_way", "check_supported", "unavailable_reason", "DEFAULT_CHUNK_BYTES", "SavedForward",
-           "live_saved_forwards"]
+           "force_sort_way", "check_supported", "unavailable_reason", "DEFAULT_CHUNK_BYTES", "MIN_LOOKUPS_PER_THREAD",
+           "threads_for", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
+# A native call uses one thread per this many lookups at most (and at most torch's intra-op count).
+# A second thread only pays with work to split: on a small batch its fork and joins cost more than
+# it saves, and on a loaded machine a join can wait for the descheduled thread's next time slice
+# (a 64-lookup forward on a 2-core VM, 200 calls: median 0.14-0.17 ms with 2 threads, slowest calls
+# 4-8 ms; with 1 thread 0.12-0.14 ms, slowest 0.3-4 ms). The kernel's results do not depend on the
+# thread count.
+MIN_LOOKUPS_PER_THREAD = 4096
 _last: dict[str, TTStats] = {}  # the last call's raw stats per direction, read out by last_stats()
 _update_epoch = 0  # bumped by every fused update: a kept forward plan is used only if none ran since
 
@@ -84,6 +91,11 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     kernel), else a contiguous copy. Spares the torch ops of detach().contiguous() per core, which
     right after a kernel call run with torch's dispatcher cold in cache (tens of microseconds each)."""
     return t if t.is_contiguous() else t.detach().contiguous()
+
+
+def threads_for(lookups: int) -> int:
+    """Threads of a native call over ``lookups`` lookups (see MIN_LOOKUPS_PER_THREAD)."""
+    return max(1, min(torch.get_num_threads(), lookups // MIN_LOOKUPS_PER_THREAD + 1))
 
 
 def _ptrs(tensors) -> ctypes.Array:
@@ -207,7 +219,7 @@ def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     state = ctypes.c_void_p()
     _call(library().tt_forward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-          out.data_ptr(), torch.get_num_threads(), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
+          out.data_ptr(), threads_for(bags.indices.numel()), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
           ctypes.byref(state) if keep else None)
     _last["forward"] = stats
     return out, (SavedForward(state.value) if state.value else None)
@@ -287,7 +299,7 @@ def _run_backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Te
     stats = TTStats()
     _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
           bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-          grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), torch.get_num_threads(),
+          grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), threads_for(bags.indices.numel()),
           chunk_bytes, ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0), lr, eps,
           None if state is None else _ptrs(state))
     _last["backward"] = stats

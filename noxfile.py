@@ -32,8 +32,9 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run the bench app. No arguments: the default sweep (experiment=default).
-    With arguments: Hydra overrides, e.g. `nox -s bench -- -m impl=tt,dense tt.rank=8,32`."""
-    _install(session)
+    With arguments: Hydra overrides, e.g. `nox -s bench -- -m impl=tt,dense tt.rank=8,32`.
+    Installs the optional peers (impl=tltorch) and the launcher plugins (hydra/launcher=cpu_pool, local)."""
+    _install(session, "peers", "cluster")
     args = session.posargs or ["experiment=default"]
     session.run("python", "-m", "benches.app", *args)
 

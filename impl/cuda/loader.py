@@ -116,11 +116,11 @@ _launchers: dict[int, CupyLauncher] = {}
 
 
 def _default_launcher(device: torch.device) -> Launcher:
-    if device.type != "cuda":
-        raise ValueError(f"backend='cuda': tensors are on {device}; the CUDA kernels need CUDA tensors")
-    reason = unavailable_reason()
+    reason = unavailable_reason()  # first: on a machine without a GPU that is the reason, not the tensors' device
     if reason is not None:
         raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
+    if device.type != "cuda":
+        raise ValueError(f"backend='cuda': tensors are on {device}; the CUDA kernels need CUDA tensors")
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _launchers:
         _launchers[index] = CupyLauncher(torch.device("cuda", index))

@@ -263,12 +263,16 @@ def test_loader_import_needs_no_cupy():
     assert done.stdout.strip() == "ok"
 
 
-def test_cuda_entry_point_refuses_cpu_tensors_before_any_launch():
+def test_cuda_entry_point_refuses_cpu_tensors_before_any_launch(monkeypatch):
     spec = TTSpec(30, 4, (5, 6), (2, 2), (3,))
     cores = [torch.zeros(s) for s in spec.core_shapes]
     from ttrec.bags import make_bags
 
     bags = make_bags(torch.tensor([1, 2]), torch.tensor([0]), None, num_embeddings=30, mode="sum")
+    if loader.unavailable_reason() is not None:  # no GPU here: that is the reason given, not the tensors
+        with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+            loader.tt_bag_cuda(cores, spec, bags, "sum")
+    monkeypatch.setattr(loader, "unavailable_reason", lambda: None)  # as on a machine with a GPU
     with pytest.raises(ValueError, match="CUDA tensors"):
         loader.tt_bag_cuda(cores, spec, bags, "sum")
 

@@ -20,7 +20,7 @@ __all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "FAILED_FILE", "write
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"
 POINT_FILE = "point.yaml"  # the resolved config of the point whose results sit beside it
-FAILED_FILE = "failed.txt"  # a sweep job that raised: its error and traceback (the sweep goes on)
+FAILED_FILE = "failed.txt"  # a job that raised: its error and traceback (in a sweep, the others go on)
 # config keys that say where results go or whether to redo them, not what is measured
 _NOT_THE_POINT = ("redo", "figures_dir", "results_root", "scale")
 

@@ -76,7 +76,8 @@ def plot_cache_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 
 def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9_topk_stability") -> Path:
     """Per window of the stream: change of the top-k set (log scale), the hit ratio a cache holding
-    the previous window's top-k would have had, and the bounded counter's recall of the exact top-k."""
+    the previous window's top-k would have had (exact counts as a wide pale line, the bounded counter's
+    dashed on top: the two often coincide), and the bounded counter's recall of the exact top-k."""
     _style()
     d = df[df["metric"].isin(["topk_change", "topk_window_hit_ratio", "topk_window_hit_ratio_bounded",
                               "topk_recall_bounded"])].copy()
@@ -85,19 +86,21 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
     d["workload"] = d.apply(_workload_label, axis=1)
     d["progress_pct"] = 100 * d["progress"]
     panels = [("topk_change", "change of the top-k set\n(fraction of rows new, log)", True),
-              ("topk_window_hit_ratio", "hit ratio of the previous top-k\n(solid: exact, dashed: bounded)",
+              ("topk_window_hit_ratio", "hit ratio of the previous top-k\n(wide pale: exact, dashed: bounded)",
                False),
               ("topk_recall_bounded", "bounded counter: share of the\nexact top-k it finds", False)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     order = sorted(d["workload"].unique())
     for ax, (metric, ylabel, log_y) in zip(axes, panels):
         part = d[d["metric"] == metric]
-        sns.lineplot(data=part, x="progress_pct", y="median", hue="workload", hue_order=order, marker="o",
-                     markersize=3, ax=ax, errorbar=None)
-        if metric == "topk_window_hit_ratio":
+        with_bounded = metric == "topk_window_hit_ratio"  # exact wide and pale, the bounded counter's dashed on it
+        style = dict(lw=5, alpha=0.35) if with_bounded else dict(marker="o", markersize=3)
+        sns.lineplot(data=part, x="progress_pct", y="median", hue="workload", hue_order=order, ax=ax, errorbar=None,
+                     **style)
+        if with_bounded:
             bounded = d[d["metric"] == "topk_window_hit_ratio_bounded"]
             sns.lineplot(data=bounded, x="progress_pct", y="median", hue="workload", hue_order=order, ls="--",
-                         ax=ax, errorbar=None, legend=False)
+                         lw=1.2, ax=ax, errorbar=None, legend=False)
         if log_y:
             ax.set_yscale("log")
         else:
@@ -195,9 +198,10 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
     cached = d[_cached(d)].copy()
     cached["cache_pct"] = 100 * cached["cache_fraction"].astype(float)
     cached["warmup"] = cached["cache_warmup_iters"].astype(int)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey="row")
-    for col, (x, hue, xlabel) in enumerate((("cache_pct", "warmup", "cache size (% of the table's rows)"),
-                                            ("warmup", "cache_pct", "warm-up length (iterations)"))):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.4), sharey="row")
+    columns = (("cache_pct", "warmup", "cache size (% of the table's rows)", "colour: warm-up length"),
+               ("warmup", "cache_pct", "warm-up length (iterations)", "colour: cache size"))
+    for col, (x, hue, xlabel, legend_title) in enumerate(columns):
         for row, (y, ylabel) in enumerate((("held_out_hit_ratio", "hit ratio on held-out batches"),
                                            ("median", f"time per iteration ({d['unit'].iloc[0]}, median)"))):
             ax = axes[row][col]
@@ -224,8 +228,10 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
             ax.minorticks_off()
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
-            if row == 1:
-                ax.legend(fontsize=7, ncol=2)
+        # the column's colours mean the same in both rows: one legend over the column
+        handles, labels = axes[1][col].get_legend_handles_labels()
+        axes[0][col].legend(handles, labels, title=legend_title, loc="lower center", bbox_to_anchor=(0.5, 1.02),
+                            ncol=3, fontsize=7, title_fontsize=8, frameon=False)
     r = d.iloc[0]
     workload = _workload_label(r)
     fig.suptitle(f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x {int(r['embedding_dim'])}), "

@@ -25,11 +25,13 @@ def _style() -> None:
 
 
 def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
+    """``<name>.png`` and ``<name>.pdf``, byte-identical when redrawn from the same table: the PDF
+    carries no creation date (a PNG carries none)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{name}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight")
-    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight")
+    fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return png
 

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from .cache_figures import _machine  # noqa: E402
 from .figures import IMPL_LABELS, _style, save  # noqa: E402
@@ -40,12 +40,26 @@ def _metric(df: pd.DataFrame, metric: str | list[str], figure: str, columns: tup
     return d
 
 
-def format_bytes(value: float, _pos=None, *, digits: int = 3) -> str:
+def format_bytes(value: float, *, digits: int = 3) -> str:
     """Decimal units, as the paper writes sizes: 18.4 MB, 2.16 GB (``digits`` significant digits)."""
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(value) >= scale:
             return f"{value / scale:.{digits}g} {unit}"
     return f"{value:.{digits}g} B"
+
+
+class _BytesLogFormatter(LogFormatter):
+    """Tick labels of a log axis of bytes in :func:`format_bytes`' units, on the ticks matplotlib's
+    log formatter labels (minor ones only when the axis spans few decades)."""
+
+    def __call__(self, x, pos=None):
+        return format_bytes(x) if super().__call__(x, pos) else ""
+
+
+def _bytes_axis(axis) -> None:
+    """Label a log axis of bytes 100 kB, 1 MB, ...; after ``set_*scale("log")``, which sets its own formatters."""
+    axis.set_major_formatter(_BytesLogFormatter())
+    axis.set_minor_formatter(_BytesLogFormatter())
 
 
 def _plain(v) -> str:
@@ -61,7 +75,8 @@ def _suptitle(fig: plt.Figure, df: pd.DataFrame, what: str) -> None:
 
 def plot_tt_shapes(df: pd.DataFrame, out_dir: str | Path, name: str = "table2_tt_shapes") -> Path:
     """Table 2: memory reduction (dense / TT parameters, log) and TT parameters (log) of each table,
-    grouped by rank; tick labels give the table's rows and p-shapes."""
+    grouped by rank, each bar's value written above it; tick labels give the table's rows and
+    p-shapes; one legend of the ranks below both panels."""
     _style()
     d = _metric(df, ["memory_reduction", "tt_params"], "Table 2",
                 ("table_position", "num_embeddings", "tt_rank", "tt_p_shapes"))
@@ -87,8 +102,14 @@ def plot_tt_shapes(df: pd.DataFrame, out_dir: str | Path, name: str = "table2_tt
             fmt = "{:.0f}" if metric == "memory_reduction" else "{:.3g}"
             ax.bar_label(container, labels=[fmt.format(v) for v in container.datavalues], fontsize=5.5,
                          rotation=90, padding=2)
-        ax.margins(y=0.15)
-        ax.legend(title="TT rank", fontsize=7)
+        # the panel's top quarter above the tallest bar, for its value: on a log axis, a quarter of the
+        # height is the span (top / low) to the power 1/4 / (1 - 1/4)
+        low, top = ax.get_ylim()[0], part["median"].max()
+        ax.set_ylim(low, top * (top / low) ** (1 / 3))
+        handles, labels = ax.get_legend_handles_labels()  # the same ranks in both panels: one legend
+        ax.get_legend().remove()
+    fig.legend(handles, labels, title="TT rank", loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.1),
+               frameon=False, fontsize=8, title_fontsize=9)
     q = ", ".join(sorted(d["tt_q_shapes"].astype(str).unique())) if "tt_q_shapes" in d else "?"
     dim = int(d["embedding_dim"].iloc[0]) if "embedding_dim" in d else "?"
     _suptitle(fig, d, f"Table 2: TT format of Kaggle's {len(order)} largest tables (dim {dim}, q-shapes {q})")
@@ -129,7 +150,7 @@ def plot_model_size(df: pd.DataFrame, out_dir: str | Path, name: str = "fig5_mod
         ax.set_yticks(y, labels)
         ax.set_xscale("log")
         ax.set_xlim(low, high)
-        ax.xaxis.set_major_formatter(FuncFormatter(format_bytes))
+        _bytes_axis(ax.xaxis)
         first = d[d["dataset"] == dataset].iloc[0]
         facts = [f"{_plain(first[c])} {label}" for c, label in (("num_tables", "tables"),) if c in first]
         facts += [f"{label} {_plain(first[c])}" for c, label in (("embedding_dim", "dim"), ("tt_rank", "TT rank"))
@@ -232,12 +253,12 @@ def plot_rows_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig8_mem
     ax_m.plot([], [], ls="--", color="0.4",
               label="parameters (dashed" + ("; T3nsor-style holds TT's cores)" if same_cores else ")"))
     ax_m.plot([], [], ls="-", color="0.4", label="peak transient, measured (solid)")
-    ax_m.yaxis.set_major_formatter(FuncFormatter(format_bytes))
-    ax_m.set_ylabel("memory (bytes, log; decimal MB/GB)")
     for ax in (ax_t, ax_m):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rows in the table (num_embeddings, log)")
+    _bytes_axis(ax_m.yaxis)
+    ax_m.set_ylabel("memory (bytes, log; decimal kB/MB/GB)")
     if times.empty:
         ax_t.text(0.5, 0.5, "no time_per_lookup rows", transform=ax_t.transAxes, ha="center")
     ax_t.legend(fontsize=7)

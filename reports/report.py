@@ -111,8 +111,6 @@ def load_results(results_dir: str | Path) -> dict[str, pd.DataFrame]:
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and pd.isna(v)):
         return ""
-    if isinstance(v, bool):
-        return "yes" if v else "no"
     return str(v).replace("|", "/").replace("\n", " ")
 
 
@@ -173,11 +171,16 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         "",
         "## Claims against this run",
         "",
+        "agrees: the verdict of the rule beside it on the measured numbers, yes or no. A rule with a noise band "
+        "counts only differences beyond it: not shown at this scale when every difference is within it; partly "
+        "when a trend holds from the first value to the last but some step goes the other way. Blank: not "
+        "compared (the section's note says why).",
+        "",
     ]
     if table.empty:
         lines.append("(no claim could be checked: no experiment tables)")
     else:
-        lines += _md_table(table[["artifact", "claim", "paper", "measured", "agrees"]])
+        lines += _md_table(table[["artifact", "claim", "paper", "measured", "rule", "agrees"]])
     if missing:
         lines += ["", f"Not in this run: {', '.join(missing)} (run `nox -s bench -- experiment=NAME`)."]
     if timings.exists():
@@ -201,7 +204,7 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
             lines.append(failure)
         part = table[table["experiment"] == name] if not table.empty else table
         if not part.empty:
-            lines += ["", *_md_table(part[["claim", "paper", "measured", "agrees", "note"]])]
+            lines += ["", *_md_table(part[["claim", "paper", "measured", "rule", "agrees", "note"]])]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines) + "\n")
     return report

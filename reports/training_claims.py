@@ -15,7 +15,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from .claims import FIG10_FRACTION, FIG10_TIME_TOL, _claim, _pct, _x
+from .claims import (FIG10_FRACTION, FIG10_TIME_TOL, NO, NOT_SHOWN, TIME_STEP_TOL, YES, _claim, _difference_rule,
+                     _pct, _trend, _trend_rule, _x)
 from .training_figures import DENSE_INIT_LABELS, TABLE1_PAPER, TT_INIT_LABELS, metric_table
 
 __all__ = ["FIG7_OVERHEAD", "FIG7_TOL", "table1_claims", "fig7_claims", "fig6_claims", "fig10_training_claims"]
@@ -38,6 +39,11 @@ def _acc_se(df: pd.DataFrame) -> float:
     n = acc["eval_samples"].max() if "eval_samples" in acc else np.nan
     p = acc["median"].median() / 100
     return 100 * math.sqrt(p * (1 - p) / n) if n and not pd.isna(n) else float("nan")
+
+
+def _noise(se: float) -> str:
+    """The noise band of accuracy claims, as the rules print it."""
+    return f"{2 * se:.2f} points (2 binomial SE)"
 
 
 def _setting(df: pd.DataFrame) -> str:
@@ -63,14 +69,14 @@ def table1_claims(df: pd.DataFrame) -> list[dict]:
         label = DENSE_INIT_LABELS[init]
         if init == "uniform":
             out.append(_claim("Table 1", f"Table 1: uncompressed DLRM, tables {label} (DLRM's init)", f"{paper}%",
-                              f"{acc[init]:.3f}%", None, f"the reference row; {_setting(df)}{bayes_text}; absolute "
-                              "accuracies are not comparable (synthetic data)"))
+                              f"{acc[init]:.3f}%", None, note=f"the reference row; {_setting(df)}{bayes_text}; "
+                              "absolute accuracies are not comparable (synthetic data)"))
             continue
         diff = acc[init] - uni
         out.append(_claim(
             "Table 1", f"Table 1: tables {label} score below uniform ({paper}% vs {TABLE1_PAPER['uniform']}%)",
             f"{paper}% ({paper - TABLE1_PAPER['uniform']:+.3f} points)", f"{acc[init]:.3f}% ({diff:+.3f} points)",
-            diff <= 2 * se, f"agrees = not above uniform by more than 2 binomial std errors ({2 * se:.2f} points)"))
+            _trend([uni, acc[init]], 2 * se, rises=False), rule=_difference_rule("below uniform", _noise(se))))
     common = [i for i in TABLE1_PAPER if i in acc.index]
     if len(common) >= 3:
         rho = pd.Series([TABLE1_PAPER[i] for i in common]).rank().corr(pd.Series([acc[i] for i in common]).rank())
@@ -79,7 +85,7 @@ def table1_claims(df: pd.DataFrame) -> list[dict]:
                           "closer to uniform in KL is better)",
                           " > ".join(DENSE_INIT_LABELS[i] for i in sorted(common, key=lambda i: -TABLE1_PAPER[i])),
                           f"{order} (Spearman rho {rho:.2f} with the paper's)", None if pd.isna(rho) else rho > 0.5,
-                          "rank correlation of the six accuracies with the paper's; agrees = rho > 0.5"))
+                          rule="Spearman rho > 0.5", note="rank correlation of the six accuracies with the paper's"))
     return out
 
 
@@ -92,17 +98,19 @@ def fig7_claims(df: pd.DataFrame) -> list[dict]:
     dataset = str(ratio["dataset"].iloc[0])
     setting = _setting(df)
     how = (f"paired per-iteration time ratio to the uncompressed model on the same batches, median; {setting}; "
-           f"agrees = within {FIG7_TOL * 100:.0f} points; the paper's is a V100 with CUDA kernels, here a CPU")
+           "the paper's is a V100 with CUDA kernels, here a CPU")
+    within = f"within ±{FIG7_TOL * 100:.0f} points"
     for ds in FIG7_OVERHEAD:
         if ds != dataset:
             out.append(_claim("Figure 7", f"6.3: {ds}: 3 -> 7 TT tables at the optimal ranks costs "
                               f"+{_pct(FIG7_OVERHEAD[ds])} training time", f"+{_pct(FIG7_OVERHEAD[ds])}",
-                              f"not run ({dataset} only)", None, f"run the preset with dlrm.dataset={ds}"))
+                              f"not run ({dataset} only)", None, note=f"run the preset with dlrm.dataset={ds}"))
     if (7, 32) in by.index:
         paper = FIG7_HEADLINE[dataset]
         v = by[(7, 32)] - 1
         out.append(_claim("Figure 7", f"6: {dataset}, 7 TT tables at rank 32: training time +{_pct(paper)} over the "
-                          "uncompressed model", f"+{_pct(paper)}", f"{_pct(v)}", abs(v - paper) <= FIG7_TOL, how))
+                          "uncompressed model", f"+{_pct(paper)}", f"{_pct(v)}", abs(v - paper) <= FIG7_TOL,
+                          rule=within, note=how))
     lo, hi = (3, FIG7_OPTIMAL_RANK[3]), (7, FIG7_OPTIMAL_RANK[7])
     if lo in by.index and hi in by.index:
         paper = FIG7_OVERHEAD[dataset]
@@ -111,20 +119,24 @@ def fig7_claims(df: pd.DataFrame) -> list[dict]:
             "Figure 7", f"6.3: {dataset}, 3 -> 7 TT tables at the optimal ranks (R=8 -> R=64, Fig 6a): training time "
             f"+{_pct(paper)}", f"+{_pct(paper)}",
             f"{_pct(v)} ({_x(by[lo])} -> {_x(by[hi])} the uncompressed model's time)", abs(v - paper) <= FIG7_TOL,
-            how + "; the optimal ranks are the paper's (Figure 6(a)), not re-derived from this run's accuracies"))
+            rule=within,
+            note=how + "; the optimal ranks are the paper's (Figure 6(a)), not re-derived from this run's accuracies"))
     least = int(ratio["tt_tables"].min())
     if least in by.index.get_level_values(0):
         worst = by[least].max() - 1
         out.append(_claim("Figure 7", f"6.4: with the {least} largest tables in TT the training time is on par with "
                           "the baseline (Kaggle)", "on par",
                           ", ".join(f"R={int(r)}: {_pct(v - 1)}" for r, v in by[least].items()),
-                          worst <= FIG7_ON_PAR, f"overhead per rank; agrees = at most {_pct(FIG7_ON_PAR)} at every rank"))
+                          worst <= FIG7_ON_PAR, rule=f"at most +{_pct(FIG7_ON_PAR)} at every rank",
+                          note="overhead per rank"))
     per_k = by.groupby(level=0).median()
     if len(per_k) >= 2:
         out.append(_claim("Figure 7", "6.3: more tables in TT format cost more training time", "grows with tables",
                           ", ".join(f"{int(k)} tables: {v:.3g}x" for k, v in per_k.items()),
-                          bool(np.all(np.diff(per_k.values) >= 0)),
-                          "median over ranks of the normalized time; agrees = non-decreasing in the number of tables"))
+                          _trend(per_k, TIME_STEP_TOL, rises=True, relative=True),
+                          rule=_trend_rule(_pct(TIME_STEP_TOL), rises=True),
+                          note="median over ranks of the normalized time; a step's change relative to the fewer "
+                          "tables' time"))
     return out
 
 
@@ -144,10 +156,10 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
         out.append(_claim(
             "Figure 6", f"3.2 / 6.2 / Fig 6(c): the sampled Gaussian init gives the best accuracy ({int(k)} TT tables, "
             f"rank {int(r)})", "sampled Gaussian best", text,
-            by_init["sampled_gaussian"] >= by_init.max() - 2 * se,
-            f"agrees = within 2 binomial std errors ({2 * se:.2f} points) of the best scheme; Algorithm 3 as the "
-            "reference code reads it gives rows far wider than N(0, 1/(3n)) (Figure 3), which SGD at lr 0.1 may not "
-            "survive"))
+            _trend([by_init.drop("sampled_gaussian").max(), by_init["sampled_gaussian"]], 2 * se, rises=True),
+            rule=_difference_rule("above the best other scheme", _noise(se)),
+            note="Algorithm 3 as the reference code reads it gives rows far wider than N(0, 1/(3n)) (Figure 3), "
+            "which SGD at lr 0.1 may not survive"))
     for (k, init), g in tt.groupby(["tt_tables", "tt_init"]):
         by_rank = g.groupby("tt_rank")["median"].median()
         if len(by_rank) < 2:
@@ -155,11 +167,11 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
         out.append(_claim(
             "Figure 6", f"6.2: larger TT ranks give more accurate models ({int(k)} TT tables, {TT_INIT_LABELS.get(init, init)})",
             "accuracy grows with rank", ", ".join(f"R={int(r)}: {v:.3f}%" for r, v in by_rank.items()),
-            by_rank.iloc[-1] >= by_rank.iloc[0] - 2 * se,
-            f"agrees = the largest rank not below the smallest by more than 2 std errors ({2 * se:.2f} points)"))
+            _trend(by_rank, 2 * se, rises=True), rule=_trend_rule(_noise(se), rises=True)))
     if not base.empty and not tt.empty:
         b = base.median()
         best = tt.groupby(["tt_tables", "tt_rank", "tt_init"])["median"].median()
+        bound = max(FIG6_NEUTRAL, 2 * se)  # a loss beyond it is more than the paper's and the noise
         for k, g in best.groupby(level=0):
             loss = b - g.max()
             (_, r, init) = g.idxmax()
@@ -167,8 +179,10 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
                 "Figure 6", f"6.2: an accuracy-neutral TT rank exists ({int(k)} TT tables; the paper: within "
                 f"{FIG6_NEUTRAL}% at 5 tables, rank 32)", f"loss <= {FIG6_NEUTRAL} points",
                 f"best {g.max():.3f}% (R={int(r)}, {TT_INIT_LABELS.get(init, init)}) vs uncompressed {b:.3f}%: "
-                f"loss {loss:+.3f} points", loss <= max(FIG6_NEUTRAL, 2 * se),
-                f"{_setting(df)}; agrees = loss within max({FIG6_NEUTRAL}, 2 std errors = {2 * se:.2f}) points"))
+                f"loss {loss:+.3f} points", YES if loss <= FIG6_NEUTRAL else NO if loss > bound else NOT_SHOWN,
+                rule=f"loss <= {FIG6_NEUTRAL} points; no: loss > {bound:.2f} (the larger of {FIG6_NEUTRAL} and 2 "
+                "binomial SE)",
+                note=_setting(df)))
     return out
 
 
@@ -192,10 +206,11 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
         agrees = t[f] <= (1 + FIG10_TIME_TOL) * t.min() and a[f] >= a.max() - 2 * se
     out.append(_claim("Figure 10", f"6.5 / Fig 10(b): a cache of {_pct(FIG10_FRACTION)} of each table is sufficient "
                       "for training time and accuracy", f"{_pct(FIG10_FRACTION)} sufficient", text, agrees,
-                      f"time per iteration / TT without cache (paired) and accuracy by cache size, warm-up "
-                      f"{_pct(warm)} of training; agrees = the {_pct(FIG10_FRACTION)} cache within "
-                      f"{_pct(FIG10_TIME_TOL)} of the fastest size and 2 std errors ({2 * se:.2f} points) of the "
-                      "most accurate" + ("" if smallest else f"; no {_pct(FIG10_FRACTION)} point measured")))
+                      rule="" if agrees is None else f"{_pct(FIG10_FRACTION)}: time within {_pct(FIG10_TIME_TOL)} of "
+                      f"the fastest size's, accuracy within {_noise(se)} of the best",
+                      note=f"time per iteration / TT without cache (paired) and accuracy by cache size, warm-up "
+                      f"{_pct(warm)} of training"
+                      + ("" if smallest else f"; no {_pct(FIG10_FRACTION)} point measured")))
     # total training time relative to the TT model without cache trained beside it in the same job
     # (paired: the machine's load drifts between jobs)
     key = "job_dir" if "job_dir" in train.columns else "cache_fraction"
@@ -214,14 +229,13 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
                 f"{_pct(FIG10_WARMUP_GROWTH)} (Kaggle)", f"+{_pct(FIG10_WARMUP_GROWTH)}",
                 f"{_pct(growth)} (total time / TT without cache: "
                 + ", ".join(f"warm-up {_pct(s)}: {v:.3g}x" for s, v in tt.items()) + ")", None,
-                "total training time (sum over iterations) over the TT model's without cache in the same job, median "
-                "over cache sizes; not compared: its sign depends on whether cached lookups are cheaper than TT ones "
-                "on the machine (on this CPU they are not, so a longer warm-up shortens training)"))
+                note="total training time (sum over iterations) over the TT model's without cache in the same job, "
+                "median over cache sizes; not compared: its sign depends on whether cached lookups are cheaper than "
+                "TT ones on the machine (on this CPU they are not, so a longer warm-up shortens training)"))
     g = gain.groupby("cache_fraction")["median"].median()
     out.append(_claim("Figure 10", f"6.5: the cache adds {FIG10_CACHE_GAIN} accuracy points (Kaggle)",
                       f"+{FIG10_CACHE_GAIN} points", f"{g.median():+.3f} points (median over points; by size: "
                       + ", ".join(f"{_pct(f)}: {v:+.3f}" for f, v in g.items()) + ")",
-                      g.median() >= -2 * se,
-                      f"accuracy minus the same TT model's without cache, same batches; agrees = not below it by "
-                      f"more than 2 std errors ({2 * se:.2f} points)"))
+                      _trend([0, g.median()], 2 * se, rises=True), rule=_difference_rule("above 0", _noise(se)),
+                      note="accuracy minus the same TT model's without cache, same batches"))
     return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,9 +12,11 @@ import pytest
 
 from benches.analytic import init_distribution_rows, model_size_rows, tt_shapes_rows
 from benches.config import BenchConfig
-from reports.claims import CLAIM_COLUMNS, claims
+from reports.claims import CLAIM_COLUMNS, _claim, _trend, claims
 from reports.paper_figures import plot_init_distribution, plot_model_size, plot_rows_sweep, plot_tt_shapes
+from reports.report import build
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {"cpu_model": "Test CPU", "threads": "2"}
 
 
@@ -80,16 +84,16 @@ def test_claims_agree_for_table2_and_fig5(computed):
     assert list(out.columns) == CLAIM_COLUMNS
     table2, fig5 = out[out["artifact"] == "Table 2"], out[out["artifact"] == "Figure 5"]
     assert len(table2) == 21 and len(fig5) == 6
-    assert table2["agrees"].all() and fig5["agrees"].all()
+    assert (table2["agrees"] == "yes").all() and (fig5["agrees"] == "yes").all()
     # the paper's Terabyte headline (112x) is not what its own Figure 5 configuration gives (95.5x)
     headline = out[out["claim"].str.contains("terabyte model size")]
-    assert headline["agrees"].tolist() == [False]
+    assert headline["agrees"].tolist() == ["no"]
 
 
 def test_claims_of_fig3_show_algorithm3_missing_the_target(computed):
     out = claims({"fig3": computed["fig3"]}).set_index("artifact")
-    assert bool(out.loc["Figure 3", "agrees"]) is False  # rank-blind scaling: the widest of the three
-    assert bool(out.loc["Figure 3 (ours)", "agrees"]) is True
+    assert out.loc["Figure 3", "agrees"] == "no"  # rank-blind scaling: the widest of the three
+    assert out.loc["Figure 3 (ours)", "agrees"] == "yes"
     assert "sampled gaussian: KS" in out.loc["Figure 3", "measured"]
 
 
@@ -108,10 +112,10 @@ def test_claims_of_timed_experiments_from_their_tables():
                   "median": 0.4 / 4 ** (w - 1)} for w in (1, 2, 3, 4)])
     out = claims({"fig8": fig8, "fig11": fig11, "fig12": fig12, "fig9": fig9})
     by = out.groupby("artifact")["agrees"].apply(list).to_dict()
-    assert by["Figure 8"] == [True, True, True]      # faster; ~#rows/batch smaller; T3nsor ~ EmbeddingBag's
-    assert by["Figure 11"] == [True, True, True]     # both fall with P; the gap grows
-    assert by["Figure 12"] == [True]
-    assert by["Figure 9"] == [True]
+    assert by["Figure 8"] == ["yes"] * 3       # faster; ~#rows/batch smaller; T3nsor ~ EmbeddingBag's
+    assert by["Figure 11"] == ["yes"] * 3      # both fall with P; the gap grows
+    assert by["Figure 12"] == ["yes"]
+    assert by["Figure 9"] == ["yes"]
     # break-even: 500 (1 - h) + 10 = 60 at h = 0.9, on the measured segment 0.8 .. 1.0
     assert out.loc[out["artifact"] == "Figure 12", "measured"].item() == "0.90"
 
@@ -129,3 +133,76 @@ def test_claims_refuse_bad_input(computed):
         claims({"fig99": computed["table2"]})
     with pytest.raises(ValueError, match=r"results\['fig12'\]: columns \['job_dir'"):
         claims({"fig12": pd.DataFrame({"metric": ["time_per_lookup"], "median": [1.0]})})
+
+
+# ---- verdicts: from the numbers printed beside them, by a rule the row shows ----
+
+@pytest.mark.parametrize("values,tol,rises,relative,verdict", [
+    ((182.0, 211.0, 181.0), 0.05, False, True, "no"),  # up, then back: does not fall
+    ((693.0, 330.0, 126.0), 0.05, False, True, "yes"),
+    ((100.0, 96.0, 90.0), 0.05, False, True, "yes"),   # steps within the noise, first to last beyond it
+    ((100.0, 120.0, 50.0), 0.05, False, True, "partly"),
+    ((100.0, 103.0, 101.0), 0.05, False, True, "not shown at this scale"),
+    ((77.640, 77.353), 0.33, True, False, "not shown at this scale"),  # fell, within the noise
+    ((77.718, 77.119), 0.33, True, False, "no"),
+    ((77.0, 77.5), 0.33, True, False, "yes"),
+])
+def test_trend_verdicts(values, tol, rises, relative, verdict):
+    assert _trend(values, tol, rises=rises, relative=relative) == verdict
+
+
+def _fig11(dense_ns: tuple[float, ...]) -> pd.DataFrame:
+    return _csv([{"impl": "dense", "backend": "aten", "tt_rank": None, "pooling_factor": p, "mode": "train",
+                  "metric": "time_per_lookup", "median": ns} for p, ns in zip((1, 10, 100), dense_ns)])
+
+
+@pytest.mark.parametrize("dense_ns,verdict", [((182.0, 211.0, 181.0), "no"), ((182.0, 120.0, 60.0), "yes"),
+                                              ((182.0, 185.0, 180.0), "not shown at this scale")])
+def test_a_time_per_lookup_that_rises_and_falls_back_does_not_fall_with_p(dense_ns, verdict):
+    row = claims({"fig11": _fig11(dense_ns)}).iloc[0]
+    assert row["measured"] == "nn.EmbeddingBag, train: " + ", ".join(
+        f"P={p}: {ns:.3g} ns" for p, ns in zip((1, 10, 100), dense_ns))
+    assert row["agrees"] == verdict
+    assert row["rule"] == "falls first to last, rises at no step; beyond noise ±5%"
+
+
+def _fig6(accuracy_by_rank: dict[int, float]) -> pd.DataFrame:
+    """7 TT tables, normal init; 64,000 held-out samples: 2 binomial standard errors = 0.33 points."""
+    return _csv([{"model": "main", "metric": "accuracy", "tt_tables": 7, "tt_rank": r, "tt_init": "normal",
+                  "eval_samples": 64_000, "median": acc} for r, acc in accuracy_by_rank.items()])
+
+
+@pytest.mark.parametrize("by_rank,verdict", [({8: 77.640, 32: 77.353}, "not shown at this scale"),
+                                             ({8: 77.9, 32: 77.3}, "no"), ({8: 77.0, 32: 77.6}, "yes")])
+def test_accuracy_falling_with_rank_does_not_read_as_more_accurate(by_rank, verdict):
+    out = claims({"fig6": _fig6(by_rank)})
+    row = out[out["claim"].str.contains("larger TT ranks give more accurate models")].iloc[0]
+    assert row["measured"] == ", ".join(f"R={r}: {a:.3f}%" for r, a in by_rank.items())
+    assert row["agrees"] == verdict
+    assert row["rule"] == "rises first to last, falls at no step; beyond noise ±0.33 points (2 binomial SE)"
+
+
+@pytest.mark.parametrize("dense_bytes_per_row,ratio,verdict", [(64.0, "2.03x", "yes"), (16.0, "8.13x", "no")])
+def test_t3nsor_as_large_as_embeddingbag_only_within_the_tolerance_its_row_shows(dense_bytes_per_row, ratio, verdict):
+    rows = [{**r, "param_bytes": dense_bytes_per_row * r["num_embeddings"]} if r["impl"] == "dense" else r
+            for r in _fig8_rows()]
+    out = claims({"fig8": _csv(rows)})
+    row = out[out["claim"].str.contains("same memory footprint")].iloc[0]
+    assert row["measured"].startswith(f"{ratio} of nn.EmbeddingBag's")
+    assert row["agrees"] == verdict
+    assert row["rule"] == "same order: within 4x (both hold O(N x D))"
+
+
+def test_claims_refuse_an_unknown_verdict():
+    with pytest.raises(ValueError, match="agrees: got 'maybe'"):
+        _claim("Figure 0", "a claim", 1, 1, "maybe")
+
+
+def test_the_report_prints_each_verdict_beside_its_rule(tmp_path):
+    """The committed run's nn.EmbeddingBag went 182 -> 211 -> 181 ns over P = 1, 10, 100: not a fall."""
+    (tmp_path / "results").mkdir()
+    shutil.copyfile(ROOT / "reports" / "results" / "fig11.csv", tmp_path / "results" / "fig11.csv")
+    report = build(tmp_path / "results", tmp_path / "out").read_text()
+    assert "| artifact | claim | paper | measured | rule | agrees |" in report
+    assert ("| nn.EmbeddingBag, train: P=1: 182 ns, P=10: 211 ns, P=100: 181 ns | falls first to last, rises at no "
+            "step; beyond noise ±5% | no |") in report

@@ -1,0 +1,92 @@
+"""The report's figures (reports.figures, reports.paper_figures, reports.cache_figures) drawn from the
+committed reference run (reports/results): every colour explained, value labels inside their panels,
+byte axes in byte units, and files byte-identical when redrawn from the same table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from reports import cache_figures, paper_figures
+from reports.cache_figures import plot_cache_size_warmup, plot_topk_stability
+from reports.paper_figures import plot_rows_sweep, plot_tt_shapes
+
+RESULTS = Path(__file__).resolve().parents[1] / "reports" / "results"
+
+
+def _results(name: str) -> pd.DataFrame:
+    return pd.read_csv(RESULTS / f"{name}.csv")
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plot functions would save, kept open and drawn: {name: figure}."""
+    figures = {}
+
+    def keep(fig, out_dir, name):
+        fig.canvas.draw()
+        figures[name] = fig
+        return Path(out_dir) / f"{name}.png"
+
+    for module in (paper_figures, cache_figures):
+        monkeypatch.setattr(module, "save", keep)
+    yield figures
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_fig10_every_panel_has_its_colours_in_a_legend_over_its_column(drawn, tmp_path):
+    plot_cache_size_warmup(_results("fig10"), tmp_path)
+    fig = drawn["fig10_cache_size_warmup"]
+    top, bottom = fig.axes[:2], fig.axes[2:]
+    assert all(ax.get_legend() is None for ax in bottom)  # one legend per column, over it
+    for ax_top, ax_bottom in zip(top, bottom):
+        entries = {t.get_text() for t in ax_top.get_legend().get_texts()}
+        for ax in (ax_top, ax_bottom):
+            assert set(ax.get_legend_handles_labels()[1]) <= entries
+    assert "warm-up 1" in {t.get_text() for t in top[0].get_legend().get_texts()}
+    assert "cache 0.01%" in {t.get_text() for t in top[1].get_legend().get_texts()}
+
+
+def test_table2_value_labels_stay_inside_their_panels_clear_of_the_legend(drawn, tmp_path):
+    plot_tt_shapes(_results("table2"), tmp_path)
+    fig = drawn["table2_tt_shapes"]
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    legend = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        frame = ax.get_window_extent()
+        labels = [t.get_window_extent() for t in ax.texts]
+        assert len(labels) == 21  # 7 tables x 3 ranks
+        assert all(frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in labels)
+        assert not legend.overlaps(frame)
+
+
+def test_fig9_dashed_bounded_lines_are_drawn_over_wider_exact_ones(drawn, tmp_path):
+    plot_topk_stability(_results("fig9"), tmp_path)
+    middle = drawn["fig9_topk_stability"].axes[1]
+    lines = [line for line in middle.get_lines() if len(line.get_xdata())]
+    exact = {line.get_color(): line for line in lines if line.get_linestyle() == "-"}
+    bounded = [line for line in lines if line.get_linestyle() == "--"]
+    assert bounded and len(bounded) == len(exact)
+    for line in bounded:
+        under = exact[line.get_color()]
+        assert line.get_linewidth() < under.get_linewidth() and lines.index(line) > lines.index(under)
+
+
+def test_fig8_memory_axis_ticks_in_decimal_byte_units(drawn, tmp_path):
+    plot_rows_sweep(_results("fig8"), tmp_path)
+    memory = drawn["fig8_memory_time_vs_rows"].axes[1]
+    labels = [t.get_text() for t in memory.get_yticklabels(which="both") if t.get_text()]
+    assert labels and all(re.fullmatch(r"\d+(\.\d+)? (B|kB|MB|GB|TB)", label) for label in labels), labels
+    assert "decimal kB/MB/GB" in memory.get_ylabel()
+
+
+def test_redrawn_figures_are_byte_identical(tmp_path):
+    df = _results("fig8")
+    first, again = plot_rows_sweep(df, tmp_path / "a"), plot_rows_sweep(df, tmp_path / "b")
+    for suffix in (".png", ".pdf"):
+        assert first.with_suffix(suffix).read_bytes() == again.with_suffix(suffix).read_bytes(), suffix

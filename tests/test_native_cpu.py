@@ -483,6 +483,22 @@ def test_int64_indices_above_2_to_the_31():
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("p", [(200, 220, 250), (6007, 7919, 9973), (8192, 8192, 16384), (3, 5, 7)])
+def test_sort_keys_at_digit_boundaries(p):
+    """The sort keys are computed 8 lookups at a time with floating-point quotients (corrected to the
+    exact ones): lookups on both sides of many digit boundaries, up to 40-bit keys, give the rows of
+    a per-row float64 reference."""
+    spec = ttrec.TTSpec(math.prod(p), 4, p, (1, 2, 2), (2, 2))
+    cores = _cores(spec)
+    n = spec.num_embeddings
+    g = torch.Generator().manual_seed(3)
+    multiples = [m * k for m in (p[2], p[2] * p[1]) for k in torch.randint(1, n // m, (300,), generator=g).tolist()]
+    idx = torch.tensor([0, n - 1] + [x + dx for x in multiples for dx in (-1, 0, 1) if 0 <= x + dx < n])
+    bags = make_bags(idx, torch.arange(idx.numel()), None, num_embeddings=n, mode="sum")
+    want = ttrec.tt_rows([c.double() for c in cores], spec, idx)
+    torch.testing.assert_close(ops.forward(cores, spec, bags, "sum").double(), want, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("bags,mode,needle", [
     (lambda: Bags(torch.tensor([0, 10**12]), torch.tensor([0, 2]), None), "sum", "index 1000000000000"),
     (lambda: Bags(torch.tensor([0, 1, 2]), torch.tensor([0, 5]), None), "sum", "last offset 5"),

@@ -165,31 +165,31 @@ void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads
   int64_t* const dig = pl.digits.data();
   const uint64_t* const e = pl.sorted.data();
   const int64_t* const runs = pl.runs.data();
-#pragma omp parallel for schedule(static) num_threads(threads) if (U > 8192)
-  for (int64_t t = 0; t < U; ++t) {
-    const int64_t key = entry_prefix(e[runs[t]], lb), i2 = by_p0(key);
-    dig[2 * t] = key - i2 * p0;
-    dig[2 * t + 1] = i2;
+  // the prefixes' digits, and where each bucket of equal i2 starts (ascending in t: each thread
+  // lists the starts in its slice, appended in slice order), cut into pieces. (A serial galloping
+  // search for the bucket ends took 0.06 ms of a 65,536-lookup forward on an Intel Xeon VM.)
+  const int T = U > 8192 ? threads : 1;
+  std::vector<std::vector<int64_t>> starts(T);
+#pragma omp parallel num_threads(T)
+  {
+    const int th = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t lo = U * th / nt, hi = U * (th + 1) / nt;
+    std::vector<int64_t>& mine = starts[th];
+    int64_t before = lo > 0 ? by_p0(entry_prefix(e[runs[lo - 1]], lb)) : -1;  // i2 of the prefix before the slice
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t key = entry_prefix(e[runs[t]], lb), i2 = by_p0(key);
+      dig[2 * t] = key - i2 * p0;
+      dig[2 * t + 1] = i2;
+      if (i2 != before) mine.push_back(t);
+      before = i2;
+    }
   }
-  // buckets of equal i2 (ascending in t), each found by a galloping search for its end (a few
-  // dozen probes instead of a visit to each of its ~150 prefixes), cut into pieces
   pl.buckets.clear();
   pl.pieces.clear();
-  for (int64_t t = 0; t < U;) {
-    const int64_t i2 = dig[2 * t + 1];
-    int64_t lo = t, step = 1;  // dig[2 lo + 1] == i2; find the first t' > lo with a larger i2
-    while (lo + step < U && dig[2 * (lo + step) + 1] == i2) {
-      lo += step;
-      step *= 2;
-    }
-    int64_t hi = std::min(U, lo + step);  // dig[2 hi + 1] > i2 (or hi == U)
-    while (hi - lo > 1) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      (dig[2 * mid + 1] == i2 ? lo : hi) = mid;
-    }
-    pl.buckets.push_back(t);
-    for (int64_t a = t; a < hi; a += kPiece) pl.pieces.push_back(a);
-    t = hi;
+  for (const std::vector<int64_t>& mine : starts) pl.buckets.insert(pl.buckets.end(), mine.begin(), mine.end());
+  for (size_t b = 0; b < pl.buckets.size(); ++b) {
+    const int64_t end = b + 1 < pl.buckets.size() ? pl.buckets[b + 1] : U;
+    for (int64_t a = pl.buckets[b]; a < end; a += kPiece) pl.pieces.push_back(a);
   }
   pl.buckets.push_back(U);
   pl.pieces.push_back(U);

@@ -25,7 +25,7 @@ from ttrec.workloads import Batch, batch_stats
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_columns,
                                 workload_stream)
 from . import analytic, paper, training
-from .config import BenchConfig, Task, register, to_objects
+from .config import BenchConfig, Task, check_override_keys, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
@@ -256,6 +256,9 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    if (problem := check_override_keys(sys.argv[1:])) is not None:  # before Hydra's less helpful message
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every finished point is on disk

@@ -9,14 +9,19 @@ objects (:func:`to_objects`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["BenchConfig", "register", "to_objects"]
+__all__ = ["BenchConfig", "check_override_keys", "register", "to_objects"]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class Impl(str, Enum):
@@ -445,6 +450,41 @@ def register() -> None:
     cs.store(name="bench_schema", node=BenchConfig)
     if not OmegaConf.has_resolver("ttrec_output_dir"):
         OmegaConf.register_new_resolver("ttrec_output_dir", output_dir)
+
+
+def check_override_keys(args: list[str]) -> str | None:
+    """Why a command-line override names a key the schema does not have (with the keys allowed
+    there and the closest one), or None. Hydra's own message for a misspelt key (``tt.rnak=16``)
+    names neither, and suggests ``+tt.rnak=16``, which :func:`to_objects` then refuses. Config
+    groups (``table=small``), ``hydra...`` keys, ``+``/``~`` overrides and syntax errors are left to
+    Hydra."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # Hydra reports the syntax error with its position
+        return None
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or o.package or "/" in key or key.split(".")[0] == "hydra":
+            continue
+        if key in groups:
+            continue
+        schema, parts = BenchConfig, key.split(".")
+        for i, part in enumerate(parts):
+            if not dataclasses.is_dataclass(schema):
+                break  # inside a plain value: Hydra's type check speaks
+            hints = typing.get_type_hints(schema)
+            if part not in hints:
+                allowed = sorted(hints) + (groups if i == 0 else [])
+                where = f"'{'.'.join(parts[:i])}' ({schema.__name__})" if i else f"the config ({schema.__name__})"
+                close = difflib.get_close_matches(part, allowed, n=1)
+                hint = f"; did you mean '{'.'.join(parts[:i] + close)}'?" if close else ""
+                return (f"{o.input_line}: '{part}' is not a key of {where}; allowed: {', '.join(dict.fromkeys(allowed))}"
+                        f"{hint}")
+            schema = hints[part]
+    return None
 
 
 def _reject_unknown_keys(node: DictConfig, path: str = "") -> None:

@@ -73,6 +73,34 @@ def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
     assert needle in text
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["tt.rnak=16"], "'rnak' is not a key of 'tt' (TTConfig); allowed: d, init, p_shapes, q_shapes, rank; "
+                     "did you mean 'tt.rank'?"),
+    (["-m", "timing.thread=1,2"], "did you mean 'timing.threads'?"),
+    (["seeed=3"], "'seeed' is not a key of the config (BenchConfig)"),
+    (["scale.rowz=3"], "did you mean 'scale.rows'?"),
+    (["tt.rank=8", "workload.nonsense=1"], "workload.nonsense=1: 'nonsense' is not a key of 'workload'"),
+])
+def test_misspelt_keys_name_the_allowed_ones(args, needle):
+    from benches.config import check_override_keys
+    assert needle in check_override_keys(args)
+
+
+@pytest.mark.parametrize("args", [["tt.rank=8", "table=small", "hydra/launcher=cpu_pool", "hydra.run.dir=x"],
+                                  ["+tt.rnak=1"], ["experiment=fig3", "scale=smoke", "tt.p_shapes=[10,10,10]"],
+                                  ["-m", "tt.rank=8,16", "impl=tt,dense"]])
+def test_known_keys_groups_and_additions_pass_the_key_check(args):
+    from benches.config import check_override_keys
+    assert check_override_keys(args) is None
+
+
+def test_app_refuses_a_misspelt_key_before_hydra():
+    r = run_app("tt.rnak=16", timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: tt.rnak=16: 'rnak' is not a key of 'tt'")
+    assert "did you mean 'tt.rank'?" in r.stderr and "+tt.rnak" not in r.stderr
+
+
 @pytest.mark.parametrize("override,needle", [
     ("tt.rank=0", "tt.rank"), ("tt.d=1", "tt.d"), ("timing.threads=0", "timing.threads"), ("mode.lr=-1", "mode.lr"),
     ("timing.target_time_s=-5", "timing.target_time_s"), ("tt.p_shapes=[10,100]", "tt.p_shapes"),

@@ -23,7 +23,8 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     t3 = mem.loc[mem["label"] == "t3nsor", "median"].iloc[0]
     assert t3 >= 100_000 * 16 * 4
     report = (tmp_path / "report.md").read_text()
-    for heading in ("## Forward", "## Training step", "## Lookups/s by rank", "## Peak transient memory"):
+    for heading in ("## Forward", "### Where the gap to the sgemm goes", "## Training step", "## Lookups/s by rank",
+                    "## Peak transient memory"):
         assert heading in report
     # the headline ratios again, from rounds in which the steps took turns (one time per round each)
     rounds = stored[stored["metric"] == "interleaved_round_time"]
@@ -31,6 +32,9 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
                                     "nn.EmbeddingBag sparse + SGD"}
     assert (rounds["n"] == 3).all() and (rounds["median"] > 0).all()
     assert report.count("Interleaved (3 rounds") == 2
+    # the gap section's rates come from the kernel's own per-thread timers (d = 3: nonzero)
+    gap = report.split("### Where the gap to the sgemm goes")[1].split("## Training step")[0]
+    assert "- chain GEMMs:" in gap and "- last core:" in gap and "the kernel ran 1 thread:" in gap
     # the fastest-round ratio, recomputed from the stored rounds
     best = {r["label"]: min(float(x) for x in r["note"].split(":")[1].split()) for _, r in rounds.iterrows()}
     want = best["nn.EmbeddingBag sparse + SGD"] / best["native fused SGD"]

@@ -287,6 +287,25 @@ def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
         ops.force_sort_way("fast")
 
 
+@pytest.mark.parametrize("p,d3", [((40, 50, 60), True), ((30, 40, 5, 6), False)])
+def test_forward_phase_timers_nest(p, d3):
+    """The profile's parts lie within their phases: the radix sort within the sort phase, the chains'
+    and the last core's per-thread means within the chains-and-last-core phase (d = 3 only)."""
+    q = (2, 2, 4) if len(p) == 3 else (2, 2, 2, 2)
+    spec = _spec(p, q, (8,) * (len(p) - 1))
+    idx = torch.randint(0, spec.num_embeddings, (20000,), generator=torch.Generator().manual_seed(1))
+    bags = make_bags(idx, torch.arange(20000), None, num_embeddings=spec.num_embeddings, mode="sum")
+    torch.set_num_threads(2)
+    ops.forward(_cores(spec), spec, bags, "sum")
+    st = ops.last_stats()
+    assert 0 < st["seconds_sort_radix"] <= st["seconds_sort"]
+    if d3:
+        assert st["seconds_chains"] > 0 and st["seconds_last_core"] > 0
+        assert st["seconds_chains"] + st["seconds_last_core"] <= st["seconds_chains_and_last_core"]
+    else:
+        assert st["seconds_chains"] == 0 and st["seconds_last_core"] == 0
+
+
 def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
     spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
     cores = _cores(spec)

@@ -41,7 +41,9 @@ class TTStats(ctypes.Structure):
     _fields_ = [("lookups", ctypes.c_int64), ("unique_prefixes", ctypes.c_int64), ("chunks", ctypes.c_int64),
                 ("seconds", ctypes.c_double * 8)]
 
-    FORWARD_PHASES = ("sort", "chains_and_last_core", "pool")
+    # forward: chains and last_core are parts of chains_and_last_core (d = 3 only: per thread, the
+    # mean over the threads; 0 otherwise), sort_radix is the radix sort within sort
+    FORWARD_PHASES = ("sort", "chains_and_last_core", "pool", "chains", "last_core", "sort_radix")
     # d == 3 backward: sort (skipped when the forward kept its plan), chains_and_dP (the prefix chains,
     # skipped likewise), i2_buckets (per-lookup dP and dG_3, dG_2 and dP_1 per bucket) and first_core
     # (the segment sums of dG_1 and dG_3); the other phases are those of d = 2 and 4.

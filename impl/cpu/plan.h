@@ -134,6 +134,7 @@ struct Plan {
   std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
   std::vector<float> P;           // see Pa()
   bool has_P = false;
+  double sort_seconds = 0;  // plan_chunk's radix sort (the forward's phase timers)
   // (kept by a forward for its backward, with P) the forward's used last digits and their
   // transposed slices (Ctx::prepare_last), and whether every bag held one unweighted lookup
   UsedDigits last;
@@ -156,7 +157,9 @@ bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
 
 void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, std::vector<uint8_t>& marks,
                 bool by_prefix = false) {
+  const double t0 = omp_get_wtime();
   sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix);
+  pl.sort_seconds = omp_get_wtime() - t0;
   const int lb = last_bits(s->p[2]);
   const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
   const int64_t p0 = s->p[0];

@@ -187,8 +187,10 @@ typedef struct {
   int64_t unique_prefixes;  // summed over chunks
   int64_t chunks;
   // seconds per phase, summed over chunks (forward: first repeat only). Forward: 0 sort+runs,
-  // 1 chains + last core, 2 pooling. Backward: 0 setup, 1 sort+runs, 2 gradient gather,
-  // 3 chains + dP, 4 last core, 5 middle cores, 6 first core.
+  // 1 chains + last core, 2 pooling; and parts of them: 3 the chain GEMMs and 4 the last core
+  // (d = 3: per thread, the mean over the threads, within 1), 5 the radix sort (within 0).
+  // Backward: 0 setup, 1 sort+runs, 2 gradient gather, 3 chains + dP, 4 last core, 5 middle
+  // cores, 6 first core.
   double seconds[8];
 } tt_stats_t;
 
@@ -255,6 +257,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       // as one run)
       if (d == 3) plan_chunk(s, idx + s0, cn, threads, *pl, ctx.marks, !keep);
       else sort_lookups(s, idx + s0, cn, sorted_g, tmp, ctx.marks, threads, true);
+      const double t_sorted = d == 3 ? t0 + pl->sort_seconds : omp_get_wtime();
       const std::vector<uint64_t>& sorted = d == 3 ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = d == 3 ? pl->runs : runs_g;
       ctx.prepare_last(cn, threads);
@@ -345,7 +348,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           std::vector<const float*> Ap;
           std::vector<float> Pl((size_t)kPiece * M * R);
           const int64_t npieces = (int64_t)pl->pieces.size() - 1;
-#pragma omp for schedule(dynamic, 1)
+          double in_chains = 0, in_last = 0;  // this thread's seconds (a clock read per piece and part)
+#pragma omp for schedule(dynamic, 1) nowait
           for (int64_t pc = 0; pc < npieces; ++pc) {
             const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1];
             int64_t ld;
@@ -353,10 +357,22 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             // P in a cache-resident scratch; kept for the backward by streaming stores (written
             // past the cache: no read of the megabytes of plan it lands in)
             float* const P = Pl.data();
+            const double c0 = omp_get_wtime();
             piece_chain(s, cores, *pl, ta, tb, Ap, S, ld, P);
+            const double c1 = omp_get_wtime();
             for (int64_t t = ta; t < tb; ++t) finish(t, P + (t - ta) * (int64_t)M * R);
             if (keep) stream_floats(keep->Pa() + ta * (int64_t)M * R, P, (tb - ta) * (int64_t)M * R);
+            in_chains += c1 - c0;
+            in_last += omp_get_wtime() - c1;
           }
+          if (stats && rep == 0) {
+#pragma omp critical(tt_forward_stats)
+            {
+              stats->seconds[3] += in_chains / omp_get_num_threads();
+              stats->seconds[4] += in_last / omp_get_num_threads();
+            }
+          }
+#pragma omp barrier
         } else {
           int64_t dig[TT_MAX_D];
 #pragma omp for schedule(dynamic, 64)
@@ -400,6 +416,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       }
       if (stats && rep == 0) {
         stats->seconds[0] += t1 - t0;
+        stats->seconds[5] += t_sorted - t0;
         stats->seconds[1] += t2 - t1;
         stats->seconds[2] += omp_get_wtime() - t2;
       }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -199,9 +198,14 @@ def test_claims_refuse_an_unknown_verdict():
 
 
 def test_the_report_prints_each_verdict_beside_its_rule(tmp_path):
-    """The committed run's nn.EmbeddingBag went 182 -> 211 -> 181 ns over P = 1, 10, 100: not a fall."""
+    """nn.EmbeddingBag at 182 -> 211 -> 181 ns over P = 1, 10, 100 (an earlier reference run's
+    values, set into the committed table) is not a fall."""
     (tmp_path / "results").mkdir()
-    shutil.copyfile(ROOT / "reports" / "results" / "fig11.csv", tmp_path / "results" / "fig11.csv")
+    table = pd.read_csv(ROOT / "reports" / "results" / "fig11.csv")
+    for pooling, ns in ((1, 182.0), (10, 211.0), (100, 181.0)):
+        rows = (table["impl"] == "dense") & (table["metric"] == "time_per_lookup") & (table["pooling_factor"] == pooling)
+        table.loc[rows, ["median", "q1", "q3"]] = ns
+    table.to_csv(tmp_path / "results" / "fig11.csv", index=False)
     report = build(tmp_path / "results", tmp_path / "out").read_text()
     assert "| artifact | claim | paper | measured | rule | agrees |" in report
     assert ("| nn.EmbeddingBag, train: P=1: 182 ns, P=10: 211 ns, P=100: 181 ns | falls first to last, rises at no "

@@ -168,16 +168,21 @@ PROFILE_CALLS = 30  # native forwards whose phase timers give the profile (media
 
 
 def _median_phases(step: Callable[[], object], calls: int) -> dict[str, float]:
-    """The native forward's own phase timers, median per phase over ``calls`` calls of ``step``, and
-    ``seconds_call``: the median time of those calls, timed around ``step``."""
+    """The native forward's own phase timers with its per-thread profile on (ops.set_profile), median
+    per phase over ``calls`` calls of ``step``, and ``seconds_call``: the median time of those calls,
+    timed around ``step``."""
     from ttrec.cpu import ops
 
     samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        step()
-        t = time.perf_counter() - t0
-        samples.append({**ops.last_stats("forward"), "seconds_call": t})
+    ops.set_profile(True)
+    try:
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            step()
+            t = time.perf_counter() - t0
+            samples.append({**ops.last_stats("forward"), "seconds_call": t})
+    finally:
+        ops.set_profile(False)
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 

@@ -290,13 +290,19 @@ def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
 @pytest.mark.parametrize("p,d3", [((40, 50, 60), True), ((30, 40, 5, 6), False)])
 def test_forward_phase_timers_nest(p, d3):
     """The profile's parts lie within their phases: the radix sort within the sort phase, the chains'
-    and the last core's per-thread means within the chains-and-last-core phase (d = 3 only)."""
+    and the last core's per-thread means within the chains-and-last-core phase (d = 3, profile on)."""
     q = (2, 2, 4) if len(p) == 3 else (2, 2, 2, 2)
     spec = _spec(p, q, (8,) * (len(p) - 1))
     idx = torch.randint(0, spec.num_embeddings, (20000,), generator=torch.Generator().manual_seed(1))
     bags = make_bags(idx, torch.arange(20000), None, num_embeddings=spec.num_embeddings, mode="sum")
     torch.set_num_threads(2)
     ops.forward(_cores(spec), spec, bags, "sum")
+    assert ops.last_stats()["seconds_chains"] == 0 == ops.last_stats()["seconds_last_core"]  # profile off
+    ops.set_profile(True)
+    try:
+        ops.forward(_cores(spec), spec, bags, "sum")
+    finally:
+        ops.set_profile(False)
     st = ops.last_stats()
     assert 0 < st["seconds_sort_radix"] <= st["seconds_sort"]
     if d3:

@@ -41,8 +41,8 @@ class TTStats(ctypes.Structure):
     _fields_ = [("lookups", ctypes.c_int64), ("unique_prefixes", ctypes.c_int64), ("chunks", ctypes.c_int64),
                 ("seconds", ctypes.c_double * 8)]
 
-    # forward: chains and last_core are parts of chains_and_last_core (d = 3 only: per thread, the
-    # mean over the threads; 0 otherwise), sort_radix is the radix sort within sort
+    # forward: chains and last_core are parts of chains_and_last_core (d = 3 with ops.set_profile(True)
+    # only: per thread, the mean over the threads; 0 otherwise), sort_radix is the radix sort within sort
     FORWARD_PHASES = ("sort", "chains_and_last_core", "pool", "chains", "last_core", "sort_radix")
     # d == 3 backward: sort (skipped when the forward kept its plan), chains_and_dP (the prefix chains,
     # skipped likewise), i2_buckets (per-lookup dP and dG_3, dG_2 and dP_1 per bucket) and first_core
@@ -137,9 +137,11 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.tt_last_sort_way.restype = ctypes.c_int
     lib.tt_force_sort_way.argtypes = [ctypes.c_int]
     lib.tt_force_sort_way.restype = None
+    lib.tt_set_profile.argtypes = [ctypes.c_int]
+    lib.tt_set_profile.restype = None
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 6:
+    if lib.tt_abi_version() != 7:
         raise RuntimeError("native library ABI mismatch")
     return lib
 

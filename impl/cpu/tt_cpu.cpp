@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -48,6 +49,8 @@
 #include "plan.h"  // per-call context, the d = 3 plan and its pieces
 
 namespace {
+
+std::atomic<bool> g_profile{false};  // see tt_set_profile
 
 // The prefixes [t0, t1) of a piece when D = 16 = M q_d and R = 16 RV (the common DLRM case), prefix t
 // with partial product P = P0 + (t - t0) M R and rows runs[t] .. runs[t + 1] - 1 (sorted lookups).
@@ -188,7 +191,8 @@ typedef struct {
   int64_t chunks;
   // seconds per phase, summed over chunks (forward: first repeat only). Forward: 0 sort+runs,
   // 1 chains + last core, 2 pooling; and parts of them: 3 the chain GEMMs and 4 the last core
-  // (d = 3: per thread, the mean over the threads, within 1), 5 the radix sort (within 0).
+  // (d = 3 with tt_set_profile(1): per thread, the mean over the threads, within 1), 5 the radix
+  // sort (within 0).
   // Backward: 0 setup, 1 sort+runs, 2 gradient gather, 3 chains + dP, 4 last core, 5 middle
   // cores, 6 first core.
   double seconds[8];
@@ -348,7 +352,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           std::vector<const float*> Ap;
           std::vector<float> Pl((size_t)kPiece * M * R);
           const int64_t npieces = (int64_t)pl->pieces.size() - 1;
-          double in_chains = 0, in_last = 0;  // this thread's seconds (a clock read per piece and part)
+          // this thread's seconds in the chains and the last core (with tt_set_profile(1) only)
+          const bool profile = stats && rep == 0 && g_profile.load(std::memory_order_relaxed);
+          double in_chains = 0, in_last = 0;
 #pragma omp for schedule(dynamic, 1) nowait
           for (int64_t pc = 0; pc < npieces; ++pc) {
             const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1];
@@ -357,15 +363,17 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             // P in a cache-resident scratch; kept for the backward by streaming stores (written
             // past the cache: no read of the megabytes of plan it lands in)
             float* const P = Pl.data();
-            const double c0 = omp_get_wtime();
+            const double c0 = profile ? omp_get_wtime() : 0;
             piece_chain(s, cores, *pl, ta, tb, Ap, S, ld, P);
-            const double c1 = omp_get_wtime();
+            const double c1 = profile ? omp_get_wtime() : 0;
             for (int64_t t = ta; t < tb; ++t) finish(t, P + (t - ta) * (int64_t)M * R);
             if (keep) stream_floats(keep->Pa() + ta * (int64_t)M * R, P, (tb - ta) * (int64_t)M * R);
-            in_chains += c1 - c0;
-            in_last += omp_get_wtime() - c1;
+            if (profile) {
+              in_chains += c1 - c0;
+              in_last += omp_get_wtime() - c1;
+            }
           }
-          if (stats && rep == 0) {
+          if (profile) {
 #pragma omp critical(tt_forward_stats)
             {
               stats->seconds[3] += in_chains / omp_get_num_threads();
@@ -1030,7 +1038,12 @@ void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const i
       if (offsets[j + 1] < offsets[j]) { *bad_offset = j; break; }
 }
 
-int tt_abi_version(void) { return 6; }
+int tt_abi_version(void) { return 7; }
+
+// Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]): a
+// clock read per GEMM piece and part, about 3% of a 16,384-lookup forward on one thread of an
+// Intel Xeon VM, so off unless a profile is asked for (benches.cpu_kernel).
+void tt_set_profile(int on) { g_profile.store(on != 0, std::memory_order_relaxed); }
 
 // The sort's way for two or more threads (SortWay) at the key width of the last such sort: -1
 // while its first sorts still time both ways (or none has run), else 0 (kShared) or 1 (kSplit).

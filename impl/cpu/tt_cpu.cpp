@@ -355,7 +355,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           // this thread's seconds in the chains and the last core (with tt_set_profile(1) only)
           const bool profile = stats && rep == 0 && g_profile.load(std::memory_order_relaxed);
           double in_chains = 0, in_last = 0;
-#pragma omp for schedule(dynamic, 1) nowait
+#pragma omp for schedule(dynamic, 1)
           for (int64_t pc = 0; pc < npieces; ++pc) {
             const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1];
             int64_t ld;
@@ -380,7 +380,6 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
               stats->seconds[4] += in_last / omp_get_num_threads();
             }
           }
-#pragma omp barrier
         } else {
           int64_t dig[TT_MAX_D];
 #pragma omp for schedule(dynamic, 64)

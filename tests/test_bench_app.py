@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from benches.app import measure_point
-from benches.config import BenchConfig, register, to_objects
+from benches.config import BenchConfig, check_override_keys, register, to_objects
 from benches.results import AGGREGATE_FILE, FAILED_FILE, collect
 
 from .apprun import run_app
@@ -82,7 +82,6 @@ def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
     (["tt.rank=8", "workload.nonsense=1"], "workload.nonsense=1: 'nonsense' is not a key of 'workload'"),
 ])
 def test_misspelt_keys_name_the_allowed_ones(args, needle):
-    from benches.config import check_override_keys
     assert needle in check_override_keys(args)
 
 
@@ -90,7 +89,6 @@ def test_misspelt_keys_name_the_allowed_ones(args, needle):
                                   ["+tt.rnak=1"], ["experiment=fig3", "scale=smoke", "tt.p_shapes=[10,10,10]"],
                                   ["-m", "tt.rank=8,16", "impl=tt,dense"]])
 def test_known_keys_groups_and_additions_pass_the_key_check(args):
-    from benches.config import check_override_keys
     assert check_override_keys(args) is None
 
 

@@ -29,7 +29,7 @@ from .config import BenchConfig, Task, check_override_keys, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
-from .results import RESULTS_FILE, claim_point, clear_failure, record_failure, write_rows
+from .results import IGNORED_SECTIONS, RESULTS_FILE, claim_point, clear_failure, measured_twin, record_failure, write_rows
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -241,6 +241,13 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
         return
     if bench.task == Task.training:
         paper.run_all(bench, hc, paper.TRAINING_EXPERIMENTS, label="training")
+        return
+    # a sweep over settings this implementation never reads (nn.EmbeddingBag over tt.rank) times it once
+    if (bench.task == Task.time and hc.mode == RunMode.MULTIRUN and not bench.redo
+            and (twin := measured_twin(out, cfg)) is not None):
+        log.info("not measured again: impl=%s reads no %s setting, and this sweep measured the same point in %s "
+                 "(redo=true measures it here too)", bench.impl.name.value,
+                 "/".join(f"{k}.*" for k in IGNORED_SECTIONS[bench.impl.name.value]), twin)
         return
     if not claim_point(out, cfg, redo=bench.redo):
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)

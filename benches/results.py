@@ -87,7 +87,13 @@ def measured_twin(out_dir: str | Path, cfg: DictConfig) -> Path | None:
     for sibling in sorted((p for p in out_dir.parent.iterdir() if p.is_dir() and p != out_dir),
                           key=lambda p: _job_order(Path(p.name))):
         results, point_file = sibling / RESULTS_FILE, sibling / POINT_FILE
-        if results.exists() and point_file.exists() and _measured_part(point_file.read_text()) == mine:
+        if not (results.exists() and point_file.exists()):
+            continue
+        try:
+            theirs = _measured_part(point_file.read_text())
+        except Exception:  # not a point file of ours (unreadable or not YAML): no twin, this job measures
+            continue
+        if theirs == mine:
             return sibling
     return None
 

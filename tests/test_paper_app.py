@@ -88,6 +88,11 @@ def test_a_sweep_finds_the_measured_twin_of_a_point_only_where_the_impl_ignores_
     # anything else it reads makes another point; unfinished jobs are no twins
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=dense", "workload.batch_size=8")) is None
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=dense", "workload.pooling_factor=10")) is None
+    bad = tmp_path / "3"  # a sibling whose point file is not YAML: skipped, not an error
+    bad.mkdir()
+    (bad / POINT_FILE).write_text("impl: [unclosed\n")
+    (bad / RESULTS_FILE).write_text("metric,median\nx,1\n")
+    assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=dense", "workload.batch_size=16")) is None
     # TT implementations read tt.*: never a twin across ranks
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=tt", "tt.rank=16")) is None
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=t3nsor", "tt.rank=8")) is None

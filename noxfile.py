@@ -1,5 +1,5 @@
-"""Sessions: tests, bench (Hydra overrides after --), figures (the report from stored results),
-kernel (the CPU-kernel experiment).
+"""Sessions: tests (then lint), bench (Hydra overrides after --), figures (the report from stored
+results), kernel (the CPU-kernel experiment), gate (the performance-regression gate), lint (ruff).
 
 nox creates and reuses its own virtualenvs (.nox/). torch is pinned to TTREC_TORCH (default
 torch==2.13.0): on the project's CPU machines pip takes it from a local wheel; elsewhere pip
@@ -14,6 +14,7 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
 
 TORCH = os.environ.get("TTREC_TORCH", "torch==2.13.0")
+RUFF = "ruff==0.16.9"  # pinned: a newer ruff's new rules must not fail CI unannounced
 
 
 def _install(session: nox.Session, *extras: str) -> None:
@@ -24,9 +25,17 @@ def _install(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest; pass pytest arguments after --)."""
+    """The test suite (pytest; pass pytest arguments after --), then the lint session."""
     _install(session, "test", "peers", "cluster")
     session.run("pytest", "-q", *session.posargs)
+    session.notify("lint")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff on the whole tree: likely bugs only (unused and undefined names, bugbear; see pyproject.toml)."""
+    session.install(RUFF)
+    session.run("ruff", "check", *(session.posargs or ["."]))
 
 
 @nox.session

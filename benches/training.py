@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from ttrec.cache import CachedTTEmbeddingBag
-from ttrec.datasets import DATASETS
 from ttrec.dlrm import ARCHS, DENSE_INITS, DLRM, binary_metrics, build_dlrm, table_sizes
 from ttrec.synthetic_clicks import ClickBatch, CriteoClicks, SyntheticClicks
 from ttrec.tt import TTEmbeddingBag

@@ -143,7 +143,7 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
     out = Path(out_dir)
     figs, tables = out / "figures", out / "results"
     tables.mkdir(parents=True, exist_ok=True)
-    for name, df in results.items():  # the report's own copy of its inputs
+    for name in results:  # the report's own copy of its inputs
         target = tables / f"{name}.csv"
         source = Path(results_dir) / name / "results_all.csv"
         source = source if source.exists() else Path(results_dir) / f"{name}.csv"

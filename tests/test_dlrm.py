@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import ttrec
-from ttrec.dlrm import (ARCHS, DENSE_INITS, DLRM, binary_metrics, build_dlrm, init_dense_table, roc_auc,
+from ttrec.dlrm import (ARCHS, DENSE_INITS, binary_metrics, build_dlrm, init_dense_table, roc_auc,
                         table_sizes)
 from ttrec.synthetic_clicks import SyntheticClicks
 from ttrec.tt import TTEmbeddingBag

@@ -367,7 +367,7 @@ def test_fused_update_equals_torch_optimizer_and_touches_only_looked_up_slices(o
            else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10))
     before = [c.detach().clone() for c in fused.tt_cores]
     g = torch.Generator().manual_seed(5)
-    for step in range(2):  # two steps: Adagrad's state must carry over
+    for _ in range(2):  # two steps: Adagrad's state must carry over
         # rows with the high digits of p_k (> 1024) included, so a launch that skips rows would show
         idx = torch.cat([torch.randint(0, spec.num_embeddings, (40,), generator=g),
                          torch.tensor([spec.num_embeddings - 1, spec.num_embeddings - 2])])

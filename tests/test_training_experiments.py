@@ -148,7 +148,7 @@ def _criteo_file(path: Path, n: int, seed: int = 0) -> Path:
 
     rng = random.Random(seed)
     lines = []
-    for i in range(n):
+    for _ in range(n):
         ints = [str(rng.randint(0, 50)) if rng.random() > 0.1 else "" for _ in range(13)]
         cats = [f"{rng.randint(0, 40 + 10 * j):08x}" for j in range(26)]
         lines.append("\t".join([str(int(rng.random() < 0.3)), *ints, *cats]) + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch

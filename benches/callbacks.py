@@ -93,7 +93,8 @@ class AggregateResults(Callback):
         elif is_cache_experiment(df):  # Figures 9, 10, 12 (their rank sweeps are not Figure 11's)
             pngs = plot_cache_figures(df, out)
         elif "tt_rank" in df.columns and df["tt_rank"].nunique() >= 2:
-            pngs = [plot_rank_sweep(df, out, name="fig11_time_vs_rank" + ("" if mode == "forward" else f"_{mode}"),
+            # (not named fig11_*: that name is the fig11 preset's, which would overwrite it in figures_dir)
+            pngs = [plot_rank_sweep(df, out, name="time_vs_rank" + ("" if mode == "forward" else f"_{mode}"),
                                     mode=mode) for mode in sorted(df["mode"].unique())]
         else:
             pngs = []

@@ -124,12 +124,14 @@ def test_pooling_one_bags_take_shortcuts_with_the_pooled_paths_results(p, q, r, 
 
 @pytest.mark.parametrize("q,r", [((4, 4, 1), (8, 16)), ((2, 4, 2), (8, 64)), ((1, 4, 4), (16, 32)),
                                  ((1, 2, 8), (4, 16)), ((1, 1, 16), (8, 32)), ((2, 2, 4), (8, 48)),
-                                 ((2, 2, 4), (8, 8)), ((2, 2, 4), (4, 17)), ((2, 2, 4), (8, 64))])
+                                 ((2, 2, 4), (8, 8)), ((2, 2, 4), (4, 17)), ((2, 2, 4), (8, 64)),
+                                 ((4, 4, 1), (16, 8)), ((1, 2, 8), (4, 8)), ((2, 4, 2), (3, 8)),
+                                 ((1, 1, 16), (8, 8))])
 def test_embedding_dim_16_paths(q, r):
     """D = 16: with q_1 q_2 = q_3 = 4 the forward's last step takes the block-broadcast path (R_2 padded
-    to 16, 32 or 64), else the dot-product one; with R_2 in {16, 32, 64} the backward takes the
-    register path (one per q_d), else the general one. Weighted bags of repeated rows, against the
-    reference and its autograd."""
+    to 16, 32 or 64), else the dot-product one; with R_2 in {8, 16, 32, 64} the backward takes the
+    register path (one per q_d; R_2 = 8 in half vectors), else the general one. Weighted bags of
+    repeated rows, against the reference and its autograd."""
     spec = _spec((6, 7, 8), q, r)
     cores = _cores(spec)
     bags = _bags(spec, [1, 4, 0, 2, 3] * 300, 5, "sum", True)

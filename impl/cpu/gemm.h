@@ -25,7 +25,7 @@ namespace {
 // pair more).
 #ifdef __AVX512F__
 constexpr int kWidestNV = 4;
-constexpr int tile_rows(int nv) { return nv >= 4 ? 6 : nv == 2 ? 12 : 16; }
+constexpr int tile_rows(int nv) { return nv >= 4 ? 6 : nv == 2 ? 12 : 16; }  // (nv = 0: 8 columns, see below)
 #define TILE_ATTR inline
 #else
 constexpr int kWidestNV = 1;
@@ -34,7 +34,9 @@ constexpr int tile_rows(int) { return 6; }
 #endif
 
 // Calls block(std::integral_constant<int, NV>{}, n) over the columns [0, N) in blocks of 64, 32
-// and 16 floats (NV vectors, at most kWidestNV), and tail(n) for the columns left over.
+// and 16 floats (NV vectors, at most kWidestNV), then of 8 floats (NV = 0: the low half of one
+// vector), and tail(n) for the columns left over. (The 8-column block: rank 8's dP_1 = dP @ G_2^T
+// is M x 8, which the scalar tail made 16% of a training step's samples by perf.)
 template <class Block, class Tail>
 inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   int n = 0;
@@ -46,7 +48,21 @@ inline void by_column_blocks(int N, Block&& block, Tail&& tail) {
   } else {
     for (; n + 16 <= N; n += 16) block(std::integral_constant<int, 1>{}, n);
   }
+  if (n + 8 <= N) { block(std::integral_constant<int, 0>{}, n); n += 8; }
   if (n < N) tail(n);
+}
+// A tile's vector count and its loads and stores of B and C: NV = 0 is one vector of which only
+// the low 8 lanes are read (the rest zero) and written.
+constexpr int vectors(int nv) { return nv > 0 ? nv : 1; }
+template <int NV>
+inline v16 load_cols(const float* p) {
+  if constexpr (NV == 0) return load8z(p);
+  else return load16(p);
+}
+template <int NV>
+inline void store_cols(float* p, v16 v) {
+  if constexpr (NV == 0) store8(p, v);
+  else store16(p, v);
 }
 
 // Where A's rows are: Strided, row m at a + m * lda; Gathered, row m at row[m] (the stacked G_1
@@ -67,29 +83,30 @@ struct Gathered {
 // the tile stays in registers over K, and B's NV vectors are loaded once per k for all MR rows.
 template <int NV, int MR, bool ACC, class Rows>
 TILE_ATTR void nn_tile(int K, Rows A, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  v16 c[MR][NV];
+  constexpr int V = vectors(NV);
+  v16 c[MR][V];
   const float* a[MR];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) a[m] = A.at(m);
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) c[m][v] = ACC ? load16(C + m * ldc + 16 * v) : splat16(0.f);
+    for (int v = 0; v < V; ++v) c[m][v] = ACC ? load_cols<NV>(C + m * ldc + 16 * v) : splat16(0.f);
   for (int k = 0; k < K; ++k) {
-    v16 b[NV];
+    v16 b[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+    for (int v = 0; v < V; ++v) b[v] = load_cols<NV>(B + k * ldb + 16 * v);
 #pragma GCC unroll 16
     for (int m = 0; m < MR; ++m) {
       const v16 am = splat16(a[m][k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[m][v] += am * b[v];
+      for (int v = 0; v < V; ++v) c[m][v] += am * b[v];
     }
   }
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store16(C + m * ldc + 16 * v, c[m][v]);
+    for (int v = 0; v < V; ++v) store_cols<NV>(C + m * ldc + 16 * v, c[m][v]);
 }
 
 // Rows of C for one block of NV vectors: tiles of tile_rows(NV) rows, then smaller tiles. Every
@@ -258,27 +275,28 @@ void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, i
 // stay in registers while all M rank-1 contributions are added (every element summed over m in order).
 template <int NV, int KR>
 TILE_ATTR void tn_tile(int M, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc) {
-  v16 acc[KR][NV];
+  constexpr int V = vectors(NV);
+  v16 acc[KR][V];
 #pragma GCC unroll 16
   for (int kk = 0; kk < KR; ++kk)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[kk][v] = load16(C + kk * ldc + 16 * v);
+    for (int v = 0; v < V; ++v) acc[kk][v] = load_cols<NV>(C + kk * ldc + 16 * v);
   for (int m = 0; m < M; ++m) {
-    v16 b[NV];
+    v16 b[V];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) b[v] = load16(B + m * ldb + 16 * v);
+    for (int v = 0; v < V; ++v) b[v] = load_cols<NV>(B + m * ldb + 16 * v);
     const float* a = A + m * lda;
 #pragma GCC unroll 16
     for (int kk = 0; kk < KR; ++kk) {
       const v16 x = splat16(a[kk]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[kk][v] += x * b[v];
+      for (int v = 0; v < V; ++v) acc[kk][v] += x * b[v];
     }
   }
 #pragma GCC unroll 16
   for (int kk = 0; kk < KR; ++kk)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store16(C + kk * ldc + 16 * v, acc[kk][v]);
+    for (int v = 0; v < V; ++v) store_cols<NV>(C + kk * ldc + 16 * v, acc[kk][v]);
 }
 
 template <int NV>

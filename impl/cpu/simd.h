@@ -31,6 +31,14 @@ inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 inline v16 splat16(float x) { return (v16)_mm512_set1_ps(x); }  // a broadcast (0 + x would be an add)
 inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
 inline v16 lane_bcast(v16 v, int i) { return __builtin_shuffle(v, v16i{} + i); }  // every lane = lane i
+// the 8 floats at p in the low lanes, zeros above; the low 8 lanes of v to p (8-float rows). 32-byte
+// accesses: a masked 64-byte one would span the next line whenever p is 32 bytes into one
+// (vector extensions: GCC 12's 256 <-> 512-bit cast intrinsics trip -Wmaybe-uninitialized)
+typedef float v8h __attribute__((vector_size(32), aligned(4)));
+inline v16 load8z(const float* p) {
+  return __builtin_shufflevector(*reinterpret_cast<const v8h*>(p), v8h{}, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline void store8(float* p, v16 v) { *reinterpret_cast<v8h*>(p) = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
 
 // Sums of 16 vectors as one vector: lane k = sum of acc[bitrev4(k)] (a transpose-add tree).
 inline v16 hsum16_bitrev(const v16* acc) {
@@ -101,6 +109,8 @@ inline v16 lane_bcast(v16 v, int i) {
   const v8 h = __builtin_shuffle(i < 8 ? v.lo : v.hi, v8i{} + (i & 7));
   return {h, h};
 }
+inline v16 load8z(const float* p) { return {*reinterpret_cast<const v8*>(p), v8{}}; }
+inline void store8(float* p, v16 v) { *reinterpret_cast<v8*>(p) = v.lo; }
 
 // hsum16_bitrev as above, on halves: its first level adds halves, the others permute within halves
 template <int... I>

@@ -52,8 +52,9 @@ namespace {
 
 std::atomic<bool> g_profile{false};  // see tt_set_profile
 
-// The prefixes [t0, t1) of a piece when D = 16 = M q_d and R = 16 RV (the common DLRM case), prefix t
-// with partial product P = P0 + (t - t0) M R and rows runs[t] .. runs[t + 1] - 1 (sorted lookups).
+// The prefixes [t0, t1) of a piece when D = 16 = M q_d and R in {8, 16, 32, 64} (the common DLRM
+// cases; R = 8 in the low 8 lanes of one vector), prefix t with partial product
+// P = P0 + (t - t0) M R and rows runs[t] .. runs[t + 1] - 1 (sorted lookups).
 // For each distinct row, g = the upstream gradient summed over the row's repeats (a register), then
 // dp (M x R) = sum of g (M x q_d) @ St (q_d x R) and c3 (q_d x R) += g^T @ P (M x R). dp stays in registers
 // across the prefix's rows (M x RV vectors: spilled when M = 16, still correct) and each entry of g is
@@ -61,10 +62,18 @@ std::atomic<bool> g_profile{false};  // see tt_set_profile
 // slice(e, &S) the c3 accumulator of sorted entry e (and S its last-core slice); ahead(y) prefetches
 // lookup y's. dp (dp0 + (t - t0) M R) is written, not added to: these rows are all of the prefix's.
 // One call per piece: the setup (lane-broadcast indices, captures) is not repeated per prefix.
-template <int QD, int RV, class Gather, class Slice, class Ahead>
+// The last-core slices St are rows of Rp = max(R, 16) floats, zero-padded (Ctx::last_t): with R = 8
+// their high lanes are zero, so dp's are too, and P, c3 and dp are read and written 8 lanes at a
+// time (with the general per-row GEMMs instead, the backward's bucket phase took 4-6x as long at
+// R = 8 as at 16: 100,000-row table, batch 4,096, pooling 1 and 10, Intel Xeon VM).
+template <int QD, int R, class Gather, class Slice, class Ahead>
 void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, const uint64_t* sorted,
                    Gather&& gather, Slice&& slice, Ahead&& ahead, const float* P0, float* dp0) {
-  constexpr int M = 16 / QD, R = 16 * RV;
+  static_assert(R == 8 || R % 16 == 0, "R: 8 or a multiple of 16");
+  constexpr int M = 16 / QD, RV = R < 16 ? 1 : R / 16, SR = 16 * RV;  // SR: St's row length
+  constexpr bool half = R == 8;
+  auto ld = [](const float* p) __attribute__((always_inline)) { return half ? load8z(p) : load16(p); };
+  auto st = [](float* p, v16 v) __attribute__((always_inline)) { if (half) store8(p, v); else store16(p, v); };
   // columns per pass over the rows: all with AVX-512; with AVX2 (16 registers, two per v16) as many
   // as keep dp's M x CV vectors in 8 registers, the rows visited once per pass (their gradient rows
   // are already gathered, contiguous)
@@ -77,7 +86,7 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
     if (t + 4 < t_end)
       for (int64_t bb = 0; bb < (int64_t)sizeof(float) * M * R; bb += 64)
         _mm_prefetch((const char*)(P + 4 * M * R) + bb, _MM_HINT_T0);
-    for (int col = 0; col < R; col += 16 * CV) {
+    for (int col = 0; col < SR; col += 16 * CV) {
       v16 acc[M][CV] = {};
       for (int64_t x = x0; x < x1;) {
         const uint64_t row = sorted[x] >> kJBits;
@@ -92,46 +101,46 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
         for (int c = 0; c < QD; ++c) {
           v16 sc[CV], cc[CV];
 #pragma GCC unroll 4
-          for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * R + 16 * v); cc[v] = load16(c3 + c * R + 16 * v); }
+          for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * SR + 16 * v); cc[v] = ld(c3 + c * R + 16 * v); }
 #pragma GCC unroll 16
           for (int m = 0; m < M; ++m) {
             const v16 b = lane_bcast(gv, m * QD + c);
 #pragma GCC unroll 4
             for (int v = 0; v < CV; ++v) {
               acc[m][v] += b * sc[v];
-              cc[v] += b * load16(P + m * R + col + 16 * v);
+              cc[v] += b * ld(P + m * R + col + 16 * v);
             }
           }
 #pragma GCC unroll 4
-          for (int v = 0; v < CV; ++v) store16(c3 + c * R + 16 * v, cc[v]);
+          for (int v = 0; v < CV; ++v) st(c3 + c * R + 16 * v, cc[v]);
         }
         x = y;
       }
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) store16(dp + m * R + col + 16 * v, acc[m][v]);
+        for (int v = 0; v < CV; ++v) st(dp + m * R + col + 16 * v, acc[m][v]);
     }
   }
 }
 
-// f(QD, RV) with compile-time q_d (a divisor of 16) and R / 16 in {1, 2, 4}; false for other shapes.
+// f(QD, R) with compile-time q_d (a divisor of 16) and R in {8, 16, 32, 64}; false for other shapes.
 template <class F>
 inline bool with_row16_shape(int qd, int R, F&& f) {
   using std::integral_constant;
-  const int rv = R % 16 ? 0 : R / 16;
-  if (rv != 1 && rv != 2 && rv != 4) return false;
-  auto with_rv = [&](auto QD) {
-    if (rv == 1) f(QD, integral_constant<int, 1>{});
-    else if (rv == 2) f(QD, integral_constant<int, 2>{});
-    else f(QD, integral_constant<int, 4>{});
+  if (R != 8 && R != 16 && R != 32 && R != 64) return false;
+  auto with_r = [&](auto QD) {
+    if (R == 8) f(QD, integral_constant<int, 8>{});
+    else if (R == 16) f(QD, integral_constant<int, 16>{});
+    else if (R == 32) f(QD, integral_constant<int, 32>{});
+    else f(QD, integral_constant<int, 64>{});
   };
   switch (qd) {
-    case 1: with_rv(integral_constant<int, 1>{}); return true;
-    case 2: with_rv(integral_constant<int, 2>{}); return true;
-    case 4: with_rv(integral_constant<int, 4>{}); return true;
-    case 8: with_rv(integral_constant<int, 8>{}); return true;
-    case 16: with_rv(integral_constant<int, 16>{}); return true;
+    case 1: with_r(integral_constant<int, 1>{}); return true;
+    case 2: with_r(integral_constant<int, 2>{}); return true;
+    case 4: with_r(integral_constant<int, 4>{}); return true;
+    case 8: with_r(integral_constant<int, 8>{}); return true;
+    case 16: with_r(integral_constant<int, 16>{}); return true;
     default: return false;
   }
 }
@@ -554,7 +563,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           if (fused) std::fill(dg2.begin(), dg2.end(), 0.f);
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
-            if (fast16) {  // D = 16, R_2 in {16, 32, 64}: see piece_grads16 (it writes all of dP)
+            if (fast16) {  // D = 16, R_2 in {8, 16, 32, 64}: see piece_grads16 (it writes all of dP)
               const float* const gsp = gs.data();
               auto gather = [&](int64_t y) __attribute__((always_inline)) { return load16(gsp + (y - xs) * 16); };
               auto slice = [&](uint64_t e, const float** S) __attribute__((always_inline)) {
@@ -565,17 +574,18 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                 *S = ctx.last_slice(i3);
                 return c3;
               };
-              // the next row's last-core slice and c3 accumulator into L1 (both are random reads in L2;
-              // both are w3 floats here: R_2 is a multiple of 16, so Rp = R_2)
+              // the next row's last-core slice (q_d Rp floats) and c3 accumulator (w3 floats) into L1
+              // (both are random reads in L2)
               auto ahead = [&](int64_t y) __attribute__((always_inline)) {
                 if (y >= xe) return;
                 const int64_t i3 = entry_last(sorted[y], lb);
                 const char* sn = (const char*)ctx.last_slice(i3);
                 const char* cn3 = (const char*)(a3 + (size_t)ctx.last.slot[i3] * w3);
                 for (int64_t bb = 0; bb < 4 * w3; bb += 64) { _mm_prefetch(sn + bb, _MM_HINT_T0); _mm_prefetch(cn3 + bb, _MM_HINT_T0); }
+                for (int64_t bb = 4 * w3; bb < 4 * (int64_t)qd * Rp; bb += 64) _mm_prefetch(sn + bb, _MM_HINT_T0);  // (R_2 = 8)
               };
-              with_row16_shape(qd, R2, [&](auto QD, auto RV) {
-                piece_grads16<QD.value, RV.value>(ta, tb, U, runs.data(), sorted.data(), gather, slice, ahead,
+              with_row16_shape(qd, R2, [&](auto QD, auto Rc) {
+                piece_grads16<QD.value, Rc.value>(ta, tb, U, runs.data(), sorted.data(), gather, slice, ahead,
                                                   pl->Pa() + ta * MR2, dPb.data());
               });
             } else {

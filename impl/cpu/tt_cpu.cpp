@@ -8,11 +8,11 @@
 //      adjacent; repeats of a row are adjacent too;
 //   2. forward, threads over prefixes: the prefix's partial product G_1[i_1] ... G_{d-1}[i_{d-1}]
 //      once, in a thread-local scratch (the reuse of EL-Rec/EcoRec), then each distinct row of
-//      the run with the last core into a row buffer, or straight into the output for bags of one
-//      unweighted lookup: no per-lookup gathered cores. For D = 16 with q_1..q_{d-1} = q_d = 4
+//      the run with the last core into a row buffer at its lookup's position, or straight into the
+//      output for bags of one unweighted lookup: no per-lookup gathered cores. For D = 16 with q_1..q_{d-1} = q_d = 4
 //      the last step broadcasts blocks of the last-core slice (Last44), else 16 dot products
 //      and a transpose-add tree (last_stage16);
-//   3. forward: bags pooled from the row buffer in lookup order (deterministic);
+//   3. forward: bags pooled from the row buffer in lookup order (sequential reads; deterministic);
 //   4. backward: the upstream gradient summed per row and per prefix (for D = 16, per prefix in
 //      registers, piece_grads16); each core's gradient reduced per digit value by one thread (or
 //      over fixed segments of the work): no atomics, and results that do not depend on the
@@ -145,12 +145,10 @@ inline bool with_row16_shape(int qd, int R, F&& f) {
   }
 }
 
-// Random reads ahead of their use: the pooling pass fetches the row kAhead lookups on; the
-// backward's gather (prefetch_ahead) fetches the bag numbers of lookups 2 kGatherAhead on and the
-// gradient rows and weights of those kGatherAhead on. The gather is a tight loop of nothing but
-// such reads, so it runs further ahead (on the Zen 5 VM, 48 against 16: backward bucket phase 0.93x
-// [0.90-0.96], 14 alternating rounds; 32: 0.96x).
-constexpr int64_t kAhead = 16;
+// Random reads ahead of their use: the backward's gather (prefetch_ahead) fetches the bag numbers
+// of lookups 2 kGatherAhead on and the gradient rows and weights of those kGatherAhead on. The
+// gather is a tight loop of nothing but such reads, so it runs far ahead (on the Zen 5 VM, 48
+// against 16: backward bucket phase 0.93x [0.90-0.96], 14 alternating rounds; 32: 0.96x).
 constexpr int64_t kGatherAhead = 48;
 inline void prefetch_line(const void* p) { asm volatile("prefetcht0 %0" : : "m"(*(const char*)p)); }
 // Bags of one unweighted lookup each (bag_of == nullptr): lookup j's gradient row is row j.
@@ -247,7 +245,6 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
   static std::vector<float> rows;
-  static std::vector<int32_t> row_pos;
   static std::vector<uint64_t> sorted_g, tmp;
   static std::vector<int64_t> runs_g;
   static Plan plan_g;
@@ -260,6 +257,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
     // aligned line each) as non-temporal stores
     const bool direct = whole && one_unweighted_lookup_per_bag(offsets, n_bags, weights);
     const bool stream_out = direct && D == 16 && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+    constexpr int64_t kStreamRows = 512 << 10;  // see rbuf
     if (!whole) std::memset(out, 0, sizeof(float) * n_bags * D);
     for (int64_t s0 = 0; s0 < n; s0 += C) {
       const int64_t e0 = std::min(n, s0 + C), cn = e0 - s0;
@@ -276,10 +274,16 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       ctx.prepare_last(cn, threads);
       const int64_t U = d == 3 ? pl->U : find_runs(sorted_g, cn, lb, runs_g, nullptr, threads);
       if (stats && rep == 0) { stats->unique_prefixes += U; stats->chunks++; }
-      rows.resize((size_t)cn * D);
-      float* const rbuf = rows.data();  // rows in sorted order
-      row_pos.resize(cn);
-      int32_t* const pos = row_pos.data();  // lookup j's row: rbuf + pos[j] * D
+      // rows land at their lookup's position: in the output (direct) or in rbuf, 64-byte aligned, which
+      // the pooling pass then reads in lookup order, sequentially. (Rows in sorted order, pooled through
+      // a position array, made that pass random reads: at 65,536 lookups, pooling 10, the forward
+      // took 1.15x as long on an Intel Xeon VM, the pooling pass 2.4x.) A 16-float row goes out as one
+      // streamed line once the chunk's rows pass kStreamRows bytes; below that they stay in cache
+      // (at 4,096 lookups streaming took 1.04x as long, at 8,192 0.92x).
+      rows.resize((size_t)cn * D + 16);
+      float* const rbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(rows.data()) + 63) & ~(uintptr_t)63);
+      float* const base = direct ? out : rbuf;
+      const bool stream_rows = direct ? stream_out : D == 16 && cn * D * (int64_t)sizeof(float) >= kStreamRows;
       if (keep) keep->resize_P((size_t)U * M * R);
       const double t1 = omp_get_wtime();
       // 2. per prefix: chain (d == 3: per piece of an i2 bucket), then the rows of its lookups
@@ -298,10 +302,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           arow[o] = (int32_t)((oo / qd) * Rp);  // P's rows are padded to Rp below when R != Rp
           brow[o] = (oo % qd) * Rp;
         }
-        alignas(64) float lead_row[16];  // (stream_out) the last distinct row, for its repeats
-        // the rows of prefix t's lookups; compute(St, dst) writes one row from the last-core slice St.
-        // Rows land in sorted order (sequential writes), or (direct) in their bags' output rows; a
-        // repeat of a row points at (direct: copies) its first copy
+        alignas(64) float lead_row[16];  // (stream_rows) the last distinct row, for its repeats
+        // the rows of prefix t's lookups; compute(St, dst) writes one row from the last-core slice St,
+        // at its lookup's position (see rbuf); a repeat of a row copies its first copy
         // (bounds and arrays in locals: the non-temporal stores below may alias anything, so the
         // compiler would reload captured vectors' pointers after each one)
         const uint64_t* const srt = sorted.data();
@@ -316,20 +319,18 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             const uint64_t e = srt[x];
             const int64_t j = (int64_t)(e & (kMaxChunk - 1));
             if (x > x0 && (e >> kJBits) == (srt[x - 1] >> kJBits)) {  // the same row again
-              if (stream_out) stream16(out + j * D, load16(lead_row));
-              else if (direct) copy_floats(out + j * D, out + lead * D, D);
-              else pos[j] = (int32_t)lead;
+              if (stream_rows) stream16(base + j * D, load16(lead_row));
+              else copy_floats(base + j * D, base + lead * D, D);
               continue;
             }
-            lead = direct ? j : x;
-            if (!direct) pos[j] = (int32_t)x;
-            float* const row = direct ? out + j * D : rbuf + x * D;
+            lead = j;
+            float* const row = base + j * D;
             const float* St = last_t + last_slot[entry_last(e, lb)] * st_floats;
             if (x + 1 < cn) {  // the next lookup's slice into L1 while this row is computed
               const char* nx = (const char*)(last_t + last_slot[entry_last(srt[x + 1], lb)] * st_floats);
               for (int64_t bb = 0; bb < st_bytes; bb += 64) _mm_prefetch(nx + bb, _MM_HINT_T0);
             }
-            if (stream_out) {  // one aligned 64-byte line, written past the cache (no read for ownership)
+            if (stream_rows) {  // one aligned 64-byte line, written past the cache (no read for ownership)
               compute(St, lead_row);
               stream16(row, load16(lead_row));
             } else {
@@ -405,7 +406,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             finish(t, P);
           }
         }
-        if (stream_out || keep) _mm_sfence();  // this thread's streamed rows (and kept P) are out before the barrier
+        if (stream_rows || keep) _mm_sfence();  // this thread's streamed rows (and kept P) are out before the barrier
       }
       if (keep) {  // its backward reuses the used last digits, their slices and the bag check
         keep->has_P = true;
@@ -424,9 +425,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         float* o = out + b * D;
         if (whole) std::memset(o, 0, sizeof(float) * D);  // empty bags included: all bags visited
         for (int64_t j = lo; j < hi; ++j) {
-          if (j + kAhead < e0) prefetch_line(rbuf + (int64_t)pos[j + kAhead - s0] * D);  // random reads
           const float w = weights ? weights[j] : 1.0f;
-          const float* r = rbuf + (int64_t)pos[j - s0] * D;
+          const float* r = rbuf + (j - s0) * D;
           for (int c = 0; c < D; ++c) o[c] += w * r[c];
         }
       }

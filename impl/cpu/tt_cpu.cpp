@@ -9,9 +9,9 @@
 //   2. forward, threads over prefixes: the prefix's partial product G_1[i_1] ... G_{d-1}[i_{d-1}]
 //      once, in a thread-local scratch (the reuse of EL-Rec/EcoRec), then each distinct row of
 //      the run with the last core into a row buffer at its lookup's position, or straight into the
-//      output for bags of one unweighted lookup: no per-lookup gathered cores. For D = 16 with q_1..q_{d-1} = q_d = 4
-//      the last step broadcasts blocks of the last-core slice (Last44), else 16 dot products
-//      and a transpose-add tree (last_stage16);
+//      output for bags of one unweighted lookup: no per-lookup gathered cores. For D = 16 with
+//      q_1..q_{d-1} = q_d = 4 the last step broadcasts blocks of the last-core slice (Last44), else
+//      16 dot products and a transpose-add tree (last_stage16);
 //   3. forward: bags pooled from the row buffer in lookup order (sequential reads; deterministic);
 //   4. backward: the upstream gradient summed per row and per prefix (for D = 16, per prefix in
 //      registers, piece_grads16); each core's gradient reduced per digit value by one thread (or
@@ -71,9 +71,7 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
                    Gather&& gather, Slice&& slice, Ahead&& ahead, const float* P0, float* dp0) {
   static_assert(R == 8 || R % 16 == 0, "R: 8 or a multiple of 16");
   constexpr int M = 16 / QD, RV = R < 16 ? 1 : R / 16, SR = 16 * RV;  // SR: St's row length
-  constexpr bool half = R == 8;
-  auto ld = [](const float* p) __attribute__((always_inline)) { return half ? load8z(p) : load16(p); };
-  auto st = [](float* p, v16 v) __attribute__((always_inline)) { if (half) store8(p, v); else store16(p, v); };
+  constexpr int NV = R == 8 ? 0 : 1;  // rows of P, c3 and dp: load_cols / store_cols (0: 8 columns)
   // columns per pass over the rows: all with AVX-512; with AVX2 (16 registers, two per v16) as many
   // as keep dp's M x CV vectors in 8 registers, the rows visited once per pass (their gradient rows
   // are already gathered, contiguous)
@@ -101,25 +99,25 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
         for (int c = 0; c < QD; ++c) {
           v16 sc[CV], cc[CV];
 #pragma GCC unroll 4
-          for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * SR + 16 * v); cc[v] = ld(c3 + c * R + 16 * v); }
+          for (int v = 0; v < CV; ++v) { sc[v] = load16(S + c * SR + 16 * v); cc[v] = load_cols<NV>(c3 + c * R + 16 * v); }
 #pragma GCC unroll 16
           for (int m = 0; m < M; ++m) {
             const v16 b = lane_bcast(gv, m * QD + c);
 #pragma GCC unroll 4
             for (int v = 0; v < CV; ++v) {
               acc[m][v] += b * sc[v];
-              cc[v] += b * ld(P + m * R + col + 16 * v);
+              cc[v] += b * load_cols<NV>(P + m * R + col + 16 * v);
             }
           }
 #pragma GCC unroll 4
-          for (int v = 0; v < CV; ++v) st(c3 + c * R + 16 * v, cc[v]);
+          for (int v = 0; v < CV; ++v) store_cols<NV>(c3 + c * R + 16 * v, cc[v]);
         }
         x = y;
       }
 #pragma GCC unroll 16
       for (int m = 0; m < M; ++m)
 #pragma GCC unroll 4
-        for (int v = 0; v < CV; ++v) st(dp + m * R + col + 16 * v, acc[m][v]);
+        for (int v = 0; v < CV; ++v) store_cols<NV>(dp + m * R + col + 16 * v, acc[m][v]);
     }
   }
 }

@@ -275,9 +275,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       // rows land at their lookup's position: in the output (direct) or in rbuf, 64-byte aligned, which
       // the pooling pass then reads in lookup order, sequentially. (Rows in sorted order, pooled through
       // a position array, made that pass random reads: at 65,536 lookups, pooling 10, the forward
-      // took 1.15x as long on an Intel Xeon VM, the pooling pass 2.4x.) A 16-float row goes out as one
-      // streamed line once the chunk's rows pass kStreamRows bytes; below that they stay in cache
-      // (at 4,096 lookups streaming took 1.04x as long, at 8,192 0.92x).
+      // took 1.15-1.21x as long on an Intel Xeon VM, the pooling pass 2.4-2.7x, in two A/B runs of
+      // alternating rounds.) A 16-float row goes out as one streamed line once the chunk's rows pass
+      // kStreamRows bytes; below that they stay in cache (at 4,096 lookups streaming took 1.04x as
+      // long, at 8,192 0.92x).
       rows.resize((size_t)cn * D + 16);
       float* const rbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(rows.data()) + 63) & ~(uintptr_t)63);
       float* const base = direct ? out : rbuf;

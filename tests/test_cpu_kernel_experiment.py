@@ -17,12 +17,17 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     assert {"native", "reference", "t3nsor", "tltorch", "dense"} <= set(fwd["label"])
     assert (fwd["median"] > 0).all()
     assert (stored.loc[stored["impl"] == "sgemm", "median"] > 0).all()
+    # the sgemm limit is the faster of torch's and numpy's BLAS, both measured and both named in the report
+    cand = stored[stored["impl"] == "sgemm candidate"]
+    assert len(cand) == 2 and cand["label"].str.contains("torch.mm").any() and cand["label"].str.contains("numpy").any()
+    assert stored.loc[stored["impl"] == "sgemm", "median"].iloc[0] == cand["median"].max()
     mem = stored[stored["metric"] == "peak_transient_memory"]
     assert set(mem["label"]) == {"native", "reference", "t3nsor", "tltorch", "dense"}
     # T3nsor-style rebuilds the whole 100k x 16 table (6.4 MB) every forward: its peak must show it
     t3 = mem.loc[mem["label"] == "t3nsor", "median"].iloc[0]
     assert t3 >= 100_000 * 16 * 4
     report = (tmp_path / "report.md").read_text()
+    assert all(label.removeprefix("sgemm ") in report for label in cand["label"])
     for heading in ("## Forward", "### Where the gap to the sgemm goes", "## Training step", "## Lookups/s by rank",
                     "## Peak transient memory"):
         assert heading in report

@@ -83,7 +83,7 @@ def sgemm_candidates(n: int) -> dict[str, Callable[[], object]]:
     x86 wheels) and numpy.matmul (numpy's, OpenBLAS in its wheels). The experiment takes the faster
     as the sgemm limit: no one BLAS is fastest everywhere (on AMD CPUs MKL takes its path for
     non-Intel processors, and MKL_VERBOSE names no AVX-512 there; on the Zen 4 VM numpy's OpenBLAS
-    read 176-201 GFLOP/s on 2 threads against MKL's 159-182)."""
+    read 176-202 GFLOP/s on 2 threads against MKL's 150-182, reports/cpu_kernel runs 2026-12-04a-b)."""
     import numpy as np
     from threadpoolctl import threadpool_info
 

@@ -141,12 +141,15 @@ def test_embedding_dim_16_paths(q, r):
     assert_matches_reference(cores, spec, bags, grad_out)
 
 
-def test_buckets_of_more_prefixes_than_a_piece_match_the_reference():
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_buckets_of_more_prefixes_than_a_piece_match_the_reference(optimizer):
     """p_1 = 500, 3 values of i_2 and 12,000 uniform lookups: each i_2 bucket holds about 490
     prefixes, more than a GEMM piece takes (kPiece, 192), so buckets are cut into pieces: forward
-    and backward on 1 and 2 threads, then two fused Adagrad steps through the module (its forward
-    keeps the plan; R_2 = 16 takes the backward's 16-float row path). Adagrad is not linear in the
-    gradient: a bucket ended early would update its G_2 slice twice per step and differ."""
+    and backward on 1 and 2 threads, then two fused steps through the module (its forward keeps
+    the plan; R_2 = 16 takes the backward's 16-float row path). Adagrad is not linear in the
+    gradient: a bucket ended early would update its G_2 slice twice per step and differ. SGD adds
+    each piece's -lr dG_2 straight into G_2's slice: a later piece's dP_1 read from the updated
+    slice instead of the bucket's copy would differ."""
     p, q, r = (500, 3, 5), (2, 2, 4), (16, 16)
     spec = _spec(p, q, r)
     cores = _cores(spec)
@@ -159,13 +162,14 @@ def test_buckets_of_more_prefixes_than_a_piece_match_the_reference():
         assert ops.last_stats()["unique_prefixes"] == torch.unique(bags.indices // 5).numel() > 3 * 192
         assert_matches_reference(cores, spec, bags, grad_out)
     lr = 0.05
-    fused = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, r, p, q, backend="cpu", seed=3, optimizer="adagrad",
+    fused = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, r, p, q, backend="cpu", seed=3, optimizer=optimizer,
                                  learning_rate=lr)
     ref = ttrec.TTEmbeddingBag(spec.num_embeddings, 16, r, p, q, backend="torch", seed=3, dtype=torch.float64)
     with torch.no_grad():
         for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
             c_ref.copy_(c.double())
-    opt = torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10)
+    opt = (torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10) if optimizer == "adagrad"
+           else torch.optim.SGD(ref.parameters(), lr=lr))
     for _ in range(2):
         fused(bags.indices, bags.offsets[:-1]).backward(grad_out)
         opt.zero_grad()

@@ -116,6 +116,9 @@ inline void nn_block(int M, int K, Rows A, const float* B, int64_t ldb, float* C
   constexpr int MR = tile_rows(NV);
   int m = 0;
   for (; m + MR <= M; m += MR) nn_tile<NV, MR, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
+  // (a piece of two prefixes has M = 4 rows: one tile of 4 reads B once, two tiles of 2 twice)
+  if constexpr (MR > 4)
+    for (; m + 4 <= M; m += 4) nn_tile<NV, 4, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
   for (; m + 2 <= M; m += 2) nn_tile<NV, 2, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
   for (; m < M; ++m) nn_tile<NV, 1, ACC>(K, A.from(m), B, ldb, C + m * ldc, ldc);
 }
@@ -149,6 +152,13 @@ inline void copy_floats(float* dst, const float* src, int64_t n) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
   for (; i < n; ++i) dst[i] = src[i];
+}
+
+// dst[0, n) = a * src[0, n)
+inline void scale_floats(float* dst, const float* src, float a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, splat16(a) * load16(src + i));
+  for (; i < n; ++i) dst[i] = a * src[i];
 }
 
 // dst[0..n) = src[0..n), the 64-byte lines of dst as non-temporal stores (the caller fences)

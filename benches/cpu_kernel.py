@@ -35,9 +35,9 @@ from .timing import measure
 SCALES = {
     # rows, batch (lookups per batch at pooling 1), ranks, poolings
     "paper": dict(table=TableConfig("kaggle_largest", 10_131_227, 16), batch=65_536, ranks=(8, 16, 32, 64),
-                  poolings=(1, 10, 100), target_time_s=2.0, rounds=15, block_s=0.25),
+                  poolings=(1, 10, 100), target_time_s=2.0, rounds=15, block_s=0.25, train_batches=(512, 2048, 8192)),
     "smoke": dict(table=TableConfig("small", 100_000, 16), batch=512, ranks=(8,), poolings=(1, 10),
-                  target_time_s=0.05, rounds=3, block_s=0.01),
+                  target_time_s=0.05, rounds=3, block_s=0.01, train_batches=(64, 256)),
 }
 IMPLS = {  # label -> impl config
     "native": ImplConfig(Impl.tt, Backend.cpu),
@@ -162,11 +162,27 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
                                            ("native autograd + SGD", "native", {}),
                                            ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"])
-    rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds}
-    for label, times in {**fwd_rounds, **train_rounds}.items():
-        rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
-                     "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": B,
-                     "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
+    del train_steps
+    # smaller batches, as DLRM training feeds a table (per-call costs weigh more there): fused SGD
+    # against nn.EmbeddingBag only, in rounds of their own
+    log(f"training step by batch size ({', '.join(f'{b:,}' for b in scale['train_batches'])} lookups), "
+        f"{scale['rounds']} interleaved rounds each:")
+    by_batch = {}
+    for b in scale["train_batches"]:
+        steps = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
+                                         threads=threads, **kw))[2]
+                 for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
+                                         ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
+        by_batch[b] = interleaved(steps, scale["rounds"], scale["block_s"])
+        del steps
+        log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
+    rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
+              "train_by_batch": by_batch}
+    for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
+        for label, times in group.items():
+            rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
+                         "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": batch,
+                         "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
     log("ranks x poolings (lookups per batch held at the batch size):")
     grid = []
     for rank in scale["ranks"]:
@@ -328,6 +344,15 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     lines += ["", f"Each step in its fastest round of the {rounds['n']} (the machine's quietest state for it): " + "; ".join(
         f"{k} {1e3 * best[k]:.2f} ms" for k in tr) + ". Throughput vs nn.EmbeddingBag, fastest rounds: " + "; ".join(
         f"{k}: **{best['nn.EmbeddingBag sparse + SGD'] / best[k]:.2f}x**" for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
+    lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
+              f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
+              "(the two steps taking turns), medians of the per-round times and of the per-round ratios [quartiles].", "",
+              "| lookups per batch | native fused SGD (ms) | nn.EmbeddingBag (ms) | throughput vs nn.EmbeddingBag |",
+              "| ---: | ---: | ---: | ---: |"]
+    for b, r in rounds["train_by_batch"].items():
+        dense = r["nn.EmbeddingBag sparse + SGD"]
+        lines.append(f"| {b:,} | {1e3 * statistics.median(r['native fused SGD']):.3f} | {1e3 * statistics.median(dense):.3f} | "
+                     "**{:.2f}x** [{:.2f}–{:.2f}] |".format(*_round_ratios(dense, r["native fused SGD"])))
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]
     lines += ["", "## Lookups/s by rank and pooling factor (forward; batch = lookups / pooling)", "",

@@ -115,3 +115,19 @@ def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling,
     torch.set_num_threads(2)
     assert_matches_reference(cores, spec, bags, grad_out)
     assert_fused_sgd_matches_reference(cores, spec, bags, grad_out)  # the update inside the backward (d = 3)
+
+
+def test_the_backward_takes_one_segment_exactly_where_a_call_runs_one_thread():
+    """kSmallBackward (plan.h) and MIN_LOOKUPS_PER_THREAD (ops.py) are one number: below it a call
+    runs on one thread, and one backward segment spares ten accumulators to zero and sum; at or
+    above it two threads split the segments. Drift would leave a second thread idle in the backward
+    (or keep ten segments on one)."""
+    import re
+
+    text = (build.HERE / "plan.h").read_text()
+    found = re.search(r"constexpr int64_t kSmallBackward = (\d+);", text)
+    assert found, "kSmallBackward not found in plan.h"
+    # (this module's tests run with the constant patched to 1: read it as the source sets it)
+    set_to = re.search(r"^MIN_LOOKUPS_PER_THREAD = (\d+)$", (build.HERE / "ops.py").read_text(), re.M)
+    assert set_to, "MIN_LOOKUPS_PER_THREAD not found in ops.py"
+    assert int(found.group(1)) == int(set_to.group(1))

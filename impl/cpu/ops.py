@@ -27,9 +27,13 @@ DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
 # A second thread only pays with work to split: on a small batch its fork and joins cost more than
 # it saves, and on a loaded machine a join can wait for the descheduled thread's next time slice
 # (a 64-lookup forward on a 2-core VM, 200 calls: median 0.14-0.17 ms with 2 threads, slowest calls
-# 4-8 ms; with 1 thread 0.12-0.14 ms, slowest 0.3-4 ms). The kernel's results do not depend on the
-# thread count.
-MIN_LOOKUPS_PER_THREAD = 4096
+# 4-8 ms; with 1 thread 0.12-0.14 ms, slowest 0.3-4 ms). A fused training step on Kaggle's largest
+# table (R = 32, Zipf) on the Zen 4 VM, in alternating rounds, with a second thread from 2,048 lookups
+# instead of 4,096: 0.67x at 3,000 lookups, 0.75-0.81x at 2,048 (once 1.45x, in a disturbed minute);
+# from 1,024 instead, at 1,024 lookups: 1.05x [0.90-1.68]. The kernel's results do not depend on the
+# thread count. The kernel's kSmallBackward (plan.h) is the same number: smaller chunks, which run on
+# one thread, take one backward segment.
+MIN_LOOKUPS_PER_THREAD = 2048
 _last: dict[str, TTStats] = {}  # the last call's raw stats per direction, read out by last_stats()
 _update_epoch = 0  # bumped by every fused update: a kept forward plan is used only if none ran since
 

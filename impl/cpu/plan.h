@@ -148,10 +148,11 @@ struct Plan {
 constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
 constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 // Chunks of fewer lookups than this take one segment: they run on one thread (MIN_LOOKUPS_PER_THREAD
-// in ops.py), where ten segments only multiply the dG_3 accumulators to zero and sum (at 2,048
-// lookups on Kaggle's largest table, R = 32, the fused step 0.80x, its first-core phase 0.58x; Zen 4
-// VM, 10 alternating rounds). The count depends on the chunk alone, never on the threads.
-constexpr int64_t kSmallBackward = 4096;
+// in ops.py, the same number; a test checks), where ten segments only multiply the dG_3 accumulators
+// to zero and sum (at 2,048 lookups on one thread, Kaggle's largest table, R = 32, the fused step
+// 0.80x, its first-core phase 0.58x; Zen 4 VM, 10 alternating rounds). The count depends on the
+// chunk alone, never on the threads.
+constexpr int64_t kSmallBackward = 2048;
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   if (a.d != b.d) return false;

@@ -153,6 +153,7 @@ constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (
 // 0.80x, its first-core phase 0.58x; Zen 4 VM, 10 alternating rounds). The count depends on the
 // chunk alone, never on the threads.
 constexpr int64_t kSmallBackward = 2048;
+constexpr int64_t kFewPrefixes = 8;  // an SGD bucket of at most this many prefixes: slice_sgd_dp1
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
   if (a.d != b.d) return false;

@@ -553,7 +553,6 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
           int64_t ld;
           const float* S2 = tt_slice(s, cores[1], 1, i2, &ld);
-          transpose_to(S2, ld, R1, N, BT.data());  // G_2[:, i2]^T (q2 R2 x R1)
           if (touched) touched[1][i2] = 1;
           // dG_2[:, i2]: into the gradient scratch; or with SGD, -lr dG_2 added straight into G_2[:, i2]
           // (the stacked G_1 rows below scaled by -lr; no other bucket reads that slice, and this one's
@@ -563,6 +562,10 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           // 0.99x at 65,536 (Kaggle's largest table, R = 32; Zen 4 VM, alternating rounds).
           const bool sgd = up.optimizer == 1;
           const bool tile = fused && !sgd;
+          // (SGD, a bucket of at most kFewPrefixes prefixes: dP_1 and the update in one pass over the
+          // slice, see slice_sgd_dp1; no transposed copy)
+          const bool few = sgd && tb1 - tb0 <= kFewPrefixes && R1 % 16 == 0 && N % 16 == 0 && N <= 64;
+          if (!few) transpose_to(S2, ld, R1, N, BT.data());  // G_2[:, i2]^T (q2 R2 x R1)
           float* const dg2_out = sgd ? up.cores[1] + i2 * N : tile ? dg2.data() : g1 + i2 * N;
           const int64_t dg2_ld = tile ? N : p1 * N;
           if (tile) std::fill(dg2.begin(), dg2.end(), 0.f);
@@ -629,8 +632,17 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               if (sgd) scale_floats(dst, src, -up.lr, w1);
               else copy_floats(dst, src, w1);
             }
-            gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, dg2_out, dg2_ld);
-            gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
+            if (few) {
+              const int Mr = (int)(np * q1);
+              float* const S = up.cores[1] + i2 * N;
+              if (N == 16) slice_sgd_dp1<1>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
+              else if (N == 32) slice_sgd_dp1<2>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
+              else if (N == 48) slice_sgd_dp1<3>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
+              else slice_sgd_dp1<4>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
+            } else {
+              gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, dg2_out, dg2_ld);
+              gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
+            }
             for (int64_t t = ta; t < tb; ++t) {
               const int32_t v = first.slot[digits[2 * t]];
               float* c1 = a1 + (size_t)v * w1;

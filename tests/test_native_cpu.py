@@ -13,7 +13,7 @@ from ttrec.bags import Bags, make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-from .native_reference import assert_matches_reference
+from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
               pytest.mark.usefixtures("threads_at_any_size")]
@@ -139,6 +139,24 @@ def test_embedding_dim_16_paths(q, r):
     grad_out = torch.randn(bags.num_bags, 16, generator=g)
     torch.set_num_threads(2)
     assert_matches_reference(cores, spec, bags, grad_out)
+
+
+@pytest.mark.parametrize("q2", [1, 2, 3, 4])
+def test_fused_sgd_on_buckets_of_few_prefixes_matches_the_reference(q2):
+    """300 lookups over p_2 = 60 values of i_2: most buckets hold at most kFewPrefixes (8) prefixes,
+    where SGD computes dP_1 and updates G_2's slice in one pass over it (slice_sgd_dp1), R_1 = 16;
+    q_2 R_2 = 16, 32, 48, 64 takes each of its vector widths. One fused step on 1 and 2 threads
+    moves the cores by -lr x the float64 reference gradient."""
+    p, q, r = (30, 60, 10), (2, q2, 2), (16, 16)
+    spec = _spec(p, q, r)
+    cores = _cores(spec, seed=q2)
+    bags = _bags(spec, [1] * 300, q2, "sum", False)
+    i2 = torch.unique(bags.indices // p[2]) % p[1]  # (row = (i1 p_2 + i2) p_3 + i3) the bucket of each prefix
+    assert (torch.bincount(i2, minlength=p[1]) <= 8).float().mean() > 0.9
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(q2))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert_fused_sgd_matches_reference(cores, spec, bags, grad_out)
 
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])

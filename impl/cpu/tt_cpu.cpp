@@ -632,13 +632,15 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               if (sgd) scale_floats(dst, src, -up.lr, w1);
               else copy_floats(dst, src, w1);
             }
-            if (few) {
-              const int Mr = (int)(np * q1);
-              float* const S = up.cores[1] + i2 * N;
-              if (N == 16) slice_sgd_dp1<1>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
-              else if (N == 32) slice_sgd_dp1<2>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
-              else if (N == 48) slice_sgd_dp1<3>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
-              else slice_sgd_dp1<4>(Mr, R1, Ap.data(), dPb.data(), S, p1 * N, dP1.data());
+            if (few) {  // (dg2_out: G_2's slice itself, rows dg2_ld apart)
+              auto pass = [&](auto nv) {
+                slice_sgd_dp1<decltype(nv)::value>((int)(np * q1), R1, Ap.data(), dPb.data(), dg2_out, dg2_ld, dP1.data());
+              };
+              using std::integral_constant;
+              if (N == 16) pass(integral_constant<int, 1>{});
+              else if (N == 32) pass(integral_constant<int, 2>{});
+              else if (N == 48) pass(integral_constant<int, 3>{});
+              else pass(integral_constant<int, 4>{});
             } else {
               gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, dg2_out, dg2_ld);
               gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);

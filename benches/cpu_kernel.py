@@ -23,6 +23,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
+from ttrec.workloads import batch_stats
 
 from .app import build_point, measure_point, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
@@ -167,21 +168,24 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     # against nn.EmbeddingBag only, in rounds of their own
     log(f"training step by batch size ({', '.join(f'{b:,}' for b in scale['train_batches'])} lookups), "
         f"{scale['rounds']} interleaved rounds each:")
-    by_batch = {}
+    by_batch, by_batch_reuse = {}, {}
     for b in scale["train_batches"]:
-        steps = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
-                                         threads=threads, **kw))[2]
-                 for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
-                                         ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
-        by_batch[b] = interleaved(steps, scale["rounds"], scale["block_s"])
-        del steps
+        points = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
+                                          threads=threads, **kw))
+                  for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
+                                          ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
+        module, batch, _ = points["native fused SGD"]
+        by_batch_reuse[b] = batch_stats(batch, module.spec.tt_p_shapes)  # (the same batch for both steps)
+        by_batch[b] = interleaved({label: p[2] for label, p in points.items()}, scale["rounds"], scale["block_s"])
+        del points, module, batch
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
-              "train_by_batch": by_batch}
+              "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse}
     for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
         for label, times in group.items():
             rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
                          "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": batch,
+                         **by_batch_reuse.get(batch, {}),
                          "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
     log("ranks x poolings (lookups per batch held at the batch size):")
     grid = []
@@ -273,6 +277,17 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
     ]
 
 
+def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[str, float]) -> float:
+    """The arithmetic of one TT training step with the reuse the native kernel exploits: the prefix
+    chain once per distinct prefix and the last core's step once per distinct row in the forward,
+    and twice each in the backward (a product's two operand gradients cost what the product did;
+    a row's repeats are summed before them). ``reuse``: the batch's unique_prefix_ratio and
+    unique_row_ratio (ttrec.workloads.batch_stats). The update itself adds a few FLOPs per touched
+    core entry: left out."""
+    chain, last = _chain_flops(table, rank)
+    return 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last)
+
+
 def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios num[r] / den[r]."""
     ratios = sorted(x / y for x, y in zip(num, den))
@@ -344,15 +359,36 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     lines += ["", f"Each step in its fastest round of the {rounds['n']} (the machine's quietest state for it): " + "; ".join(
         f"{k} {1e3 * best[k]:.2f} ms" for k in tr) + ". Throughput vs nn.EmbeddingBag, fastest rounds: " + "; ".join(
         f"{k}: **{best['nn.EmbeddingBag sparse + SGD'] / best[k]:.2f}x**" for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
+    # the least time the step's arithmetic takes at the sgemm's rate: against nn.EmbeddingBag's step,
+    # the most any kernel doing this arithmetic could reach on this machine
+    sgemm_rate = rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"])  # FLOP/s, interleaved
+    fused_row = train["native fused SGD"][0]
+    step_flops = train_step_flops(t, 32, lookups, fused_row)
+    floor = step_flops / sgemm_rate
+    fused_med = statistics.median(tr["native fused SGD"])
+    lines += ["", "### The training step's arithmetic against the sgemm", "",
+              f"Distinct prefixes {fused_row['unique_prefix_ratio']:.3f} and distinct rows {fused_row['unique_row_ratio']:.3f} "
+              f"of the batch's lookups: the prefix chains once per distinct prefix and the last core once per distinct row "
+              f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. At the sgemm's "
+              f"interleaved rate ({sgemm_rate / 1e9:.1f} GFLOP/s) that arithmetic alone takes **{1e3 * floor:.2f} ms**, "
+              f"so against nn.EmbeddingBag's step ({1e3 * statistics.median(dense_rounds):.2f} ms round median, "
+              f"{1e3 * best['nn.EmbeddingBag sparse + SGD']:.2f} ms fastest) no kernel doing it can pass "
+              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best['nn.EmbeddingBag sparse + SGD'] / floor:.2f}x** "
+              f"in the fastest rounds). The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
+              f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
-              "(the two steps taking turns), medians of the per-round times and of the per-round ratios [quartiles].", "",
-              "| lookups per batch | native fused SGD (ms) | nn.EmbeddingBag (ms) | throughput vs nn.EmbeddingBag |",
-              "| ---: | ---: | ---: | ---: |"]
+              "(the two steps taking turns), medians of the per-round times and of the per-round ratios [quartiles]. "
+              "Arithmetic floor: the step's FLOPs as above, at the sgemm's interleaved rate.", "",
+              "| lookups per batch | native fused SGD (ms) | nn.EmbeddingBag (ms) | throughput vs nn.EmbeddingBag | "
+              "arithmetic floor (ms) |",
+              "| ---: | ---: | ---: | ---: | ---: |"]
     for b, r in rounds["train_by_batch"].items():
         dense = r["nn.EmbeddingBag sparse + SGD"]
+        b_floor = train_step_flops(t, 32, b, rounds["train_by_batch_reuse"][b]) / sgemm_rate
         lines.append(f"| {b:,} | {1e3 * statistics.median(r['native fused SGD']):.3f} | {1e3 * statistics.median(dense):.3f} | "
-                     "**{:.2f}x** [{:.2f}–{:.2f}] |".format(*_round_ratios(dense, r["native fused SGD"])))
+                     "**{:.2f}x** [{:.2f}–{:.2f}] | ".format(*_round_ratios(dense, r["native fused SGD"]))
+                     + f"{1e3 * b_floor:.3f} |")
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]
     lines += ["", "## Lookups/s by rank and pooling factor (forward; batch = lookups / pooling)", "",

@@ -5,7 +5,8 @@ import statistics
 import pandas as pd
 import pytest
 
-from benches.cpu_kernel import run
+from benches.cpu_kernel import SCALES, run
+from ttrec import TTSpec
 from ttrec.baselines import tltorch_unavailable_reason
 
 
@@ -56,3 +57,25 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
         ratio = statistics.median(d / f for d, f in zip(per_round["nn.EmbeddingBag sparse + SGD", b],
                                                         per_round["native fused SGD", b]))
         assert f"| {b} | " in table and f"**{ratio:.2f}x**" in table.split(f"| {b} | ")[1].split("\n")[0]
+    # the arithmetic floor, recomputed from the stored reuse ratios and the sgemm's stored rounds: the
+    # chain once per distinct prefix and the last core once per distinct row, forward once and backward twice
+    smoke_table = SCALES["smoke"]["table"]
+    chain, last = TTSpec.suggest(smoke_table.num_embeddings, smoke_table.embedding_dim, 32).chain_flops()
+    sgemm_rate = 2 * 512**3 / statistics.median(per_round["sgemm", 512])
+
+    def floor_ms(lookups, reuse):
+        return 1e3 * 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last) / sgemm_rate
+
+    fused = stored[(stored["mode"] == "train") & stored["fused"].astype(bool) & (stored["metric"] == "throughput")].iloc[0]
+    section = report.split("### The training step's arithmetic against the sgemm")[1].split("###")[0]
+    assert f"**{floor_ms(512, fused):.2f} ms**" in section
+    assert 0 < fused["unique_prefix_ratio"] <= fused["unique_row_ratio"] <= 1
+    for b in (64, 256):
+        reuse = small[(small["batch_size"] == b) & (small["label"] == "native fused SGD")].iloc[0]
+        assert 0 < reuse["unique_prefix_ratio"] <= reuse["unique_row_ratio"] <= 1
+        assert table_row(table, b).endswith(f"| {floor_ms(b, reuse):.3f} |"), table
+
+
+def table_row(text: str, batch: int) -> str:
+    """The row of the by-batch table that starts with ``batch``."""
+    return next(line for line in text.splitlines() if line.startswith(f"| {batch} | "))

@@ -28,7 +28,7 @@ from ttrec.workloads import batch_stats
 from .app import build_point, measure_point, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
-from .environment import capture
+from .environment import capture, thread_round_trip_ns
 from .memory import measure_in_child
 from .results import RESULTS_FILE, write_rows
 from .timing import measure
@@ -61,18 +61,50 @@ def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str
         mode=ModeConfig(name=Mode(mode), fused=fused, lr=0.01))
 
 
-def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: float) -> dict[str, list[float]]:
+def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: float,
+                states: list[tuple[float | None, float | None]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each step, one value per round: the median of a short block of calls
     (about ``block_s``), the steps taking turns within every round (order rotated each round).
     On a machine whose speed drifts (here an sgemm read 92-173 GFLOP/s within hours on a quiet
     machine), ratios of the same round cancel the drift that a sgemm measured once, minutes before
-    the kernel, would not."""
+    the kernel, would not. With ``states``, each round's thread round trip before and after it
+    (ns or None, benches.environment.thread_round_trip_ns) is appended there: see _split_line."""
     labels = list(steps)
     out: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(rounds):
+        before = thread_round_trip_ns() if states is not None else None
         for k in labels[r % len(labels):] + labels[:r % len(labels)]:
             out[k].append(measure(steps[k], warmup=1, min_repeats=3, max_repeats=50, target_time_s=block_s).median)
+        if states is not None:
+            states.append((before, thread_round_trip_ns()))
     return out
+
+
+FAR = 2.0  # a round is "far" when both its probes exceed this many times the run's fastest probe
+
+
+def round_states(states: list[tuple[float | None, float | None]], fastest: float | None) -> list[str | None]:
+    """Per round: "near" (both probes at most FAR x ``fastest``), "far" (both above), None (mixed,
+    or not probed)."""
+    out = []
+    for a, b in states:
+        if fastest is None or a is None or b is None:
+            out.append(None)
+        else:
+            far = (a > FAR * fastest, b > FAR * fastest)
+            out.append("far" if all(far) else "near" if not any(far) else None)
+    return out
+
+
+def _split_line(what: str, describe: Callable[[list[int]], str], states: list[str | None]) -> str:
+    """A headline again over the near and over the far rounds (see round_states); ``describe``
+    gives it for a list of round numbers."""
+    parts = []
+    for state in ("near", "far"):
+        picked = [r for r, s in enumerate(states) if s == state]
+        parts.append(f"{state} ({len(picked)} rounds): " + (describe(picked) if picked else "none"))
+    mixed = sum(s is None for s in states)
+    return f"{what} by the vCPUs' state, " + "; ".join(parts) + f"; {mixed} mixed or unprobed."
 
 
 def _median(rows: list[dict], metric: str) -> float:
@@ -155,14 +187,15 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     }
     log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
     _, _, native_fwd = build_point(_cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
-    fwd_rounds = interleaved({"sgemm": sgemm_fn, "native": native_fwd}, scale["rounds"], scale["block_s"])
+    fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
+    fwd_rounds = interleaved({"sgemm": sgemm_fn, "native": native_fwd}, scale["rounds"], scale["block_s"], fwd_states)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
     train_steps = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                            threads=threads, **kw))[2]
                    for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
                                            ("native autograd + SGD", "native", {}),
                                            ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
-    train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"])
+    train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
     del train_steps
     # smaller batches, as DLRM training feeds a table (per-call costs weigh more there): fused SGD
     # against nn.EmbeddingBag only, in rounds of their own
@@ -180,13 +213,20 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         del points, module, batch
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
-              "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse}
+              "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
+              "forward_states": fwd_states, "train_states": train_states}
     for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
         for label, times in group.items():
             rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
                          "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": batch,
                          **by_batch_reuse.get(batch, {}),
                          "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
+    for label, probes in (("forward rounds", fwd_states), ("training rounds", train_states)):
+        measured = [x for pair in probes for x in pair if x is not None]
+        rows.append({"experiment": "cpu_kernel", "label": label, "impl": "probe", "metric": "thread_round_trip",
+                     "unit": "ns", "median": statistics.median(measured) if measured else None, "n": len(measured),
+                     "batch_size": B, "note": "per-round probes before/after: " + " ".join(
+                         f"{a if a is None else f'{a:.1f}'}/{b if b is None else f'{b:.1f}'}" for a, b in probes), **env})
     log("ranks x poolings (lookups per batch held at the batch size):")
     grid = []
     for rank in scale["ranks"]:
@@ -288,6 +328,15 @@ def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[st
     return 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last)
 
 
+def _probe_intro(fastest: float | None) -> str:
+    if fastest is None:
+        return "(The rounds were not probed for the threads' round trip: fewer than two CPUs or no native kernel.)"
+    return (f"Each round is probed before and after for the round trip of a cache line between two threads "
+            f"(benches.environment.thread_round_trip_ns; on a VM it shows whether the hypervisor has put the two vCPUs "
+            f"near each other or far apart): fastest probe of this run {fastest:.0f} ns; a round is far when both its "
+            f"probes exceed {FAR:g}x that, near when neither does.")
+
+
 def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios num[r] / den[r]."""
     ratios = sorted(x / y for x, y in zip(num, den))
@@ -298,6 +347,9 @@ def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, flo
 def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, mem, env, phases, rounds) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     sgemm = gflops[sgemm_name]
+    probes = [x for pair in rounds["forward_states"] + rounds["train_states"] for x in pair if x is not None]
+    fastest = min(probes) if probes else None
+    fwd_states, train_states = (round_states(rounds[k], fastest) for k in ("forward_states", "train_states"))
     nat = fwd["native"][0]
     spec_prefix, spec_last = _chain_flops(scale["table"], 32)
     lookups = scale["batch"]
@@ -335,6 +387,11 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         "median [quartiles]): useful FLOPs = **{:.0f}%** [{:.0f}–{:.0f}%] of the sgemm's GFLOP/s.".format(
             *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
                                               [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
+        "",
+        _probe_intro(fastest),
+        _split_line("Useful FLOPs / sgemm", lambda picked: "**{:.0f}%** [{:.0f}–{:.0f}%]".format(*(100 * x for x in _round_ratios(
+            [useful / rounds["forward"]["native"][r] for r in picked],
+            [rounds["sgemm_flops"] / rounds["forward"]["sgemm"][r] for r in picked]))), fwd_states),
         *_gap_lines(phases["forward (uniform)"], rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9,
                     threads, chain_flops, last_flops, lookups),
         "",
@@ -353,6 +410,12 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               "per-round ratios, median [quartiles]): " + "; ".join(
                   "{}: **{:.2f}x** [{:.2f}–{:.2f}]".format(k, *_round_ratios(dense_rounds, tr[k]))
                   for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
+
+    def by_state(picked: list[int]) -> str:
+        dense, fused = [dense_rounds[r] for r in picked], [tr["native fused SGD"][r] for r in picked]
+        return ("fused SGD **{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused))
+                + f" (steps {1e3 * statistics.median(fused):.2f} against {1e3 * statistics.median(dense):.2f} ms)")
+    lines += ["", _split_line("Training step vs nn.EmbeddingBag", by_state, train_states)]
     # each step in its quickest round: on a VM whose memory state swings (nn.EmbeddingBag's step
     # reads a 648 MB table at random rows), the ratio when both run in the machine's quietest state
     best = {k: min(v) for k, v in tr.items()}

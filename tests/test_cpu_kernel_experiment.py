@@ -5,7 +5,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from benches.cpu_kernel import SCALES, run
+from benches.cpu_kernel import SCALES, round_states, run
 from ttrec import TTSpec
 from ttrec.baselines import tltorch_unavailable_reason
 
@@ -74,6 +74,24 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
         reuse = small[(small["batch_size"] == b) & (small["label"] == "native fused SGD")].iloc[0]
         assert 0 < reuse["unique_prefix_ratio"] <= reuse["unique_row_ratio"] <= 1
         assert table_row(table, b).endswith(f"| {floor_ms(b, reuse):.3f} |"), table
+
+    # the rounds' vCPU states from the stored probes, and the training ratio over the near and far rounds
+    probes = {r["label"]: [tuple(None if x == "None" else float(x) for x in pair.split("/"))
+                           for pair in r["note"].split(":")[1].split()]
+              for _, r in stored[stored["metric"] == "thread_round_trip"].iterrows()}
+    assert set(probes) == {"forward rounds", "training rounds"} and all(len(v) == 3 for v in probes.values())
+    values = [x for v in probes.values() for pair in v for x in pair if x is not None]
+    states = round_states(probes["training rounds"], min(values) if values else None)
+    line = next(x for x in report.splitlines() if x.startswith("Training step vs nn.EmbeddingBag by the vCPUs' state"))
+    for state in ("near", "far"):
+        picked = [r for r, s in enumerate(states) if s == state]
+        part = line.split(f"{state} ({len(picked)} rounds): ")[1]
+        if picked:
+            ratio = statistics.median(per_round["nn.EmbeddingBag sparse + SGD", 512][r] / per_round["native fused SGD", 512][r]
+                                      for r in picked)
+            assert part.startswith(f"fused SGD **{ratio:.2f}x**"), line
+        else:
+            assert part.startswith("none"), line
 
 
 def table_row(text: str, batch: int) -> str:

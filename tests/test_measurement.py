@@ -1,10 +1,16 @@
-"""The timing protocol, the GPU telemetry fallbacks and the memory probe."""
+"""The timing protocol, the GPU telemetry fallbacks, the memory probe and the threads' round-trip probe."""
 
+import os
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from benches.environment import thread_round_trip_ns
 from benches.gpu import nvml_telemetry
 from benches.memory import measure_in_child
 from benches.timing import Stats, measure
@@ -73,3 +79,34 @@ def test_memory_metric_in_a_bench_point(tmp_path):
     # decompress-on-the-fly rebuilds the full 100,000 x 16 fp32 table (6.4 MB) in the forward
     assert mem[0]["median"] >= 100_000 * 16 * 4, mem[0]["note"]
     assert all(r["gpu_sm_clock_mhz"].startswith("not available") for r in rows) or torch.cuda.is_available()
+
+
+def _probe_runs() -> bool:
+    from ttrec.cpu import build
+
+    return build.unavailable_reason() is None and len(os.sched_getaffinity(0)) >= 2
+
+
+@pytest.mark.skipif(not _probe_runs(), reason="needs the native kernel and two CPUs")
+def test_thread_round_trip_probe_reads_a_latency_and_keeps_its_budget():
+    """The probe returns a cache-line round trip (tens to thousands of ns on the VMs here) and
+    stops at its time budget: asked for a billion trips, which take at least 50 s at 50 ns each,
+    it returns after about 20 ms (5 s allowed for a loaded machine)."""
+    from ttrec.cpu import build
+
+    t0 = time.perf_counter()
+    ns = thread_round_trip_ns(trips=10**9, budget_s=0.02)
+    assert time.perf_counter() - t0 < 5.0
+    assert ns is not None and 5.0 < ns < 1e7
+    assert build.library().tt_thread_round_trip_ns(1, 1.0) > 0  # one trip is enough for a value
+
+
+@pytest.mark.skipif(not _probe_runs(), reason="needs the native kernel and two CPUs")
+def test_thread_round_trip_probe_says_none_when_openmp_grants_one_thread():
+    """With one OpenMP thread there is no partner to answer: the kernel returns -1 at once (no
+    spin without end) and the probe None."""
+    code = "from benches.environment import thread_round_trip_ns; print(thread_round_trip_ns())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_THREAD_LIMIT": "1"}, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "None"

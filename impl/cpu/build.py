@@ -139,9 +139,11 @@ def bind(path: Path) -> ctypes.CDLL:
     lib.tt_force_sort_way.restype = None
     lib.tt_set_profile.argtypes = [ctypes.c_int]
     lib.tt_set_profile.restype = None
+    lib.tt_thread_round_trip_ns.argtypes = [I64, ctypes.c_double]
+    lib.tt_thread_round_trip_ns.restype = ctypes.c_double
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 7:
+    if lib.tt_abi_version() != 8:
         raise RuntimeError("native library ABI mismatch")
     return lib
 

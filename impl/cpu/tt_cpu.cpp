@@ -1070,7 +1070,48 @@ void tt_scan_bags(const int64_t* idx, int64_t n, int64_t num_embeddings, const i
       if (offsets[j + 1] < offsets[j]) { *bad_offset = j; break; }
 }
 
-int tt_abi_version(void) { return 7; }
+// The round trip of a cache line between two threads of this process, in ns (the mean over the
+// trips made): one thread writes, the other answers with a write, and so on. On a VM it follows
+// where the hypervisor has placed the two vCPUs (Zen 4 VM: 50-70 ns near, 300-1,400 ns far apart),
+// and so do the kernel's sort and barriers and nn.EmbeddingBag's step: benches.cpu_kernel tags
+// its interleaved rounds with it. At most max_trips trips and about budget_s seconds (the clock is
+// read every 32 trips: two threads sharing one CPU pass the line once per time slice); -1 when
+// OpenMP grants one thread.
+double tt_thread_round_trip_ns(int64_t max_trips, double budget_s) {
+  struct alignas(64) Line {
+    std::atomic<int64_t> v{0};
+  };
+  Line ball, stop;  // one cache line each
+  double ns = -1;
+#pragma omp parallel num_threads(2)
+  {
+    if (omp_get_num_threads() == 2) {
+      if (omp_get_thread_num() == 0) {
+        const double t0 = omp_get_wtime();
+        int64_t trips = 0;
+        while (trips < max_trips) {
+          ball.v.store(2 * trips + 1, std::memory_order_release);
+          while (ball.v.load(std::memory_order_acquire) != 2 * trips + 2) {
+          }
+          if (++trips % 32 == 0 && omp_get_wtime() - t0 > budget_s) break;
+        }
+        ns = trips ? (omp_get_wtime() - t0) * 1e9 / (double)trips : -1;
+        stop.v.store(1, std::memory_order_release);
+      } else {
+        int64_t next = 1;
+        while (!stop.v.load(std::memory_order_acquire)) {
+          if (ball.v.load(std::memory_order_acquire) == next) {
+            ball.v.store(next + 1, std::memory_order_release);
+            next += 2;
+          }
+        }
+      }
+    }
+  }
+  return ns;
+}
+
+int tt_abi_version(void) { return 8; }
 
 // Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]): a
 // clock read per GEMM piece and part, about 3% of the chains-and-last-core phase of a 16,384-lookup

@@ -68,7 +68,7 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: fl
     On a machine whose speed drifts (here an sgemm read 92-173 GFLOP/s within hours on a quiet
     machine), ratios of the same round cancel the drift that a sgemm measured once, minutes before
     the kernel, would not. With ``states``, each round's thread round trip before and after it
-    (ns or None, benches.environment.thread_round_trip_ns) is appended there: see _split_line."""
+    (ns or None, benches.environment.thread_round_trip_ns) is appended there: see round_states."""
     labels = list(steps)
     out: dict[str, list[float]] = {k: [] for k in labels}
     for r in range(rounds):
@@ -416,8 +416,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         return ("fused SGD **{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused))
                 + f" (steps {1e3 * statistics.median(fused):.2f} against {1e3 * statistics.median(dense):.2f} ms)")
     lines += ["", _split_line("Training step vs nn.EmbeddingBag", by_state, train_states)]
-    # each step in its quickest round: on a VM whose memory state swings (nn.EmbeddingBag's step
-    # reads a 648 MB table at random rows), the ratio when both run in the machine's quietest state
+    # each step in its quickest round: on a VM whose state swings (where the vCPUs sit, see
+    # round_states; nn.EmbeddingBag's step swings most), the ratio when both run in its quickest state
     best = {k: min(v) for k, v in tr.items()}
     lines += ["", f"Each step in its fastest round of the {rounds['n']} (the machine's quietest state for it): " + "; ".join(
         f"{k} {1e3 * best[k]:.2f} ms" for k in tr) + ". Throughput vs nn.EmbeddingBag, fastest rounds: " + "; ".join(

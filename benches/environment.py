@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["capture", "thread_round_trip_ns"]
+__all__ = ["capture", "thread_round_trip_ns", "usable_cpus"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,13 +114,18 @@ def capture() -> dict[str, str]:
     return {**_static(), "threads": str(torch.get_num_threads())}
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells it, else the CPU count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float | None:
     """The round trip of a cache line between two threads right now, in ns (the native kernel's
     probe: at most ``trips`` trips and about ``budget_s`` seconds), or None where it cannot run
     (fewer than two usable CPUs, no native kernel). On a VM it tells where the hypervisor has put
     the vCPUs at this moment: on the Zen 4 VM 50-70 ns near, 300-1,400 ns far apart, and the step
     times of the native kernel and of nn.EmbeddingBag change with it (benches.cpu_kernel)."""
-    if len(os.sched_getaffinity(0)) < 2:
+    if usable_cpus() < 2:
         return None
     from ttrec.cpu.build import library, unavailable_reason
 

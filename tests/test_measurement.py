@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches.environment import thread_round_trip_ns
+from benches.environment import thread_round_trip_ns, usable_cpus
 from benches.gpu import nvml_telemetry
 from benches.memory import measure_in_child
 from benches.timing import Stats, measure
@@ -84,7 +84,7 @@ def test_memory_metric_in_a_bench_point(tmp_path):
 def _probe_runs() -> bool:
     from ttrec.cpu import build
 
-    return build.unavailable_reason() is None and len(os.sched_getaffinity(0)) >= 2
+    return build.unavailable_reason() is None and usable_cpus() >= 2
 
 
 @pytest.mark.skipif(not _probe_runs(), reason="needs the native kernel and two CPUs")

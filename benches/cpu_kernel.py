@@ -226,7 +226,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         rows.append({"experiment": "cpu_kernel", "label": label, "impl": "probe", "metric": "thread_round_trip",
                      "unit": "ns", "median": statistics.median(measured) if measured else None, "n": len(measured),
                      "batch_size": B, "note": "per-round probes before/after: " + " ".join(
-                         f"{a if a is None else f'{a:.1f}'}/{b if b is None else f'{b:.1f}'}" for a, b in probes), **env})
+                         "/".join("None" if x is None else f"{x:.1f}" for x in pair) for pair in probes), **env})
     log("ranks x poolings (lookups per batch held at the batch size):")
     grid = []
     for rank in scale["ranks"]:

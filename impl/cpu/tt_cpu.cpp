@@ -369,12 +369,12 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         if (d == 3) {
           std::vector<const float*> Ap;
           std::vector<float> Pl((size_t)kPiece * M * R);
-          const int64_t npieces = (int64_t)pl->pieces.size() - 1;
           // this thread's seconds in the chains and the last core (with tt_set_profile(1) only)
           const bool profile = stats && rep == 0 && g_profile.load(std::memory_order_relaxed);
           double in_chains = 0, in_last = 0;
-#pragma omp for schedule(dynamic, 1)
-          for (int64_t pc = 0; pc < npieces; ++pc) {
+          int64_t pc0, pc1;  // this thread's buckets (see bucket_share)
+          my_pieces(*pl, &pc0, &pc1);
+          for (int64_t pc = pc0; pc < pc1; ++pc) {
             const int64_t ta = pl->pieces[pc], tb = pl->pieces[pc + 1];
             int64_t ld;
             const float* S = tt_slice(s, cores[1], 1, pl->digits[2 * ta + 1], &ld);
@@ -460,7 +460,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 
 // Backward for d == 3, per chunk, with prefixes grouped in i2 buckets (see Plan):
 //   1. (no kept plan) sort, runs and every prefix's P = G_1[i1] @ G_2[:, i2], per bucket piece;
-//   2. threads over kBucketSegments fixed segments of whole buckets (one segment for chunks below
+//   2. threads over kBucketSegments fixed segments of whole buckets, each thread those in its share
+//      of the buckets (bucket_share: the same buckets as in the forward; one segment for chunks below
 //      kSmallBackward lookups); per bucket piece: the upstream gradient g of each distinct row
 //      (repeats summed), dP (q1 q2 x R2) of each prefix
 //      += g @ G_3[:, i3]^T and a segment-private dG_3[:, i3] += P^T g; then dG_2[:, i2] +=
@@ -514,9 +515,9 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
     const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
     // segments: whole buckets, cut where the running cost crosses 1/8, 2/8, ..., 6/8, then 13/16,
-    // 14/16, 15/16 of the total: the last four are half-size, so the threads taking segments in turn
-    // finish close together. cost = 8 per prefix (its two GEMMs, 16 q1 R1 q2 R2 FLOPs, dominate) +
-    // 1 per lookup
+    // 14/16, 15/16 of the total (cost = 8 per prefix, its two GEMMs of 16 q1 R1 q2 R2 FLOPs
+    // dominating, + 1 per lookup). They fix the order of the dG_1 and dG_3 sums whatever the thread
+    // count; the threads' shares (bucket_share) fall on their cuts for 2, 4 and 8 threads.
     const int64_t nb = (int64_t)pl->buckets.size() - 1;
     const int64_t S = cn < kSmallBackward ? 1 : std::min<int64_t>(kBucketSegments, nb);
     auto cost = [&](int64_t b) { return 8 * pl->buckets[b] + runs[pl->buckets[b]]; };
@@ -540,8 +541,12 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
       // a segment's gathered gradient rows (up to megabytes): kept by each pool thread across calls,
       // so it is not mapped and faulted in afresh every backward
       static thread_local std::vector<float> gs;
-#pragma omp for schedule(dynamic, 1)
+      // this thread's segments: those starting in its buckets (see bucket_share; its cut is one of
+      // the segments' when the thread count divides 8)
+      const int64_t b0 = bucket_share(*pl, omp_get_thread_num(), omp_get_num_threads()),
+                    b1 = bucket_share(*pl, omp_get_thread_num() + 1, omp_get_num_threads());
       for (int64_t sg = 0; sg < nseg; ++sg) {
+        if (seg[sg] < b0 || seg[sg] >= b1) continue;
         float* const a1 = acc1.data() + (size_t)sg * n1 * w1;
         float* const a3 = acc3.data() + (size_t)sg * n3 * w3;
         uint8_t* const u1 = used1.data() + (size_t)sg * n1;

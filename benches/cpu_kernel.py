@@ -80,18 +80,21 @@ def interleaved(steps: dict[str, Callable[[], object]], rounds: int, block_s: fl
     return out
 
 
-FAR = 2.0  # a round is "far" when both its probes exceed this many times the run's fastest probe
+# A round is "near" when both its probes are at most NEAR_NS, "far" when both exceed it. On the Zen 4 VM
+# the round trip reads 50-100 ns with the vCPUs near and 300-1,400 ns far; on bare metal cores that share
+# an L3 answer well under 150 ns. An absolute bound, not one relative to the run's fastest probe: a run
+# spent wholly far apart (run 2026-12-04k, fastest probe 329 ns) would otherwise count all its rounds near.
+NEAR_NS = 150.0
 
 
-def round_states(states: list[tuple[float | None, float | None]], fastest: float | None) -> list[str | None]:
-    """Per round: "near" (both probes at most FAR x ``fastest``), "far" (both above), None (mixed,
-    or not probed)."""
+def round_states(states: list[tuple[float | None, float | None]]) -> list[str | None]:
+    """Per round: "near" (both probes at most NEAR_NS), "far" (both above), None (mixed, or not probed)."""
     out = []
     for a, b in states:
-        if fastest is None or a is None or b is None:
+        if a is None or b is None:
             out.append(None)
         else:
-            far = (a > FAR * fastest, b > FAR * fastest)
+            far = (a > NEAR_NS, b > NEAR_NS)
             out.append("far" if all(far) else "near" if not any(far) else None)
     return out
 
@@ -334,7 +337,7 @@ def _probe_intro(fastest: float | None) -> str:
     return (f"Each round is probed before and after for the round trip of a cache line between two threads "
             f"(benches.environment.thread_round_trip_ns; on a VM it shows whether the hypervisor has put the two vCPUs "
             f"near each other or far apart): fastest probe of this run {fastest:.0f} ns; a round is far when both its "
-            f"probes exceed {FAR:g}x that, near when neither does.")
+            f"probes exceed {NEAR_NS:.0f} ns, near when neither does.")
 
 
 def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
@@ -349,7 +352,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     sgemm = gflops[sgemm_name]
     probes = [x for pair in rounds["forward_states"] + rounds["train_states"] for x in pair if x is not None]
     fastest = min(probes) if probes else None
-    fwd_states, train_states = (round_states(rounds[k], fastest) for k in ("forward_states", "train_states"))
+    fwd_states, train_states = (round_states(rounds[k]) for k in ("forward_states", "train_states"))
     nat = fwd["native"][0]
     spec_prefix, spec_last = _chain_flops(scale["table"], 32)
     lookups = scale["batch"]

@@ -119,9 +119,9 @@ def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling,
 
 def test_the_backward_takes_one_segment_exactly_where_a_call_runs_one_thread():
     """kSmallBackward (plan.h) and MIN_LOOKUPS_PER_THREAD (ops.py) are one number: below it a call
-    runs on one thread, and one backward segment spares ten accumulators to zero and sum; at or
-    above it two threads split the segments. Drift would leave a second thread idle in the backward
-    (or keep ten segments on one)."""
+    runs on one thread, and one backward segment spares the others' accumulators to zero and sum; at
+    or above it two threads split two or more segments (bucket_segments). Drift would leave a second
+    thread idle in the backward (or keep several segments on one)."""
     import re
 
     text = (build.HERE / "plan.h").read_text()

@@ -274,6 +274,38 @@ def test_both_sort_ways_give_the_same_bits_as_one_thread(p, q, r, batch, _sort_w
             assert all(torch.equal(a, b) for a, b in zip(got, want_grads)), (way, threads)
 
 
+@pytest.mark.parametrize("n", [2048, 20000, 40000])  # 2, 4 and 8 backward segments (bucket_segments)
+def test_bucket_shares_and_segments_give_the_same_bits_for_any_thread_count(n):
+    """Each thread takes a fixed share of the i2 buckets (bucket_share) in the forward and the backward,
+    and the backward's segments, whose count follows the batch alone, fix the order of the dG_1 and
+    dG_3 sums: forward, core gradients and one fused SGD step equal one thread's bitwise with 2 and 3
+    threads (3 threads' shares do not fall on segment cuts), and the gradients match the reference."""
+    spec = _spec((40, 50, 60), (2, 2, 4), (32, 32))
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+    bags = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=g)
+
+    def run():
+        out = ops.forward(cores, spec, bags, "sum")
+        grads = ops.backward(cores, spec, bags, "sum", grad_out)
+        new = [c.clone() for c in cores]
+        ops.sparse_update(new, spec, bags, "sum", grad_out, "sgd", 0.1, 0.0, [torch.zeros_like(c) for c in cores], None)
+        return out, grads, new
+
+    torch.set_num_threads(1)
+    want = run()
+    if n == 40000:
+        assert_matches_reference(cores, spec, bags, grad_out)
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        got = run()
+        assert torch.equal(got[0], want[0]), threads
+        assert all(torch.equal(a, b) for a, b in zip(got[1], want[1])), threads
+        assert all(torch.equal(a, b) for a, b in zip(got[2], want[2])), threads
+
+
 def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
     """The first 4 sorts of a key width with 2+ threads and 16,384+ lookups run both ways; smaller
     or one-thread sorts run "shared" and do not count."""

@@ -146,13 +146,21 @@ struct Plan {
   }
 };
 constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
-constexpr int64_t kBucketSegments = 10;  // fixed pieces of the dG_1/dG_3 sums (thread-count independent)
 // Chunks of fewer lookups than this take one segment: they run on one thread (MIN_LOOKUPS_PER_THREAD
-// in ops.py, the same number; a test checks), where ten segments only multiply the dG_3 accumulators
-// to zero and sum (at 2,048 lookups on one thread, Kaggle's largest table, R = 32, the fused step
-// 0.80x, its first-core phase 0.58x; Zen 4 VM, 10 alternating rounds). The count depends on the
-// chunk alone, never on the threads.
+// in ops.py, the same number; a test checks).
 constexpr int64_t kSmallBackward = 2048;
+// The segments of the backward's bucket phase: fixed pieces of its dG_1 and dG_3 sums, each summed by
+// one thread in order, so the results do not depend on the thread count: their number depends on the
+// chunk alone. One below kSmallBackward lookups, then 2, from 16,384 lookups 4 and from 32,768 8,
+// cut at equal shares of the cost, so the threads' shares (bucket_share) fall on segment cuts for 2, 4
+// and 8 threads. Each segment more is one more set of accumulators to zero and to sum: against the
+// ten segments of before (Zen 4 VM, Kaggle's largest table, fused SGD step, alternating rounds) two
+// took 0.973x at 2,048 lookups, 0.961x at 8,192 with the vCPUs near and 0.891x far, and eight 1.005x
+// at 65,536; at 2,048 lookups on one thread one segment took 0.80x of ten (first-core phase 0.58x).
+// (With more than 2 threads below 16,384 lookups the bucket phase runs on two of them.)
+inline int64_t bucket_segments(int64_t cn) {
+  return cn < kSmallBackward ? 1 : cn < 16384 ? 2 : cn < 32768 ? 4 : 8;
+}
 constexpr int64_t kFewPrefixes = 8;  // an SGD bucket of at most this many prefixes: slice_sgd_dp1
 
 bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {

@@ -460,9 +460,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 
 // Backward for d == 3, per chunk, with prefixes grouped in i2 buckets (see Plan):
 //   1. (no kept plan) sort, runs and every prefix's P = G_1[i1] @ G_2[:, i2], per bucket piece;
-//   2. threads over kBucketSegments fixed segments of whole buckets, each thread those in its share
-//      of the buckets (bucket_share: the same buckets as in the forward; one segment for chunks below
-//      kSmallBackward lookups); per bucket piece: the upstream gradient g of each distinct row
+//   2. threads over fixed segments of whole buckets (bucket_segments), each thread those in its share
+//      of the buckets (bucket_share: the same buckets as in the forward); per bucket piece: the
+//      upstream gradient g of each distinct row
 //      (repeats summed), dP (q1 q2 x R2) of each prefix
 //      += g @ G_3[:, i3]^T and a segment-private dG_3[:, i3] += P^T g; then dG_2[:, i2] +=
 //      stacked G_1[i1]^T @ stacked dP (the bucket's own slice: one writer), and dP_1 = stacked
@@ -514,17 +514,14 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     first.reset(p0);
     for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
     const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
-    // segments: whole buckets, cut where the running cost crosses 1/8, 2/8, ..., 6/8, then 13/16,
-    // 14/16, 15/16 of the total (cost = 8 per prefix, its two GEMMs of 16 q1 R1 q2 R2 FLOPs
-    // dominating, + 1 per lookup). They fix the order of the dG_1 and dG_3 sums whatever the thread
-    // count; the threads' shares (bucket_share) fall on their cuts for 2, 4 and 8 threads.
+    // segments (bucket_segments): whole buckets, cut where the running cost (8 per prefix, its two
+    // GEMMs of 16 q1 R1 q2 R2 FLOPs dominating, + 1 per lookup; as bucket_share) crosses k / S of the total
     const int64_t nb = (int64_t)pl->buckets.size() - 1;
-    const int64_t S = cn < kSmallBackward ? 1 : std::min<int64_t>(kBucketSegments, nb);
+    const int64_t S = std::min(bucket_segments(cn), nb);
     auto cost = [&](int64_t b) { return 8 * pl->buckets[b] + runs[pl->buckets[b]]; };
-    auto cut = [](int64_t k) { return k <= 6 ? 2 * k : k + 6; };  // k-th boundary, in 16ths
     seg.assign(1, 0);
     for (int64_t b = 1; b < nb && (int64_t)seg.size() < S; ++b)
-      if (cost(b) * 16 >= cost(nb) * cut((int64_t)seg.size())) seg.push_back(b);
+      if (cost(b) * S >= cost(nb) * (int64_t)seg.size()) seg.push_back(b);
     seg.push_back(nb);
     const int64_t nseg = (int64_t)seg.size() - 1;
     acc1.resize((size_t)nseg * n1 * w1);
@@ -542,7 +539,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
       // so it is not mapped and faulted in afresh every backward
       static thread_local std::vector<float> gs;
       // this thread's segments: those starting in its buckets (see bucket_share; its cut is one of
-      // the segments' when the thread count divides 8)
+      // the segments' when the thread count divides their number)
       const int64_t b0 = bucket_share(*pl, omp_get_thread_num(), omp_get_num_threads()),
                     b1 = bucket_share(*pl, omp_get_thread_num() + 1, omp_get_num_threads());
       for (int64_t sg = 0; sg < nseg; ++sg) {

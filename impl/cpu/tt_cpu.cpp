@@ -80,10 +80,13 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
     const float* const P = P0 + (t - t0) * M * R;
     float* const dp = dp0 + (t - t0) * M * R;
     const int64_t x0 = runs[t], x1 = runs[t + 1];
-    // the partial product 4 prefixes on into L1 (the forward wrote it past the cache, so it is in memory)
+    // the partial product 4 prefixes on into L1 (the forward wrote it past the cache, so it is in
+    // memory), non-temporal: read once, its 10 MB (65,536 lookups on Kaggle's largest table) should
+    // not push the cores, the accumulators and the caller's Python out of the caches on their way
+    // out (Zen 4 VM, fused SGD step at 65,536 lookups, 20 alternating rounds: 0.980x near, 0.985x far)
     if (t + 4 < t_end)
       for (int64_t bb = 0; bb < (int64_t)sizeof(float) * M * R; bb += 64)
-        _mm_prefetch((const char*)(P + 4 * M * R) + bb, _MM_HINT_T0);
+        _mm_prefetch((const char*)(P + 4 * M * R) + bb, _MM_HINT_NTA);
     for (int col = 0; col < SR; col += 16 * CV) {
       v16 acc[M][CV] = {};
       for (int64_t x = x0; x < x1;) {

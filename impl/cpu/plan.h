@@ -273,10 +273,13 @@ void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl,
 // buckets between calls, and with the VM's two vCPUs far apart such a pass costs 0.3-1.4 us: Zen 4 VM,
 // Kaggle's largest table, fused SGD step, alternating rounds, far: 0.70x at 2,048 lookups, 0.88x at
 // 65,536.) The cut depends on the plan alone, so the results stay those of any thread count.
-inline int64_t bucket_share(const Plan& pl, int t, int nt) {
+// (and the backward's segments: segment k of S starts at bucket_share(k, S))
+inline int64_t bucket_share(const Plan& pl, int64_t t, int64_t nt) {
   const int64_t nb = (int64_t)pl.buckets.size() - 1;
   if (t <= 0) return 0;
   if (t >= nt) return nb;
+  // the cost of the buckets before b: 8 per prefix (its two backward GEMMs of 16 q1 R1 q2 R2 FLOPs
+  // dominate) + 1 per lookup
   auto cost = [&](int64_t b) { return 8 * pl.buckets[b] + pl.runs[pl.buckets[b]]; };
   const int64_t total = cost(nb);
   int64_t lo = 0, hi = nb;  // the first b with cost(b) nt >= total t (cost increases with b)

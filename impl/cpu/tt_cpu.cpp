@@ -517,15 +517,11 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     first.reset(p0);
     for (int64_t t = 0; t < U; ++t) first.add(digits[2 * t]);
     const int64_t n1 = (int64_t)first.digit.size(), n3 = (int64_t)ctx.last.digit.size();
-    // segments (bucket_segments): whole buckets, cut where the running cost (8 per prefix, its two
-    // GEMMs of 16 q1 R1 q2 R2 FLOPs dominating, + 1 per lookup; as bucket_share) crosses k / S of the total
-    const int64_t nb = (int64_t)pl->buckets.size() - 1;
-    const int64_t S = std::min(bucket_segments(cn), nb);
-    auto cost = [&](int64_t b) { return 8 * pl->buckets[b] + runs[pl->buckets[b]]; };
-    seg.assign(1, 0);
-    for (int64_t b = 1; b < nb && (int64_t)seg.size() < S; ++b)
-      if (cost(b) * S >= cost(nb) * (int64_t)seg.size()) seg.push_back(b);
-    seg.push_back(nb);
+    // segments (bucket_segments): whole buckets, cut where the running cost crosses k / S of the total,
+    // as the threads' shares are (bucket_share)
+    const int64_t S = std::min(bucket_segments(cn), (int64_t)pl->buckets.size() - 1);
+    seg.clear();
+    for (int64_t k = 0; k <= S; ++k) seg.push_back(bucket_share(*pl, k, S));
     const int64_t nseg = (int64_t)seg.size() - 1;
     acc1.resize((size_t)nseg * n1 * w1);
     acc3.resize((size_t)nseg * n3 * w3);

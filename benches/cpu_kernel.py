@@ -99,6 +99,11 @@ def round_states(states: list[tuple[float | None, float | None]]) -> list[str | 
     return out
 
 
+def _probed(states: list[tuple[float | None, float | None]]) -> list[float]:
+    """The probes that read a value, before and after each round in turn."""
+    return [x for pair in states for x in pair if x is not None]
+
+
 def _split_line(what: str, describe: Callable[[list[int]], str], states: list[str | None]) -> str:
     """A headline again over the near and over the far rounds (see round_states); ``describe``
     gives it for a list of round numbers."""
@@ -225,7 +230,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
                          **by_batch_reuse.get(batch, {}),
                          "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
     for label, probes in (("forward rounds", fwd_states), ("training rounds", train_states)):
-        measured = [x for pair in probes for x in pair if x is not None]
+        measured = _probed(probes)
         rows.append({"experiment": "cpu_kernel", "label": label, "impl": "probe", "metric": "thread_round_trip",
                      "unit": "ns", "median": statistics.median(measured) if measured else None, "n": len(measured),
                      "batch_size": B, "note": "per-round probes before/after: " + " ".join(
@@ -350,7 +355,7 @@ def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, flo
 def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, mem, env, phases, rounds) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     sgemm = gflops[sgemm_name]
-    probes = [x for pair in rounds["forward_states"] + rounds["train_states"] for x in pair if x is not None]
+    probes = _probed(rounds["forward_states"] + rounds["train_states"])
     fastest = min(probes) if probes else None
     fwd_states, train_states = (round_states(rounds[k]) for k in ("forward_states", "train_states"))
     nat = fwd["native"][0]

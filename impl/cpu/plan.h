@@ -264,23 +264,20 @@ void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl,
 }
 
 // Which thread works on which i2 buckets: thread t of nt takes the buckets from bucket_share(t) to
-// bucket_share(t + 1), cut where the running cost (8 per prefix + 1 per lookup, as the backward's
-// segments) crosses t / nt of the total; the forward's pieces, the backward's chains and its
-// segments all follow it. So the thread that updates G_2's slice i2 in place (fused SGD) is the one
+// bucket_share(t + 1), cut where the running cost (8 per prefix, its two backward GEMMs of
+// 16 q1 R1 q2 R2 FLOPs dominating, + 1 per lookup) crosses t / nt of the total; the forward's pieces,
+// the backward's chains and its segments (segment k of S starts at bucket_share(k, S)) all follow it. So the thread that updates G_2's slice i2 in place (fused SGD) is the one
 // that reads it in the next forward and backward, and the partial products it streams out in the
 // forward are read back by itself: no cache line of them passes between the threads' caches. (With
 // pieces and segments taken dynamically, a line passed back and forth whenever the two threads swapped
 // buckets between calls, and with the VM's two vCPUs far apart such a pass costs 0.3-1.4 us: Zen 4 VM,
 // Kaggle's largest table, fused SGD step, alternating rounds, far: 0.70x at 2,048 lookups, 0.88x at
 // 65,536.) The cut depends on the plan alone, so the results stay those of any thread count.
-// (and the backward's segments: segment k of S starts at bucket_share(k, S))
 inline int64_t bucket_share(const Plan& pl, int64_t t, int64_t nt) {
   const int64_t nb = (int64_t)pl.buckets.size() - 1;
   if (t <= 0) return 0;
   if (t >= nt) return nb;
-  // the cost of the buckets before b: 8 per prefix (its two backward GEMMs of 16 q1 R1 q2 R2 FLOPs
-  // dominate) + 1 per lookup
-  auto cost = [&](int64_t b) { return 8 * pl.buckets[b] + pl.runs[pl.buckets[b]]; };
+  auto cost = [&](int64_t b) { return 8 * pl.buckets[b] + pl.runs[pl.buckets[b]]; };  // of the buckets before b
   const int64_t total = cost(nb);
   int64_t lo = 0, hi = nb;  // the first b with cost(b) nt >= total t (cost increases with b)
   while (lo < hi) {

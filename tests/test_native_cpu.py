@@ -120,6 +120,18 @@ def test_pooling_one_bags_take_shortcuts_with_the_pooled_paths_results(p, q, r, 
                           num_embeddings=spec.num_embeddings, mode=mode)  # not all bags of one lookup
     out = ops.forward(cores, spec, one_empty, mode)
     assert torch.equal(out[0], torch.zeros(spec.embedding_dim)) and torch.equal(out[1:], got[1:])
+    # as many lookups as bags but not one each (an empty bag, then one of two): the pooled path,
+    # though the offsets end where those of bags of one lookup each would
+    shifted = make_bags(idx, torch.cat([torch.zeros(2, dtype=torch.int64), torch.arange(2, 4000)]), None,
+                        num_embeddings=spec.num_embeddings, mode=mode)
+    assert shifted.num_bags == shifted.num_lookups
+    out = ops.forward(cores, spec, shifted, mode)
+    torch.testing.assert_close(out, ttrec.tt_embedding_bag(cores, spec, shifted, mode), atol=1e-5, rtol=1e-4)
+    assert torch.equal(out[0], torch.zeros(spec.embedding_dim)) and torch.equal(out[2:], got[2:])
+    grads = ops.backward(cores, spec, shifted, mode, grad_out)
+    want_grads = torch.autograd.grad(ttrec.tt_embedding_bag(ref_cores, spec, shifted, mode), ref_cores, grad_out.double())
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("q,r", [((4, 4, 1), (8, 16)), ((2, 4, 2), (8, 64)), ((1, 4, 4), (16, 32)),

@@ -266,9 +266,10 @@ void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl,
 // Which thread works on which i2 buckets: thread t of nt takes the buckets from bucket_share(t) to
 // bucket_share(t + 1), cut where the running cost (8 per prefix, its two backward GEMMs of
 // 16 q1 R1 q2 R2 FLOPs dominating, + 1 per lookup) crosses t / nt of the total; the forward's pieces,
-// the backward's chains and its segments (segment k of S starts at bucket_share(k, S)) all follow it. So the thread that updates G_2's slice i2 in place (fused SGD) is the one
-// that reads it in the next forward and backward, and the partial products it streams out in the
-// forward are read back by itself: no cache line of them passes between the threads' caches. (With
+// the backward's chains and its segments (segment k of S starts at bucket_share(k, S)) all follow
+// it. So the thread that updates G_2's slice i2 in place (fused SGD) is the one that reads it in the
+// next forward and backward, and the partial products it streams out in the forward are read back
+// by itself: no cache line of them passes between the threads' caches. (With
 // pieces and segments taken dynamically, a line passed back and forth whenever the two threads swapped
 // buckets between calls, and with the VM's two vCPUs far apart such a pass costs 0.3-1.4 us: Zen 4 VM,
 // Kaggle's largest table, fused SGD step, alternating rounds, far: 0.70x at 2,048 lookups, 0.88x at

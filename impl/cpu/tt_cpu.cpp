@@ -465,8 +465,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 //   1. (no kept plan) sort, runs and every prefix's P = G_1[i1] @ G_2[:, i2], per bucket piece;
 //   2. threads over fixed segments of whole buckets (bucket_segments), each thread those in its share
 //      of the buckets (bucket_share: the same buckets as in the forward); per bucket piece: the
-//      upstream gradient g of each distinct row
-//      (repeats summed), dP (q1 q2 x R2) of each prefix
+//      upstream gradient g of each distinct row (repeats summed), dP (q1 q2 x R2) of each prefix
 //      += g @ G_3[:, i3]^T and a segment-private dG_3[:, i3] += P^T g; then dG_2[:, i2] +=
 //      stacked G_1[i1]^T @ stacked dP (the bucket's own slice: one writer), and dP_1 = stacked
 //      dP @ G_2[:, i2]^T added into a segment-private dG_1[i1];

@@ -49,6 +49,12 @@ class Bags:
         w = self.per_sample_weights
         return None if w is None else w.detach().to(torch.float32).contiguous()
 
+    def weights_as(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """per_sample_weights in the table's dtype (autograd kept): every implementation accepts any
+        floating-point weights, as the TT kernels do (nn.EmbeddingBag itself refuses a mismatch)."""
+        w = self.per_sample_weights
+        return w if w is None or w.dtype == dtype else w.to(dtype)
+
     def bag_sizes(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
@@ -169,7 +175,7 @@ def make_bags(
             _fail("offsets", "a tensor with 2D input", "offsets must be None when input is 2D (B, L)")
         b, length = input.shape
         indices = input.reshape(-1)
-        offs = torch.arange(0, (b + 1) * length, length, device=input.device, dtype=torch.int64)
+        offs = torch.arange(b + 1, device=input.device, dtype=torch.int64) * length  # (L = 0: b empty bags)
         if per_sample_weights is not None:
             per_sample_weights = per_sample_weights.reshape(-1)
     elif input.dim() == 1:

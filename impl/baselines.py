@@ -37,7 +37,7 @@ class T3nsorEmbeddingBag(TTEmbeddingBag):
                          mode=self.mode, include_last_offset=self.include_last_offset)
         full = tt_to_dense(list(self.tt_cores), self.spec)
         return F.embedding_bag(bags.indices, full, bags.offsets, mode=self.mode,
-                               per_sample_weights=bags.per_sample_weights, include_last_offset=True)
+                               per_sample_weights=bags.weights_as(full.dtype), include_last_offset=True)
 
 
 class DenseEmbeddingBag(nn.EmbeddingBag):
@@ -60,7 +60,7 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
         bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
                          mode=self.mode, include_last_offset=self.include_last_offset)
         return F.embedding_bag(bags.indices, self.weight, bags.offsets, mode=self.mode, sparse=self.sparse,
-                               per_sample_weights=bags.per_sample_weights, include_last_offset=True)
+                               per_sample_weights=bags.weights_as(self.weight.dtype), include_last_offset=True)
 
 
 def tltorch_unavailable_reason() -> str | None:
@@ -105,7 +105,7 @@ class TltorchEmbeddingBag(nn.Module):
                          mode=self.mode, include_last_offset=self.include_last_offset)
         rows = self.inner(bags.indices)
         if bags.per_sample_weights is not None:
-            rows = rows * bags.per_sample_weights.unsqueeze(1).to(rows.dtype)
+            rows = rows * bags.weights_as(rows.dtype).unsqueeze(1)
         out = rows.new_zeros(bags.num_bags, self.embedding_dim).index_add(0, bags.bag_ids(), rows)
         if self.mode == "mean":
             out = out / bags.bag_sizes().clamp(min=1).unsqueeze(1).to(out.dtype)

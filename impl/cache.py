@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bags import Bags, make_bags
+from .optim import FUSED_OPTIMIZERS, check_eps, check_lr, check_optimizer
 from .cuda import loader as cuda_loader
 from .tt import BACKENDS, TTEmbeddingBag, backend_status
 
@@ -70,7 +71,7 @@ __all__ = ["CachedTTEmbeddingBag", "ExactCounter", "BoundedCounter", "make_count
 
 COUNTERS = ("auto", "exact", "bounded")
 SLOT_MAPS = ("auto", "dense", "sorted")
-CACHE_OPTIMIZERS = (None, "sgd", "adagrad")
+CACHE_OPTIMIZERS = (None, *FUSED_OPTIMIZERS)
 EXACT_COUNTER_MAX_BYTES = 64 << 20
 DENSE_SLOT_MAP_MAX_BYTES = 32 << 20
 _DENSE_GRAD_MAX = 1 << 20  # cache entries up to which the fused step forms a dense (capacity, D) gradient
@@ -251,10 +252,9 @@ class CachedTTEmbeddingBag(nn.Module):
                             ("write_back_steps", write_back_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}: got {value!r}; must be an int >= 0")
-        if optimizer not in CACHE_OPTIMIZERS:
-            raise ValueError(f"optimizer: got {optimizer!r}; allowed: {CACHE_OPTIMIZERS}")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate: got {learning_rate}; must be > 0")
+        check_optimizer(optimizer, allow_none=True)  # one of CACHE_OPTIMIZERS
+        check_lr(learning_rate)
+        check_eps(eps)
         if counter not in COUNTERS:
             raise ValueError(f"counter: got {counter!r}; allowed: {COUNTERS}")
         if slot_map not in SLOT_MAPS:
@@ -509,7 +509,7 @@ class CachedTTEmbeddingBag(nn.Module):
         torch.cumsum(miss, 0, out=before[1:])
         tt_offsets = before[bags.offsets]
         cache_offsets = bags.offsets - tt_offsets
-        w = bags.per_sample_weights
+        w = bags.weights_as(self.cache_weight.dtype)
         fused = self.cache_optimizer is not None
         bag_ids = bags.bag_ids() if fused or self.mode == "mean" else None
         if self.mode == "mean":

@@ -21,6 +21,7 @@ from .bags import MODES, Bags, make_bags
 from .cpu import ops as cpu_ops
 from .cuda import loader as cuda_loader
 from .init import INIT_SCHEMES, init_tt_cores
+from .optim import check_eps, check_lr, check_optimizer
 from .reference import tt_embedding_bag, tt_to_dense
 from .shapes import TTSpec, suggest_tt_shapes
 
@@ -33,7 +34,6 @@ BACKENDS: dict[str, tuple[BackendFn, Callable[[], str | None]]] = {
     "cpu": (cpu_ops.tt_bag_cpu, cpu_ops.unavailable_reason),
     "cuda": (cuda_loader.tt_bag_cuda, cuda_loader.unavailable_reason),
 }
-FUSED_OPTIMIZERS = ("sgd", "adagrad")
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda")
 
 
@@ -58,7 +58,8 @@ class TTEmbeddingBag(nn.Module):
         tt_p_shapes, tt_q_shapes: factorizations of rows (product >= num_embeddings) and columns
             (product == embedding_dim); suggested when None.
         mode: "sum" or "mean" pooling. include_last_offset: as nn.EmbeddingBag.
-        init: one of ``INIT_SCHEMES``; d: number of cores when shapes are suggested.
+        init: one of ``INIT_SCHEMES``; d: number of cores when neither shape is given (else the
+            given shape's length).
         backend: "auto", "torch", "cpu" or "cuda". seed: seeds the init (None: torch's RNG).
         optimizer: None (cores get .grad through autograd), or "sgd"/"adagrad": a fused sparse
             update of exactly the touched core slices runs inside backward (native backends only),
@@ -94,14 +95,11 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError(f"backend: got {backend!r}; allowed: {BACKEND_NAMES}")
         if init not in INIT_SCHEMES:
             raise ValueError(f"init: got {init!r}; allowed: {INIT_SCHEMES}")
-        if optimizer is not None and optimizer not in FUSED_OPTIMIZERS:
-            raise ValueError(f"optimizer: got {optimizer!r}; allowed: None, {FUSED_OPTIMIZERS}")
+        check_optimizer(optimizer, allow_none=True)
         if optimizer is not None and backend == "torch":
             raise ValueError("optimizer: the fused sparse update needs backend 'cpu', 'cuda' or 'auto', got backend='torch'")
-        if not learning_rate > 0:
-            raise ValueError(f"learning_rate: got {learning_rate}; must be > 0")
-        if not eps >= 0:
-            raise ValueError(f"eps: got {eps}; must be >= 0")
+        check_lr(learning_rate)
+        check_eps(eps)
         for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
@@ -113,7 +111,8 @@ class TTEmbeddingBag(nn.Module):
         else:
             raise TypeError(f"tt_ranks: got {tt_ranks!r}; expected an int or a sequence of ints")
         if tt_p_shapes is None or tt_q_shapes is None:
-            p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if tt_p_shapes is None else len(tt_p_shapes))
+            given = tt_p_shapes if tt_p_shapes is not None else tt_q_shapes  # its length is d, else d is
+            p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if given is None else len(given))
             tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
             tt_q_shapes = q if tt_q_shapes is None else tt_q_shapes
         d = len(tt_p_shapes)

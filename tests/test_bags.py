@@ -120,6 +120,31 @@ def test_2d_input_equals_1d_with_offsets(target, mode, dtype):
         torch.testing.assert_close(out2, out1, rtol=0, atol=0)
 
 
+@targets
+def test_2d_input_with_no_columns_is_empty_bags(target):
+    """(B, 0) input: B empty bags (zeros), as a 1D input with B equal offsets gives (nn.EmbeddingBag
+    itself fails there, with torch.arange's "step must be nonzero")."""
+    fn = TARGETS[target]()
+    out = fn(torch.zeros(3, 0, dtype=torch.int64))
+    if target == "make_bags":
+        assert out.offsets.tolist() == [0, 0, 0, 0] and out.num_bags == 3 and out.num_lookups == 0
+    else:
+        assert torch.equal(out, torch.zeros(3, D))
+
+
+@pytest.mark.parametrize("factory", [_tt, _t3, _dense], ids=["tt", "t3nsor", "dense"])
+def test_float64_weights_pool_in_the_table_dtype(factory):
+    """Weights of another floating dtype than the table's are cast to it by every implementation (the
+    TT kernels read float32 weights; the baselines passed float64 ones to F.embedding_bag, which
+    refused them): the same output as the float32 weights, in the table's dtype."""
+    m = factory()
+    x, offs = _ix(3, 7, 7, 49, 0), _ix(0, 1, 1, 4)
+    w = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = m(x, offs, w).detach()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, m(x, offs, w.float()).detach(), rtol=0, atol=0)
+
+
 def test_make_bags_normalizes_to_csr():
     bags = make_bags(_ix(4, 3, 2, 1, 0, dtype=torch.int32), _ix(0, 2, 2, dtype=torch.int32), None,
                      num_embeddings=5, mode="sum")

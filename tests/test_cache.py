@@ -378,6 +378,8 @@ def test_auto_counter_and_slot_map_choices():
     ({"counter": "sketch"}, "counter: got 'sketch'"),
     ({"slot_map": "hash"}, "slot_map: got 'hash'"),
     ({"learning_rate": 0}, "learning_rate: got 0"),
+    ({"optimizer": "adagrad", "eps": 0.0}, "eps: got 0.0"),  # (it made the cached rows not looked up NaN)
+    ({"optimizer": "adagrad", "eps": -1.0}, "eps: got -1.0"),
 ])
 def test_constructor_rejects_bad_values_naming_them(kwargs, needle):
     tt = TTEmbeddingBag(N, D, 4, seed=0)

@@ -443,6 +443,9 @@ def test_bad_inputs_are_rejected_before_any_launch(emu):
     with pytest.raises(ValueError, match="state"):
         loader.sparse_update(cores, spec, good, "sum", torch.zeros(2, 16), "adagrad", 0.1, 1e-10,
                              [torch.zeros_like(c) for c in cores], None, launcher=emu)
+    with pytest.raises(ValueError, match="eps: got 0.0"):  # 0 / (sqrt(0) + 0) on a touched slice with zero gradient
+        loader.sparse_update(cores, spec, good, "sum", torch.zeros(2, 16), "adagrad", 0.1, 0.0,
+                             [torch.zeros_like(c) for c in cores], [torch.zeros_like(c) for c in cores], launcher=emu)
     with pytest.raises(ValueError, match="counts"):
         loader.count_rows(good.indices, torch.zeros(5, dtype=torch.int32), launcher=emu)
     with pytest.raises(ValueError, match="indices"):

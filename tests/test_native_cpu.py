@@ -552,6 +552,10 @@ def test_unsupported_cores_are_refused_before_native_code():
     with pytest.raises(ValueError, match=r"cores\[1\]: got a non-contiguous"):  # written in place by the update
         ops.sparse_update(cores, spec, bags, "sum", torch.ones(1, 16), "sgd", 0.1, 0.0,
                           [torch.zeros_like(c) for c in _cores(spec)], None)
+    scratch, state = [torch.zeros_like(c) for c in _cores(spec)], [torch.zeros_like(c) for c in _cores(spec)]
+    for lr, eps, needle in ((0.1, 0.0, "eps: got 0.0"), (0.1, 1e-50, "eps: got 1e-50"), (0.0, 1e-10, "lr: got 0.0")):
+        with pytest.raises(ValueError, match=needle):  # checked before the kernel: eps 0 wrote NaN into the cores
+            ops.sparse_update(_cores(spec), spec, bags, "sum", torch.ones(1, 16), "adagrad", lr, eps, scratch, state)
     assert ttrec.TTEmbeddingBag(1000, 16, 4, dtype=torch.float64).resolved_backend() == "torch"
     m = ttrec.TTEmbeddingBag(1000, 16, 4, backend="cpu")
     w = torch.ones(2, requires_grad=True)

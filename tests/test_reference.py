@@ -8,6 +8,7 @@ first core's digit most significant; likewise the column over q).
 from __future__ import annotations
 
 import math
+import re
 from unittest import mock
 
 import pytest
@@ -394,6 +395,30 @@ def test_build_embedding_each_impl():
 def test_build_embedding_rejects_unknown(name):
     with pytest.raises(ValueError, match=rf"^impl: got '{name}'; allowed: .*'tt'.*'t3nsor'.*'dense'"):
         build_embedding(name, 100, 8)
+
+
+def test_q_shapes_alone_set_the_number_of_cores():
+    """tt_q_shapes without tt_p_shapes: the suggested p shapes have as many factors (as tt_p_shapes
+    alone fixes the q shapes' count), not the default d's 3."""
+    m = TTEmbeddingBag(1000, 16, 8, tt_q_shapes=[4, 4], backend="torch", seed=0)
+    assert m.spec.tt_q_shapes == (4, 4) and len(m.spec.tt_p_shapes) == 2
+    assert math.prod(m.spec.tt_p_shapes) >= 1000
+    m4 = TTEmbeddingBag(1000, 16, 8, tt_q_shapes=[2, 2, 2, 2], backend="torch", seed=0)
+    assert len(m4.spec.tt_p_shapes) == 4
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"optimizer": "adam"}, "optimizer: got 'adam'"),
+    ({"learning_rate": 0}, "learning_rate: got 0;"),
+    ({"learning_rate": float("inf")}, "learning_rate: got inf;"),
+    ({"learning_rate": float("nan")}, "learning_rate: got nan;"),
+    ({"eps": 0.0}, "eps: got 0.0;"),  # Adagrad's 0 / (sqrt(0) + 0) on a slice whose gradient is 0
+    ({"eps": -1.0}, "eps: got -1.0;"),
+    ({"eps": 1e-50}, "eps: got 1e-50;"),  # 0 in float32, the kernels' precision
+])
+def test_fused_optimizer_settings_rejected_naming_them(kwargs, needle):
+    with pytest.raises(ValueError, match="^" + re.escape(needle)):
+        TTEmbeddingBag(100, 8, 2, **{"optimizer": "adagrad", **kwargs})
 
 
 def test_unknown_backend_rejected():

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..bags import MODES, Bags, checked_for, make_bags
+from ..optim import check_eps, check_lr, check_optimizer
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
@@ -326,12 +327,12 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     ``scratch`` are zero fp32 tensors shaped like the cores (left zero again afterwards);
     ``state`` the Adagrad accumulators (same shapes), None for SGD.
     """
-    if optimizer not in ("sgd", "adagrad"):
-        raise ValueError(f"optimizer: got {optimizer!r}; allowed: 'sgd', 'adagrad'")
+    check_optimizer(optimizer)
     if optimizer == "adagrad" and state is None:
         raise ValueError("state: Adagrad needs accumulators shaped like the cores")
-    if not lr > 0 or not eps >= 0:
-        raise ValueError(f"lr, eps: got lr={lr}, eps={eps}; need lr > 0 and eps >= 0")
+    check_lr(lr, "lr")
+    if optimizer == "adagrad":
+        check_eps(eps)
     bags = _require(cores, spec, bags, mode, in_place=True)  # updated in place: no copies allowed
     _check_like_cores("scratch", scratch, spec)
     _check_like_cores("state", state, spec)

@@ -25,6 +25,7 @@ from typing import Protocol, Sequence
 import torch
 
 from ..bags import MODES, Bags
+from ..optim import check_eps, check_lr, check_optimizer
 from ..reference import row_digits
 from ..shapes import TTSpec
 from . import launch as plan
@@ -379,11 +380,11 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     """Fused backward + SGD/Adagrad step of exactly the touched core slices, in place (the signature
     of ``ttrec.cpu.ops.sparse_update``). ``scratch``: zero fp32 tensors shaped like the cores (zero
     again afterwards); ``state``: Adagrad's accumulators, None for SGD. Returns the touched masks."""
-    if optimizer not in ("sgd", "adagrad"):
-        raise ValueError(f"optimizer: got {optimizer!r}; allowed: 'sgd', 'adagrad'")
-    if not lr > 0:
-        raise ValueError(f"lr: got {lr}; must be > 0")
+    check_optimizer(optimizer)
+    check_lr(lr, "lr")
     adagrad = optimizer == "adagrad"
+    if adagrad:
+        check_eps(eps)
     if adagrad and (state is None or len(state) != spec.d):
         raise ValueError("state: Adagrad needs one accumulator per core, shaped like the cores")
     ln = launcher or _default_launcher(cores[0].device)

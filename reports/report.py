@@ -184,8 +184,11 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         lines += ["", f"Not in this run: {', '.join(missing)} (run `nox -s bench -- experiment=NAME`)."]
     if timings.exists():
         t = pd.read_csv(timings)
+        resumed = t["status"].astype(str).str.contains("resumed").any()
         lines += ["", "## Wall time of the run", "", *_md_table(t),
-                  "", f"Total: {t['seconds'].sum() / 60:.1f} minutes."]
+                  "", f"Total: {t['seconds'].sum() / 60:.1f} minutes" + (
+                      " (of the last run: its resumed experiments skipped the points measured before)." if resumed
+                      else ".")]
     for name in ARTIFACTS:
         if name not in results:
             continue

@@ -209,3 +209,38 @@ def test_report_without_results_is_a_clear_error(tmp_path):
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert done.returncode != 0
     assert "no experiment tables" in done.stderr
+
+
+def test_run_all_passes_on_no_task_and_runs_experiments_where_it_started(tmp_path, monkeypatch):
+    """experiment=paper's experiment processes: no ``task=`` passed on (``task=paper`` on the command
+    line made each experiment run the whole preset again, processes without end), the start directory
+    as their working directory (relative paths as in a direct run), and a resumed experiment marked so
+    in timings.csv; an experiment process that is asked to run a preset of presets refuses."""
+    from types import SimpleNamespace
+
+    import benches.paper as paper
+    import reports.report
+
+    calls = []
+    monkeypatch.setattr(paper.subprocess, "run", lambda args, cwd, env: calls.append((args, cwd, env))
+                        or subprocess.CompletedProcess(args, 0))
+    monkeypatch.setattr(reports.report, "build", lambda *a, **k: tmp_path / "REPORT.md")
+    start = tmp_path / "start"
+    monkeypatch.setattr(paper, "get_original_cwd", lambda: str(start))
+    monkeypatch.delenv(paper._CHILD, raising=False)
+    hc = SimpleNamespace(overrides=SimpleNamespace(
+        task=["task=paper", "experiment=paper", "tt.rank=8", "figures_dir=rel"],
+        hydra=["hydra/launcher=cpu_pool", "hydra.run.dir=elsewhere"]))
+    cfg = to_objects(_compose("experiment=paper", "scale=smoke", f"results_root={tmp_path}"))
+    (tmp_path / "smoke" / "fig5" / "0").mkdir(parents=True)
+    (tmp_path / "smoke" / "fig5" / "0" / RESULTS_FILE).write_text("measured before\n")
+    paper.run_all(cfg, hc)
+    assert [args[3] for args, _, _ in calls] == [f"experiment={name}" for name in EXPERIMENTS]
+    for args, cwd, env in calls:
+        assert args[4:] == ["tt.rank=8", "figures_dir=rel", "hydra/launcher=cpu_pool", f"results_root={tmp_path}"]
+        assert cwd == str(start) and env[paper._CHILD] == "paper"
+    status = dict(zip(*pd.read_csv(tmp_path / "smoke" / "timings.csv")[["experiment", "status"]].T.values))
+    assert status == {name: "ok, resumed (finished points kept: 1)" if name == "fig5" else "ok" for name in EXPERIMENTS}
+    monkeypatch.setenv(paper._CHILD, "paper")
+    with pytest.raises(RuntimeError, match="task=paper inside an experiment of experiment=paper"):
+        paper.run_all(cfg, hc)

@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 import ttrec
 from ttrec.workloads import Batch, batch_stats
 
-from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_columns,
-                                workload_stream)
+from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_axes,
+                                workload_columns, workload_stream)
 from . import analytic, paper, training
-from .config import BenchConfig, Task, check_override_keys, register, to_objects
+from .config import BenchConfig, Task, check_output_dirs, check_override_keys, register, to_objects
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
@@ -99,7 +99,7 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
     impl = cfg.impl.name.value
     backend = {"tt": module.resolved_backend() if impl == "tt" else None, "t3nsor": "torch", "dense": "aten",
                "tltorch": "tltorch"}[impl]
-    w = cfg.workload
+    train = cfg.mode.name.value == "train"
     cols = {
         "experiment": experiment,
         "impl": cfg.impl.name.value,
@@ -115,19 +115,15 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
         "init": cfg.tt.init.value if is_tt else "uniform_dlrm",
         "param_bytes": spec.param_bytes if is_tt else cfg.table.num_embeddings * cfg.table.embedding_dim * 4,
         "compression_ratio": spec.compression_ratio if is_tt else 1.0,
-        "batch_size": w.batch_size,
-        "pooling_factor": w.pooling_factor,
-        "pooling": w.pooling.value,
-        "distribution": w.distribution.value,
-        "zipf_alpha": w.zipf_alpha if w.distribution.value == "zipf" else None,
-        "permute": w.permute,
-        "weighted": w.weighted,
-        "workload_seed": w.seed,
+        **workload_axes(cfg),
         "mode": cfg.mode.name.value,
-        "optimizer": cfg.mode.optimizer.value if cfg.mode.name.value == "train" else None,
-        "lr": cfg.mode.lr if cfg.mode.name.value == "train" else None,
+        "optimizer": cfg.mode.optimizer.value if train else None,
+        "lr": cfg.mode.lr if train else None,
         "fused": bool(getattr(module, "optimizer", None)),
+        "sparse": cfg.impl.sparse if train and impl == "dense" else None,  # nn.EmbeddingBag's gradient
         "seed": cfg.seed,
+        "timing_warmup": cfg.timing.warmup,  # untimed calls before the timed ones (n: how many were timed)
+        "flush_l2": cfg.timing.flush_l2,
     }
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
     cols.update(workload_columns(cfg, module, batch))
@@ -266,6 +262,9 @@ if __name__ == "__main__":
     if (problem := check_override_keys(sys.argv[1:])) is not None:  # before Hydra's less helpful message
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if (problem := check_output_dirs(sys.argv[1:])) is not None:  # Hydra creates the run directory first
+        print(f"error: ValueError: {problem}", file=sys.stderr)
+        sys.exit(1)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every finished point is on disk

@@ -23,7 +23,7 @@ from ttrec.workloads import Batch, WorkloadStream
 from .config import BenchConfig, CacheUpdate, Distribution, Impl, ImplConfig
 from .environment import capture
 
-__all__ = ["workload_stream", "build_cached", "warm_up", "workload_columns", "comparison_configs",
+__all__ = ["workload_stream", "build_cached", "warm_up", "workload_axes", "workload_columns", "comparison_configs",
            "stability_rows", "break_even"]
 
 
@@ -80,19 +80,37 @@ def warm_up(module: CachedTTEmbeddingBag, stream: Iterator[Batch], cfg: BenchCon
     return {"held_out_hit_ratio": held_out}
 
 
-def workload_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch) -> dict:
-    """Columns every row gets: the workload's added axes, the measured mean pooling factor, and the
-    cache's parameters, memory and measured hit ratios (None without a cache)."""
+def workload_axes(cfg: BenchConfig) -> dict:
+    """The workload's config values as result columns (every ``workload.*`` key); a key the
+    distribution does not read is None (Zipf's for zipf, the hot set's for hot_set, the synthetic
+    generator's for anything but criteo, the Criteo file's for criteo only)."""
     w = cfg.workload
-    synthetic = w.distribution != Distribution.criteo
-    cols = {
-        "pooling_sigma": w.pooling_sigma,
-        "pooling_distribution": w.pooling_distribution.value,
-        "hit_rate": w.hit_rate if w.distribution == Distribution.hot_set else None,
-        "hot_fraction": w.hot_fraction if w.distribution == Distribution.hot_set else None,
+    zipf, hot, criteo = (w.distribution == d for d in (Distribution.zipf, Distribution.hot_set, Distribution.criteo))
+    synthetic = not criteo
+    return {
+        "batch_size": w.batch_size,
+        "pooling_factor": w.pooling_factor if synthetic else None,  # a Criteo feature: one value per sample
+        "pooling": w.pooling.value,
+        "distribution": w.distribution.value,
+        "zipf_alpha": w.zipf_alpha if zipf else None,
+        "permute": w.permute if zipf else None,
+        "weighted": w.weighted,
+        "workload_seed": w.seed if synthetic else None,
+        "pooling_sigma": w.pooling_sigma if synthetic else None,
+        "pooling_distribution": w.pooling_distribution.value if synthetic else None,
+        "hit_rate": w.hit_rate if hot else None,
+        "hot_fraction": w.hot_fraction if hot else None,
         "reuse_fraction": w.reuse_fraction if synthetic else None,
-        "criteo_path": None if synthetic else w.criteo_path,
-        "criteo_feature": None if synthetic else w.criteo_feature,
+        "criteo_path": w.criteo_path if criteo else None,
+        "criteo_feature": w.criteo_feature if criteo else None,
+        "criteo_mapping": w.criteo_mapping.value if criteo else None,
+    }
+
+
+def workload_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch) -> dict:
+    """Columns every timed row gets besides :func:`workload_axes`: the measured mean pooling factor,
+    and the cache's parameters, memory and measured hit ratios (None without a cache)."""
+    cols = {
         "measured_pooling_factor": batch.num_lookups / max(1, batch.offsets.numel()),
         "task": cfg.task.value,
     }
@@ -105,7 +123,10 @@ def workload_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch) ->
         "cache_warmup_iters": c.warmup_iters if cached else None,
         "cache_refresh_every": c.refresh_every if cached else None,
         "cache_counter": module.counter.kind if cached else None,
+        "cache_counter_slots": getattr(module.counter, "slots", None) if cached else None,  # bounded only
         "cache_update": (module.cache_optimizer or "autograd") if cached else None,
+        "cache_write_back_steps": c.write_back_steps if cached else None,
+        "cache_eval_batches": c.eval_batches if cached else None,
         "hit_ratio": float(module.cached_mask(batch.indices).float().mean()) if cached and batch.num_lookups else None,
         "held_out_hit_ratio": None,
         "cache_bytes": None, "counter_bytes": None,
@@ -144,7 +165,7 @@ def stability_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     - ``topk_recall_bounded``: |S_t and B_t| / |S_t|, B_t the top-k of the bounded counter;
     - ``topk_window_hit_ratio_bounded``: as topk_window_hit_ratio, for B_prev.
     """
-    c, w, t = cfg.cache, cfg.workload, cfg.table
+    c, t = cfg.cache, cfg.table
     torch.set_num_threads(cfg.timing.threads)
     n = t.num_embeddings
     k = cache_capacity(n, c.fraction)
@@ -155,15 +176,7 @@ def stability_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                    for i in range(c.stability_windows)})
     base = {
         "experiment": experiment, "task": cfg.task.value, "table": t.name, "num_embeddings": n,
-        "embedding_dim": t.embedding_dim, "batch_size": w.batch_size, "pooling_factor": w.pooling_factor,
-        "distribution": w.distribution.value,
-        "zipf_alpha": w.zipf_alpha if w.distribution == Distribution.zipf else None, "permute": w.permute,
-        "hit_rate": w.hit_rate if w.distribution == Distribution.hot_set else None,
-        "hot_fraction": w.hot_fraction if w.distribution == Distribution.hot_set else None,
-        "reuse_fraction": w.reuse_fraction, "pooling_sigma": w.pooling_sigma,
-        "pooling_distribution": w.pooling_distribution.value, "workload_seed": w.seed,
-        "criteo_path": w.criteo_path if w.distribution == Distribution.criteo else None,
-        "criteo_feature": w.criteo_feature if w.distribution == Distribution.criteo else None,
+        "embedding_dim": t.embedding_dim, **workload_axes(cfg),
         "cache_fraction": c.fraction, "topk_rows": k, "counter_slots": bounded.slots,
         "counter_bytes": bounded.memory_bytes(), "exact_counter_bytes": exact.memory_bytes(),
         "stability_batches": c.stability_batches, "device": cfg.device, "seed": cfg.seed,

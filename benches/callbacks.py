@@ -7,28 +7,35 @@ import math
 import time
 from pathlib import Path
 
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from reports.cache_figures import is_cache_experiment, plot_cache_figures
 from reports.figures import plot_rank_sweep
 
-from .results import AGGREGATE_FILE, FAILED_FILE, aggregate, failures
+from .results import AGGREGATE_FILE, RESULTS_FILE, aggregate, begin_sweep, end_sweep, failures, sweep_jobs
 
 log = logging.getLogger("ttrec.bench")
 
 
-def sweep_size(config: DictConfig) -> int:
+def sweep_size(config: DictConfig) -> int | None:
     """Jobs in the sweep: the product of the sweep lengths of the preset's sweeper params, with the
-    command line's overrides taking precedence key by key."""
+    command line's overrides taking precedence key by key. A glob over a config group
+    (``impl=glob(tt*)``) counts the group's options while Hydra runs; None if it cannot be counted."""
     params = {str(k): str(v) for k, v in (config.hydra.sweeper.get("params") or {}).items()}
-    parser = OverridesParser.create()
+    loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+    parser = OverridesParser.create(config_loader=loader)
     lines = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     by_key = {}
-    for o in parser.parse_overrides(lines):
-        by_key[o.get_key_element()] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+    try:
+        for o in parser.parse_overrides(lines):
+            by_key[o.get_key_element()] = len(list(o.sweep_string_iterator())) if o.is_sweep_override() else 1
+    except HydraException:  # a glob without Hydra's config loader
+        return None
     return math.prod(by_key.values())
 
 
@@ -42,21 +49,22 @@ class Progress(Callback):
     an estimate of the time left (mean time of the jobs done so far x jobs left)."""
 
     def __init__(self) -> None:
-        self.total, self.start, self.done, self.job_start = 0, None, 0, None
+        self.total, self.start, self.done, self.job_start = None, None, 0, None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.total, self.start, self.done = sweep_size(config), time.monotonic(), 0
-        log.info("sweep of %d jobs -> %s", self.total, config.hydra.sweep.dir)
+        log.info("sweep of %s jobs -> %s", "?" if self.total is None else self.total, config.hydra.sweep.dir)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if self.start is None:  # a single run, or a job in another process (joblib, submitit)
             return
         self.job_start = time.monotonic()
         elapsed = self.job_start - self.start
-        eta = "?" if not self.done else _clock(elapsed / self.done * (self.total - self.done))
+        eta = "?" if not self.done or self.total is None else _clock(elapsed / self.done * (self.total - self.done))
         num = config.hydra.job.get("num", self.done)
         point = config.hydra.job.get("override_dirname") or "(no overrides)"
-        log.info("[job %d/%d] %s | elapsed %s, left ~%s", num + 1, self.total, point, _clock(elapsed), eta)
+        log.info("[job %d/%s] %s | elapsed %s, left ~%s", num + 1, "?" if self.total is None else self.total, point,
+                 _clock(elapsed), eta)
 
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
         if self.start is not None:
@@ -66,24 +74,35 @@ class Progress(Callback):
 class AggregateResults(Callback):
     """Writes results_all.csv at the run/sweep root and draws its figures into ``figures_dir``: an
     experiment preset's figure (reports.report), else, for a sweep over two or more TT ranks, the
-    time-vs-rank figure (one per mode), or the cache experiments' figures. A sweep's failed jobs
-    (benches.app records them and goes on) are listed after that, and the sweep exits 1."""
+    time-vs-rank figure (one per mode), or the cache experiments' figures. Only this run's jobs are
+    aggregated (a single run: its directory; a sweep: its job directories 0 .. N-1), whatever else
+    lies under the root. A sweep's failed jobs (benches.app records them and goes on) are listed
+    after that, and the sweep exits 1."""
 
     def __init__(self) -> None:
         self.start = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.start = time.time()  # failures recorded before this belong to earlier sweeps
+        # job directories are job numbers (conf/bench.yaml) unless hydra.sweep.subdir says otherwise
+        numbered = OmegaConf.to_container(config.hydra.sweep).get("subdir") == "${hydra.job.num}"
+        begin_sweep(sweep_size(config) if numbered else None)
 
-    def _finish(self, root: str, config: DictConfig) -> None:
+    def _finish(self, root: str, config: DictConfig, jobs: list[str] | None) -> None:
         if config.get("task") in ("paper", "training"):  # its experiments aggregated themselves; report built
             return
+        if jobs is None:
+            log.warning("this sweep's job directories are not known (hydra.sweep.subdir or the sweep size): "
+                        "every %s under %s is aggregated", RESULTS_FILE, root)
         try:
-            df = aggregate(root)
+            df, others = aggregate(root, jobs)
         except FileNotFoundError as exc:
             log.warning("nothing to aggregate: %s", exc)
             return
         log.info("results: %s (%d rows)", Path(root) / AGGREGATE_FILE, len(df))
+        if others:
+            log.info("left out: %d %s under %s not of this %s (e.g. %s)", len(others), RESULTS_FILE, root,
+                     "run" if jobs == ["."] else "sweep", others[0])
         out = to_absolute_path(config.figures_dir)
         experiment = config.hydra.runtime.choices.get("experiment")
         from reports.report import ARTIFACTS, draw
@@ -102,14 +121,17 @@ class AggregateResults(Callback):
             log.info("figure: %s", png)
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
-        self._finish(config.hydra.run.dir, config)
+        self._finish(config.hydra.run.dir, config, ["."])
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        root = config.hydra.sweep.dir
-        self._finish(root, config)
-        failed = failures(root, since=self.start)
+        root, jobs = config.hydra.sweep.dir, sweep_jobs()
+        try:
+            self._finish(root, config, jobs)
+            failed = failures(root, since=self.start, jobs=jobs)
+        finally:
+            end_sweep()
         if failed:
             log.error("%d job(s) of the sweep failed (the others' results are aggregated above):", len(failed))
-            for job, error in failed:
-                log.error("  job %s: %s (traceback: %s)", job, error, Path(root) / job / FAILED_FILE)
+            for job, error, path in failed:
+                log.error("  job %s: %s (traceback: %s)", job, error, path)
             raise SystemExit(1)

@@ -2,8 +2,8 @@
 
 Every group in conf/ (impl, table, tt, workload, timing, mode, experiment) merges into these typed
 nodes, so an unknown key or a value of the wrong type fails at composition with the key and the
-value; enums list what is allowed. Range checks run in ``__post_init__`` when the config becomes
-objects (:func:`to_objects`).
+value; enums list what is allowed. Range checks, and checks of keys that must agree, run in
+``__post_init__`` when the config becomes objects (:func:`to_objects`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["BenchConfig", "check_override_keys", "register", "to_objects"]
+__all__ = ["BenchConfig", "check_output_dirs", "check_override_keys", "register", "to_objects"]
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -134,11 +134,23 @@ def _positive(section: str, **values: float) -> None:
 
 @dataclass
 class ImplConfig:
-    """Which embedding implementation; ``backend`` applies to tt, ``sparse`` to dense."""
+    """Which embedding implementation; ``backend`` applies to tt, ``sparse`` to dense (the others
+    have neither: setting them for another implementation is an error, not silently ignored)."""
 
     name: Impl = Impl.tt
     backend: Backend = Backend.auto
     sparse: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name != Impl.tt and self.backend != Backend.auto:
+            runs = {Impl.t3nsor: "the torch reference", Impl.dense: "PyTorch's own kernel (aten)",
+                    Impl.tltorch: "tensorly-torch"}[self.name]
+            raise ValueError(f"impl.backend: got {self.backend.value!r} with impl.name={self.name.value}; only "
+                             f"impl.name=tt has backends ({', '.join(b.value for b in Backend)}), {self.name.value} "
+                             f"always runs {runs}: leave impl.backend=auto (device= chooses CPU or GPU)")
+        if self.name != Impl.dense and not self.sparse:
+            raise ValueError(f"impl.sparse: got false with impl.name={self.name.value}; only impl.name=dense "
+                             f"(nn.EmbeddingBag) has a sparse/dense gradient choice: leave impl.sparse=true")
 
 
 @dataclass
@@ -195,7 +207,13 @@ class WorkloadConfig:
 
     def __post_init__(self) -> None:
         _positive("workload", batch_size=self.batch_size, pooling_factor=self.pooling_factor)
+        if self.weighted and self.pooling != Pooling.sum:
+            raise ValueError(f"workload.weighted: got true with workload.pooling={self.pooling.value}; per-sample "
+                             f"weights need workload.pooling=sum (as in nn.EmbeddingBag), or set workload.weighted=false")
         if self.distribution == Distribution.criteo:
+            if self.weighted:
+                raise ValueError("workload.weighted: got true with workload.distribution=criteo; a Criteo feature "
+                                 "has no per-sample weights: set workload.weighted=false")
             if not self.criteo_path:
                 raise ValueError("workload.criteo_path: got None; distribution=criteo needs the path of a "
                                  "Criteo text file (train.txt or day_N)")
@@ -409,6 +427,9 @@ class ScaleConfig:
     target_time_s: float = 0.3
 
 
+SEED_MAX = 2**32 - 1  # seed: torch's generators take < 2**64, offsets per table and init scheme are added
+
+
 @dataclass
 class BenchConfig:
     impl: ImplConfig = field(default_factory=ImplConfig)
@@ -432,6 +453,19 @@ class BenchConfig:
     results_root: str = "outputs"
     # Where the sweep's figure goes; relative paths are taken from the directory the app was started in.
     figures_dir: str = "reports/figures/latest"  # git-ignored; reports/figures/ keeps the committed reference run
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed: got {self.seed}; must be in [0, {SEED_MAX}] (2**32 - 1: it seeds torch's and "
+                             f"numpy's generators, offset per table and init scheme)")
+        if (self.mode.name == Mode.train and self.mode.fused and self.impl.name == Impl.tt
+                and self.impl.backend == Backend.torch):
+            raise ValueError("mode.fused: got true with impl.backend=torch (impl=tt_reference sets it); the fused "
+                             "sparse update runs in the native kernels only: use impl.backend=auto, cpu or cuda, "
+                             "or mode.fused=false")
+        if self.timing.flush_l2 and not self.device.startswith("cuda"):
+            raise ValueError(f"timing.flush_l2: got true with device={self.device}; it flushes a GPU's L2 cache "
+                             f"(device=cuda), the CPU protocol flushes nothing")
 
 
 def output_dir(root: str, kind: str, experiment: str | None, scale: str, stamp: str) -> str:
@@ -458,14 +492,8 @@ def check_override_keys(args: list[str]) -> str | None:
     names neither, and suggests ``+tt.rnak=16``, which :func:`to_objects` then refuses. Config
     groups (``table=small``), ``hydra...`` keys, ``+``/``~`` overrides and syntax errors are left to
     Hydra."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
-    try:
-        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
-    except Exception:  # Hydra reports the syntax error with its position
-        return None
-    for o in overrides:
+    for o in _parse_overrides(args):
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package or "/" in key or key.split(".")[0] == "hydra":
             continue
@@ -484,6 +512,42 @@ def check_override_keys(args: list[str]) -> str | None:
                 return (f"{o.input_line}: '{part}' is not a key of {where}; allowed: {', '.join(dict.fromkeys(allowed))}"
                         f"{hint}")
             schema = hints[part]
+    return None
+
+
+def _parse_overrides(args: list[str]) -> list:
+    """The command line's overrides as Hydra parses them; [] on a syntax error (Hydra reports it
+    with its position)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:
+        return []
+
+
+# command-line keys naming directories the run creates (Hydra creates the run/sweep directory before
+# the job starts, so a file in the way is a bare Hydra traceback unless caught here)
+OUTPUT_DIR_KEYS = ("results_root", "figures_dir", "hydra.run.dir", "hydra.sweep.dir")
+
+
+def check_output_dirs(args: list[str]) -> str | None:
+    """Why a directory the command line names (:data:`OUTPUT_DIR_KEYS`) cannot be created: an
+    existing file at that path or above it; or None. Relative paths are taken from the current
+    directory, as the app takes them."""
+    given = {o.key_or_group: o for o in _parse_overrides(args)}  # the last override of a key wins, as in Hydra
+    for o in given.values():
+        if o.key_or_group not in OUTPUT_DIR_KEYS or o.is_delete():
+            continue
+        for value in (o.sweep_iterator() if o.is_sweep_override() else [o.value()]):
+            value = str(getattr(value, "text", value))  # a quoted string's text
+            if "${" in value:  # an interpolation: resolved later
+                continue
+            blocker = next((p for p in (Path(value), *Path(value).parents) if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                what = "which" if blocker == Path(value) else f"but {str(blocker)!r}"
+                return (f"{o.key_or_group}: got {value!r}, {what} is a file, not a directory; "
+                        f"{o.key_or_group} must be a directory or a path that does not exist yet (it is created)")
     return None
 
 

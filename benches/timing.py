@@ -1,12 +1,15 @@
-"""The one timing protocol of the suite: warm-up, repetitions sized from a first call, quantiles.
+"""The one timing protocol of the suite: warm-up, repetitions that fill a target time, quantiles.
 
 Everything that reports a time calls :func:`measure`; nobody rolls their own loop.
 
-- CPU (``device="cpu"``): ``time.perf_counter`` around each call.
+- CPU (``device="cpu"``): ``time.perf_counter`` around each call; calls are timed until together
+  they take ``target_time_s`` (at least ``min_repeats``, at most ``max_repeats`` calls).
 - GPU (``device="cuda"``): a CUDA event pair around each call on the current stream, one
-  synchronize after all timed calls, per-call times from ``Event.elapsed_time``. With
-  ``flush_l2`` a buffer larger than the L2 cache is overwritten before each call, outside the
-  timed events, so every call starts with a cold L2.
+  synchronize after all timed calls, per-call times from ``Event.elapsed_time``; the number of
+  calls is fixed beforehand from the last warm-up call, synchronized and timed on its own (the
+  first call, cold, overstates the time per call: with ``warmup=1`` the calls fall short of the
+  target). With ``flush_l2`` a buffer larger than the L2 cache is overwritten before each call,
+  outside the timed events, so every call starts with a cold L2.
 """
 
 from __future__ import annotations
@@ -60,34 +63,38 @@ def measure(
     flush_l2: bool = False,
 ) -> Stats:
     """Time ``fn()``: ``warmup`` untimed calls, then enough timed calls to fill ``target_time_s``
-    (estimated from the warm-up calls), clamped to [min_repeats, max_repeats]."""
+    (CPU: timed until their sum reaches it; GPU: estimated from the last warm-up call), clamped to
+    [min_repeats, max_repeats]."""
     if warmup < 1 or min_repeats < 1 or max_repeats < min_repeats:
         raise ValueError(f"timing: need warmup >= 1 and 1 <= min_repeats <= max_repeats, got "
                          f"warmup={warmup}, min_repeats={min_repeats}, max_repeats={max_repeats}")
     cuda = device.startswith("cuda")
     if flush_l2 and not cuda:
         raise ValueError("timing.flush_l2: only meaningful on a GPU (device=cuda); the CPU protocol flushes nothing")
-    if cuda:
-        import torch
-
-        sync = torch.cuda.synchronize
-        flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
-    else:
-        sync = lambda: None  # noqa: E731
-        flush_buf = None
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        fn()
-    sync()
-    per_call = (time.perf_counter() - t0) / warmup
-    repeats = int(min(max_repeats, max(min_repeats, target_time_s / max(per_call, 1e-9))))
     if not cuda:
-        samples = []
-        for _ in range(repeats):
+        for _ in range(warmup):
+            fn()
+        samples: list[float] = []
+        total = 0.0
+        while len(samples) < max_repeats and (len(samples) < min_repeats or total < target_time_s):
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
+            total += samples[-1]
         return Stats.of(samples)
+    import torch
+
+    flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
+    # per-call times are read only after the one synchronize, so the number of calls is fixed
+    # beforehand: from the last warm-up call, synchronized and timed on its own
+    for _ in range(warmup - 1):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    per_call = time.perf_counter() - t0
+    repeats = int(min(max_repeats, max(min_repeats, target_time_s / max(per_call, 1e-9))))
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
         if flush_buf is not None:
@@ -95,5 +102,5 @@ def measure(
         start.record()
         fn()
         end.record()
-    sync()  # the one synchronize of the measurement
+    torch.cuda.synchronize()  # the one synchronize of the measurement
     return Stats.of([start.elapsed_time(end) / 1e3 for start, end in events])

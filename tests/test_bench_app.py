@@ -230,3 +230,155 @@ def test_results_are_collected_in_job_order(tmp_path):
         (tmp_path / job).mkdir()
         pd.DataFrame([{"job": int(job)}]).to_csv(tmp_path / job / "results.csv", index=False)
     assert list(collect(tmp_path)["job_dir"]) == ["0", "1", "2", "10"]
+
+
+def test_runs_started_in_the_same_second_get_directories_of_their_own(monkeypatch):
+    import datetime as dt
+
+    import hydra.core.utils
+
+    ticks = iter(range(1, 100))
+
+    class SameSecond(dt.datetime):  # Hydra's ${now:...} clock: one second, the microseconds going on
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 1, 31, 14, 5, 9, next(ticks))
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", SameSecond)
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="bench", overrides=["results_root=/r"], return_hydra_config=True)
+        dirs.append((cfg.hydra.run.dir, cfg.hydra.sweep.dir))
+    (run_a, sweep_a), (run_b, sweep_b) = dirs
+    assert run_a != run_b and sweep_a != sweep_b
+    assert run_a.startswith("/r/runs/2026-01-31_14-05-09") and sweep_b.startswith("/r/sweeps/2026-01-31_14-05-09")
+
+
+@pytest.mark.slow
+def test_a_point_is_claimed_by_one_process_and_a_refused_run_leaves_no_failure_in_its_directory(tmp_path):
+    import os
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = ["table=tiny", "workload.batch_size=64", "timing.threads=1", "timing.warmup=1", "timing.min_repeats=2",
+            "timing.max_repeats=100000000", f"hydra.run.dir={run}", f"figures_dir={tmp_path / 'figs'}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "benches.app", *args, "timing.target_time_s=12", "tt.rank=8"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "point.yaml").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # while the first run measures its point: the same point, and another point, in its directory
+    same = subprocess.Popen([sys.executable, "-m", "benches.app", *args, "timing.target_time_s=12", "tt.rank=8"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = subprocess.Popen([sys.executable, "-m", "benches.app", *args, "timing.target_time_s=12", "tt.rank=16"],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (_, same_err), (_, other_err) = same.communicate(timeout=300), other.communicate(timeout=300)
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-3000:]
+    assert same.returncode == 1 and "this point is claimed by process" in same_err, same_err[-3000:]
+    assert "not measured twice at once" in same_err
+    assert other.returncode == 1, other_err[-3000:]
+    assert "for a different point (differs in: tt.rank: 8 -> 16); nothing was overwritten" in other_err
+    df = pd.read_csv(run / "results.csv")  # the first run's result, whole
+    assert set(df["tt_rank"]) == {8} and df.loc[df["metric"] == "time_per_lookup", "n"].item() > 2
+    assert set(pd.read_csv(run / AGGREGATE_FILE)["tt_rank"]) == {8}
+    assert not (run / FAILED_FILE).exists()  # the refused runs' errors are theirs, not this directory's job's
+    refusals = sorted(run.glob("refused-*.txt"))
+    assert len(refusals) == 2 and all(p.read_text().startswith("PointRefused: ") for p in refusals)
+    # once the first run has ended: the same point is finished (skipped), another one still refused
+    again = run_app(*args, "timing.target_time_s=12", "tt.rank=8", timeout=300)
+    assert again.returncode == 0 and "already measured, skipped" in again.stdout, again.stderr[-3000:]
+    later = run_app(*args, "timing.target_time_s=12", "tt.rank=16", timeout=300)
+    assert later.returncode == 1 and "already holds results of a different point" in later.stderr
+    assert not (run / FAILED_FILE).exists() and set(pd.read_csv(run / "results.csv")["tt_rank"]) == {8}
+
+
+@pytest.mark.slow
+def test_a_run_or_sweep_aggregates_only_its_own_jobs(tmp_path):
+    args = ["experiment=fig5", "scale=smoke", f"results_root={tmp_path}", f"figures_dir={tmp_path / 'figs'}"]
+    root = tmp_path / "smoke" / "fig5"
+    single = run_app(*args, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rows = len(pd.read_csv(root / AGGREGATE_FILE))
+    sweep = run_app("-m", *args, "tt.rank=16,32", timeout=300)  # into the single run's directory
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    df = pd.read_csv(root / AGGREGATE_FILE)
+    assert sorted(df["job_dir"].astype(str).unique()) == ["0", "1"] and len(df) == 2 * rows
+    assert sorted(df["tt_rank"].unique()) == [16, 32]
+    assert f"left out: 1 results.csv under {root} not of this sweep" in sweep.stdout
+    again = run_app(*args, timeout=300)  # the single run again: its own directory's results only
+    assert again.returncode == 0, again.stderr[-3000:]
+    df = pd.read_csv(root / AGGREGATE_FILE)
+    assert set(df["job_dir"].astype(str)) == {"."} and len(df) == rows and set(df["tt_rank"]) == {32}
+    assert f"left out: 2 results.csv under {root} not of this run" in again.stdout
+
+
+def test_a_sweep_finds_measured_twins_only_among_its_own_jobs(tmp_path):
+    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, measured_twin
+
+    def finished(name: str, *overrides: str) -> Path:
+        assert claim_point(tmp_path / name, _compose("table=tiny", *overrides))  # writes point.yaml
+        (tmp_path / name / RESULTS_FILE).write_text("metric,median\nx,1\n")
+        return (tmp_path / name).resolve()
+
+    old = finished("5", "impl=dense", "tt.rank=8")  # a job of an earlier, larger sweep in the same directory
+    dense16 = _compose("table=tiny", "impl=dense", "tt.rank=16")
+    assert measured_twin(tmp_path / "1", dense16) == old  # no sweep known: any sibling
+    begin_sweep(3)  # this sweep: jobs 0, 1, 2, the ones it aggregates
+    try:
+        assert measured_twin(tmp_path / "1", dense16) is None  # job 5 is not aggregated: measure it
+        mine = finished("0", "impl=dense", "tt.rank=8")
+        assert measured_twin(tmp_path / "1", dense16) == mine
+    finally:
+        end_sweep()
+
+
+def test_integer_columns_stay_integers_in_job_files_and_results_all(tmp_path):
+    from benches.results import RESULTS_FILE, aggregate, write_rows
+
+    tt = {"impl": "tt", "tt_rank": 4, "tt_d": 3, "median": 2.0, "fused": True}
+    dense = {"impl": "dense", "tt_rank": None, "tt_d": None, "median": 1.5, "fused": False}
+    write_rows([tt], tmp_path / "0" / RESULTS_FILE)
+    write_rows([dense], tmp_path / "1" / RESULTS_FILE)
+    write_rows([tt, dense], tmp_path / "2" / RESULTS_FILE)  # one job's rows of both (as cache.compare writes)
+    aggregate(tmp_path)
+    for path in (tmp_path / "2" / RESULTS_FILE, tmp_path / AGGREGATE_FILE):
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
+        assert set(text["tt_rank"]) == {"4", ""} and set(text["tt_d"]) == {"3", ""}, path
+        assert set(text["median"]) == {"2.0", "1.5"} and set(text["fused"]) == {"True", "False"}  # as they were
+    df = collect(tmp_path)
+    assert str(df["tt_rank"].dtype) == "Int64" and list(df["tt_rank"].isna()) == [False, True, False, True]
+    assert df["median"].dtype == float
+
+
+def test_a_glob_sweep_is_counted_and_progress_falls_back_to_a_question_mark(caplog):
+    import logging
+
+    from benches.callbacks import Progress, sweep_size
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=["table=tiny"], return_hydra_config=True)
+        cfg.hydra.overrides.task = ["impl=glob(tt*)", "tt.rank=4,8"]  # as `-m 'impl=glob(tt*)' tt.rank=4,8` records it
+        assert sweep_size(cfg) == 3 * 2  # tt, tt_cpu, tt_reference
+        cfg.hydra.job.num, cfg.hydra.job.override_dirname = 0, "impl=tt,tt.rank=4"
+    assert sweep_size(cfg) is None  # without Hydra's config loader a glob cannot be counted
+    progress = Progress()
+    with caplog.at_level(logging.INFO, logger="ttrec.bench"):
+        progress.on_multirun_start(cfg)
+        progress.on_job_start(cfg)
+    assert "[job 1/?] impl=tt,tt.rank=4 | elapsed" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_glob_sweep_logs_its_progress(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_app("-m", "impl=glob(tt*)", "table=tiny", "workload.batch_size=8", *QUICK, f"hydra.sweep.dir={sweep}",
+                   f"figures_dir={tmp_path / 'figs'}", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ConfigLoader is not set" not in done.stderr
+    for k in (1, 2, 3):
+        assert f"[job {k}/3] impl=" in done.stdout
+    assert sorted(pd.read_csv(sweep / AGGREGATE_FILE)["job_dir"].astype(str).unique()) == ["0", "1", "2"]

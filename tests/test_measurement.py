@@ -1,10 +1,13 @@
-"""The timing protocol, the GPU telemetry fallbacks, the memory probe and the threads' round-trip probe."""
+"""The timing protocol, what the result rows record, the GPU telemetry fallbacks, the memory probe and the
+threads' round-trip probe."""
 
 import os
 import statistics
 import subprocess
 import sys
 import time
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ import torch
 from benches.environment import thread_round_trip_ns, usable_cpus
 from benches.gpu import nvml_telemetry
 from benches.memory import measure_in_child
+from benches import timing
 from benches.timing import Stats, measure
 
 
@@ -26,12 +30,32 @@ def test_stats_quantiles_are_the_closed_form_ones():
 
 
 @pytest.mark.parametrize("min_repeats,max_repeats,target,expected", [(3, 10, 0.0, 3), (3, 10, 1e9, 10), (4, 4, 1.0, 4)])
-def test_repeats_are_sized_from_warmup_and_clamped(min_repeats, max_repeats, target, expected):
+def test_repeats_are_clamped(min_repeats, max_repeats, target, expected):
     calls = []
     s = measure(lambda: calls.append(1), warmup=2, min_repeats=min_repeats, max_repeats=max_repeats,
                 target_time_s=target)
     assert s.n == expected and len(calls) == 2 + expected
     assert s.median == statistics.median(s.samples)
+
+
+@pytest.mark.parametrize("warmup", [1, 2, 5])
+def test_timed_calls_fill_the_target_when_the_first_call_is_slow(monkeypatch, warmup):
+    """A fake clock: the first call takes 50 ms, every later one 1 ms. The timed calls must take
+    target_time_s together (0.3 s: 300 calls), not the few that an estimate spoilt by the cold first
+    call allows (the average of two warm-up calls, 25.5 ms, gave 11 calls: 0.011 s)."""
+    now = [0.0]
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    calls = []
+
+    def fn():
+        now[0] += 0.05 if not calls else 0.001
+        calls.append(1)
+
+    s = measure(fn, warmup=warmup, min_repeats=3, max_repeats=10_000, target_time_s=0.3)
+    assert 0.3 <= sum(s.samples) <= 0.3 + 0.0015 and s.n in (300, 301)
+    assert max(s.samples) == pytest.approx(0.001) and len(calls) == warmup + s.n  # the slow call untimed
+    calls.clear()
+    assert measure(fn, warmup=warmup, min_repeats=3, max_repeats=20, target_time_s=0.3).n == 20  # the bound
 
 
 @pytest.mark.parametrize("kwargs,needle", [({"warmup": 0}, "warmup"), ({"min_repeats": 5, "max_repeats": 2}, "max_repeats"),
@@ -110,3 +134,126 @@ def test_thread_round_trip_probe_says_none_when_openmp_grants_one_thread():
                           env={**os.environ, "OMP_THREAD_LIMIT": "1"}, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "None"
+
+
+# Every setting of a timed point (task=time), by where it shows in the result rows. RECORDED: the
+# point column that changes with it (base overrides, the change, the column). NOT_A_POINT_COLUMN:
+# why a setting has no point column (README "What you get" says the same).
+_CRITEO = ["workload.distribution=criteo", "workload.criteo_path={a}"]
+RECORDED = {
+    "impl.name": ([], "impl=t3nsor", "impl"),
+    "impl.backend": (["impl.backend=torch"], "impl.backend=cpu", "backend"),
+    "impl.sparse": (["impl=dense", "mode=train"], "impl.sparse=false", "sparse"),
+    "table.name": ([], "table.name=mine", "table"),
+    "table.num_embeddings": ([], "table.num_embeddings=2000", "num_embeddings"),
+    "table.embedding_dim": ([], "table.embedding_dim=8", "embedding_dim"),
+    "tt.rank": ([], "tt.rank=8", "tt_rank"),
+    "tt.d": ([], "tt.d=2", "tt_d"),
+    "tt.init": ([], "tt.init=uniform", "init"),
+    "tt.p_shapes": ([], "tt.p_shapes=[5,10,20]", "tt_p_shapes"),
+    "tt.q_shapes": ([], "tt.q_shapes=[4,2,2]", "tt_q_shapes"),
+    "workload.distribution": ([], "workload.distribution=zipf", "distribution"),
+    "workload.zipf_alpha": (["workload.distribution=zipf"], "workload.zipf_alpha=1.5", "zipf_alpha"),
+    "workload.permute": (["workload.distribution=zipf"], "workload.permute=false", "permute"),
+    "workload.batch_size": ([], "workload.batch_size=32", "batch_size"),
+    "workload.pooling_factor": ([], "workload.pooling_factor=3", "pooling_factor"),
+    "workload.weighted": ([], "workload.weighted=true", "weighted"),
+    "workload.pooling": ([], "workload.pooling=mean", "pooling"),
+    "workload.seed": ([], "workload.seed=1", "workload_seed"),
+    "workload.pooling_sigma": (["workload.pooling_distribution=normal"], "workload.pooling_sigma=1", "pooling_sigma"),
+    "workload.pooling_distribution": ([], "workload.pooling_distribution=uniform", "pooling_distribution"),
+    "workload.hit_rate": (["workload.distribution=hot_set"], "workload.hit_rate=0.5", "hit_rate"),
+    "workload.hot_fraction": (["workload.distribution=hot_set"], "workload.hot_fraction=0.01", "hot_fraction"),
+    "workload.reuse_fraction": ([], "workload.reuse_fraction=0.5", "reuse_fraction"),
+    "workload.criteo_path": (_CRITEO, "workload.criteo_path={b}", "criteo_path"),
+    "workload.criteo_feature": (_CRITEO, "workload.criteo_feature=5", "criteo_feature"),
+    "workload.criteo_mapping": (_CRITEO, "workload.criteo_mapping=dictionary", "criteo_mapping"),
+    "timing.warmup": ([], "timing.warmup=3", "timing_warmup"),
+    "timing.flush_l2": (["device=cuda"], "timing.flush_l2=true", "flush_l2"),
+    "mode.name": ([], "mode=train", "mode"),
+    "mode.optimizer": (["mode=train"], "mode.optimizer=adagrad", "optimizer"),
+    "mode.lr": (["mode=train"], "mode.lr=0.1", "lr"),
+    "mode.fused": (["mode=train"], "mode.fused=true", "fused"),
+    "cache.enabled": ([], "cache=lfu", "cache_enabled"),
+    "cache.fraction": (["cache=lfu"], "cache.fraction=0.01", "cache_fraction"),
+    "cache.warmup_iters": (["cache=lfu"], "cache.warmup_iters=2", "cache_warmup_iters"),
+    "cache.refresh_every": (["cache=lfu"], "cache.refresh_every=5", "cache_refresh_every"),
+    "cache.update": (["cache=lfu", "mode=train"], "cache.update=fused", "cache_update"),
+    "cache.counter": (["cache=lfu"], "cache.counter=bounded", "cache_counter"),
+    "cache.counter_slots": (["cache=lfu", "cache.counter=bounded"], "cache.counter_slots=50", "cache_counter_slots"),
+    "cache.write_back_steps": (["cache=lfu", "mode=train"], "cache.write_back_steps=1", "cache_write_back_steps"),
+    "cache.eval_batches": (["cache=lfu"], "cache.eval_batches=1", "cache_eval_batches"),
+    "device": ([], "device=cuda", "device"),
+    "seed": ([], "seed=1", "seed"),
+}
+NOT_A_POINT_COLUMN = {
+    "timing.min_repeats": "how many calls are timed: the n column",
+    "timing.max_repeats": "how many calls are timed: the n column",
+    "timing.target_time_s": "how many calls are timed: the n column",
+    "timing.threads": "the environment column threads (torch's thread count when the row is written)",
+    "timing.memory": "adds the peak_transient_memory row, measured after the timing",
+    "cache.compare": "adds the comparison points' rows, each with its own impl and cache_enabled",
+    "cache.stability_batches": "task=topk_stability's rows (stability_batches)",
+    "cache.stability_windows": "task=topk_stability's rows (window)",
+    "task": "the task column; each task writes its own rows",
+    "redo": "where results go, not what is measured",
+    "results_root": "where results go, not what is measured",
+    "figures_dir": "where results go, not what is measured",
+    "analysis": "the computed tasks' section",
+    "scale": "sizes the presets through the keys above; the scale column names it",
+    "dlrm": "task=train_dlrm's section (benches.training writes its rows)",
+}
+_SECTIONS = ("impl", "table", "tt", "workload", "timing", "mode", "cache")
+
+
+def test_every_setting_of_a_timed_point_is_recorded_or_said_why_not():
+    import dataclasses
+
+    from benches.config import BenchConfig
+
+    keys = set()
+    for f in dataclasses.fields(BenchConfig):
+        section = typing.get_type_hints(BenchConfig)[f.name]
+        if f.name in _SECTIONS:
+            keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)}
+        else:
+            keys.add(f.name)
+    assert keys == set(RECORDED) | set(NOT_A_POINT_COLUMN) and not set(RECORDED) & set(NOT_A_POINT_COLUMN)
+
+
+@pytest.mark.parametrize("key", sorted(RECORDED))
+def test_a_setting_that_changes_the_measurement_changes_its_column(key, tmp_path):
+    """Two points that differ in one setting differ in its column: results.csv files do not differ
+    only in the measured values (impl.sparse, workload.criteo_mapping, timing.warmup and some cache
+    settings were not recorded)."""
+    from hydra import compose, initialize_config_dir
+
+    from benches.app import build_point, point_columns
+    from benches.config import register, to_objects
+    from tests.test_bench_app import CONF
+    from ttrec.tt import backend_status
+
+    base, change, column = RECORDED[key]
+    if "device=cuda" in base + [change] and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    if key == "impl.backend" and backend_status("cpu") is not None:
+        pytest.skip(f"the native CPU kernel is unavailable: {backend_status('cpu')}")
+    rng = torch.Generator().manual_seed(0)
+    files = {}
+    for name in ("a", "b"):
+        values = torch.randint(0, 2**31, (100, 26), generator=rng).tolist()
+        (tmp_path / name).write_text("".join("\t".join(["1"] + ["3"] * 13 + [format(v, "08x") for v in row]) + "\n"
+                                             for row in values))
+        files[name] = str(tmp_path / name)
+    register()
+
+    def columns(*overrides):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = to_objects(compose(config_name="bench", overrides=[
+                "table=tiny", "tt.rank=4", "workload.batch_size=64", "timing=quick",
+                *(o.format(**files) for o in overrides)]))
+        module, batch, _ = build_point(cfg)
+        return point_columns(cfg, module, batch, "test")
+
+    before, after = columns(*base), columns(*base, change)
+    assert column in before and before[column] != after[column], (before.get(column), after.get(column))

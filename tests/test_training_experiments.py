@@ -73,6 +73,7 @@ def test_train_rows_are_tidy_and_pair_the_reference_model():
     cfg = _tiny("dlrm.tt_tables=3", "tt.rank=4", "dlrm.compare_to=uncompressed")
     df = pd.DataFrame(train_rows(cfg, "fig7"))
     assert set(MEASUREMENT) <= set(df.columns) and {"git_sha", "cpu_model", "threads"} <= set(df.columns)
+    assert (df["eval_batch_size"] == cfg.dlrm.eval_batch_size).all() and df["criteo_path"].isna().all()
     main, ref = df[df["model"] == "main"], df[df["model"] == "uncompressed"]
     assert {"time_per_iteration", "embedding_time", "other_time", "accuracy", "bce", "auc", "train_time",
             "time_vs_reference", "accuracy_vs_reference"} <= set(main["metric"])
@@ -92,6 +93,8 @@ def test_cached_model_reports_its_hit_ratio_and_zero_tt_tables_are_trained_once(
     hit = df[(df["metric"] == "hit_ratio") & (df["model"] == "main")]["median"]
     assert len(hit) == 1 and 0 <= hit.iloc[0] <= 1
     assert df[df["model"] == "main"]["cache_enabled"].all() and not df[df["model"] == "tt"]["cache_enabled"].any()
+    assert (df[df["model"] == "main"]["cache_refresh_every"] == cfg.cache.refresh_every).all()
+    assert df[df["model"] == "tt"]["cache_refresh_every"].isna().all()
     a = train_rows(_tiny("tt.rank=4", "dlrm.eval_samples=300"), "fig6")
     b = train_rows(_tiny("tt.rank=8", "tt.init=uniform", "dlrm.eval_samples=300"), "fig6")
     assert [r["median"] for r in a] == [r["median"] for r in b]
@@ -170,6 +173,9 @@ def test_criteo_files_hold_out_their_first_samples_and_train(tmp_path):
                 "tt.rank=4")
     df = pd.DataFrame(train_rows(cfg, "table1"))
     assert (df["source"] == "criteo").all() and "planted" not in set(df["model"])
+    # the file and its mapping are part of the point (hash and dictionary give different ids)
+    assert (df["criteo_path"] == str(path)).all() and (df["criteo_mapping"] == "hash").all()
+    assert df["criteo_eval_path"].isna().all() and df["zipf_alpha"].isna().all()
     acc = df[(df["metric"] == "accuracy") & (df["model"] == "main")]["median"].iloc[0]
     assert 0 <= acc <= 100
 

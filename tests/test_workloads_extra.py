@@ -141,3 +141,60 @@ def test_stream_rejects_bad_table_size():
     with pytest.raises(TypeError, match=r"workload\.hit_rate"):
         Workload(hit_rate=float("nan"))
     assert np.isfinite(Workload().hit_rate)
+
+
+def _criteo_file(path, seed: int):
+    rng = np.random.default_rng(seed)
+    lines = ["\t".join(["1"] + ["3"] * 13 + [format(int(v), "08x") for v in rng.integers(0, 2**31, 26)])
+             for _ in range(100)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "zipf", "hot_set", "criteo"])
+def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unchanged(distribution, tmp_path):
+    """Each ``workload.*`` key against the result row of a timed point: changing a key whose column is
+    filled changes the stream's batches, and a key whose column is empty is one the distribution does
+    not read (a filled column for an unread key claims a setting that did not act). ``pooling`` (read
+    by the module, not the stream) and ``distribution`` itself are left out; a change the config
+    refuses (workload.weighted with criteo) cannot be silently ignored and is skipped."""
+    import dataclasses
+
+    from benches.app import build_module, point_columns
+    from benches.cache_experiments import workload_stream
+    from benches.config import (BenchConfig, CriteoMapping, Distribution, Impl, ImplConfig, PoolingDistribution,
+                                TableConfig, WorkloadConfig)
+
+    a, b = _criteo_file(tmp_path / "a", 0), _criteo_file(tmp_path / "b", 1)
+    base = BenchConfig(impl=ImplConfig(name=Impl.dense), table=TableConfig("tiny", 1000, 16),
+                       workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=64, pooling_factor=2,
+                                               pooling_sigma=0.5, pooling_distribution=PoolingDistribution.normal,
+                                               criteo_path=a))
+    changes = {"zipf_alpha": 1.5, "permute": False, "batch_size": 32, "pooling_factor": 3, "weighted": True,
+               "seed": 7, "pooling_sigma": 1.5, "pooling_distribution": PoolingDistribution.uniform, "hit_rate": 0.5,
+               "hot_fraction": 0.01, "reuse_fraction": 0.5, "criteo_path": b, "criteo_feature": 5,
+               "criteo_mapping": CriteoMapping.dictionary}
+    column = {"seed": "workload_seed"}
+    assert set(changes) | {"pooling", "distribution"} == {f.name for f in dataclasses.fields(WorkloadConfig)}
+
+    def batches(cfg):
+        stream = workload_stream(cfg)
+        return [next(stream) for _ in range(2)]
+
+    def same(x, y):
+        return all(torch.equal(p.indices, q.indices) and torch.equal(p.offsets, q.offsets)
+                   and (p.per_sample_weights is None) == (q.per_sample_weights is None) for p, q in zip(x, y))
+
+    reference = batches(base)
+    checked = 0
+    for key, value in changes.items():
+        try:
+            cfg = dataclasses.replace(base, workload=dataclasses.replace(base.workload, **{key: value}))
+        except ValueError:
+            continue
+        got = batches(cfg)
+        row = point_columns(cfg, build_module(cfg), got[0], "test")
+        unread = same(got, reference)
+        assert (row[column.get(key, key)] is None) == unread, (key, row[column.get(key, key)], unread)
+        checked += 1
+    assert checked >= len(changes) - 1

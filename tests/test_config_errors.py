@@ -1,0 +1,84 @@
+"""Settings that cannot work together, or that the chosen implementation never reads, fail at config
+validation naming the key, the value and what is allowed: before anything is built or measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from benches.config import register, to_objects
+
+from .apprun import run_app
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+SEED_MAX = 2**32 - 1
+
+register()
+
+
+def _objects(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return to_objects(compose(config_name="bench", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("overrides,start,needles", [
+    (["seed=99999999999999999999"], "seed: got 99999999999999999999", [f"[0, {SEED_MAX}]"]),
+    (["seed=-1"], "seed: got -1", [f"[0, {SEED_MAX}]"]),
+    (["workload.weighted=true", "workload.pooling=mean"], "workload.weighted: got true",
+     ["workload.pooling=mean", "workload.pooling=sum"]),
+    (["workload.weighted=true", "workload.distribution=criteo", "workload.criteo_path=day_0"],
+     "workload.weighted: got true", ["workload.distribution=criteo"]),
+    (["mode=train", "mode.fused=true", "impl=tt_reference"], "mode.fused: got true",
+     ["impl.backend=torch", "auto, cpu or cuda"]),
+    (["impl=dense", "impl.backend=cuda"], "impl.backend: got 'cuda'", ["impl.name=dense", "impl.backend=auto"]),
+    (["impl=t3nsor", "impl.backend=torch"], "impl.backend: got 'torch'", ["impl.name=t3nsor", "impl.backend=auto"]),
+    (["impl=tltorch", "impl.backend=cpu"], "impl.backend: got 'cpu'", ["impl.name=tltorch", "impl.backend=auto"]),
+    (["impl=tt", "impl.sparse=false"], "impl.sparse: got false", ["impl.name=tt", "impl.name=dense"]),
+    (["impl=t3nsor", "impl.sparse=false"], "impl.sparse: got false", ["impl.name=t3nsor", "impl.name=dense"]),
+    (["timing.flush_l2=true"], "timing.flush_l2: got true", ["device=cpu", "device=cuda"]),
+])
+def test_conflicting_or_unread_settings_fail_at_validation_naming_the_keys(overrides, start, needles):
+    with pytest.raises(ValueError) as exc:
+        _objects(*overrides)
+    message = str(exc.value)
+    assert message.startswith(start), message
+    assert all(n in message for n in needles), message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["seed=0"], [f"seed={SEED_MAX}"],
+    ["workload.weighted=true", "workload.pooling=sum"],
+    ["mode=train", "mode.fused=true", "impl=tt_cpu"],            # a native backend: fused runs
+    ["mode=forward", "mode.fused=true", "impl=tt_reference"],    # no training step: nothing fused
+    ["mode=train", "mode.fused=true", "impl=dense"],             # fig11's sweep: the fused column says False
+    ["impl=dense", "impl.sparse=false"], ["impl=tt_cpu"], ["impl=tt_reference"], ["impl=t3nsor"],
+])
+def test_meaningful_combinations_still_validate(overrides):
+    _objects(*overrides)
+
+
+def test_output_directories_blocked_by_a_file_are_named(tmp_path):
+    from benches.config import check_output_dirs
+
+    file = tmp_path / "somefile"
+    file.write_text("")
+    assert check_output_dirs([f"results_root={file}"]) == (
+        f"results_root: got '{file}', which is a file, not a directory; results_root must be a directory or "
+        f"a path that does not exist yet (it is created)")
+    assert check_output_dirs([f"figures_dir={file}/figs"]).startswith(
+        f"figures_dir: got '{file}/figs', but '{file}' is a file")
+    assert check_output_dirs(["-m", f"hydra.sweep.dir={tmp_path}/ok,{file}"]).startswith("hydra.sweep.dir: got")
+    assert check_output_dirs([f"results_root={file}", f"results_root={tmp_path}"]) is None  # the last one counts
+    assert check_output_dirs([f"results_root={tmp_path}/new/deeper", "tt.rank=8"]) is None
+
+
+@pytest.mark.slow
+def test_app_refuses_a_results_root_that_is_a_file_before_hydra(tmp_path):
+    file = tmp_path / "somefile"
+    file.write_text("")
+    r = run_app(f"results_root={file}", "table=tiny", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: ValueError: results_root: got '{file}'")
+    assert "Traceback" not in r.stderr and file.is_file()

@@ -110,8 +110,9 @@ def _static() -> dict[str, str]:
 
 
 def capture() -> dict[str, str]:
-    """Environment columns for a result row; ``threads`` is torch's intra-op thread count now."""
-    return {**_static(), "threads": str(torch.get_num_threads())}
+    """Environment columns for a result row; ``threads`` is torch's intra-op thread count now, and
+    ``omp_wait_policy`` the OpenMP setting (PASSIVE matters on a shared machine: README, Configuration)."""
+    return {**_static(), "threads": str(torch.get_num_threads()), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def usable_cpus() -> int:

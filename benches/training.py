@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -205,7 +204,6 @@ def point_columns(cfg: BenchConfig, model: DLRM, experiment: str, variant: str) 
         "model_bytes": model.embedding_bytes(),
         "uncompressed_bytes": sum(rows) * arch.embedding_dim * 4,
         "seed": cfg.seed,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # PASSIVE matters on a shared machine
     }
 
 

@@ -257,3 +257,14 @@ def test_a_setting_that_changes_the_measurement_changes_its_column(key, tmp_path
 
     before, after = columns(*base), columns(*base, change)
     assert column in before and before[column] != after[column], (before.get(column), after.get(column))
+
+
+def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
+    """Every result row's environment says how OpenMP threads wait (PASSIVE changes timings on a
+    shared machine), timed points' rows as well as DLRM training's."""
+    from benches.environment import capture
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert capture()["omp_wait_policy"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert capture()["omp_wait_policy"] is None and capture()["threads"] == str(torch.get_num_threads())

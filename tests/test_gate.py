@@ -148,9 +148,12 @@ def test_baseline_round_trip_and_keys(tmp_path):
     path = baselines.save(cls, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"},
                                 "old": {"normalised_median": 2.0, "calibration": "cal-B"}}, {"note": "test"}, tmp_path)
     assert path == tmp_path / "amd_epyc_7b13-avx2-f25m1-2cpu-torch2.13.0_cpu-1t.json"
+    # measured with another calibration: not comparable, and left out it would pass ungated: an error
+    with pytest.raises(ValueError, match=r"\['old'\] were normalised by another calibration \(\['cal-B'\]; this gate's: 'cal-A'\)"):
+        baselines.load(cls, "cal-A", tmp_path)
+    baselines.save(cls, {"fwd": {"normalised_median": 1.5, "calibration": "cal-A"}}, {}, tmp_path)
     values, message = baselines.load(cls, "cal-A", tmp_path)
-    assert values == {"fwd": 1.5}  # measured with another calibration: not comparable, left out
-    assert "other calibration: ['old']" in message
+    assert values == {"fwd": 1.5} and message == f"baseline {path}"
 
 
 def test_a_baseline_of_another_microarchitecture_is_not_used_and_a_legacy_one_is_used_with_a_warning(tmp_path):
@@ -300,7 +303,7 @@ def test_missing_baseline_warns_and_passes_or_exits_3_when_required(tmp_path, mo
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--threshold", "0.9"], "--threshold: got '0.9'; must be > 1.0"),
+    (["--threshold", "0.9"], "--threshold: got '0.9'; must be a finite number > 1.0"),
     (["--points=nope"], "--points: got ['nope']; allowed"),
     (["--threads", "0"], "--threads: got 0; must be >= 1"),
 ])
@@ -323,3 +326,81 @@ def test_a_corrupt_baseline_is_a_clear_error(tmp_path):
     assert json.loads(path.read_text())["benchmarks"]["tt_cpu_forward"]["normalised_median"] == 0.0
     with pytest.raises(ValueError, match=r"tt_cpu_forward.normalised_median: got 0.0; must be a finite number > 0"):
         baselines.load(cls, "c", tmp_path)
+
+
+def _canned(*names: str, seconds: float = 1e-3) -> dict:
+    return {"benchmarks": [{"extra_info": {"gate_point": n, "round_seconds": [seconds] * 3,
+                                           "calibration_seconds": [1e-3] * 4}} for n in names]}
+
+
+def test_recording_some_points_keeps_the_other_points_baselines(tmp_path, monkeypatch, capsys):
+    """--update-baseline / --add-to-baseline with --points: the points not run keep their stored
+    entries (the whole file was rewritten with the run points only: the others went ungated)."""
+    monkeypatch.delenv(plant.ENV, raising=False)
+    monkeypatch.setattr(run, "run_benchmarks", lambda path, options, names: _canned(*names))
+    common = ["--baseline-dir", str(tmp_path), "--baseline-runs", "1"]
+    assert run.main([*common, "--update-baseline", "--points=tt_cpu_forward,tt_cpu_train_fused_sgd",
+                     "--out", str(tmp_path / "a")]) == 0
+    path = next(tmp_path.glob("*.json"))
+    before = json.loads(path.read_text())["benchmarks"]
+    for flag in ("--update-baseline", "--add-to-baseline"):
+        assert run.main([*common, flag, "--points=tt_cpu_forward", "--out", str(tmp_path / flag)]) == 0
+        after = json.loads(path.read_text())["benchmarks"]
+        assert set(after) == {"tt_cpu_forward", "tt_cpu_train_fused_sgd"}, flag
+        assert after["tt_cpu_train_fused_sgd"] == before["tt_cpu_train_fused_sgd"], flag
+    assert len(after["tt_cpu_forward"]["runs"]) == 2  # the update's run, then the one pooled with it
+    assert "[kept: not run now]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('{"format": 1, "machine_class": ', "not a readable baseline"),
+    ("[]", "not a baseline"),
+    ('{"format": 1}', "not a baseline"),
+    (None, "machine class"),  # a hand-edited class
+    ("stale", "were normalised by another calibration"),
+    ("number", "benchmarks.tt_cpu_forward.normalised_median: got 0.5; must be"),
+])
+def test_an_unusable_baseline_fails_before_measuring_naming_the_file(tmp_path, monkeypatch, capsys, content, needle):
+    """A baseline file that exists but cannot be used is exit 2 naming the file, before any
+    benchmark runs (it was a traceback with exit 1, the regression code, after the runs, or, for a
+    hand-edited class or another calibration, "no baseline" and PASS whatever the slowdown)."""
+    monkeypatch.delenv(plant.ENV, raising=False)
+    ran = []
+    monkeypatch.setattr(run, "run_benchmarks", lambda path, options, names: ran.append(names) or _canned(*names))
+    common = ["--baseline-dir", str(tmp_path), "--points=tt_cpu_forward"]
+    assert run.main([*common, "--update-baseline", "--baseline-runs", "1", "--out", str(tmp_path / "a")]) == 0
+    path, ran[:] = next(tmp_path.glob("*.json")), []
+    data = json.loads(path.read_text())
+    if content is None:
+        data["machine_class"]["torch"] = "2.13.0"
+    elif content == "stale":
+        data["benchmarks"]["tt_cpu_forward"]["calibration"] = "another"
+    elif content == "number":
+        data["benchmarks"]["tt_cpu_forward"] = 0.5
+    path.write_text(content if content not in (None, "stale", "number") else json.dumps(data))
+    with pytest.raises(SystemExit) as exc:
+        run.main([*common, "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and str(path) in err and needle in err, err
+    assert ran == []  # nothing measured
+
+
+def test_bad_gate_arguments_fail_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(plant.ENV, raising=False)
+    monkeypatch.setattr(run, "run_benchmarks", lambda *a: pytest.fail("measured"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for args, message in (
+            (["--threshold", "inf"], "--threshold: got 'inf'; must be a finite number > 1.0"),
+            (["--points", ","], "--points: got ','"),
+            (["--points", " "], "--points: got ' '"),
+            (["--out", str(blocker / "gate")], "--out: got"),
+            (["--update-baseline", "--baseline-dir", str(blocker / "b"), "--out", str(tmp_path / "o")],
+             "--baseline-dir: got")):
+        with pytest.raises(SystemExit) as exc:
+            run.main(args)
+        assert exc.value.code == 2 and message in capsys.readouterr().err, args
+    monkeypatch.setenv(plant.ENV, "2")
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--update-baseline", "--baseline-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and "TTREC_PLANT_SLOWDOWN=2 is set" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import re
 import statistics
 from pathlib import Path
 
-__all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "save", "pooled"]
+__all__ = ["DEFAULT_DIR", "machine_class", "slug", "path_for", "load", "merged", "save", "pooled"]
 
 DEFAULT_DIR = Path(__file__).resolve().parent / "baselines"
 FORMAT = 1
@@ -68,23 +68,51 @@ def load(cls: dict, calibration: str, directory: Path = DEFAULT_DIR) -> tuple[di
         return None, (f"no baseline for this machine class ({slug(cls)}): {path} does not exist "
                       f"(baselines present: {known or 'none'}). Record one on this machine with "
                       "`nox -s gate -- --update-baseline` and commit it.")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT or data.get("machine_class") != cls:
-        return None, (f"{path}: format {data.get('format')!r} / machine class {data.get('machine_class')!r} do not "
-                      f"match this run's ({FORMAT}, {cls}); refresh it with `nox -s gate -- --update-baseline`")
+    data = _read(path, cls)
     values, stale = {}, []
     for name, entry in data["benchmarks"].items():
-        v = entry.get("normalised_median")
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"{path}: benchmarks.{name}.normalised_median: got {v!r}; must be a finite number > 0 "
-                             f"(refresh the baseline with `nox -s gate -- --update-baseline`)")
         (values.__setitem__(name, entry["normalised_median"]) if entry.get("calibration") == calibration
          else stale.append(name))
-    msg = f"baseline {path}" + (f" (ignored, other calibration: {stale})" if stale else "")
+    if stale:  # not comparable: were they dropped, those points would pass ungated, the build green
+        theirs = sorted({str(data["benchmarks"][n].get("calibration")) for n in stale})
+        raise ValueError(f"{path}: {stale} were normalised by another calibration ({theirs}; this gate's: "
+                         f"{calibration!r}); record them again with `nox -s gate -- --update-baseline`")
+    msg = f"baseline {path}"
     if cls["cpu_family_model"] == UNKNOWN_FAMILY_MODEL:
         msg += (" - recorded before the CPU family and model were part of the machine class, so possibly on another "
                 "microarchitecture of this ISA; record this machine's with `nox -s gate -- --update-baseline`")
     return values, msg
+
+
+def _read(path: Path, cls: dict) -> dict:
+    """A stored baseline file, checked: JSON of this format and machine class, every entry a
+    normalised median > 0. Anything else is a ValueError naming the file (never a silent "no baseline")."""
+    fix = "; refresh it with `nox -s gate -- --update-baseline`"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable baseline ({exc}){fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), dict):
+        raise ValueError(f"{path}: not a baseline (a JSON object with a 'benchmarks' object expected){fix}")
+    if data.get("format") != FORMAT or data.get("machine_class") != cls:
+        raise ValueError(f"{path}: format {data.get('format')!r} / machine class {data.get('machine_class')!r} do not "
+                         f"match this run's ({FORMAT}, {cls}){fix}")
+    for name, entry in data["benchmarks"].items():
+        v = entry.get("normalised_median") if isinstance(entry, dict) else entry
+        if not isinstance(entry, dict) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{path}: benchmarks.{name}.normalised_median: got {v!r}; must be a finite number > 0"
+                             + fix.replace(";", " (") + ")")
+    return data
+
+
+def merged(cls: dict, entries: dict[str, dict], directory: Path = DEFAULT_DIR) -> tuple[dict[str, dict], list[str]]:
+    """``entries`` over the stored baseline's other benchmarks (a recording of some points keeps
+    the others' baselines), and the names kept from the stored file."""
+    path = path_for(cls, directory)
+    stored = _read(path, cls)["benchmarks"] if path.exists() else {}
+    kept = sorted(set(stored) - set(entries))
+    return {**{n: stored[n] for n in kept}, **entries}, kept
 
 
 def save(cls: dict, entries: dict[str, dict], env: dict, directory: Path = DEFAULT_DIR) -> Path:
@@ -106,11 +134,7 @@ def pooled(cls: dict, new: dict[str, list[float]], calibration: str,
     recording fixes whatever state the machine was in then. Benchmarks absent from the stored file
     start from their new runs."""
     path = path_for(cls, directory)
-    stored = {}
-    if path.exists():
-        data = json.loads(path.read_text())
-        if data.get("format") == FORMAT and data.get("machine_class") == cls:
-            stored = data["benchmarks"]
+    stored = _read(path, cls)["benchmarks"] if path.exists() else {}
     out = {}
     for name, runs in new.items():
         old = stored.get(name, {})

@@ -4,7 +4,8 @@
     nox -s gate [-- arguments]
 
 Exit status: 0 pass (also when there is no baseline for this machine class: a warning, see
-``--require-baseline``), 1 regression, 2 bad arguments, 3 no baseline with ``--require-baseline``,
+``--require-baseline``), 1 regression, 2 bad arguments or an unusable baseline file (checked before
+measuring), 3 no baseline with ``--require-baseline``,
 4 the benchmarks themselves failed. The artifact (``<out>/gate.json``) holds pytest-benchmark's own
 JSON of every run, the decision and the environment.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -23,10 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ttrec.cpu import plant
+
 from ..environment import capture
 from . import baselines
 from .calibration import IDENTITY
-from .decision import (DEFAULT_THRESHOLD, NO_BASELINE, Measurement, confirm, decide, exit_code, suspects, table)
+from .decision import (DEFAULT_THRESHOLD, FASTER, NO_BASELINE, Measurement, confirm, decide, exit_code, suspects,
+                       table)
 from .points import SCALES, cuda_present, points
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,8 +53,9 @@ def _positive_float(name: str, minimum: float = 0.0, exclusive: bool = True):
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name}: got {text!r}; expected a number") from None
-        if not (v > minimum if exclusive else v >= minimum) or v != v:
-            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; must be {'>' if exclusive else '>='} {minimum}")
+        if not (v > minimum if exclusive else v >= minimum) or not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; must be a finite number "
+                                             f"{'>' if exclusive else '>='} {minimum}")
         return v
     return parse
 
@@ -132,17 +138,28 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     known = points(args.scale, args.threads)
     available = [p.name for p in known]
-    if args.points:
+    if args.points is not None:
         names = [n.strip() for n in args.points.split(",") if n.strip()]
         unknown = [n for n in names if n not in available]
-        if unknown:
-            parser().error(f"--points: got {unknown}; allowed (on this machine): {available}")
+        if unknown or not names:
+            parser().error(f"--points: got {unknown or repr(args.points)}; allowed (on this machine, comma-separated, "
+                           f"at least one): {available}")
     else:
         names = [p.name for p in known if not p.optional]
     if args.max_rounds < args.min_rounds:
         parser().error(f"--max-rounds: got {args.max_rounds}; must be >= --min-rounds ({args.min_rounds})")
+    recording = args.update_baseline or args.add_to_baseline
+    if recording and plant.factor() != 1.0:
+        parser().error(f"{plant.ENV}={os.environ[plant.ENV]} is set: a baseline recorded with a planted slowdown "
+                       "would make this machine class's gate that much more lenient; unset it to record")
     out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, directory in (("--out", out), *((("--baseline-dir", args.baseline_dir),) if recording else ())):
+        try:  # before any benchmark runs: a directory that cannot be written is a usage error
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as exc:
+            parser().error(f"{flag}: got {str(directory)!r}, which cannot be created or written ({exc})")
     options = {"scale": args.scale, "threads": args.threads, "budget_s": args.budget_s, "round_s": args.round_s,
                "min_rounds": args.min_rounds, "max_rounds": args.max_rounds}
     torch.set_num_threads(args.threads)
@@ -150,8 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     cls = baselines.machine_class(env, args.threads, args.scale, cuda_present())
     artifact = {"method": METHOD, "machine_class": cls, "environment": env, "options": options,
                 "plant_slowdown": os.environ.get("TTREC_PLANT_SLOWDOWN"), "loadavg_before": _load(), "runs": {}}
+    base, message = None, ""
+    try:  # read before measuring: a corrupt or unusable baseline is a usage error (exit 2), never a verdict
+        if args.add_to_baseline:
+            baselines.merged(cls, {}, args.baseline_dir)  # (checks the stored file that the new runs join)
+        elif not recording:
+            base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
+    except ValueError as exc:
+        parser().error(str(exc))
     try:
-        recording = args.update_baseline or args.add_to_baseline
         runs = args.baseline_runs if recording else 1
         found = []
         for i in range(runs):
@@ -168,18 +192,19 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 entries = {n: {"normalised_median": statistics.median(f[n] for f in found),
                                "runs": [f[n] for f in found], "calibration": IDENTITY} for n in names}
+            try:
+                entries, kept = baselines.merged(cls, entries, args.baseline_dir)  # the points not run keep theirs
+            except ValueError as exc:  # --update-baseline replaces an unusable file (--add-to-baseline checked it)
+                print(f"gate: the stored baseline is replaced, not kept: {exc}")
+                kept = []
             path = baselines.save(cls, entries, env, args.baseline_dir)
-            total = len(next(iter(entries.values()))["runs"]) if entries else 0
-            print(f"\ngate: wrote baseline {path} ({runs} new runs, {total} in all; median of their normalised medians):")
+            print(f"\ngate: wrote baseline {path} ({runs} new runs of {names}; median of the normalised medians):")
             for n, e in entries.items():
-                print(f"  {n}: {e['normalised_median']:.4g}  (runs: {', '.join(f'{x:.4g}' for x in e['runs'])})")
+                print(f"  {n}: {e['normalised_median']:.4g}  (runs: {', '.join(f'{x:.4g}' for x in e['runs'])})"
+                      + ("  [kept: not run now]" if n in kept else ""))
             artifact["decision"] = {"baseline_written": str(path), "entries": entries, "exit_code": EXIT_PASS}
             return _finish(artifact, out, started, EXIT_PASS)
 
-        try:
-            base, message = baselines.load(cls, IDENTITY, args.baseline_dir)
-        except ValueError as exc:  # a corrupt baseline is a usage error (exit 2), never a verdict
-            parser().error(str(exc))
         own = {p.name: p.threshold for p in known if p.threshold is not None and p.threshold > args.threshold}
         verdicts = decide(current, base, args.threshold, own, report_only={p.name for p in known if not p.gated})
         again = [] if args.no_confirm else suspects(verdicts)
@@ -198,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"WARNING: no baseline for {missing}: not gated. " + (
                 f"Exit {EXIT_NO_BASELINE} (--require-baseline)." if args.require_baseline else
                 "Record one with `nox -s gate -- --update-baseline` and commit it."))
+        if any(v.verdict == FASTER for v in verdicts):
+            print("Faster than the baseline: if that is the code's doing, refresh the baseline "
+                  "(`nox -s gate -- --add-to-baseline`) so that a later slowdown is measured from the new speed.")
+        compared = f" ({len(verdicts) - len(missing)} of {len(verdicts)} points compared)" if missing else ""
         print("gate: " + {EXIT_PASS: "PASS", EXIT_REGRESSION: "FAIL (regression)",
-                          EXIT_NO_BASELINE: "FAIL (no baseline)"}[code])
+                          EXIT_NO_BASELINE: "FAIL (no baseline)"}[code] + compared)
         artifact["decision"] = {"threshold": args.threshold, "baseline": message, "exit_code": code,
                                 "verdicts": [v.as_dict() for v in verdicts]}
         return _finish(artifact, out, started, code)

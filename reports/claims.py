@@ -47,8 +47,14 @@ SECTION61_MAX_REDUCTION_R32 = 327   # section 6.1: "by as much as 327x"
 SECTION61_MEAN_REDUCTION_R32 = 181  # "and by an average of 181x (with TT-rank of 32)"
 SECTION61_SHARE_OF_7 = 0.99         # "the 7 largest tables constitutes 99% of the model"
 
-# Figure 5 / section 6.1, rank 32: model size reduction with k tables in TT format.
+# Figure 5 / section 6.1, rank 32: model size reduction with k tables in TT format. Kaggle's 7-table 117x is
+# section 6's opening paragraph and the abstract's ("117x from 2.16 GB to 18.36 MB"); section 6.1's text says
+# "reduced from 2.16 GB to only 18 MB, leading to 112x" for the same sizes (the paper disagrees with itself).
 FIG5_RANK = 32
+FIG5_SOURCE = {("kaggle", 7): "6 / abstract"}  # where each number is printed, when not "Fig 5 / 6.1"
+KAGGLE_61_TEXT = ("section 6.1's text says \"reduced from 2.16 GB to only 18 MB, leading to 112x model size "
+                  "reduction\" for the same sizes; 117x is section 6's and the abstract's, and matches its own "
+                  "arithmetic (2.16 GB / 18.36 MB = 117.6)")
 FIG5_REDUCTION = {("kaggle", 7): 117, ("kaggle", 5): 48, ("kaggle", 3): 4,
                   ("terabyte", 7): 95.5, ("terabyte", 5): 21.8, ("terabyte", 3): 2.6}
 KAGGLE_BYTES = (2.16e9, 18.36e6, "2.16 GB -> 18.36 MB")    # section 6: "117x from 2.16 GB to 18.36 MB"
@@ -57,14 +63,20 @@ TERABYTE_HEADLINE = 112             # abstract, section 6, conclusion
 REL_TOL = 0.02                      # sizes and reductions: within 2% of the printed value
 
 FIG8_SPEEDUP = 2.4          # section 6.4: "2.4x faster than T3nsor on average" (training time)
-FIG8_FOOTPRINT_TOL = 10.0   # "a memory footprint reduction of #rows / batch": same order of magnitude
+# section 6.4: "Our implementation achieves a memory footprint reduction of #EmbRows/BatchSize, yielding roughly
+# 10,000x lower memory footprint requirement as compared to T3nsor and the PyTorch implementation."
+FIG8_FOOTPRINT_PAPER = 10_000
+FIG8_FOOTPRINT_TOL = 3.0    # yes: within 3x of #rows / batch at this run's sizes; partly: smaller, further off
 FIG8_SAME_TOL = 4.0         # "T3nsor needs the same memory footprint as nn.EmbeddingBag": both O(N x D)
 TIME_STEP_TOL = 0.05        # trends in time: changes within 5% of the earlier value count as noise
 FIG12_BREAK_EVEN = 0.9      # section 6.6: outperforms EmbeddingBag "when the cache hit rate reaches 90%"
 FIG12_TOL = 0.1
 FIG10_FRACTION = 0.0001     # section 6.5: "0.01% ... is sufficient"
 FIG10_TIME_TOL = 0.10       # sufficient: larger caches gain less than 10% of iteration time
-FIG9_STABLE = 0.05          # Figure 9: the change between windows falls to a few percent
+# Figure 9's caption: "The set of frequently-accessed embedding rows over time stabilize at around 5% and 50% of
+# the training run for Terabyte and Kaggle, respectively." (the slides: "after 50% and 10% of training data in
+# Kaggle and Terabyte"); on Criteo data, with no threshold for "stabilize"
+FIG9_PAPER = "stable at around 5% (Terabyte) and 50% (Kaggle) of the training run (Criteo)"
 
 
 # ---- helpers ----
@@ -222,7 +234,10 @@ def fig5_claims(df: pd.DataFrame) -> list[dict]:
         if row is None:
             continue
         same, note = rank_note(row)
-        out.append(_claim("Figure 5", f"Fig 5 / 6.1: {dataset}, {k} largest tables in TT format (rank {FIG5_RANK}): "
+        source = FIG5_SOURCE.get((dataset, k), "Fig 5 / 6.1")
+        if source != "Fig 5 / 6.1":
+            note += KAGGLE_61_TEXT + "; "
+        out.append(_claim("Figure 5", f"{source}: {dataset}, {k} largest tables in TT format (rank {FIG5_RANK}): "
                           "model size reduction", paper, f"{_x(row['reduction'])} ({format_bytes(row['model_bytes'])})",
                           _close(row["reduction"], paper) if same else None,
                           rule=f"within {_pct(REL_TOL)}" if same else "",
@@ -236,10 +251,12 @@ def fig5_claims(df: pd.DataFrame) -> list[dict]:
         reduction = base["model_bytes"] / small["model_bytes"]
         agrees = _close(base["model_bytes"], base_paper) and _close(small["model_bytes"], small_paper) and \
             _close(reduction, headline)
+        if dataset == "kaggle":
+            note += KAGGLE_61_TEXT + "; "
         if dataset == "terabyte" and not agrees:
             note += ("the paper's own Figure 5 and section 6.1 give 95.5x for 7 TT tables at rank 32; 112x "
                      "(12.57 -> 0.11 GB) is not what 7 tables at rank 32 give; ")
-        out.append(_claim("Section 6", f"6: {dataset} model size {paper_text} ({headline}x), 7 tables in TT",
+        out.append(_claim("Section 6", f"6 / abstract: {dataset} model size {paper_text} ({headline}x), 7 tables in TT",
                           f"{paper_text}, {headline}x",
                           f"{format_bytes(base['model_bytes'], digits=4)} -> "
                           f"{format_bytes(small['model_bytes'], digits=4)}, {_x(reduction)}",
@@ -255,29 +272,79 @@ def fig5_claims(df: pd.DataFrame) -> list[dict]:
 
 # ---- Figure 3 ----
 
+def _standardized_ks(d: pd.DataFrame) -> pd.Series:
+    """Per (num_embeddings, tt_rank, init): KS distance against N(0, 1) of the entries in units of their own std
+    (the shape alone), from the ``density_own_std`` histogram: the largest |F - Phi| at the bin edges, the mass
+    outside the bins split evenly between the two tails. Empty when the table has no such histogram; the bin
+    width (in stds) in ``attrs["width"]``."""
+    h = d[d["metric"] == "density_own_std"] if "x" in d else d.iloc[:0]
+    out, widths = {}, []
+    for key, g in h.groupby(["num_embeddings", "tt_rank", "init"]):
+        g = g.sort_values("x")
+        x = g["x"].to_numpy(float)
+        if len(x) < 2:
+            continue
+        width = float(np.mean(np.diff(x)))
+        mass = g["median"].to_numpy(float) * width
+        edges = np.r_[x - width / 2, x[-1] + width / 2]
+        cdf = np.r_[0.0, np.cumsum(mass)] + (1 - mass.sum()) / 2
+        normal = np.array([0.5 * (1 + math.erf(e / math.sqrt(2))) for e in edges])
+        out[key] = float(np.abs(cdf - normal).max())
+        widths.append(width)
+    series = pd.Series(out, dtype=float)
+    series.attrs["width"] = max(widths) if widths else float("nan")
+    return series
+
+
 def fig3_claims(df: pd.DataFrame) -> list[dict]:
-    d = _need(df, "fig3", ["ks_distance", "std_ratio"], ("init", "num_embeddings", "tt_rank"))
-    wide = _wide(d, ["num_embeddings", "tt_rank", "init"])
+    _need(df, "fig3", ["ks_distance", "std_ratio"], ("init", "num_embeddings", "tt_rank"))
+    scalars = ["ks_distance", "std_ratio", "expected_std_ratio", "excess_kurtosis"]
+    wide = _wide(df[df["metric"].isin(scalars)], ["num_embeddings", "tt_rank", "init"])
+    shape_ks = _standardized_ks(df)
+    samples = df.groupby(["num_embeddings", "tt_rank"])["samples"].max() if "samples" in df else None
     out = []
     for (n, rank), g in wide.groupby(level=["num_embeddings", "tt_rank"]):
         g = g.droplevel(["num_embeddings", "tt_rank"])
         g = g.loc[sorted(g.index, key=lambda i: (INIT_SCHEMES.index(i) if i in INIT_SCHEMES else len(INIT_SCHEMES), i))]
         where = f"{int(n):,} rows, rank {int(rank)}"
-        text = "; ".join(f"{i.replace('_', ' ')}: KS {r['ks_distance']:.3f}, std ratio {r['std_ratio']:.3g}"
-                         for i, r in g.iterrows())
         paper_schemes = [s for s in ("uniform", "normal", "sampled_gaussian") if s in g.index]
-        agrees = None
-        if "sampled_gaussian" in g.index and len(paper_schemes) > 1:
-            agrees = g.loc["sampled_gaussian", "ks_distance"] <= g.loc[paper_schemes, "ks_distance"].min()
+        comparable = "sampled_gaussian" in g.index and len(paper_schemes) > 1
+        others = [s for s in paper_schemes if s != "sampled_gaussian"]
         expected = (f" (closed form {g.loc['sampled_gaussian', 'expected_std_ratio']:.3g})"
                     if "sampled_gaussian" in g.index and "expected_std_ratio" in g.columns else "")
+        # the shape (Figure 3): KS of the standardized entries; noise: the 5% critical value of a KS test
+        ks = {i: shape_ks.get((n, rank, i), np.nan) for i in g.index}
+        m = samples.get((n, rank), np.nan) if samples is not None else np.nan
+        tol = 1.36 / math.sqrt(m) if m and not pd.isna(m) else np.nan
+        kurt = {i: f", excess kurtosis {g.loc[i, 'excess_kurtosis']:+.3f}" if "excess_kurtosis" in g else ""
+                for i in g.index}
+        shape_ok = comparable and not pd.isna(tol) and all(not pd.isna(ks[i]) for i in paper_schemes)
+        agrees = _trend([min(ks[i] for i in others), ks["sampled_gaussian"]], tol, rises=False) if shape_ok else None
         out.append(_claim(
-            "Figure 3", f"3.2 / Fig 3 / 6.2: the product of sampled-Gaussian cores (Algorithm 3) approximates "
-            f"N(0, 1/(3n)) best ({where})", "sampled Gaussian closest to N(0, 1/(3n))", text, agrees,
-            rule="" if agrees is None else "sampled Gaussian's KS distance the lowest",
-            note="KS distance of reconstructed entries / sqrt(1/(3n)) against N(0, 1); Algorithm 3 as the reference "
-            "code reads it scales each core by (1/sqrt(3n))^(1/d) and ignores the sum over the prod(R) rank paths "
-            f"and the |x| >= 2 tail's variance, so the entries' std is off by sqrt(prod R) x 5.75^(d/2){expected} "
+            "Figure 3", f"3.2 / Fig 3: the product of sampled-Gaussian cores (Algorithm 3) is closest in shape to a "
+            f"Gaussian (\"we reduce the amount of values close to zero in each core\") ({where})",
+            "sampled Gaussian's product closest to the Gaussian's shape (Fig 3 right vs N(0, 1))",
+            "; ".join(f"{i.replace('_', ' ')}: standardized KS {ks[i]:.4f}{kurt[i]}" for i in g.index if not pd.isna(ks[i]))
+            or "no standardized histogram", agrees,
+            rule="" if agrees is None else _difference_rule(
+                "shape: sampled Gaussian's KS (standardized entries) below the best other scheme's",
+                f"{tol:.4f} (KS 5% critical value 1.36/sqrt({int(m):,}))"),
+            note="shape alone: KS distance against N(0, 1) of the entries in units of their own std (from the "
+            f"density_own_std histogram, at bin edges {shape_ks.attrs['width']:.2g} std apart), so the scale does not enter; Figure 3 plots the "
+            "product of three scalars (rank 1), here each entry sums prod(R) rank paths, which pulls every scheme "
+            "towards a Gaussian" if agrees is not None else "no density_own_std histogram or sample count"))
+        scale = {i: abs(math.log(g.loc[i, "std_ratio"])) for i in paper_schemes}
+        scale_ok = None if not comparable else scale["sampled_gaussian"] <= min(scale[i] for i in others)
+        out.append(_claim(
+            "Figure 3", f"3.2 / 6.2: the full matrix from sampled-Gaussian cores \"approximate N(0, 1/3n) the best\": "
+            f"its scale ({where})", "std of the entries closest to sqrt(1/(3n)) (std ratio 1)",
+            "; ".join(f"{i.replace('_', ' ')}: std ratio {r['std_ratio']:.3g}, KS {r['ks_distance']:.3f}"
+                      for i, r in g.iterrows()), scale_ok,
+            rule="" if scale_ok is None else "scale: sampled Gaussian's std ratio the closest to 1 (by log ratio)",
+            note="std of the reconstructed entries / sqrt(1/(3n)); the KS distance of the unstandardized entries "
+            "against N(0, 1/(3n)) (shown) is set by this ratio alone; Algorithm 3 as the reference code reads it "
+            "scales each core by (1/sqrt(3n))^(1/d) and ignores the sum over the prod(R) rank paths and the "
+            f"|x| >= 2 tail's variance, so the entries' std is off by sqrt(prod R) x 5.75^(d/2){expected} "
             "(DESIGN.md section 5)"))
         if "calibrated" in g.index:
             r = g.loc["calibrated"]
@@ -317,18 +384,28 @@ def fig8_claims(df: pd.DataFrame) -> list[dict]:
                 continue
             ratios = [times["t3nsor"][n] / times[tt][n] for n in common]
             mean = float(np.exp(np.mean(np.log(ratios))))  # geometric: the average of ratios
+            measured = (f"{_x(mean)} ({mode}, {tt}; " + ", ".join(f"{int(n):,} rows: {_x(r)}" for n, r in
+                                                                    zip(common, ratios)) + ")")
+            how = (f"geometric mean over row counts of T3nsor-style / TT time per lookup, {mode} step of the kernel "
+                   f"alone on this CPU")
             out.append(_claim(
-                "Figure 8", f"6.4: TT-EmbeddingBag is {FIG8_SPEEDUP}x faster than T3nsor on average", FIG8_SPEEDUP,
-                f"{_x(mean)} ({mode}, {tt}; " + ", ".join(f"{int(n):,} rows: {_x(r)}" for n, r in zip(common, ratios))
-                + ")", mean > 1, rule="TT faster (the magnitude is not compared)",
-                note=f"geometric mean over row counts of T3nsor-style / TT time per lookup, {mode} step of the kernel "
-                f"alone on this CPU; the paper's {FIG8_SPEEDUP}x is DLRM training time on a V100; the magnitude "
-                "depends on the row counts (T3nsor's cost grows with them)"))
+                "Figure 8", "6.4: TT-EmbeddingBag is faster than T3nsor (direction only)", "faster", measured,
+                _trend([1.0, mean], TIME_STEP_TOL, rises=True),
+                rule=_difference_rule("direction only: T3nsor / TT time above 1", _pct(TIME_STEP_TOL)),
+                note=how))
+            out.append(_claim(
+                "Figure 8", f"6.4: \"{FIG8_SPEEDUP}x faster than T3nsor on average\" (the magnitude)", f"{FIG8_SPEEDUP}x",
+                measured, NOT_SHOWN, rule="not compared: a different quantity",
+                note=f"{how}; the paper's {FIG8_SPEEDUP}x is the overall DLRM training time on a V100 (the MLPs and "
+                "data loading included, which dilute a kernel's speed-up), this is the embedding kernel alone, whose "
+                "ratio depends on the row counts swept (T3nsor's cost grows with them): no magnitude of it is the "
+                "paper's quantity"))
             n = max(common)
             if params is None or (tt, n) not in peaks.index or ("t3nsor", n) not in peaks.index \
                     or pd.isna(peaks[(tt, n)]) or pd.isna(peaks[("t3nsor", n)]):
                 out.append(_claim("Figure 8", "6.4: TT's memory footprint is #rows / batch size smaller than T3nsor's",
-                                  f"#rows / batch = {_x(n / batch)}", "not measured", None,
+                                  f"#rows / batch = {_x(n / batch)} here; roughly {FIG8_FOOTPRINT_PAPER:,}x at the "
+                                  "paper's sizes", "not measured", None,
                                   note="peak transient memory missing (timing.memory=false, or the probe failed)"))
                 continue
             foot_tt = peaks[(tt, n)] + params[(tt, n)]
@@ -337,15 +414,20 @@ def fig8_claims(df: pd.DataFrame) -> list[dict]:
             expected = n / batch
             probe = m.loc[(m["metric"] == "peak_transient_memory") & m["note"].notna(), "note"] if "note" in m else []
             probe = f"; memory probe: {probe.iloc[0]}" if len(probe) else ""
+            off = max(ratio / expected, expected / ratio)
+            verdict = NO if ratio <= 1 else YES if off <= FIG8_FOOTPRINT_TOL else PARTLY
             out.append(_claim(
-                "Figure 8", "6.4: TT's memory footprint is #rows / batch size smaller than T3nsor's",
-                f"#rows / batch = {int(n):,} / {batch:,} = {_x(expected)}",
+                "Figure 8", "6.4: \"a memory footprint reduction of #EmbRows/BatchSize, yielding roughly 10,000x "
+                "lower memory footprint\" than T3nsor",
+                f"#rows / batch = {int(n):,} / {batch:,} = {_x(expected)} at this run's sizes; roughly "
+                f"{FIG8_FOOTPRINT_PAPER:,}x at the paper's sizes",
                 f"{_x(ratio)} ({mode}: T3nsor-style {format_bytes(foot_t3)}, TT {format_bytes(foot_tt)}; "
-                f"parameters + measured peak transient, {int(n):,} rows)",
-                1 / FIG8_FOOTPRINT_TOL <= ratio / expected <= FIG8_FOOTPRINT_TOL,
-                rule=f"within {FIG8_FOOTPRINT_TOL:g}x of #rows / batch (same order)",
-                note="the paper's estimate is an order of magnitude: T3nsor holds the whole N x D table, TT a batch's "
-                "rows and partial products" + probe))
+                f"parameters + measured peak transient, {int(n):,} rows; {_x(off)} "
+                f"{'below' if ratio < expected else 'above'} #rows / batch)", verdict,
+                rule=f"yes: within {FIG8_FOOTPRINT_TOL:g}x of #rows / batch; partly: TT smaller but further off; "
+                "no: TT not smaller",
+                note="#rows / batch at this run's largest row count and batch; T3nsor holds the whole N x D table, TT "
+                "a batch's rows and partial products" + probe))
             if "dense" in set(m["series"]) and ("dense", n) in params.index:
                 dense = params[("dense", n)] + (peaks.get(("dense", n), 0) if not pd.isna(peaks.get(("dense", n), 0))
                                                 else 0)
@@ -429,7 +511,7 @@ def fig12_claims(df: pd.DataFrame) -> list[dict]:
 
 def fig10_claims(df: pd.DataFrame) -> list[dict]:
     d = df.rename(columns={"cache.fraction": "cache_fraction"})
-    d = _need(d, "fig10", ["time_per_batch"], ("cache_enabled", "cache_fraction", "held_out_hit_ratio"))
+    d = _need(d, "fig10", ["time_per_batch"], ("cache_enabled", "cache_fraction", "held_out_hit_ratio", "job_dir"))
     cached = d[_is_true(d["cache_enabled"])].copy()
     if cached.empty:
         raise ValueError("results['fig10']: no rows with cache_enabled true")
@@ -443,21 +525,33 @@ def fig10_claims(df: pd.DataFrame) -> list[dict]:
             at = f"warm-up {int(warm)} iterations"
         else:
             at = "all warm-ups"
-        g = m.groupby("cache_fraction").agg(hit=("held_out_hit_ratio", "median"), ms=("median", "median")).sort_index()
-        text = "; ".join(f"{_pct(f)}: hit ratio {r.hit:.2f}, {r.ms:.3g} ms" for f, r in g.iterrows())
-        base = d[(d["impl"] == "tt") & ~_is_true(d["cache_enabled"]) & (d["mode"] == mode)]["median"] \
-            if "impl" in d else pd.Series(dtype=float)
-        note = f"held-out hit ratio and time per iteration (time_per_batch, median) by cache size, {at}"
-        if not base.empty:
-            note += f"; TT without cache {base.median():.3g} ms in the same jobs"
+        # paired: each cache size's time over the TT model without cache timed in its own job (the machine's
+        # load drifts between jobs)
+        ref = d[(d["impl"] == "tt") & ~_is_true(d["cache_enabled"]) & (d["mode"] == mode)].groupby("job_dir")[
+            "median"].median() if "impl" in d else pd.Series(dtype=float)
+        m = m.assign(rel=m["median"] / m["job_dir"].map(ref))
+        g = m.groupby("cache_fraction").agg(hit=("held_out_hit_ratio", "median"), ms=("median", "median"),
+                                            rel=("rel", "median")).sort_index()
+        paired = g["rel"].notna().all() and not g.empty
+        text = "; ".join(f"{_pct(f)}: hit ratio {r.hit:.2f}, {r.ms:.3g} ms"
+                         + (f" = {r.rel:.3g}x TT without cache" if paired else "") for f, r in g.iterrows())
+        note = (f"held-out hit ratio and time per iteration (time_per_batch, median) by cache size, {at}; each size's "
+                "time over the TT model without cache timed in the same job (paired)")
+        if not ref.empty:
+            note += f"; TT without cache {ref.min():.3g} .. {ref.max():.3g} ms across the jobs"
         smallest = [f for f in g.index if math.isclose(f, FIG10_FRACTION)]
-        agrees = g.loc[smallest[0], "ms"] <= (1 + FIG10_TIME_TOL) * g["ms"].min() if smallest else None
+        agrees = None
         if not smallest:
             note += f"; no {_pct(FIG10_FRACTION)} point measured"
+        elif not paired:
+            note += "; not compared: some cache size has no TT without cache in its job"
+        else:
+            agrees = g.loc[smallest[0], "rel"] <= (1 + FIG10_TIME_TOL) * g["rel"].min()
+            note += f"; {_pct(FIG10_FRACTION)} is {_pct(g.loc[smallest[0], 'rel'] / g['rel'].min() - 1)} above the best"
         out.append(_claim("Figure 10", f"6.5 / Fig 10(b): a cache of {_pct(FIG10_FRACTION)} of the table is "
                           f"sufficient ({mode})", f"{_pct(FIG10_FRACTION)} sufficient", text, agrees,
-                          rule="" if agrees is None else f"{_pct(FIG10_FRACTION)}: time within {_pct(FIG10_TIME_TOL)} "
-                          "of the fastest size's", note=note))
+                          rule="" if agrees is None else f"{_pct(FIG10_FRACTION)}: time / TT without cache (same job) "
+                          f"within {_pct(FIG10_TIME_TOL)} of the best size's", note=note))
     return out
 
 
@@ -473,13 +567,21 @@ def fig9_claims(df: pd.DataFrame) -> list[dict]:
         label = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                           for k, v in zip(keys, key if isinstance(key, tuple) else (key,)) if not pd.isna(v))
         progress = (lambda r: f" at {_pct(r['progress'])} of the stream") if "progress" in g else (lambda r: "")
+        criteo = "criteo_feature" in g and g["criteo_feature"].notna().any()
+        if criteo:
+            agrees, note = None, ("not compared: a Criteo stream, but the paper gives no threshold for \"stabilize\" "
+                                  "(compare the curve with Figure 9 by eye)")
+        else:
+            agrees, note = NOT_SHOWN, (
+                "cannot test the paper's claim: on this suite's stationary synthetic stream (i.i.d. draws from a fixed "
+                "distribution) the change between cumulative windows shrinks roughly as 1 / window whatever the "
+                "distribution, so when it gets small says nothing about when Criteo's top rows settle")
         out.append(_claim(
-            "Figure 9", "6.5 / Fig 9: the set of the most-accessed rows stabilizes (the change between windows "
-            "falls to a few percent)", f"<= {_pct(FIG9_STABLE)}",
-            f"{label}: {_pct(first['median'])}{progress(first)} -> {_pct(last['median'])}{progress(last)}",
-            last["median"] <= FIG9_STABLE and last["median"] <= first["median"],
-            rule=f"last <= {_pct(FIG9_STABLE)}, not above the first",
-            note="topk_change (share of the top-k new since the previous window), first and last window"))
+            "Figure 9", "Fig 9: \"The set of frequently-accessed embedding rows over time stabilize at around 5% and "
+            "50% of the training run for Terabyte and Kaggle, respectively.\"", FIG9_PAPER,
+            f"{label}: {_pct(first['median'])}{progress(first)} -> {_pct(last['median'])}{progress(last)}", agrees,
+            rule="not compared" if agrees is None else "not testable on a synthetic stream",
+            note=note + "; topk_change: share of the top-k new since the previous window, first and last window"))
     return out
 
 

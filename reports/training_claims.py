@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .claims import (FIG10_FRACTION, FIG10_TIME_TOL, NO, NOT_SHOWN, TIME_STEP_TOL, YES, _claim, _difference_rule,
+from .claims import (FIG10_FRACTION, FIG10_TIME_TOL, TIME_STEP_TOL, _claim, _difference_rule,
                      _pct, _trend, _trend_rule, _x)
 from .training_figures import DENSE_INIT_LABELS, TABLE1_PAPER, TT_INIT_LABELS, metric_table
 
@@ -28,7 +28,11 @@ FIG7_OPTIMAL_RANK = {3: 8, 5: 32, 7: 64}
 FIG7_HEADLINE = {"kaggle": 0.143, "terabyte": 0.139}  # section 6: 7 TT tables, rank 32 (117x / 112x smaller)
 FIG7_TOL = 0.10            # agrees: within 10 points of the paper's percentage
 FIG7_ON_PAR = 0.10         # 6.4: "TT-Emb. of 3 ... on par with the baseline" (Kaggle): within 10%
-FIG6_NEUTRAL = 0.03        # section 6: "5 tables, rank 32: accuracy loss within 0.03%"
+# section 6 (opening paragraph): "for both Kaggle and Terabyte, using TT-Rec to train the five largest embedding
+# tables in the TT-Emb. format using TT-rank of 32 leads to model accuracy loss within 0.03%." TT-Rec's init is its
+# sampled Gaussian (3.2, Algorithm 3); the sentence names no other
+FIG6_NEUTRAL = 0.03
+FIG6_NEUTRAL_CONFIG = (5, 32, "sampled_gaussian")  # tables, rank, init
 FIG10_WARMUP_GROWTH = 0.33  # 6.5: warm-up 10% -> 30% of training: +33% total training time (Kaggle)
 FIG10_CACHE_GAIN = 0.09     # 6.5: the cache adds 0.09 accuracy points on Kaggle
 
@@ -170,19 +174,33 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
             _trend(by_rank, 2 * se, rises=True), rule=_trend_rule(_noise(se), rises=True)))
     if not base.empty and not tt.empty:
         b = base.median()
-        best = tt.groupby(["tt_tables", "tt_rank", "tt_init"])["median"].median()
-        bound = max(FIG6_NEUTRAL, 2 * se)  # a loss beyond it is more than the paper's and the noise
-        for k, g in best.groupby(level=0):
-            loss = b - g.max()
-            (_, r, init) = g.idxmax()
+        tables, rank, init = FIG6_NEUTRAL_CONFIG
+        bound = FIG6_NEUTRAL + 2 * se  # the paper's bound plus the noise of the held-out accuracies
+        by = tt.groupby(["tt_tables", "tt_rank", "tt_init"])["median"].median()
+        for k in sorted(tt["tt_tables"].unique()):
+            at = (k, rank, init)
+            others = [(i, v) for (kk, r, i), v in by.items() if kk == k and r == rank and i != init]
+            context = (f"; other inits at rank {rank}, not compared (no pick of the best): "
+                       + ", ".join(f"{TT_INIT_LABELS.get(i, i)} {v:.3f}%" for i, v in others)) if others else ""
+            tables_note = (f"{int(k)} TT tables here; the paper's claim is for {tables} (not measured)"
+                           if k != tables else f"{tables} TT tables as in the paper")
+            label = TT_INIT_LABELS.get(init, init)
+            if at not in by.index:
+                out.append(_claim(
+                    "Figure 6", f"6: TT-Rec at rank {rank} loses at most {FIG6_NEUTRAL}% accuracy ({int(k)} TT tables)",
+                    f"loss within {FIG6_NEUTRAL}% ({tables} tables, rank {rank})", f"no rank {rank} {label} point",
+                    None, note=f"not compared: the paper's configuration (rank {rank}, {label}) was not trained; "
+                    + tables_note + context))
+                continue
+            loss = b - by[at]
             out.append(_claim(
-                "Figure 6", f"6.2: an accuracy-neutral TT rank exists ({int(k)} TT tables; the paper: within "
-                f"{FIG6_NEUTRAL}% at 5 tables, rank 32)", f"loss <= {FIG6_NEUTRAL} points",
-                f"best {g.max():.3f}% (R={int(r)}, {TT_INIT_LABELS.get(init, init)}) vs uncompressed {b:.3f}%: "
-                f"loss {loss:+.3f} points", YES if loss <= FIG6_NEUTRAL else NO if loss > bound else NOT_SHOWN,
-                rule=f"loss <= {FIG6_NEUTRAL} points; no: loss > {bound:.2f} (the larger of {FIG6_NEUTRAL} and 2 "
-                "binomial SE)",
-                note=_setting(df)))
+                "Figure 6", f"6: \"using TT-Rec to train the five largest embedding tables ... using TT-rank of 32 "
+                f"leads to model accuracy loss within 0.03%\" ({int(k)} TT tables, rank {rank}, {label})",
+                f"loss within {FIG6_NEUTRAL}% ({tables} tables, rank {rank})",
+                f"{by[at]:.3f}% vs uncompressed {b:.3f}%: loss {loss:+.3f} points", loss <= bound,
+                rule=f"loss <= {FIG6_NEUTRAL} + 2 binomial SE = {bound:.2f} points",
+                note=f"the paper's configuration as far as measured: rank {rank}, TT-Rec's init ({label}; the paper "
+                f"names no other for this claim); {tables_note}{context}; {_setting(df)}"))
     return out
 
 
@@ -233,9 +251,10 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
                 "median over cache sizes; not compared: its sign depends on whether cached lookups are cheaper than "
                 "TT ones on the machine (on this CPU they are not, so a longer warm-up shortens training)"))
     g = gain.groupby("cache_fraction")["median"].median()
+    everywhere = gain["median"].median()
     out.append(_claim("Figure 10", f"6.5: the cache adds {FIG10_CACHE_GAIN} accuracy points (Kaggle)",
-                      f"+{FIG10_CACHE_GAIN} points", f"{g.median():+.3f} points (median over points; by size: "
-                      + ", ".join(f"{_pct(f)}: {v:+.3f}" for f, v in g.items()) + ")",
-                      _trend([0, g.median()], 2 * se, rises=True), rule=_difference_rule("above 0", _noise(se)),
+                      f"+{FIG10_CACHE_GAIN} points", f"{everywhere:+.3f} points (median over all {len(gain)} points; "
+                      "median by size: " + ", ".join(f"{_pct(f)}: {v:+.3f}" for f, v in g.items()) + ")",
+                      _trend([0, everywhere], 2 * se, rises=True), rule=_difference_rule("above 0", _noise(se)),
                       note="accuracy minus the same TT model's without cache, same batches"))
     return out

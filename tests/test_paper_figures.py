@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -90,10 +92,13 @@ def test_claims_agree_for_table2_and_fig5(computed):
 
 
 def test_claims_of_fig3_show_algorithm3_missing_the_target(computed):
-    out = claims({"fig3": computed["fig3"]}).set_index("artifact")
-    assert out.loc["Figure 3", "agrees"] == "no"  # rank-blind scaling: the widest of the three
-    assert out.loc["Figure 3 (ours)", "agrees"] == "yes"
-    assert "sampled gaussian: KS" in out.loc["Figure 3", "measured"]
+    out = claims({"fig3": computed["fig3"]})
+    scale = out[out["claim"].str.contains("its scale")].iloc[0]
+    assert scale["agrees"] == "no"  # rank-blind scaling: the widest of the three
+    assert "sampled gaussian: std ratio" in scale["measured"]
+    assert out.set_index("artifact").loc["Figure 3 (ours)", "agrees"] == "yes"
+    shape = out[out["claim"].str.contains("closest in shape")].iloc[0]
+    assert "sampled gaussian: standardized KS" in shape["measured"]
 
 
 def test_claims_of_timed_experiments_from_their_tables():
@@ -111,10 +116,11 @@ def test_claims_of_timed_experiments_from_their_tables():
                   "median": 0.4 / 4 ** (w - 1)} for w in (1, 2, 3, 4)])
     out = claims({"fig8": fig8, "fig11": fig11, "fig12": fig12, "fig9": fig9})
     by = out.groupby("artifact")["agrees"].apply(list).to_dict()
-    assert by["Figure 8"] == ["yes"] * 3       # faster; ~#rows/batch smaller; T3nsor ~ EmbeddingBag's
+    # faster; the 2.4x magnitude not compared; within 3x of #rows/batch smaller; T3nsor ~ EmbeddingBag's
+    assert by["Figure 8"] == ["yes", "not shown at this scale", "yes", "yes"]
     assert by["Figure 11"] == ["yes"] * 3      # both fall with P; the gap grows
     assert by["Figure 12"] == ["yes"]
-    assert by["Figure 9"] == ["yes"]
+    assert by["Figure 9"] == ["not shown at this scale"]  # a synthetic stream cannot test it
     # break-even: 500 (1 - h) + 10 = 60 at h = 0.9, on the measured segment 0.8 .. 1.0
     assert out.loc[out["artifact"] == "Figure 12", "measured"].item() == "0.90"
 
@@ -210,3 +216,138 @@ def test_the_report_prints_each_verdict_beside_its_rule(tmp_path):
     assert "| artifact | claim | paper | measured | rule | agrees |" in report
     assert ("| nn.EmbeddingBag, train: P=1: 182 ns, P=10: 211 ns, P=100: 181 ns | falls first to last, rises at no "
             "step; beyond noise ±5% | no |") in report
+
+
+# ---- rules that must be able to fail, against what the paper says ----
+
+def _fig8_with_tt_peak(tt_peak: float) -> pd.DataFrame:
+    return _csv([{**r, "median": tt_peak, "q1": tt_peak, "q3": tt_peak}
+                 if r["impl"] == "tt" and r["metric"] == "peak_transient_memory" else r for r in _fig8_rows()])
+
+
+@pytest.mark.parametrize("tt_peak,ratio,verdict", [
+    (1.0e6, "116x", "yes"),      # 244 / 116 = 2.1x off #rows / batch
+    (4.88e6, "26x", "partly"),    # smaller, 9.4x off (the reference run's 26.3x): no longer "same order"
+    (2.0e8, "0.65x", "no"),      # not smaller
+])
+def test_fig8_footprint_within_3x_of_rows_over_batch(tt_peak, ratio, verdict):
+    out = claims({"fig8": _fig8_with_tt_peak(tt_peak)})
+    row = out[out["claim"].str.contains("#EmbRows/BatchSize")].iloc[0]
+    assert row["measured"].startswith(ratio)
+    assert row["agrees"] == verdict
+    assert row["paper"] == ("#rows / batch = 1,000,000 / 4,096 = 244x at this run's sizes; roughly 10,000x at the "
+                            "paper's sizes")
+    assert row["rule"] == "yes: within 3x of #rows / batch; partly: TT smaller but further off; no: TT not smaller"
+
+
+def test_fig8_speedup_magnitude_is_not_compared_only_the_direction():
+    out = claims({"fig8": _csv(_fig8_rows())})
+    direction = out[out["claim"].str.contains("direction only")].iloc[0]
+    magnitude = out[out["claim"].str.contains("the magnitude")].iloc[0]
+    assert direction["agrees"] == "yes" and direction["rule"].startswith("direction only")
+    assert magnitude["paper"] == "2.4x" and magnitude["agrees"] == "not shown at this scale"
+    assert "training time" in magnitude["note"] and "kernel alone" in magnitude["note"]
+
+
+def test_fig9_a_synthetic_stream_does_not_test_the_papers_stabilization():
+    """A stationary stream's change between cumulative windows falls whatever the data: not evidence."""
+    fig9 = _csv([{"distribution": "zipf", "zipf_alpha": 1.05, "window": w, "progress": w / 32, "metric": "topk_change",
+                  "median": 0.6 / w} for w in range(1, 33)])
+    row = claims({"fig9": fig9}).iloc[0]
+    assert row["agrees"] == "not shown at this scale"
+    assert "stabilize at around 5% and 50% of the training run for Terabyte and Kaggle" in row["claim"]
+    assert "1 / window" in row["note"]
+    assert row["measured"].endswith("1.88% at 100% of the stream")
+
+
+def test_kaggle_117x_is_attributed_to_section_6_and_the_abstract(computed):
+    out = claims({"fig5": computed["fig5"]})
+    row = out[out["claim"].str.contains("kaggle, 7 largest tables")].iloc[0]
+    assert row["claim"].startswith("6 / abstract:") and row["paper"] == 117 and row["agrees"] == "yes"
+    assert "section 6.1's text says" in row["note"] and "112x" in row["note"]
+    others = out[(out["artifact"] == "Figure 5") & ~out["claim"].str.contains("kaggle, 7 largest")]
+    assert others["claim"].str.startswith("Fig 5 / 6.1:").all()
+
+
+def _neutral(accuracy: dict[tuple[int, str], float], base: float = 77.6) -> pd.DataFrame:
+    """5 TT tables; 64,000 held-out samples: 2 binomial SE = 0.33 points, bound 0.03 + 0.33."""
+    setting = {"model": "main", "metric": "accuracy", "eval_samples": 64_000, "dataset": "kaggle",
+               "source": "synthetic", "scale_down": 1000, "batch_size": 128, "iterations": 600}
+    rows = [{**setting, "tt_tables": 0, "tt_rank": None, "tt_init": None, "median": base}]
+    rows += [{**setting, "tt_tables": 5, "tt_rank": r, "tt_init": i, "median": a} for (r, i), a in accuracy.items()]
+    return _csv(rows)
+
+
+@pytest.mark.parametrize("accuracy,verdict", [
+    # the best configuration (rank 8, uniform) is neutral, the paper's (rank 32, sampled Gaussian) loses 0.6
+    ({(8, "uniform"): 77.65, (32, "uniform"): 77.5, (32, "sampled_gaussian"): 77.0}, "no"),
+    ({(8, "uniform"): 77.65, (32, "sampled_gaussian"): 77.4}, "yes"),  # loss 0.2, within 0.03 + 2 SE
+])
+def test_accuracy_neutral_rank_compares_the_papers_configuration_without_picking_the_best(accuracy, verdict):
+    out = claims({"fig6": _neutral(accuracy)})
+    row = out[out["claim"].str.contains("TT-rank of 32")].iloc[0]
+    assert row["claim"].startswith("6: ") and "rank 32, sampled Gaussian" in row["claim"]
+    assert row["agrees"] == verdict
+    assert row["rule"] == "loss <= 0.03 + 2 binomial SE = 0.36 points"
+    assert row["measured"].startswith(f"{accuracy[(32, 'sampled_gaussian')]:.3f}% vs uncompressed 77.600%")
+
+
+def _fig3_table(std_ratio: dict[str, float], shape: dict[str, Callable]) -> pd.DataFrame:
+    """Scalars and own-std histograms (101 bins over +-5 std, 200,000 samples) per scheme."""
+    edges = np.linspace(-5, 5, 102)
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    rows = []
+    for init, ratio in std_ratio.items():
+        point = {"init": init, "num_embeddings": 1_000_000, "tt_rank": 32, "samples": 200_000}
+        rows += [{**point, "metric": "std_ratio", "median": ratio},
+                 {**point, "metric": "ks_distance", "median": 0.5 * (1 - 1 / ratio)}]  # set by the scale alone
+        cdf = shape[init](edges)
+        rows += [{**point, "x": c, "metric": "density_own_std", "median": m / width}
+                 for c, m in zip(centres, np.diff(cdf))]
+    return _csv(rows)
+
+
+def _normal_cdf(x):
+    return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def _laplace_cdf(x):  # unit variance, peaked at 0: more values close to zero than a Gaussian
+    b = 1 / math.sqrt(2)
+    return np.where(x < 0, 0.5 * np.exp(x / b), 1 - 0.5 * np.exp(-x / b))
+
+
+def test_fig3_shape_and_scale_are_separate_verdicts():
+    """Sampled Gaussian: a perfect Gaussian shape 400x too wide; the others peaked, 30x too wide. The
+    KS distance of the unstandardized entries only ranks the scales."""
+    table = _fig3_table({"uniform": 30.0, "normal": 30.0, "sampled_gaussian": 400.0},
+                        {"uniform": _laplace_cdf, "normal": _laplace_cdf, "sampled_gaussian": _normal_cdf})
+    out = claims({"fig3": table})
+    shape = out[out["claim"].str.contains("closest in shape")].iloc[0]
+    scale = out[out["claim"].str.contains("its scale")].iloc[0]
+    assert shape["agrees"] == "yes" and shape["rule"].startswith("shape: sampled Gaussian's KS (standardized")
+    assert "sampled gaussian: standardized KS 0.0000" in shape["measured"]
+    assert scale["agrees"] == "no" and scale["rule"] == "scale: sampled Gaussian's std ratio the closest to 1 (by log ratio)"
+
+
+def _fig10(jobs: list[tuple[float, float, float]]) -> pd.DataFrame:
+    """Per job: (cache fraction, TT + cache ms, TT without cache ms), warm-up 64."""
+    rows = []
+    for j, (fraction, cached_ms, tt_ms) in enumerate(jobs):
+        point = {"job_dir": j, "mode": "train", "metric": "time_per_batch", "cache_warmup_iters": 64}
+        rows += [{**point, "impl": "tt", "cache_enabled": True, "cache_fraction": fraction, "held_out_hit_ratio": 0.5,
+                  "median": cached_ms},
+                 {**point, "impl": "tt", "cache_enabled": False, "cache_fraction": None, "held_out_hit_ratio": None,
+                  "median": tt_ms}]
+    return _csv(rows)
+
+
+@pytest.mark.parametrize("jobs,verdict", [
+    # the reference run's warm-up-64 jobs: 0.01% is 3.6% above the fastest in ms, 14.7% above the best paired
+    ([(0.0001, 1.7396, 0.826425), (0.001, 1.675632, 0.843972), (0.01, 2.259165, 1.230872),
+      (0.1, 2.49819, 1.32687)], "no"),
+    ([(0.0001, 2.2, 1.2), (0.001, 1.6, 0.85), (0.01, 1.7, 0.9)], "yes"),  # slower in ms, a slower job: paired 1.83 vs 1.88
+])
+def test_fig10_cache_sufficiency_is_paired_with_each_jobs_tt_without_cache(jobs, verdict):
+    row = claims({"fig10": _fig10(jobs)}).iloc[0]
+    assert row["agrees"] == verdict
+    assert row["rule"] == "0.01%: time / TT without cache (same job) within 10% of the best size's"

@@ -8,11 +8,12 @@ import re
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import pytest
 
 from reports import cache_figures, paper_figures
-from reports.cache_figures import plot_cache_size_warmup, plot_topk_stability
+from reports.cache_figures import plot_cache_size_warmup, plot_hit_rate_sweep, plot_topk_stability
 from reports.paper_figures import plot_rows_sweep, plot_tt_shapes
 
 RESULTS = Path(__file__).resolve().parents[1] / "reports" / "results"
@@ -90,3 +91,36 @@ def test_redrawn_figures_are_byte_identical(tmp_path):
     first, again = plot_rows_sweep(df, tmp_path / "a"), plot_rows_sweep(df, tmp_path / "b")
     for suffix in (".png", ".pdf"):
         assert first.with_suffix(suffix).read_bytes() == again.with_suffix(suffix).read_bytes(), suffix
+
+
+def _drawn_points(ax) -> np.ndarray:
+    """Display coordinates of every drawn line and error bar, 20 points along each segment."""
+    segments = []
+    for line in ax.get_lines():
+        xy = ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float))
+        segments += list(zip(xy[:-1], xy[1:])) or [(xy[0], xy[0])] if len(xy) else []
+    for collection in ax.collections:
+        for seg in collection.get_segments():
+            xy = ax.transData.transform(np.asarray(seg, dtype=float))
+            segments += list(zip(xy[:-1], xy[1:]))
+    t = np.linspace(0, 1, 20)[:, None]
+    return np.concatenate([a + t * (b - a) for a, b in segments])
+
+
+def test_fig12_break_even_text_hides_no_data(drawn, tmp_path):
+    plot_hit_rate_sweep(_results("fig12"), tmp_path)
+    for ax in drawn["fig12_time_vs_hit_rate"].axes:
+        (text,) = ax.texts
+        box = text.get_bbox_patch().get_window_extent()
+        points = _drawn_points(ax)
+        inside = (points[:, 0] >= box.x0) & (points[:, 0] <= box.x1) & (points[:, 1] >= box.y0) & (points[:, 1] <= box.y1)
+        assert not inside.any(), (ax.get_title(), points[inside][:3])
+
+
+def test_fig10_cache_gain_is_the_median_over_all_points():
+    from reports.claims import claims
+
+    out = claims({"fig10_training": _results("fig10_training")})
+    row = out[out["claim"].str.contains("the cache adds")].iloc[0]
+    gain = _results("fig10_training").query("metric == 'accuracy_vs_reference' and model == 'main'")["median"]
+    assert row["measured"].startswith(f"{gain.median():+.3f} points (median over all {len(gain)} points; median by size")

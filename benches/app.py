@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 import ttrec
 from ttrec.workloads import Batch, batch_stats
+from ttrec.tt import check_device
 
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_axes,
                                 workload_columns, workload_stream)
@@ -83,13 +84,10 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
 
 
 def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: got {device!r}, but torch.cuda.is_available() is False; use device=cpu")
-        return
-    raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N")
+    """The bench's ``device``: cpu, cuda or cuda:N, and CUDA only where there is a GPU (the library's check)."""
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N")
+    check_device(device)
 
 
 def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:

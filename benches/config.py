@@ -184,6 +184,10 @@ class TTConfig:
                                  f"give d factors, or set tt.d={len(shapes)}")
 
 
+# synthetic-workload keys that distribution=criteo does not read (WorkloadConfig rejects them set)
+_SYNTHETIC_ONLY = ("pooling_factor", "pooling_sigma", "pooling_distribution", "reuse_fraction")
+
+
 @dataclass
 class WorkloadConfig:
     distribution: Distribution = Distribution.uniform
@@ -219,6 +223,16 @@ class WorkloadConfig:
                                  "Criteo text file (train.txt or day_N)")
             if not 0 <= self.criteo_feature < 26:
                 raise ValueError(f"workload.criteo_feature: got {self.criteo_feature}; must be in [0, 26)")
+            # the synthetic generator's bag and reuse settings: a Criteo feature has one lookup per
+            # sample and no reuse, so a key set away from its default would be silently ignored
+            for f in dataclasses.fields(self):
+                if f.name in _SYNTHETIC_ONLY and getattr(self, f.name) != f.default:
+                    value = getattr(self, f.name)
+                    shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
+                    raise ValueError(f"workload.{f.name}: got {shown(value)} with workload.distribution=criteo; a "
+                                     f"Criteo feature gives one lookup per sample and no reuse, so the synthetic "
+                                     f"workload's {f.name} does not apply: leave it at its default {shown(f.default)} "
+                                     f"or use a synthetic distribution (uniform, zipf, hot_set)")
         else:
             self.record()  # the record's checks name the key, the value and what is allowed
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .bags import MODES, make_bags
 from .reference import tt_to_dense
-from .tt import TTEmbeddingBag
+from .tt import TTEmbeddingBag, check_device
 
 __all__ = ["T3nsorEmbeddingBag", "DenseEmbeddingBag", "TltorchEmbeddingBag", "tltorch_unavailable_reason"]
 
@@ -46,6 +46,7 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "sum",
                  include_last_offset: bool = False, sparse: bool = False, seed: int | None = None,
                  dtype: torch.dtype = torch.float32, device=None) -> None:
+        check_device(device)
         if mode not in MODES:
             raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
         super().__init__(num_embeddings, embedding_dim, mode=mode, include_last_offset=include_last_offset,
@@ -83,6 +84,7 @@ class TltorchEmbeddingBag(nn.Module):
                  mode: str = "sum", include_last_offset: bool = False, init: str = "calibrated", d: int = 3,
                  seed: int | None = None, device=None) -> None:
         super().__init__()
+        check_device(device)
         reason = tltorch_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"impl 'tltorch': {reason}")

@@ -9,7 +9,10 @@ Preprocessing follows DLRM's ``data_utils.getCriteoAdData``:
 
 - an empty field reads as 0 (both integer and categorical features, and the label);
 - integer features below 0 become 0 and are transformed to log(x + 1) (float32);
-- a categorical value is ``int(field, 16)``; it becomes a table row either by
+- an integer feature is ``int(field)`` of an optional ``-`` and decimal digits only (no ``+``,
+  spaces or underscores);
+- a categorical value is ``int(field, 16)`` of hexadecimal digits only (0-9, a-f, A-F: no sign,
+  ``0x`` prefix, spaces or underscores); it becomes a table row either by
   ``mapping="dictionary"``: per feature, distinct values numbered 0, 1, 2, ... in order of first
   occurrence (DLRM's ``convertDicts``; reading a whole file gives DLRM's ids), or by
   ``mapping="hash"``: ``value % num_embeddings`` (DLRM's ``max_ind_range``, without its later
@@ -18,12 +21,14 @@ Preprocessing follows DLRM's ``data_utils.getCriteoAdData``:
 A dictionary that needs more rows than its table has is an error (naming the feature, its table
 size and the line), not a silent wrap-around. A malformed line (wrong field count, a label that is
 not 0/1, a non-integer integer feature, a non-hexadecimal categorical value) raises ValueError
-with the file name and the 1-based line number.
+with the file name and the 1-based line number. ``require_label=True`` (training and held-out data)
+makes a 39-field (unlabelled) file an error naming the file.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,6 +43,8 @@ __all__ = ["NUM_INT_FEATURES", "NUM_CAT_FEATURES", "MAPPINGS", "CriteoBatch", "C
 NUM_INT_FEATURES = 13
 NUM_CAT_FEATURES = 26
 MAPPINGS = ("dictionary", "hash")
+_INT_FIELD = re.compile(r"-?[0-9]+")
+_HEX_FIELD = re.compile(r"[0-9a-fA-F]+")
 _WIDTHS = {NUM_INT_FEATURES + NUM_CAT_FEATURES + 1: True, NUM_INT_FEATURES + NUM_CAT_FEATURES: False}
 
 
@@ -61,11 +68,14 @@ class CriteoReader:
 
     num_embeddings: one table size for all 26 features, or 26 sizes.
     mapping: "dictionary" or "hash" (see the module docstring). The dictionaries live on the
-    reader, so a second pass over the same file gives the same ids.
+    reader, so a second pass over the same file gives the same ids; ``dictionaries`` shares another
+    reader's (ids continue that reader's numbering: a value it has seen keeps its row).
+    require_label: a file without labels (39 fields) is an error.
     """
 
     def __init__(self, path: str | Path, num_embeddings: int | Sequence[int], batch_size: int = 2048,
-                 mapping: str = "hash") -> None:
+                 mapping: str = "hash", dictionaries: list[dict[int, int]] | None = None,
+                 require_label: bool = False) -> None:
         self.path = Path(path)
         if mapping not in MAPPINGS:
             raise ValueError(f"mapping: got {mapping!r}; allowed: {MAPPINGS}")
@@ -80,7 +90,11 @@ class CriteoReader:
         if not self.path.is_file():
             raise FileNotFoundError(f"criteo path: {self.path} is not a file")
         self.num_embeddings, self.batch_size, self.mapping = sizes, batch_size, mapping
-        self.dictionaries: list[dict[int, int]] = [{} for _ in range(NUM_CAT_FEATURES)]
+        if dictionaries is not None and len(dictionaries) != NUM_CAT_FEATURES:
+            raise ValueError(f"dictionaries: got {len(dictionaries)}; need {NUM_CAT_FEATURES} (one per feature)")
+        self.dictionaries: list[dict[int, int]] = (dictionaries if dictionaries is not None
+                                                   else [{} for _ in range(NUM_CAT_FEATURES)])
+        self.require_label = require_label
         self.has_label: bool | None = None
 
     def _row(self, j: int, value: int, where: str) -> int:
@@ -103,6 +117,9 @@ class CriteoReader:
             if len(parts) not in _WIDTHS:
                 raise ValueError(f"{where}: got {len(parts)} tab-separated fields; expected 40 (label, 13 integer, "
                                  "26 categorical) or 39 (no label)")
+            if self.require_label and not _WIDTHS[len(parts)]:
+                raise ValueError(f"{where}: no labels: {len(parts)} fields, a labelled Criteo file has 40 "
+                                 "(label first); training and held-out data need labels")
             self.has_label = _WIDTHS[len(parts)]
         expected = 40 if self.has_label else 39
         if len(parts) != expected:
@@ -115,20 +132,17 @@ class CriteoReader:
             parts = parts[1:]
         dense = []
         for j, f in enumerate(parts[:NUM_INT_FEATURES]):
-            try:
-                x = int(f) if f else 0
-            except ValueError:
-                raise ValueError(f"{where}: integer feature {j}: got {f!r}; expected an integer or empty") from None
+            if f and not _INT_FIELD.fullmatch(f):
+                raise ValueError(f"{where}: integer feature {j}: got {f!r}; expected a decimal integer "
+                                 "(optional '-', digits only) or empty")
+            x = int(f) if f else 0
             dense.append(math.log(max(x, 0) + 1))
         sparse = []
         for j, f in enumerate(parts[NUM_INT_FEATURES:]):
-            try:
-                value = int(f, 16) if f else 0
-            except ValueError:
+            if f and not _HEX_FIELD.fullmatch(f):
                 raise ValueError(f"{where}: categorical feature {j}: got {f!r}; "
-                                 "expected hexadecimal or empty") from None
-            if value < 0:
-                raise ValueError(f"{where}: categorical feature {j}: got {f!r}; expected a non-negative hexadecimal")
+                                 "expected hexadecimal digits only (0-9, a-f) or empty")
+            value = int(f, 16) if f else 0
             sparse.append(self._row(j, value, where))
         return label, dense, sparse
 

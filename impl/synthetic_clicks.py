@@ -22,7 +22,8 @@ held-out set, then the training batches, so the held-out set never overlaps the 
 draws and everything is reproducible from ``seed``.
 
 :class:`CriteoClicks` serves Criteo text files (:class:`ttrec.criteo.CriteoReader`) through the same
-interface; the first ``eval_samples`` samples are held out (or a separate file).
+interface; the first ``eval_samples`` samples are held out (or a separate file, sharing the training
+file's dictionaries).
 """
 
 from __future__ import annotations
@@ -193,8 +194,20 @@ class CriteoClicks:
     """Batches of a Criteo text file (``path``), mapped into tables of ``table_rows`` rows.
 
     The held-out set is ``eval_path``'s first ``eval_samples`` samples when given, else the first
-    ``eval_samples`` samples of ``path`` (training then starts after them). Training reads the file
-    once, then again from its start after the held-out part. No planted model: ``planted`` is None.
+    ``eval_samples`` samples of ``path`` (training then starts after them). Both files must be
+    labelled (40 fields): an unlabelled one (39 fields, like Kaggle's ``test.txt``) is an error.
+
+    Training reads the file once, then again from its start after the held-out part, as one stream
+    of samples: every batch has ``batch_size`` samples (a batch may span the end of one pass and the
+    start of the next).
+
+    With ``mapping="dictionary"`` the held-out file shares the training file's dictionaries, so a
+    row id means the same categorical value in training and evaluation: the training file is read
+    once before the held-out one (numbering its values in order of first occurrence, the ids training
+    then uses), and a held-out value the training file never has gets the next free row of its
+    table (a row training never updates: it keeps its initial values, as in DLRM, whose dictionaries
+    span all files); more distinct values than ``table_rows`` is an error, as for the training file.
+    No planted model: ``planted`` is None.
     """
 
     planted = None
@@ -202,8 +215,20 @@ class CriteoClicks:
     def __init__(self, path: str | Path, table_rows: Sequence[int], batch_size: int, eval_samples: int = 65536,
                  eval_path: str | Path | None = None, mapping: str = "hash") -> None:
         self.table_rows, self.batch_size = list(table_rows), batch_size
-        self._reader = CriteoReader(path, self.table_rows, batch_size, mapping)
-        held_out_reader = CriteoReader(eval_path, self.table_rows, batch_size, mapping) if eval_path else self._reader
+        self._reader = CriteoReader(path, self.table_rows, batch_size, mapping, require_label=True)
+        held_out_reader = self._reader
+        if eval_path:
+            # the training file first: checked (format, labels, not empty) before any work, and with
+            # dictionary mapping its values numbered before the held-out file's
+            empty = True
+            for _ in self._reader:
+                empty = False
+                if mapping != "dictionary":
+                    break
+            if empty:
+                raise ValueError(f"criteo: {path} has no samples")
+            held_out_reader = CriteoReader(eval_path, self.table_rows, batch_size, mapping,
+                                           dictionaries=self._reader.dictionaries, require_label=True)
         parts, n = [], 0
         for cb in held_out_reader:
             parts.append(cb)
@@ -217,7 +242,8 @@ class CriteoClicks:
         self._skip = 0 if eval_path else len(self.eval_set)
         self._iter = None
 
-    def _batches(self):
+    def _passes(self):
+        """The training samples in pieces, pass after pass over the file (held-out part skipped)."""
         while True:
             seen, empty = 0, True
             for cb in self._reader:
@@ -231,6 +257,19 @@ class CriteoClicks:
             if seen <= self._skip:
                 raise ValueError(f"criteo: {self._reader.path} has {seen} samples and eval_samples={self._skip} holds "
                                  f"them all out: none left to train on (lower eval_samples or give a held-out file)")
+
+    def _batches(self):
+        """Full batches of ``batch_size`` samples; a pass's remainder is carried over into the next."""
+        parts, n = [], 0
+        for piece in self._passes():
+            parts.append(piece)
+            n += len(piece)
+            while n >= self.batch_size:
+                whole = ClickBatch(*(torch.cat([getattr(p, k) for p in parts]) for k in ("dense", "sparse", "labels")))
+                b = self.batch_size
+                yield ClickBatch(whole.dense[:b], whole.sparse[:b], whole.labels[:b])
+                parts = [ClickBatch(whole.dense[b:], whole.sparse[b:], whole.labels[b:])]
+                n -= b
 
     def next_batch(self) -> ClickBatch:
         if self._iter is None:

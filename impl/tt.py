@@ -49,6 +49,20 @@ def backend_status(name: str) -> str | None:
     return BACKENDS[name][1]()
 
 
+def check_device(device: torch.device | str | None) -> None:
+    """The ``device`` argument of the embedding bags: a CUDA device needs CUDA (a ValueError naming
+    the argument, not torch's bare AssertionError when the cores are moved there)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: got {str(device)!r}, but CUDA is not available (torch.cuda.is_available() is "
+                         f"False); allowed: cpu")
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bag over a TT-compressed (num_embeddings x embedding_dim) table.
 
@@ -89,6 +103,7 @@ class TTEmbeddingBag(nn.Module):
         eps: float = 1e-10,
     ) -> None:
         super().__init__()
+        check_device(device)
         if mode not in MODES:
             raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
         if backend not in BACKEND_NAMES:

@@ -13,14 +13,20 @@ Index distributions (``distribution``):
 - ``hot_set``: a controlled hit rate (paper Figure 12): each lookup is drawn, with probability
   ``hit_rate``, uniformly from a fixed hot set of ``hot_fraction`` of the rows, else uniformly from
   the rows outside it. A cache that holds exactly the hot set then serves ``hit_rate`` of the
-  lookups (in expectation; a batch's count is Binomial(lookups, hit_rate)).
+  lookups (in expectation; a batch's count is Binomial(lookups, hit_rate)). With ``hit_rate < 1``
+  rows outside the hot set must exist: a ``hot_fraction`` whose hot set, round(hot_fraction * N),
+  is the whole table (e.g. 1.0) is an error; only a one-row table is all hot (every lookup is its
+  one row).
 
 The table mapping (Zipf permutation, hot set) is drawn once per stream from its own seed, so every
 batch of a stream shares the same hot rows; the draws come from a second generator.
 
 Bag sizes (``pooling_distribution``): ``fixed`` (every bag has ``pooling_factor`` lookups),
-``normal`` (round(N(L, sigma)) clipped at 0) or ``uniform`` (integers on [L - s, L + s] with
-s = round(sqrt(3) sigma), so the standard deviation is about sigma; the lower end is clipped at 0).
+``normal`` (round(N(L, sigma)) clipped at 0) or ``uniform`` (integers on [L - s, L + s], whose
+standard deviation is sqrt(s (s + 1) / 3): s is the integer that brings it nearest to sigma
+(:func:`uniform_half_width`; sigma 2 gives s = 3, exactly sd 2). The smallest spread is s = 1,
+sd 0.816: a sigma up to half of that, 0.408, would give no spread and is an error; the lower end
+is clipped at 0).
 Clipping at 0 raises the mean above L when sigma is comparable to L; the measured mean is reported
 by :func:`batch_stats`.
 
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 
 __all__ = ["DISTRIBUTIONS", "POOLING_DISTRIBUTIONS", "Workload", "Batch", "WorkloadStream", "generate_batch",
-           "hot_set_size", "batch_stats"]
+           "hot_set_size", "uniform_half_width", "batch_stats"]
 
 DISTRIBUTIONS = ("uniform", "zipf", "hot_set")
 POOLING_DISTRIBUTIONS = ("fixed", "normal", "uniform")
@@ -109,6 +115,11 @@ class Workload:
         if self.pooling_distribution == "fixed" and self.pooling_sigma != 0:
             raise ValueError(f"workload.pooling_sigma: got {self.pooling_sigma} with pooling_distribution='fixed'; "
                              "a spread needs pooling_distribution 'normal' or 'uniform'")
+        if self.pooling_distribution == "uniform" and self.pooling_sigma != 0 and uniform_half_width(
+                self.pooling_sigma) == 0:
+            raise ValueError(f"workload.pooling_sigma: got {self.pooling_sigma} with pooling_distribution='uniform'; "
+                             f"the smallest spread of integers on [L - s, L + s] is sd {_uniform_sd(1):.3f} (s = 1): "
+                             f"use pooling_sigma >= {math.ceil(_uniform_sd(1) / 2 * 1000) / 1000}, or 0 for no spread")
         if not 0 <= self.reuse_fraction <= 1:
             raise ValueError(f"workload.reuse_fraction: got {self.reuse_fraction}; must be in [0, 1]")
 
@@ -137,6 +148,18 @@ class Batch:
     @property
     def num_bags(self) -> int:
         return self.offsets.numel()
+
+
+def _uniform_sd(s: int) -> float:
+    """Standard deviation of the integers on [L - s, L + s], uniformly."""
+    return math.sqrt(s * (s + 1) / 3)
+
+
+def uniform_half_width(sigma: float) -> int:
+    """The half-width s >= 0 whose uniform integers on [L - s, L + s] have the standard deviation
+    nearest to ``sigma`` (sqrt(s (s + 1) / 3); 0: no spread)."""
+    s = int((math.sqrt(1 + 12 * sigma * sigma) - 1) / 2)  # the largest s with sd(s) <= sigma
+    return min((s, s + 1), key=lambda k: abs(_uniform_sd(k) - sigma))
 
 
 def hot_set_size(workload: Workload, num_embeddings: int) -> int:
@@ -169,6 +192,13 @@ class WorkloadStream:
                 self._perm = table_rng.permutation(num_embeddings)
         elif workload.distribution == "hot_set":
             h = hot_set_size(workload, num_embeddings)
+            if (workload.hit_rate < 1 and num_embeddings > 1
+                    and max(1, round(workload.hot_fraction * num_embeddings)) >= num_embeddings):
+                raise ValueError(
+                    f"workload.hot_fraction: got {workload.hot_fraction} on a table of {num_embeddings} rows: the hot "
+                    f"set would be the whole table, leaving no rows for the {1 - workload.hit_rate:.3g} of lookups "
+                    f"drawn outside it (workload.hit_rate={workload.hit_rate}); use a hot_fraction whose "
+                    f"round(hot_fraction * N) is at most N - 1 = {num_embeddings - 1}, or hit_rate=1")
             self.hot_rows = np.sort(table_rng.choice(num_embeddings, size=h, replace=False)).astype(np.int64)
             # the j-th row outside the hot set is j + #{hot rows h_i with h_i - i <= j}
             self._gaps = self.hot_rows - np.arange(h, dtype=np.int64)
@@ -181,7 +211,7 @@ class WorkloadStream:
             return np.full(b, w.pooling_factor, dtype=np.int64)
         if w.pooling_distribution == "normal":
             return np.maximum(0, np.rint(self._rng.normal(w.pooling_factor, w.pooling_sigma, b))).astype(np.int64)
-        s = int(round(math.sqrt(3) * w.pooling_sigma))
+        s = uniform_half_width(w.pooling_sigma)
         return self._rng.integers(max(0, w.pooling_factor - s), w.pooling_factor + s + 1, size=b, dtype=np.int64)
 
     def _rows(self, n: int) -> np.ndarray:

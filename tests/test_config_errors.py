@@ -82,3 +82,43 @@ def test_app_refuses_a_results_root_that_is_a_file_before_hydra(tmp_path):
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: ValueError: results_root: got '{file}'")
     assert "Traceback" not in r.stderr and file.is_file()
+
+
+_CRITEO_WORKLOAD = ["workload.distribution=criteo", "workload.criteo_path=day_0"]
+
+
+@pytest.mark.parametrize("override,start,default", [
+    ("workload.pooling_factor=8", "workload.pooling_factor: got 8 with workload.distribution=criteo", "default 1"),
+    ("workload.reuse_fraction=0.5", "workload.reuse_fraction: got 0.5 with workload.distribution=criteo",
+     "default 0.0"),
+    ("workload.pooling_sigma=2.0", "workload.pooling_sigma: got 2.0 with workload.distribution=criteo",
+     "default 0.0"),
+    ("workload.pooling_distribution=normal",
+     "workload.pooling_distribution: got normal with workload.distribution=criteo", "default fixed"),
+])
+def test_synthetic_workload_keys_set_with_criteo_are_errors(override, start, default):
+    with pytest.raises(ValueError) as exc:
+        _objects(*_CRITEO_WORKLOAD, override)
+    assert str(exc.value).startswith(start) and default in str(exc.value), str(exc.value)
+
+
+def test_synthetic_workload_keys_at_their_defaults_are_fine_with_criteo():
+    cfg = _objects(*_CRITEO_WORKLOAD, "workload.pooling_factor=1", "workload.reuse_fraction=0",
+                   "workload.pooling_distribution=fixed")
+    assert cfg.workload.distribution.value == "criteo"
+
+
+@pytest.mark.parametrize("cls", ["TTEmbeddingBag", "T3nsorEmbeddingBag", "DenseEmbeddingBag"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_embedding_bags_on_cuda_without_cuda_name_the_device_argument(cls, device, monkeypatch):
+    import torch
+
+    import ttrec.baselines
+    import ttrec.tt
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make = getattr(ttrec.tt if cls == "TTEmbeddingBag" else ttrec.baselines, cls)
+    args = (1000, 16) if cls == "DenseEmbeddingBag" else (1000, 16, 4)
+    with pytest.raises(ValueError, match=rf"device: got '{device}', but CUDA is not available.*allowed: cpu"):
+        make(*args, device=device)
+    make(*args, device="cpu")  # and cpu is fine

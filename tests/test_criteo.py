@@ -5,6 +5,7 @@ dictionaries in order of first occurrence, or value % table size)."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,3 +117,69 @@ def test_reader_arguments_are_checked(tmp_path, kwargs, needle):
         CriteoReader(path, **{"num_embeddings": 10, **kwargs})
     with pytest.raises(FileNotFoundError, match="not a file"):
         CriteoReader(tmp_path / "missing", 10)
+
+
+@pytest.mark.parametrize("j,value", [(20, "0x1f"), (20, " 1f"), (20, "1_f"), (20, "+1f"), (20, "-1f"),
+                                     (3, " 7 "), (3, "1_000"), (3, "+7"), (3, "0x7")])
+def test_strict_parsing_rejects_text_python_int_would_accept(tmp_path, j, value):
+    fields = ["1"] + [str(i) for i in range(13)] + ["%08x" % i for i in range(26)]
+    fields[j] = value
+    path = write(tmp_path, ["\t".join(fields) + "\n"])
+    kind = "categorical feature 6" if j >= 14 else "integer feature 2"
+    with pytest.raises(ValueError, match=rf"day_0:1: {kind}: got '{re.escape(value)}'"):
+        list(CriteoReader(path, 1000))
+
+
+def test_strict_parsing_still_accepts_criteo_text(tmp_path):
+    path = write(tmp_path, [line("1", [-2, 0, 7] + [""] * 10, ["ABCdef01"] + CATS_A[1:])])
+    (b,) = list(CriteoReader(path, 2**40))
+    assert int(b.sparse[0, 0]) == 0xabcdef01 and b.dense[0, 0] == 0 and b.dense[0, 2] == pytest.approx(math.log(8))
+
+
+def _clicks_line(label, cat0):
+    return line(label, [1] * 13, [cat0] + ["%x" % (7 + i) for i in range(25)])
+
+
+def test_held_out_file_shares_the_training_dictionaries(tmp_path):
+    from ttrec.synthetic_clicks import CriteoClicks
+
+    train = write(tmp_path, [_clicks_line(y, c) for y, c in (("1", "aaaa"), ("0", "bbbb"), ("1", "cccc"),
+                                                            ("0", "aaaa"))], "train.txt")
+    # "dddd" is never in training: the next free row (3), a row training never updates
+    held_out = write(tmp_path, [_clicks_line("1", "cccc"), _clicks_line("0", "bbbb"), _clicks_line("0", "dddd")],
+                     "eval.txt")
+    c = CriteoClicks(train, [100] * 26, batch_size=4, eval_samples=3, eval_path=held_out, mapping="dictionary")
+    assert c.next_batch().sparse[:, 0].tolist() == [0, 1, 2, 0]
+    assert c.eval_set.sparse[:, 0].tolist() == [2, 1, 3]
+    # a table too small for the training and held-out values together: the usual dictionary error
+    with pytest.raises(ValueError, match=r"eval.txt:3: categorical feature 0 has more than num_embeddings=3"):
+        CriteoClicks(train, [3] + [100] * 25, batch_size=4, eval_samples=3, eval_path=held_out, mapping="dictionary")
+    # hash mapping: the same value, the same row, in both files
+    h = CriteoClicks(train, [100] * 26, batch_size=4, eval_samples=3, eval_path=held_out)
+    assert h.eval_set.sparse[:, 0].tolist() == [0xcccc % 100, 0xbbbb % 100, 0xdddd % 100]
+
+
+@pytest.mark.parametrize("which", ["train", "eval"])
+def test_unlabelled_training_or_held_out_file_is_a_clear_error(tmp_path, which):
+    from ttrec.synthetic_clicks import CriteoClicks
+
+    labelled = write(tmp_path, [line("1", [1] * 13, CATS_A)] * 4, "train.txt")
+    unlabelled = write(tmp_path, [line(None, [1] * 13, CATS_A)] * 4, "test.txt")
+    train, held_out = (unlabelled, labelled) if which == "train" else (labelled, unlabelled)
+    for mapping in ("hash", "dictionary"):
+        with pytest.raises(ValueError, match=r"test.txt:1: no labels: 39 fields, a labelled Criteo file has 40"):
+            CriteoClicks(train, [100] * 26, batch_size=2, eval_samples=2, eval_path=held_out, mapping=mapping)
+    with pytest.raises(ValueError, match=r"test.txt:1: no labels: 39 fields"):
+        CriteoClicks(unlabelled, [100] * 26, batch_size=2, eval_samples=2)
+
+
+def test_criteo_training_batches_are_full_after_the_held_out_part(tmp_path):
+    from ttrec.synthetic_clicks import CriteoClicks
+
+    path = write(tmp_path, [_clicks_line(str(i % 2), "%x" % (100 + i)) for i in range(10)])
+    c = CriteoClicks(path, [1000] * 26, batch_size=4, eval_samples=3)
+    batches = [c.next_batch() for _ in range(7)]
+    assert [len(b) for b in batches] == [4] * 7
+    # the training samples (lines 3..9) in file order, pass after pass, remainders carried over
+    got = [int(r) - 100 for b in batches for r in b.sparse[:, 0].tolist()]
+    assert got == [3, 4, 5, 6, 7, 8, 9] * 4

@@ -188,3 +188,31 @@ def test_a_criteo_file_held_out_whole_is_a_clear_error_not_a_hang(tmp_path):
     data = CriteoClicks(path, table_sizes("kaggle", 20000), batch_size=32, eval_samples=100)
     with pytest.raises(ValueError, match="has 50 samples and eval_samples=50 holds them all out"):
         data.next_batch()
+
+
+def test_train_dlrm_checks_device_before_any_work(monkeypatch):
+    import torch
+
+    import benches.training as training
+
+    built = []
+    monkeypatch.setattr(training, "build_data", lambda cfg: built.append(cfg))
+    cfg = _tiny("device=cuda")
+    # this machine has no CUDA: the same error as task=time's check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: got 'cuda', but torch.cuda.is_available\(\) is False"):
+        train_rows(cfg)
+    # with CUDA: training (its timing) is CPU-only, so a clear refusal rather than a CPU run labelled cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ValueError, match=r"device: got 'cuda'; task=train_dlrm trains on the CPU only"):
+        train_rows(cfg)
+    assert built == []
+
+
+def test_topk_stability_checks_device():
+    from benches.cache_experiments import stability_rows
+
+    cfg = to_objects(_compose("task=topk_stability", "table=tiny", "device=cuda", "workload.batch_size=64",
+                              "cache.stability_batches=4", "cache.stability_windows=2"))
+    with pytest.raises(ValueError, match=r"device: got 'cuda', but torch.cuda.is_available\(\) is False"):
+        stability_rows(cfg, experiment="test")

@@ -166,10 +166,12 @@ def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unch
                                 TableConfig, WorkloadConfig)
 
     a, b = _criteo_file(tmp_path / "a", 0), _criteo_file(tmp_path / "b", 1)
+    criteo = distribution == "criteo"  # its bags come from the file: the synthetic pooling keys are refused
+    pooling = {} if criteo else {"pooling_factor": 2, "pooling_sigma": 0.5,
+                                 "pooling_distribution": PoolingDistribution.normal}
     base = BenchConfig(impl=ImplConfig(name=Impl.dense), table=TableConfig("tiny", 1000, 16),
-                       workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=64, pooling_factor=2,
-                                               pooling_sigma=0.5, pooling_distribution=PoolingDistribution.normal,
-                                               criteo_path=a))
+                       workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=64, criteo_path=a,
+                                               **pooling))
     changes = {"zipf_alpha": 1.5, "permute": False, "batch_size": 32, "pooling_factor": 3, "weighted": True,
                "seed": 7, "pooling_sigma": 1.5, "pooling_distribution": PoolingDistribution.uniform, "hit_rate": 0.5,
                "hot_fraction": 0.01, "reuse_fraction": 0.5, "criteo_path": b, "criteo_feature": 5,
@@ -197,4 +199,38 @@ def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unch
         unread = same(got, reference)
         assert (row[column.get(key, key)] is None) == unread, (key, row[column.get(key, key)], unread)
         checked += 1
-    assert checked >= len(changes) - 1
+    # refused (a config error, never silently ignored): weighted and the four synthetic pooling keys with criteo
+    assert checked >= len(changes) - (5 if criteo else 1)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0])
+def test_uniform_pooling_spread_has_sd_about_sigma(sigma):
+    """Integers on [L - s, L + s] have sd sqrt(s (s + 1) / 3); s is chosen so that it is the achievable
+    sd nearest sigma: within half the gap to the neighbouring achievable values, and measured so."""
+    b = 100_000
+    batch = generate_batch(Workload(batch_size=b, pooling_factor=30, pooling_sigma=sigma,
+                                    pooling_distribution="uniform", seed=2), 100)
+    sizes = torch.diff(torch.cat([batch.offsets, torch.tensor([batch.num_lookups])])).double()
+    sd = float(sizes.std())
+    s = (int(sizes.max()) - int(sizes.min())) // 2
+    achievable = [math.sqrt(k * (k + 1) / 3) for k in range(40)]
+    nearest = min(achievable, key=lambda a: abs(a - sigma))
+    assert abs(math.sqrt(s * (s + 1) / 3) - nearest) < 1e-9, (sigma, s)
+    assert abs(sd - nearest) < 0.02 * nearest  # measured over many bags
+    assert abs(sd - sigma) < 0.35  # about sigma: achievable sds are at most ~0.6 apart above 0.816
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.2, 0.4])
+def test_uniform_pooling_sigma_too_small_for_any_spread_is_an_error(sigma):
+    with pytest.raises(ValueError, match=rf"workload.pooling_sigma: got {sigma} with pooling_distribution='uniform'"
+                                         r".*sd 0.816 \(s = 1\).*>= 0.409"):
+        Workload(pooling_factor=5, pooling_sigma=sigma, pooling_distribution="uniform")
+
+
+@pytest.mark.parametrize("hot_fraction,n_rows", [(1.0, 10_000), (0.99996, 10_000), (0.95, 10)])
+def test_hot_set_leaving_no_cold_rows_is_an_error_below_hit_rate_1(hot_fraction, n_rows):
+    with pytest.raises(ValueError, match=rf"workload.hot_fraction: got {hot_fraction} on a table of {n_rows} rows: "
+                                         r"the hot set would be the whole table.*hit_rate=0.9"):
+        WorkloadStream(Workload("hot_set", hit_rate=0.9, hot_fraction=hot_fraction), n_rows)
+    # hit_rate 1 reads no row outside the hot set: fine
+    WorkloadStream(Workload("hot_set", hit_rate=1.0, hot_fraction=hot_fraction), n_rows)

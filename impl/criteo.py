@@ -173,18 +173,40 @@ def feature_batches(path: str | Path, feature: int, num_embeddings: int, batch_s
                     mapping: str = "hash", repeat: bool = True,
                     device: str | torch.device = "cpu") -> Iterator[Batch]:
     """Embedding-bag batches of categorical feature ``feature`` (0..25) of a Criteo file, mapped into a
-    table of ``num_embeddings`` rows; with ``repeat`` the file is read again from the start when it
-    ends (the dictionaries persist, so ids stay the same)."""
+    table of ``num_embeddings`` rows (one bag per sample). With ``repeat`` the file is read again from
+    the start when it ends (the dictionaries persist, so ids stay the same) as one stream of samples:
+    every batch has ``batch_size`` bags (a pass's last samples open the next batch; a file shorter
+    than a batch is read as often as it takes). Without, a pass's last batch may be smaller."""
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < NUM_CAT_FEATURES:
         raise ValueError(f"feature: got {feature!r}; must be an int in [0, {NUM_CAT_FEATURES})")
     reader = CriteoReader(path, num_embeddings, batch_size, mapping)
+    pending = None  # (repeat) bags not yet in a full batch
     while True:
         empty = True
         for cb in reader:
             empty = False
             b = cb.feature(feature)
-            yield Batch(b.indices.to(device), b.offsets.to(device), None)
+            if not repeat:
+                yield Batch(b.indices.to(device), b.offsets.to(device), None)
+                continue
+            pending = b if pending is None else _joined(pending, b)
+            while pending is not None and pending.num_bags >= batch_size:
+                full, pending = _split(pending, batch_size)
+                yield Batch(full.indices.to(device), full.offsets.to(device), None)
         if empty:
             raise ValueError(f"{path}: no samples")
         if not repeat:
             return
+
+
+def _joined(a: Batch, b: Batch) -> Batch:
+    """The bags of ``a``, then those of ``b`` (offsets: bag starts)."""
+    return Batch(torch.cat([a.indices, b.indices]), torch.cat([a.offsets, b.offsets + a.num_lookups]), None)
+
+
+def _split(batch: Batch, n: int) -> tuple[Batch, Batch | None]:
+    """The first ``n`` bags of ``batch`` and the rest (None if none)."""
+    if batch.num_bags == n:
+        return batch, None
+    cut = int(batch.offsets[n])
+    return Batch(batch.indices[:cut], batch.offsets[:n], None), Batch(batch.indices[cut:], batch.offsets[n:] - cut, None)

@@ -99,8 +99,13 @@ def test_dictionary_larger_than_the_table_is_an_error(tmp_path):
 def test_feature_batches_repeat_with_stable_ids(tmp_path):
     path = write(tmp_path, [line("0", [0] * 13, CATS_A if i % 2 else CATS_B) for i in range(5)])
     stream = feature_batches(path, 25, 1000, batch_size=2, mapping="dictionary")
-    got = [next(stream).indices.tolist() for _ in range(6)]
-    assert got[:3] == [[0, 1], [0, 1], [0]] and got[3:] == got[:3]  # the second pass gives the same ids
+    got = [next(stream) for _ in range(5)]  # full batches of 2 bags: the stream runs on into the next pass
+    assert [b.indices.tolist() for b in got] == [[0, 1], [0, 1], [0, 0], [1, 0], [1, 0]]  # the same ids again
+    assert all(b.offsets.tolist() == [0, 1] for b in got)
+    once = feature_batches(path, 25, 1000, batch_size=2, mapping="dictionary", repeat=False)
+    assert [b.indices.tolist() for b in once] == [[0, 1], [0, 1], [0]]  # one pass: its last batch as it comes
+    short = feature_batches(path, 25, 1000, batch_size=12, mapping="dictionary")  # a file shorter than a batch
+    assert [next(short).num_bags for _ in range(3)] == [12, 12, 12]  # timed points saw 5 bags, recorded as 12
     with pytest.raises(ValueError, match="feature: got 26"):
         next(feature_batches(path, 26, 10))
 

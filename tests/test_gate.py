@@ -404,3 +404,20 @@ def test_bad_gate_arguments_fail_before_measuring(tmp_path, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exc:
         run.main(["--update-baseline", "--baseline-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert exc.value.code == 2 and "TTREC_PLANT_SLOWDOWN=2 is set" in capsys.readouterr().err
+
+
+def test_a_faster_gated_point_prints_the_refresh_hint_and_a_reference_point_does_not(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(plant.ENV, raising=False)
+    speed = {}
+    monkeypatch.setattr(run, "run_benchmarks", lambda path, options, names: {"benchmarks": [
+        {"extra_info": {"gate_point": n, "round_seconds": [speed.get(n, 1e-3)] * 3, "calibration_seconds": [1e-3] * 4}}
+        for n in names]})
+    common = ["--baseline-dir", str(tmp_path), "--points=tt_cpu_forward,t3nsor_torch_forward", "--no-confirm"]
+    assert run.main([*common, "--update-baseline", "--baseline-runs", "1", "--out", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    speed["t3nsor_torch_forward"] = 1e-4  # a reference point 10x faster: no hint (not gated)
+    assert run.main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert "refresh the baseline" not in capsys.readouterr().out
+    speed["tt_cpu_forward"] = 1e-4
+    assert run.main([*common, "--out", str(tmp_path / "c")]) == 0
+    assert "Faster than the baseline" in capsys.readouterr().out

@@ -200,7 +200,7 @@ def test_train_dlrm_checks_device_before_any_work(monkeypatch):
     cfg = _tiny("device=cuda")
     # this machine has no CUDA: the same error as task=time's check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device: got 'cuda', but torch.cuda.is_available\(\) is False"):
+    with pytest.raises(ValueError, match=r"device: got 'cuda', but CUDA is not available \(torch.cuda.is_available\(\) is False\); allowed: cpu"):
         train_rows(cfg)
     # with CUDA: training (its timing) is CPU-only, so a clear refusal rather than a CPU run labelled cuda
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -214,5 +214,5 @@ def test_topk_stability_checks_device():
 
     cfg = to_objects(_compose("task=topk_stability", "table=tiny", "device=cuda", "workload.batch_size=64",
                               "cache.stability_batches=4", "cache.stability_windows=2"))
-    with pytest.raises(ValueError, match=r"device: got 'cuda', but torch.cuda.is_available\(\) is False"):
+    with pytest.raises(ValueError, match=r"device: got 'cuda', but CUDA is not available \(torch.cuda.is_available\(\) is False\); allowed: cpu"):
         stability_rows(cfg, experiment="test")

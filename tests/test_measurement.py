@@ -238,13 +238,9 @@ def test_a_setting_that_changes_the_measurement_changes_its_column(key, tmp_path
         pytest.skip("needs a GPU")
     if key == "impl.backend" and backend_status("cpu") is not None:
         pytest.skip(f"the native CPU kernel is unavailable: {backend_status('cpu')}")
-    rng = torch.Generator().manual_seed(0)
-    files = {}
-    for name in ("a", "b"):
-        values = torch.randint(0, 2**31, (100, 26), generator=rng).tolist()
-        (tmp_path / name).write_text("".join("\t".join(["1"] + ["3"] * 13 + [format(v, "08x") for v in row]) + "\n"
-                                             for row in values))
-        files[name] = str(tmp_path / name)
+    from tests.test_training_experiments import _criteo_file
+
+    files = {name: str(_criteo_file(tmp_path / name, 100, seed)) for seed, name in enumerate("ab")}
     register()
 
     def columns(*overrides):

@@ -143,14 +143,6 @@ def test_stream_rejects_bad_table_size():
     assert np.isfinite(Workload().hit_rate)
 
 
-def _criteo_file(path, seed: int):
-    rng = np.random.default_rng(seed)
-    lines = ["\t".join(["1"] + ["3"] * 13 + [format(int(v), "08x") for v in rng.integers(0, 2**31, 26)])
-             for _ in range(100)]
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 @pytest.mark.parametrize("distribution", ["uniform", "zipf", "hot_set", "criteo"])
 def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unchanged(distribution, tmp_path):
     """Each ``workload.*`` key against the result row of a timed point: changing a key whose column is
@@ -165,7 +157,9 @@ def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unch
     from benches.config import (BenchConfig, CriteoMapping, Distribution, Impl, ImplConfig, PoolingDistribution,
                                 TableConfig, WorkloadConfig)
 
-    a, b = _criteo_file(tmp_path / "a", 0), _criteo_file(tmp_path / "b", 1)
+    from tests.test_training_experiments import _criteo_file
+
+    a, b = (str(_criteo_file(tmp_path / name, 100, seed)) for seed, name in enumerate("ab"))
     criteo = distribution == "criteo"  # its bags come from the file: the synthetic pooling keys are refused
     pooling = {} if criteo else {"pooling_factor": 2, "pooling_sigma": 0.5,
                                  "pooling_distribution": PoolingDistribution.normal}

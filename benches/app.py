@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 
 import ttrec
 from ttrec.workloads import Batch, batch_stats
-from ttrec.tt import check_device
 
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_axes,
                                 workload_columns, workload_stream)
@@ -83,13 +82,6 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
     return train_step
 
 
-def _check_device(device: str) -> None:
-    """The bench's ``device``: cpu, cuda or cuda:N, and CUDA only where there is a GPU (the library's check)."""
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"device: got {device!r}; allowed: cpu, cuda, cuda:N")
-    check_device(device)
-
-
 def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:
     """The config values (and measured workload ratios) that identify one measured point."""
     spec = getattr(module, "spec", None)
@@ -135,8 +127,7 @@ def _metric(name: str, unit: str, stats: Stats) -> dict:
 
 def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
     """Workload batch, module and the step to time for one point (seeded: the same every time)."""
-    _check_device(cfg.device)
-    torch.set_num_threads(cfg.timing.threads)
+    torch.set_num_threads(cfg.timing.threads)  # (cfg.device was checked with the config)
     torch.manual_seed(cfg.seed)
     stream = workload_stream(cfg)
     batch = next(stream)  # batch 0 is timed; a cache warms up on the batches after it

@@ -165,9 +165,6 @@ def stability_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     - ``topk_recall_bounded``: |S_t and B_t| / |S_t|, B_t the top-k of the bounded counter;
     - ``topk_window_hit_ratio_bounded``: as topk_window_hit_ratio, for B_prev.
     """
-    from .app import _check_device  # benches.app imports this module
-
-    _check_device(cfg.device)
     c, t = cfg.cache, cfg.table
     torch.set_num_threads(cfg.timing.threads)
     n = t.num_embeddings

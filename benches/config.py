@@ -225,10 +225,10 @@ class WorkloadConfig:
                 raise ValueError(f"workload.criteo_feature: got {self.criteo_feature}; must be in [0, 26)")
             # the synthetic generator's bag and reuse settings: a Criteo feature has one lookup per
             # sample and no reuse, so a key set away from its default would be silently ignored
+            shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
             for f in dataclasses.fields(self):
                 if f.name in _SYNTHETIC_ONLY and getattr(self, f.name) != f.default:
                     value = getattr(self, f.name)
-                    shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
                     raise ValueError(f"workload.{f.name}: got {shown(value)} with workload.distribution=criteo; a "
                                      f"Criteo feature gives one lookup per sample and no reuse, so the synthetic "
                                      f"workload's {f.name} does not apply: leave it at its default {shown(f.default)} "
@@ -477,6 +477,13 @@ class BenchConfig:
             raise ValueError("mode.fused: got true with impl.backend=torch (impl=tt_reference sets it); the fused "
                              "sparse update runs in the native kernels only: use impl.backend=auto, cpu or cuda, "
                              "or mode.fused=false")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device: got {self.device!r}; allowed: cpu, cuda, cuda:N")
+        from ttrec.tt import check_device  # the library's: CUDA only where there is a GPU
+
+        check_device(self.device)
+        if self.task == Task.train_dlrm and self.device != "cpu":  # its timing has no CUDA synchronization
+            raise ValueError(f"device: got {self.device!r}; task=train_dlrm trains on the CPU only; use device=cpu")
         if self.timing.flush_l2 and not self.device.startswith("cuda"):
             raise ValueError(f"timing.flush_l2: got true with device={self.device}; it flushes a GPU's L2 cache "
                              f"(device=cuda), the CPU protocol flushes nothing")

@@ -4,8 +4,8 @@
 (synthetic with a planted ground truth, or Criteo files), the DLRM of ``dlrm.dataset`` with its
 ``dlrm.tt_tables`` largest tables in TT format (``tt.rank``, ``tt.init``, ``tt.d``; an LFU cache
 with ``cache.enabled``), trains it for ``dlrm.iterations`` SGD steps of ``dlrm.batch_size``
-samples and evaluates it on the held-out set. It runs on the CPU: ``device`` other than cpu is an
-error.
+samples and evaluates it on the held-out set. It runs on the CPU: ``device`` other than cpu is a
+config error (benches.config).
 
 What is timed, per iteration (``time.perf_counter``; the batch is drawn before the clock starts):
 
@@ -59,16 +59,6 @@ log = logging.getLogger("ttrec.bench")
 # points that differ only in settings a model does not have (tt.* and cache.* with 0 TT tables)
 # are trained once per process; later jobs of a sweep reuse the rows
 _SAME_POINT: dict[str, list[dict]] = {}
-
-
-def check_device(cfg: BenchConfig) -> None:
-    """Training runs on the CPU only (model, batches and the perf_counter timing, which has no CUDA
-    synchronization): ``device`` is checked as for task=time, then anything but cpu is refused."""
-    from .app import _check_device  # benches.app imports this module
-
-    _check_device(cfg.device)
-    if cfg.device != "cpu":
-        raise ValueError(f"device: got {cfg.device!r}; task=train_dlrm trains on the CPU only; use device=cpu")
 
 
 def build_data(cfg: BenchConfig):
@@ -254,7 +244,6 @@ def _same_point_key(cfg: BenchConfig) -> str | None:
 
 def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     """Train, time and evaluate the point of ``cfg``; tidy rows, one per (model, metric)."""
-    check_device(cfg)
     key = _same_point_key(cfg)
     if key is not None and key in _SAME_POINT:
         log.info("0 TT tables: tt.* / cache.* do not change the model; rows reused from this sweep's earlier job")

@@ -54,7 +54,6 @@ FIG5_RANK = 32
 # section 6.3: "Increasing the number of the large embedding tables trained in the TT-Emb. format from 3 to 7
 # reduces the model sizes by 46.5 and 37.4x for Kaggle and Terabyte, respectively"
 SECTION63_3_TO_7 = {"kaggle": 46.5, "terabyte": 37.4}
-FIG5_SOURCE = {("kaggle", 7): "6 / abstract"}  # where each number is printed, when not "Fig 5 / 6.1"
 KAGGLE_61_TEXT = ("section 6.1's text says \"reduced from 2.16 GB to only 18 MB, leading to 112x model size "
                   "reduction\" for the same sizes; 117x is section 6's and the abstract's, and matches its own "
                   "arithmetic (2.16 GB / 18.36 MB = 117.6)")
@@ -69,6 +68,8 @@ FIG8_SPEEDUP = 2.4          # section 6.4: "2.4x faster than T3nsor on average" 
 # section 6.4: "Our implementation achieves a memory footprint reduction of #EmbRows/BatchSize, yielding roughly
 # 10,000x lower memory footprint requirement as compared to T3nsor and the PyTorch implementation."
 FIG8_FOOTPRINT_PAPER = 10_000
+FIG8_FOOTPRINT_CLAIM = ("6.4: \"a memory footprint reduction of #EmbRows/BatchSize, yielding roughly 10,000x lower "
+                        "memory footprint\" than T3nsor")
 FIG8_FOOTPRINT_TOL = 3.0    # yes: within 3x of #rows / batch at this run's sizes; partly: smaller, further off
 FIG8_SAME_TOL = 4.0         # "T3nsor needs the same memory footprint as nn.EmbeddingBag": both O(N x D)
 TIME_STEP_TOL = 0.05        # trends in time: changes within 5% of the earlier value count as noise
@@ -237,9 +238,9 @@ def fig5_claims(df: pd.DataFrame) -> list[dict]:
         if row is None:
             continue
         same, note = rank_note(row)
-        source = FIG5_SOURCE.get((dataset, k), "Fig 5 / 6.1")
-        if source != "Fig 5 / 6.1":
-            note += KAGGLE_61_TEXT + "; "
+        source = "Fig 5 / 6.1"
+        if (dataset, k) == ("kaggle", 7):  # printed in section 6 and the abstract; 6.1's text says 112x
+            source, note = "6 / abstract", note + KAGGLE_61_TEXT + "; "
         out.append(_claim("Figure 5", f"{source}: {dataset}, {k} largest tables in TT format (rank {FIG5_RANK}): "
                           "model size reduction", paper, f"{_x(row['reduction'])} ({format_bytes(row['model_bytes'])})",
                           _close(row["reduction"], paper) if same else None,
@@ -420,7 +421,7 @@ def fig8_claims(df: pd.DataFrame) -> list[dict]:
             n = max(common)
             if params is None or (tt, n) not in peaks.index or ("t3nsor", n) not in peaks.index \
                     or pd.isna(peaks[(tt, n)]) or pd.isna(peaks[("t3nsor", n)]):
-                out.append(_claim("Figure 8", "6.4: TT's memory footprint is #rows / batch size smaller than T3nsor's",
+                out.append(_claim("Figure 8", FIG8_FOOTPRINT_CLAIM,
                                   f"#rows / batch = {_x(n / batch)} here; roughly {FIG8_FOOTPRINT_PAPER:,}x at the "
                                   "paper's sizes", "not measured", None,
                                   note="peak transient memory missing (timing.memory=false, or the probe failed)"))
@@ -434,8 +435,7 @@ def fig8_claims(df: pd.DataFrame) -> list[dict]:
             off = max(ratio / expected, expected / ratio)
             verdict = NO if ratio <= 1 else YES if off <= FIG8_FOOTPRINT_TOL else PARTLY
             out.append(_claim(
-                "Figure 8", "6.4: \"a memory footprint reduction of #EmbRows/BatchSize, yielding roughly 10,000x "
-                "lower memory footprint\" than T3nsor",
+                "Figure 8", FIG8_FOOTPRINT_CLAIM,
                 f"#rows / batch = {int(n):,} / {batch:,} = {_x(expected)} at this run's sizes; roughly "
                 f"{FIG8_FOOTPRINT_PAPER:,}x at the paper's sizes",
                 f"{_x(ratio)} ({mode}: T3nsor-style {format_bytes(foot_t3)}, TT {format_bytes(foot_tt)}; "

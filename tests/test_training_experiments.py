@@ -191,28 +191,22 @@ def test_a_criteo_file_held_out_whole_is_a_clear_error_not_a_hang(tmp_path):
 
 
 def test_train_dlrm_checks_device_before_any_work(monkeypatch):
+    """device is checked with the config, before any data or model is built: on this machine (no
+    CUDA) the library's error; with CUDA, training (its timing) is CPU-only, so a clear refusal
+    rather than a CPU run labelled cuda."""
     import torch
 
-    import benches.training as training
-
-    built = []
-    monkeypatch.setattr(training, "build_data", lambda cfg: built.append(cfg))
-    cfg = _tiny("device=cuda")
-    # this machine has no CUDA: the same error as task=time's check
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"device: got 'cuda', but CUDA is not available \(torch.cuda.is_available\(\) is False\); allowed: cpu"):
-        train_rows(cfg)
-    # with CUDA: training (its timing) is CPU-only, so a clear refusal rather than a CPU run labelled cuda
+        _tiny("device=cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match=r"device: got 'cuda'; task=train_dlrm trains on the CPU only"):
-        train_rows(cfg)
-    assert built == []
+        _tiny("device=cuda")
+    with pytest.raises(ValueError, match=r"device: got 'gpu'; allowed: cpu, cuda, cuda:N"):
+        _tiny("device=gpu")
 
 
 def test_topk_stability_checks_device():
-    from benches.cache_experiments import stability_rows
-
-    cfg = to_objects(_compose("task=topk_stability", "table=tiny", "device=cuda", "workload.batch_size=64",
-                              "cache.stability_batches=4", "cache.stability_windows=2"))
     with pytest.raises(ValueError, match=r"device: got 'cuda', but CUDA is not available \(torch.cuda.is_available\(\) is False\); allowed: cpu"):
-        stability_rows(cfg, experiment="test")
+        to_objects(_compose("task=topk_stability", "table=tiny", "device=cuda", "workload.batch_size=64",
+                            "cache.stability_batches=4", "cache.stability_windows=2"))

@@ -17,7 +17,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import ttrec
 from ttrec.workloads import Batch, batch_stats
@@ -215,12 +215,25 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
 
 
+def save_run_config(out: Path, cfg: DictConfig, hc: HydraConfig) -> None:
+    """Hydra's record of the run in ``out/.hydra``: config.yaml (the job's config), hydra.yaml and
+    overrides.yaml, as Hydra writes them (conf/bench.yaml turns Hydra's own copy off). Written once
+    the job holds its point, so a run refused a directory leaves the measuring run's record alone."""
+    run = out / ".hydra"
+    run.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc)}), run / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), run / "overrides.yaml")
+
+
 def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
     if experiment == "none" and bench.scale.name != "default":
         raise ValueError(f"scale: got {bench.scale.name!r} without an experiment; scale= sizes the experiment "
                          f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
                          f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
+    if bench.task in (Task.paper, Task.training):
+        save_run_config(out, cfg, hc)  # the preset's own directory (each experiment's jobs write theirs)
     if bench.task == Task.paper:
         paper.run_all(bench, hc)
         return
@@ -237,6 +250,7 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     if not claim_point(out, cfg, redo=bench.redo):
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
         return
+    save_run_config(out, cfg, hc)
     if bench.task in COMPUTED_TASKS:
         rows = COMPUTED_TASKS[bench.task](bench, experiment)
         path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)

@@ -186,6 +186,8 @@ class TTConfig:
 
 # synthetic-workload keys that distribution=criteo does not read (WorkloadConfig rejects them set)
 _SYNTHETIC_ONLY = ("pooling_factor", "pooling_sigma", "pooling_distribution", "reuse_fraction")
+_DISTRIBUTION_ONLY = {"zipf_alpha": Distribution.zipf, "permute": Distribution.zipf,  # the key: the one reader
+                      "hit_rate": Distribution.hot_set, "hot_fraction": Distribution.hot_set}
 
 
 @dataclass
@@ -235,6 +237,15 @@ class WorkloadConfig:
                                      f"or use a synthetic distribution (uniform, zipf, hot_set)")
         else:
             self.record()  # the record's checks name the key, the value and what is allowed
+        # one distribution's keys set away from their defaults under another would be silently ignored
+        # (their result columns stay empty): Zipf's under uniform, the hot set's under zipf, ...
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, dist in _DISTRIBUTION_ONLY.items():
+            value, default = getattr(self, name), defaults[name]
+            if self.distribution != dist and value != default:
+                raise ValueError(f"workload.{name}: got {value} with workload.distribution={self.distribution.value}; "
+                                 f"only distribution={dist.value} reads it: set workload.distribution={dist.value} "
+                                 f"(workload={dist.value}), or leave {name} at its default {default}")
 
     def record(self):
         """The synthetic workload as a ttrec.workloads.Workload (not for distribution=criteo)."""
@@ -477,6 +488,9 @@ class BenchConfig:
             raise ValueError("mode.fused: got true with impl.backend=torch (impl=tt_reference sets it); the fused "
                              "sparse update runs in the native kernels only: use impl.backend=auto, cpu or cuda, "
                              "or mode.fused=false")
+        if self.cache.enabled and self.task == Task.time and self.impl.name != Impl.tt:  # the cache wraps TT cores
+            raise ValueError(f"cache.enabled: true needs impl=tt, got impl={self.impl.name.value}; use impl=tt (or "
+                             f"tt_cpu, tt_reference), or cache=none (cache.compare=true also times nn.EmbeddingBag)")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: got {self.device!r}; allowed: cpu, cuda, cuda:N")
         from ttrec.tt import check_device  # the library's: CUDA only where there is a GPU

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from benches.app import measure_point
@@ -294,6 +295,10 @@ def test_a_point_is_claimed_by_one_process_and_a_refused_run_leaves_no_failure_i
     later = run_app(*args, "timing.target_time_s=12", "tt.rank=16", timeout=300)
     assert later.returncode == 1 and "already holds results of a different point" in later.stderr
     assert not (run / FAILED_FILE).exists() and set(pd.read_csv(run / "results.csv")["tt_rank"]) == {8}
+    # Hydra's record of the run in .hydra/ is the measuring run's: the refused ones did not replace it
+    assert "tt.rank=8" in (run / ".hydra" / "overrides.yaml").read_text()
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").tt.rank == 8
+    assert OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.output_dir == str(run)
 
 
 @pytest.mark.slow

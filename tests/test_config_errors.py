@@ -38,6 +38,14 @@ def _objects(*overrides: str):
     (["impl=tt", "impl.sparse=false"], "impl.sparse: got false", ["impl.name=tt", "impl.name=dense"]),
     (["impl=t3nsor", "impl.sparse=false"], "impl.sparse: got false", ["impl.name=t3nsor", "impl.name=dense"]),
     (["timing.flush_l2=true"], "timing.flush_l2: got true", ["device=cpu", "device=cuda"]),
+    (["workload.zipf_alpha=1.5"], "workload.zipf_alpha: got 1.5 with workload.distribution=uniform",
+     ["distribution=zipf", "default 1.05"]),
+    (["workload=zipf", "workload.hit_rate=0.5"], "workload.hit_rate: got 0.5 with workload.distribution=zipf",
+     ["distribution=hot_set"]),
+    (["workload.distribution=hot_set", "workload.permute=false"],
+     "workload.permute: got False with workload.distribution=hot_set", ["distribution=zipf"]),
+    (["cache=lfu", "impl=dense"], "cache.enabled: true needs impl=tt, got impl=dense", ["cache=none"]),
+    (["cache=lfu", "impl=t3nsor"], "cache.enabled: true needs impl=tt, got impl=t3nsor", ["cache=none"]),
 ])
 def test_conflicting_or_unread_settings_fail_at_validation_naming_the_keys(overrides, start, needles):
     with pytest.raises(ValueError) as exc:
@@ -54,6 +62,11 @@ def test_conflicting_or_unread_settings_fail_at_validation_naming_the_keys(overr
     ["mode=forward", "mode.fused=true", "impl=tt_reference"],    # no training step: nothing fused
     ["mode=train", "mode.fused=true", "impl=dense"],             # fig11's sweep: the fused column says False
     ["impl=dense", "impl.sparse=false"], ["impl=tt_cpu"], ["impl=tt_reference"], ["impl=t3nsor"],
+    ["workload=zipf", "workload.zipf_alpha=1.5", "workload.permute=false"],
+    ["workload.distribution=hot_set", "workload.hit_rate=0.5", "workload.hot_fraction=0.01"],
+    ["experiment=fig9", "workload.distribution=criteo", "workload.criteo_path=day_0", "workload.zipf_alpha=1.05"],
+    ["cache=lfu", "impl=tt_cpu"], ["cache=lfu", "impl=tt_reference"],
+    ["experiment=fig10_training"],                               # train_dlrm caches its own TT tables
 ])
 def test_meaningful_combinations_still_validate(overrides):
     _objects(*overrides)

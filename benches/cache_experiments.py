@@ -41,10 +41,9 @@ def workload_stream(cfg: BenchConfig) -> Iterator[Batch]:
 # ---- the cached module ----
 
 def build_cached(tt: torch.nn.Module, cfg: BenchConfig) -> CachedTTEmbeddingBag:
-    """Wrap the TT module in the LFU cache of ``cfg.cache``; the cache rows train with mode.optimizer."""
+    """Wrap the TT module in the LFU cache of ``cfg.cache``; the cache rows train with mode.optimizer
+    (settings a timed cache would not act on are refused by the config: BenchConfig._check_timed_cache)."""
     c, m = cfg.cache, cfg.mode
-    if cfg.impl.name != Impl.tt:
-        raise ValueError(f"cache.enabled: true needs impl=tt, got impl={cfg.impl.name.value}")
     fused = c.update == CacheUpdate.fused or (c.update == CacheUpdate.auto and m.fused)
     return CachedTTEmbeddingBag(tt, cache_fraction=c.fraction, warmup_iters=c.warmup_iters,
                                 refresh_every=c.refresh_every, optimizer=m.optimizer.value if fused else None,
@@ -109,7 +108,12 @@ def workload_axes(cfg: BenchConfig) -> dict:
 
 def workload_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch) -> dict:
     """Columns every timed row gets besides :func:`workload_axes`: the measured mean pooling factor,
-    and the cache's parameters, memory and measured hit ratios (None without a cache)."""
+    and the cache's parameters, memory and measured hit ratios (None without a cache).
+
+    ``cache_rows`` is the capacity k (ceil(fraction * rows)); the warm-up may have found fewer distinct
+    rows to fill it with. ``cache_bytes`` (weights, Adagrad state, slot map) and ``counter_bytes`` are
+    bytes; ``hit_ratio`` is the timed batch's share of lookups whose row is cached after timing,
+    ``held_out_hit_ratio`` the warm-up's measurement on ``cache.eval_batches`` further batches."""
     cols = {
         "measured_pooling_factor": batch.num_lookups / max(1, batch.offsets.numel()),
         "task": cfg.task.value,

@@ -488,9 +488,8 @@ class BenchConfig:
             raise ValueError("mode.fused: got true with impl.backend=torch (impl=tt_reference sets it); the fused "
                              "sparse update runs in the native kernels only: use impl.backend=auto, cpu or cuda, "
                              "or mode.fused=false")
-        if self.cache.enabled and self.task == Task.time and self.impl.name != Impl.tt:  # the cache wraps TT cores
-            raise ValueError(f"cache.enabled: true needs impl=tt, got impl={self.impl.name.value}; use impl=tt (or "
-                             f"tt_cpu, tt_reference), or cache=none (cache.compare=true also times nn.EmbeddingBag)")
+        if self.cache.enabled and self.task == Task.time:
+            self._check_timed_cache()
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device: got {self.device!r}; allowed: cpu, cuda, cuda:N")
         from ttrec.tt import check_device  # the library's: CUDA only where there is a GPU
@@ -501,6 +500,22 @@ class BenchConfig:
         if self.timing.flush_l2 and not self.device.startswith("cuda"):
             raise ValueError(f"timing.flush_l2: got true with device={self.device}; it flushes a GPU's L2 cache "
                              f"(device=cuda), the CPU protocol flushes nothing")
+
+
+    def _check_timed_cache(self) -> None:
+        """A timed point's cache (benches.cache_experiments): settings it would never act on are errors."""
+        c, train = self.cache, self.mode.name == Mode.train
+        if self.impl.name != Impl.tt:  # the cache wraps TT cores
+            raise ValueError(f"cache.enabled: true needs impl=tt, got impl={self.impl.name.value}; use impl=tt (or "
+                             f"tt_cpu, tt_reference), or cache=none (cache.compare=true also times nn.EmbeddingBag)")
+        if c.refresh_every:  # eval-mode forwards never refresh; the timed training steps repeat one batch
+            raise ValueError(f"cache.refresh_every: got {c.refresh_every}; a timed point never refreshes usefully (its "
+                             f"timed forwards run in eval mode, and its timed training steps repeat one batch, which a "
+                             f"refreshing cache would learn): allowed with task=time: 0 (task=train_dlrm refreshes)")
+        if train and self.mode.fused and c.update == CacheUpdate.autograd:
+            raise ValueError("cache.update: got autograd with mode.fused=true; a fused training step runs no torch "
+                             "optimizer, so the cached rows would not train: allowed with mode.fused=true: fused, auto "
+                             "(or set mode.fused=false)")
 
 
 def output_dir(root: str, kind: str, experiment: str | None, scale: str, stamp: str) -> str:

@@ -27,8 +27,10 @@ without its cache). Its rows carry ``model=<compare_to>``, and the paired ratios
 go on the main model's rows.
 
 Evaluation (after training, ``model.eval()``, no cache counting): ``accuracy`` (%, threshold 0.5),
-``bce`` and ``auc`` on the held-out set; with synthetic data also the planted model's
-(``bayes_accuracy``, ``bayes_bce``, ``bayes_auc``), the best any model can score there.
+``bce`` and ``auc`` on the held-out set (all three NaN, and the notes say so, when the model
+diverged: NaN logits); with synthetic data also the planted model's (``bayes_accuracy``,
+``bayes_bce``, ``bayes_auc``), the best any model can score there. ``hit_ratio`` is read before the
+evaluation: the training lookups after the cache's warm-up only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import torch.nn.functional as F
 
 from ttrec.cache import CachedTTEmbeddingBag
 from ttrec.dlrm import ARCHS, DENSE_INITS, DLRM, binary_metrics, build_dlrm, table_sizes
+from ttrec.optim import check_lr
 from ttrec.synthetic_clicks import ClickBatch, CriteoClicks, SyntheticClicks
 from ttrec.tt import TTEmbeddingBag
 
@@ -104,6 +107,17 @@ class Trainer:
     losses: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        check_lr(self.lr, "lr")  # the SGD step's
+        fused = set()  # learning rates of the updates inside backward (TT cores, cache rows)
+        for t in self.model.tables:
+            if isinstance(t, CachedTTEmbeddingBag):
+                fused |= {t.learning_rate} if t.cache_optimizer is not None else set()
+                t = t.tt
+            if isinstance(t, TTEmbeddingBag) and t.optimizer is not None:
+                fused.add(t.learning_rate)
+        if fused - {self.lr}:
+            raise ValueError(f"lr: got {self.lr}; the model's fused TT tables step with learning_rate "
+                             f"{sorted(fused)} inside backward (build_dlrm(learning_rate=...)): they must be the same")
         self.mlp_opt = torch.optim.SGD(self.model.mlp_parameters(), lr=self.lr)
         emb = self.model.embedding_parameters()
         self.emb_opt = torch.optim.SGD(emb, lr=self.lr) if emb else None
@@ -134,6 +148,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, held_out: ClickBatch, eval_batch_size: int) -> dict[str, float]:
+        """:func:`ttrec.dlrm.binary_metrics` of the model (eval mode, no gradients) on ``held_out``,
+        in chunks of ``eval_batch_size`` samples. Parameters and cache contents are left as they are;
+        a cache's hit counters do count these lookups (read :meth:`hit_ratio` before)."""
+        if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: got {eval_batch_size!r}; must be an int >= 1")
         self.model.eval()
         try:
             logits = torch.cat([self.model(b.dense, b.sparse) for b in held_out.split(eval_batch_size)])
@@ -142,6 +161,9 @@ class Trainer:
         return binary_metrics(logits, held_out.labels)
 
     def hit_ratio(self) -> float | None:
+        """Mean over the cached tables of hits / lookups since each cache was filled (None: no cache).
+        CachedTTEmbeddingBag counts eval-mode lookups too: after :meth:`evaluate` this mixes in the
+        held-out set."""
         cached = [t for t in self.model.tables if isinstance(t, CachedTTEmbeddingBag)]
         if not cached:
             return None
@@ -208,13 +230,20 @@ def point_columns(cfg: BenchConfig, model: DLRM, experiment: str, variant: str) 
     }
 
 
-def _model_rows(trainer: Trainer, metrics: dict[str, float], skip: int, held_out: int) -> list[dict]:
+def _model_rows(trainer: Trainer, metrics: dict[str, float], skip: int, held_out: int,
+                hit: float | None) -> list[dict]:
+    """The rows of one trained model; ``hit``: its cache hit ratio over training (None: no cache)."""
     t = slice(skip, None)
     total, emb = trainer.total[t], trainer.embedding[t]
     other = [a - b for a, b in zip(total, emb)]
     ms = lambda xs: Stats.of([x * 1e3 for x in xs])  # noqa: E731
-    se = 100 * math.sqrt(max(metrics["accuracy"] / 100 * (1 - metrics["accuracy"] / 100), 0) / held_out)
     once = f"one evaluation on {held_out:,} held-out samples"
+    if metrics.get("nan_logits"):
+        once += f"; diverged: {metrics['nan_logits']:,} held-out logits are NaN"
+        se_note = once
+    else:
+        se = 100 * math.sqrt(max(metrics["accuracy"] / 100 * (1 - metrics["accuracy"] / 100), 0) / held_out)
+        se_note = f"{once}; binomial std error {se:.2f} points"
     tail = trainer.losses[-max(1, len(trainer.losses) // 10):]
     rows = [
         _stat_row("time_per_iteration", "ms", ms(total), "whole training step (perf_counter), batch drawn outside"),
@@ -222,12 +251,11 @@ def _model_rows(trainer: Trainer, metrics: dict[str, float], skip: int, held_out
         _stat_row("other_time", "ms", ms(other), "MLPs, interaction, loss, their backward and SGD step"),
         _stat_row("embedding_share", "fraction", Stats.of([e / a for e, a in zip(emb, total)])),
         _value_row("train_time", "s", sum(trainer.total), "sum over all iterations, timing warm-up included"),
-        _value_row("accuracy", "%", metrics["accuracy"], f"{once}; binomial std error {se:.2f} points"),
+        _value_row("accuracy", "%", metrics["accuracy"], se_note),
         _value_row("bce", "nats", metrics["bce"], once),
         _value_row("auc", "1", metrics["auc"], once),
         _value_row("train_loss", "nats", sum(tail) / len(tail), f"mean BCE of the last {len(tail)} iterations"),
     ]
-    hit = trainer.hit_ratio()
     if hit is not None:
         rows.append(_value_row("hit_ratio", "fraction", hit, "cache hits / lookups of the cached tables after warm-up"))
     return rows
@@ -277,13 +305,14 @@ def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                      sum(recent) / len(recent), 1e3 * sum(main.total[-every:]) / len(main.total[-every:]),
                      _clock(elapsed), _clock(elapsed / (it + 1) * (d.iterations - it - 1)))
     held_out = data.eval_set
+    hits = {name: tr.hit_ratio() for name, tr in trainers.items()}  # before evaluate counts the held-out lookups
     metrics = {name: tr.evaluate(held_out, d.eval_batch_size) for name, tr in trainers.items()}
     env = capture()
     rows = []
     skip = min(d.timing_warmup, d.iterations - 1)
     for name, tr in trainers.items():
         point = point_columns(cfg, tr.model, experiment, name)
-        rows += [{**point, **r, **env} for r in _model_rows(tr, metrics[name], skip, len(held_out))]
+        rows += [{**point, **r, **env} for r in _model_rows(tr, metrics[name], skip, len(held_out), hits[name])]
     if ref != "none":
         main, other = trainers["main"], trainers[ref]
         ratio = Stats.of([a / b for a, b in zip(main.total[skip:], other.total[skip:])])

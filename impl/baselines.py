@@ -20,17 +20,27 @@ from torch import nn
 
 from .bags import MODES, make_bags
 from .reference import tt_to_dense
+from .shapes import check_size
 from .tt import TTEmbeddingBag, check_device
 
 __all__ = ["T3nsorEmbeddingBag", "DenseEmbeddingBag", "TltorchEmbeddingBag", "tltorch_unavailable_reason"]
 
 
 class T3nsorEmbeddingBag(TTEmbeddingBag):
-    """Same cores and constructor as TTEmbeddingBag; forward rebuilds the full table each call."""
+    """Same cores and constructor as TTEmbeddingBag; forward rebuilds the full table each call.
 
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("backend", "torch")
-        super().__init__(*args, **kwargs)
+    It always runs on torch ops (``backend`` may only be "torch" or "auto", and is "torch") and
+    has no fused update (``optimizer`` must be None): cores get .grad through autograd.
+    """
+
+    def __init__(self, *args, backend: str = "torch", optimizer: str | None = None, **kwargs) -> None:
+        if backend not in ("torch", "auto"):
+            raise ValueError(f"backend: got {backend!r}; T3nsorEmbeddingBag decompresses with torch ops only, "
+                             "allowed: 'torch' (or 'auto')")
+        if optimizer is not None:
+            raise ValueError(f"optimizer: got {optimizer!r}; T3nsorEmbeddingBag has no fused update, allowed: None "
+                             "(train its cores with a torch optimizer)")
+        super().__init__(*args, backend="torch", **kwargs)
 
     def forward(self, input, offsets=None, per_sample_weights=None):
         bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
@@ -49,6 +59,7 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
         check_device(device)
         if mode not in MODES:
             raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
+        num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
         super().__init__(num_embeddings, embedding_dim, mode=mode, include_last_offset=include_last_offset,
                          sparse=sparse, dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

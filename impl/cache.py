@@ -189,9 +189,16 @@ class BoundedCounter:
 def make_counter(kind: str, num_embeddings: int, capacity: int, counter_slots: int | None = None, device=None,
                  use_cuda_kernel: bool = False) -> ExactCounter | BoundedCounter:
     """``kind`` in COUNTERS; the bounded counter has ``counter_slots`` pairs (default max(4k, 1024),
-    and never more than the table)."""
+    and never more than the table). ``counter_slots`` with ``kind="exact"`` is an error (only the
+    bounded counter reads it); with ``"auto"`` it is used if the bounded counter is chosen."""
     if kind not in COUNTERS:
         raise ValueError(f"counter: got {kind!r}; allowed: {COUNTERS}")
+    if counter_slots is not None:
+        if isinstance(counter_slots, bool) or not isinstance(counter_slots, int) or counter_slots < 1:
+            raise ValueError(f"counter_slots: got {counter_slots!r}; must be None or an int >= 1")
+        if kind == "exact":
+            raise ValueError(f"counter_slots: got {counter_slots}; only counter='bounded' (or 'auto' choosing it) "
+                             "reads it, counter='exact' keeps one count per row")
     if kind == "auto":
         kind = "exact" if 8 * num_embeddings <= EXACT_COUNTER_MAX_BYTES else "bounded"
     if kind == "exact":
@@ -313,12 +320,17 @@ class CachedTTEmbeddingBag(nn.Module):
         self._hits = self._lookups = 0
 
     def hit_ratio(self) -> float:
-        """Lookups served from the cache / lookups, over the forward calls since reset_stats()."""
+        """Lookups served from the cache / lookups, over the forward calls since reset_stats() that ran
+        with the cache populated (the warm-up's calls are not counted); NaN before any such lookup."""
         return self._hits / self._lookups if self._lookups else math.nan
 
     def cached_mask(self, indices: torch.Tensor) -> torch.Tensor:
-        """bool per index: is its row in the cache now."""
-        return self._partition(indices.to(torch.int64))[0]
+        """bool per index (int32/int64 row ids in [0, num_embeddings)): is its row in the cache now."""
+        indices = indices.to(torch.int64)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
+            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+            raise ValueError(f"indices: got row {bad}; rows must be in [0, num_embeddings={self.num_embeddings})")
+        return self._partition(indices)[0]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the cache (weights, optimizer state, slot map) and of the frequency counter."""
@@ -517,7 +529,7 @@ class CachedTTEmbeddingBag(nn.Module):
         w_tt = None if w is None else w.index_select(0, miss_pos)
         w_c = None if w is None else w.index_select(0, hit_pos).to(self.cache_weight.dtype)
         tt_idx = bags.indices.index_select(0, miss_pos)
-        if tt_idx.numel():
+        if tt_idx.numel() or not hit_pos.numel():  # (no lookups at all: the TT part keeps the output in the graph)
             out = self._tt_pooled(Bags(tt_idx, tt_offsets, w_tt), "sum")
         else:
             out = torch.zeros(bags.num_bags, self.embedding_dim, dtype=self.cache_weight.dtype, device=hit.device)

@@ -107,6 +107,8 @@ def init_dense_table(weight: torch.Tensor, scheme: str, generator: torch.Generat
 
 def table_sizes(dataset: Dataset | str, scale_down: int = 1) -> list[int]:
     """Rows per table, each ceil(rows / scale_down) (at least 1): the real cardinalities, shrunk."""
+    if isinstance(dataset, str) and dataset not in DATASETS:
+        raise ValueError(f"dataset: got {dataset!r}; allowed: {list(DATASETS)}")
     ds = DATASETS[dataset] if isinstance(dataset, str) else dataset
     if isinstance(scale_down, bool) or not isinstance(scale_down, int) or scale_down < 1:
         raise ValueError(f"scale_down: got {scale_down!r}; must be an int >= 1")
@@ -125,6 +127,10 @@ def build_tables(table_rows: Sequence[int], embedding_dim: int, tt_features: Seq
     autograd gradients) and, with ``cache_fraction``, an LFU cache in front (trained by the same
     fused SGD). The rest get nn.EmbeddingBag (sparse gradients), initialized by ``dense_init``.
     """
+    bad = [(j, n) for j, n in enumerate(table_rows)
+           if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
+    if bad:
+        raise ValueError(f"table_rows: got {bad[0][1]!r} rows for table {bad[0][0]}; each must be an int >= 1")
     tt_features = set(tt_features)
     unknown = sorted(f for f in tt_features if not 0 <= f < len(table_rows))
     if unknown:
@@ -168,6 +174,10 @@ class DLRM(nn.Module):
 
     def __init__(self, arch: DLRMArch, tables: nn.ModuleList, seed: int = 0) -> None:
         super().__init__()
+        widths = [t.embedding_dim for t in tables]
+        if any(w != arch.embedding_dim for w in widths):
+            raise ValueError(f"tables: got embedding dims {sorted(set(widths))}; the {arch.dataset} DLRM's interaction "
+                             f"needs every table of width embedding_dim={arch.embedding_dim}")
         gen = torch.Generator().manual_seed(seed)
         self.arch, self.tables = arch, tables
         num_features = 1 + len(tables)
@@ -189,7 +199,10 @@ class DLRM(nn.Module):
         return torch.stack([t(sparse[:, j].contiguous(), self._offsets) for j, t in enumerate(self.tables)], dim=1)
 
     def interact(self, dense: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
-        """Bottom MLP, dot interaction with ``embedded`` (B, T, D), top MLP -> logits (B,)."""
+        """Bottom MLP of ``dense`` (B, 13), dot interaction with ``embedded`` (B, T, D), top MLP -> logits (B,)."""
+        if dense.dim() != 2 or dense.shape[1] != NUM_DENSE or dense.shape[0] != embedded.shape[0]:
+            raise ValueError(f"dense: got shape {tuple(dense.shape)}; expected ({embedded.shape[0]}, {NUM_DENSE}) "
+                             "(one row of dense features per sample of the sparse batch)")
         x = self.bottom(dense)
         feats = torch.cat([x.unsqueeze(1), embedded], dim=1)           # (B, F, D)
         z = torch.bmm(feats, feats.transpose(1, 2))                     # (B, F, F)
@@ -247,8 +260,12 @@ def build_dlrm(dataset: str, table_rows: Sequence[int] | None = None, tt_tables:
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties given their mean rank.
-    NaN when only one class is present."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels) > 0.5
+    NaN when only one class is present, or when a score is NaN (a diverged model has no ranking)."""
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel() > 0.5
+    if scores.size != labels.size:
+        raise ValueError(f"scores, labels: got {scores.size} and {labels.size} values; need the same number")
+    if np.isnan(scores).any():
+        return math.nan
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -261,10 +278,16 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """accuracy (%, threshold 0.5), bce (mean, nats) and auc of logits (N,) against 0/1 labels (N,)."""
+    """accuracy (%, threshold 0.5), bce (mean, nats) and auc of logits (N,) against 0/1 labels (N,),
+    and ``nan_logits``, how many logits are NaN. A NaN logit (a diverged model) makes all three
+    metrics NaN: it predicts nothing (counted as a "no click" it would score the negatives' share)."""
     logits, labels = logits.detach().double().flatten(), labels.detach().double().flatten()
     if logits.numel() != labels.numel() or logits.numel() == 0:
         raise ValueError(f"logits, labels: got {logits.numel()} and {labels.numel()} values; need the same, > 0")
-    acc = float(((logits > 0).double() == labels).double().mean()) * 100
+    if not ((labels == 0) | (labels == 1)).all():
+        bad = labels[(labels != 0) & (labels != 1)][0].item()
+        raise ValueError(f"labels: got {bad}; each must be 0 or 1")
+    nan = int(torch.isnan(logits).sum())
+    acc = math.nan if nan else float(((logits > 0).double() == labels).double().mean()) * 100
     bce = float(F.binary_cross_entropy_with_logits(logits, labels))
-    return {"accuracy": acc, "bce": bce, "auc": roc_auc(logits.numpy(), labels.numpy())}
+    return {"accuracy": acc, "bce": bce, "auc": roc_auc(logits.numpy(), labels.numpy()), "nan_logits": nan}

@@ -14,14 +14,23 @@ ascending, as in Table 2.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
 import sympy
 
-__all__ = ["TTSpec", "suggest_shape", "suggest_tt_shapes", "tt_param_count"]
+__all__ = ["TTSpec", "suggest_shape", "suggest_tt_shapes", "tt_param_count", "check_size"]
 
 BYTES_PER_FP32 = 4
+
+
+def check_size(name: str, value) -> int:
+    """``value`` as an int if it is a whole number >= 1 (a table's rows or width; numpy ints too),
+    else a ValueError naming ``name``: every embedding implementation checks its sizes so."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
+    return int(value)
 
 
 def _entropy(factors: tuple[int, ...]) -> float:
@@ -146,6 +155,9 @@ class TTSpec:
         cls, num_embeddings: int, embedding_dim: int, tt_rank: int | tuple[int, ...], d: int = 3
     ) -> "TTSpec":
         """Build a spec with suggested shapes; ``tt_rank`` is one rank for every inner bond or a tuple."""
+        if isinstance(tt_rank, bool) or not isinstance(tt_rank, (int, tuple, list)):
+            raise TypeError(f"tt_rank: got {tt_rank!r} ({type(tt_rank).__name__}); allowed: an int, or a tuple of "
+                            f"d - 1 ints")
         p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d)
         ranks = (tt_rank,) * (d - 1) if isinstance(tt_rank, int) else tuple(tt_rank)
         return cls(num_embeddings, embedding_dim, p, q, ranks)

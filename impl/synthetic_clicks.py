@@ -12,7 +12,9 @@ categorical table (the real table cardinalities, optionally shrunk), labels from
   a dense part, a first-order value per table row and pairwise interactions of low-dimensional
   row vectors (``planted_dim``), all random, i.i.d. per row (full rank: a TT table cannot store
   them exactly). The parts' standard deviations are set by ``dense_std``, ``first_order_std``
-  and ``interaction_std``, and ``bias`` so that the click rate is ``ctr``.
+  and ``interaction_std`` (each table's share scaled as if every table had many rows: a table of
+  one row, common at a large ``scale_down``, adds a constant, so the measured spread of the
+  first-order part is below ``first_order_std``), and ``bias`` so that the click rate is ``ctr``.
 
 Because the labels' probabilities are known, the Bayes-optimal accuracy of a held-out set (the
 planted model's own accuracy on it) is known: :meth:`SyntheticClicks.bayes_metrics`.
@@ -105,12 +107,16 @@ class SyntheticClicks:
                             ("calibration_samples", calibration_samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed: got {seed!r}; must be an int >= 0")
+        if len(table_rows) == 0:
+            raise ValueError("table_rows: got no tables; need one row count per categorical feature")
         if not 0 < ctr < 1:
             raise ValueError(f"ctr: got {ctr}; must be in (0, 1)")
         for name, value in (("dense_std", dense_std), ("first_order_std", first_order_std),
                             ("interaction_std", interaction_std)):
-            if not value >= 0:
-                raise ValueError(f"{name}: got {value}; must be >= 0")
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name}: got {value}; must be finite and >= 0")
         if not zipf_alpha > 0:
             raise ValueError(f"zipf_alpha: got {zipf_alpha}; must be > 0")
         self.table_rows = [int(n) for n in table_rows]
@@ -214,6 +220,8 @@ class CriteoClicks:
 
     def __init__(self, path: str | Path, table_rows: Sequence[int], batch_size: int, eval_samples: int = 65536,
                  eval_path: str | Path | None = None, mapping: str = "hash") -> None:
+        if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
+            raise ValueError(f"eval_samples: got {eval_samples!r}; must be an int >= 1 (samples held out)")
         self.table_rows, self.batch_size = list(table_rows), batch_size
         self._reader = CriteoReader(path, self.table_rows, batch_size, mapping, require_label=True)
         held_out_reader = self._reader

@@ -23,7 +23,7 @@ from .cuda import loader as cuda_loader
 from .init import INIT_SCHEMES, init_tt_cores
 from .optim import check_eps, check_lr, check_optimizer
 from .reference import tt_embedding_bag, tt_to_dense
-from .shapes import TTSpec, suggest_tt_shapes
+from .shapes import TTSpec, check_size, suggest_tt_shapes
 
 __all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status"]
 
@@ -115,10 +115,7 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError("optimizer: the fused sparse update needs backend 'cpu', 'cuda' or 'auto', got backend='torch'")
         check_lr(learning_rate)
         check_eps(eps)
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
-        num_embeddings, embedding_dim = int(num_embeddings), int(embedding_dim)
+        num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
         if isinstance(tt_ranks, numbers.Integral):
             tt_ranks = int(tt_ranks)
         elif isinstance(tt_ranks, Sequence) and all(isinstance(r, numbers.Integral) for r in tt_ranks):

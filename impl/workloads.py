@@ -45,6 +45,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .shapes import check_size
+
 __all__ = ["DISTRIBUTIONS", "POOLING_DISTRIBUTIONS", "Workload", "Batch", "WorkloadStream", "generate_batch",
            "hot_set_size", "uniform_half_width", "batch_stats"]
 
@@ -177,8 +179,7 @@ class WorkloadStream:
     """
 
     def __init__(self, workload: Workload, num_embeddings: int, device: str | torch.device = "cpu") -> None:
-        if isinstance(num_embeddings, bool) or not isinstance(num_embeddings, int) or num_embeddings < 1:
-            raise ValueError(f"num_embeddings: got {num_embeddings!r}; must be an int >= 1")
+        num_embeddings = check_size("num_embeddings", num_embeddings)
         self.workload, self.num_embeddings, self.device = workload, num_embeddings, device
         table_seed, draw_seed = np.random.SeedSequence(workload.seed).spawn(2)
         table_rng = np.random.Generator(np.random.PCG64(table_seed))

@@ -56,6 +56,13 @@ def _workload_label(r: pd.Series) -> str:
     return str(dist)
 
 
+def _batch_label(r: pd.Series) -> str:
+    """"batch B x pooling L"; a Criteo feature has no pooling_factor (one value, or none, per sample)."""
+    pooling = r.get("pooling_factor")
+    batch = f"batch {int(r['batch_size'])}"
+    return batch if pd.isna(pooling) else f"{batch} x pooling {int(pooling)}"
+
+
 def plot_cache_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Every cache figure ``df`` supports: Figure 9 for top-k windows, Figure 12 for a sweep over the
     hot-set hit rate (plus its break-even table, CSV), Figure 10 for a sweep over cache size or warm-up."""
@@ -75,9 +82,10 @@ def plot_cache_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
 # ---- Figure 9 ----
 
 def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9_topk_stability") -> Path:
-    """Per window of the stream: change of the top-k set (log scale), the hit ratio a cache holding
-    the previous window's top-k would have had (exact counts as a wide pale line, the bounded counter's
-    dashed on top: the two often coincide), and the bounded counter's recall of the exact top-k."""
+    """Per window of the stream: change of the top-k set (log scale above 1/k, linear below, so that 0
+    shows), the hit ratio a cache holding the previous window's top-k would have had (exact counts as a
+    wide pale line, the bounded counter's dashed on top: the two often coincide), and the bounded
+    counter's recall of the exact top-k."""
     _style()
     d = df[df["metric"].isin(["topk_change", "topk_window_hit_ratio", "topk_window_hit_ratio_bounded",
                               "topk_recall_bounded"])].copy()
@@ -85,7 +93,7 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
         raise ValueError("no top-k stability rows (metric topk_change) to plot")
     d["workload"] = d.apply(_workload_label, axis=1)
     d["progress_pct"] = 100 * d["progress"]
-    panels = [("topk_change", "change of the top-k set\n(fraction of rows new, log)", True),
+    panels = [("topk_change", "change of the top-k set\n(fraction of rows new, log above 1/k)", True),
               ("topk_window_hit_ratio", "hit ratio of the previous top-k\n(wide pale: exact, dashed: bounded)",
                False),
               ("topk_recall_bounded", "bounded counter: share of the\nexact top-k it finds", False)]
@@ -102,7 +110,12 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
             sns.lineplot(data=bounded, x="progress_pct", y="median", hue="workload", hue_order=order, ls="--",
                          lw=1.2, ax=ax, errorbar=None, legend=False)
         if log_y:
-            ax.set_yscale("log")
+            # a change of 0 (the top-k set did not move) has no place on a log axis, and it is the stable
+            # case Figure 9 looks for: linear below one row's share 1/k (the smallest change there can be
+            # but 0), logarithmic above, so 0 sits at the bottom and every other value where log puts it
+            linthresh = 1 / float(d["topk_rows"].max())
+            ax.set_yscale("symlog", linthresh=linthresh, linscale=0.5)
+            ax.set_ylim(-0.3 * linthresh, 1.5)  # the whole range of a share, 0 clear of the axis
         else:
             ax.set_ylim(0, 1.02)
         ax.set_xlabel("stream progress (% of batches)")
@@ -112,8 +125,7 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.07), frameon=False)
     r = d.iloc[0]
     fig.suptitle(f"top-{int(r['topk_rows']):,} rows ({100 * r['cache_fraction']:g}% of {int(r['num_embeddings']):,}), "
-                 f"{int(r['stability_batches'])} batches of {int(r['batch_size'])} x pooling "
-                 f"{int(r['pooling_factor'])}; "
+                 f"{int(r['stability_batches'])} batches ({_batch_label(r)}); "
                  f"bounded counter {int(r['counter_slots']):,} slots ({r['counter_bytes'] / 2**20:.1f} MiB "
                  f"vs exact {r['exact_counter_bytes'] / 2**20:.0f} MiB)", fontsize=9)
     fig.tight_layout()
@@ -228,8 +240,11 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
                         ax.axhline(d.loc[sel, "median"].median(), ls=style, color="black", label=label)
             else:
                 ax.set_ylim(0, 1.02)
-            ax.set_xscale("log")
             ticks = sorted(cached[x].unique())
+            if ticks[0] > 0:
+                ax.set_xscale("log")
+            else:  # a warm-up of 0 iterations: linear up to 1, logarithmic above (a log axis has no 0)
+                ax.set_xscale("symlog", linthresh=1)
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.minorticks_off()
             ax.set_xlabel(xlabel)
@@ -241,7 +256,6 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
     r = d.iloc[0]
     workload = _workload_label(r)
     fig.suptitle(f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x {int(r['embedding_dim'])}), "
-                 f"TT rank {int(float(r['tt_rank']))}, {workload}, batch {int(r['batch_size'])} x pooling "
-                 f"{int(r['pooling_factor'])}; {_machine(d)}", fontsize=9)
+                 f"TT rank {int(float(r['tt_rank']))}, {workload}, {_batch_label(r)}; {_machine(d)}", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

@@ -12,12 +12,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 __all__ = ["IMPL_LABELS", "plot_rank_sweep", "save"]
 
 IMPL_LABELS = {"tt": "TT-EmbeddingBag", "t3nsor": "T3nsor-style (decompress)", "dense": "nn.EmbeddingBag"}
+
+# Config columns of a result row that make a different series when they differ, unless a figure
+# plots them on an axis or a panel (seeds are replicates of one point)
+SERIES_COLUMNS = ("table", "num_embeddings", "embedding_dim", "tt_p_shapes", "tt_q_shapes", "tt_rank", "tt_d", "init",
+                  "mode", "pooling_factor",
+                  "batch_size", "pooling", "distribution", "zipf_alpha", "permute", "weighted", "pooling_sigma",
+                  "pooling_distribution", "hit_rate", "hot_fraction", "reuse_fraction", "criteo_feature",
+                  "optimizer", "lr", "sparse", "device", "threads", "flush_l2", "cache_enabled", "cache_fraction")
 
 
 def _style() -> None:
@@ -34,6 +43,26 @@ def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
     fig.savefig(out_dir / f"{name}.pdf", bbox_inches="tight", metadata={"CreationDate": None})
     plt.close(fig)
     return png
+
+
+def _plain(v) -> str:
+    """4096.0 -> '4096' (integers read back from CSV as floats), anything else as str."""
+    numeric = isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+    return str(int(v)) if numeric and float(v).is_integer() else str(v)
+
+
+def _series_label(d: pd.DataFrame, label: pd.Series, axes: tuple[str, ...]) -> pd.Series:
+    """``label`` with ", column value" appended for each of :data:`SERIES_COLUMNS` but the figure's
+    ``axes`` that takes more than one value among the rows of one label: such rows are different
+    series, never one median."""
+    out = label.copy()
+    for column in SERIES_COLUMNS:
+        if column not in d or column in axes:
+            continue
+        values = d[column].map(_plain)  # (NaN as 'nan': a missing value is a value of its own)
+        varies = values.groupby(label).transform("nunique") > 1
+        out = out.where(~varies, out + ", " + column + " " + values)
+    return out
 
 
 def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_time_vs_rank",
@@ -53,7 +82,7 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     label = label.where(~tt, label + " (" + d["backend"].astype(str) + ")")
     if "fused" in d and d["fused"].fillna(False).astype(bool).any():
         label = label.where(~d["fused"].fillna(False).astype(bool), label + ", fused update")
-    d["implementation"] = label
+    d["implementation"] = _series_label(d, label, axes=("tt_rank", "pooling_factor", "mode"))
     poolings = sorted(d["pooling_factor"].unique())
     fig, axes = plt.subplots(1, len(poolings), figsize=(4.2 * len(poolings), 3.6), squeeze=False, sharey=False)
     labels = sorted(d["implementation"].unique())
@@ -75,12 +104,17 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
         ax.set_title(f"pooling factor {int(pooling)}")
         ax.set_xlabel("TT rank")
         ax.set_ylabel("time per lookup (ns, median, IQR bars)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.08), frameon=False)
-    env = d.iloc[0]
+    legend = {}  # every panel's series (a series may be missing from some panels), in plotting order
+    for ax in axes[0]:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(len(legend), 3),
+               bbox_to_anchor=(0.5, -0.08 * -(-len(legend) // 3)), frameon=False)
     tables = ", ".join(f"{t} ({int(n):,} x {int(e)})" for t, n, e in
                        d[["table", "num_embeddings", "embedding_dim"]].drop_duplicates().itertuples(index=False))
     batches = ", ".join(str(int(b)) for b in sorted(d["batch_size"].unique()))
-    fig.suptitle(f"{mode}: table {tables}, batch {batches}, {env['threads']} threads, {env['cpu_model']}", fontsize=9)
+    threads = ", ".join(str(t) for t in d["threads"].drop_duplicates())
+    cpus = ", ".join(str(c) for c in d["cpu_model"].drop_duplicates())
+    fig.suptitle(f"{mode}: table {tables}, batch {batches}, {threads} threads, {cpus}", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

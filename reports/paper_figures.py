@@ -20,7 +20,7 @@ import seaborn as sns  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from .cache_figures import _machine  # noqa: E402
-from .figures import IMPL_LABELS, _style, save  # noqa: E402
+from .figures import IMPL_LABELS, _plain, _series_label, _style, save  # noqa: E402
 
 __all__ = ["plot_tt_shapes", "plot_model_size", "plot_init_distribution", "plot_rows_sweep", "format_bytes"]
 
@@ -60,11 +60,6 @@ def _bytes_axis(axis) -> None:
     """Label a log axis of bytes 100 kB, 1 MB, ...; after ``set_*scale("log")``, which sets its own formatters."""
     axis.set_major_formatter(_BytesLogFormatter())
     axis.set_minor_formatter(_BytesLogFormatter())
-
-
-def _plain(v) -> str:
-    """4096.0 -> '4096' (integers read back from CSV as floats), anything else as str."""
-    return str(int(v)) if isinstance(v, (int, float, np.number)) and float(v).is_integer() else str(v)
 
 
 def _suptitle(fig: plt.Figure, df: pd.DataFrame, what: str) -> None:
@@ -220,11 +215,13 @@ def plot_init_distribution(df: pd.DataFrame, out_dir: str | Path, name: str = "f
 # ---- Figure 8 ----
 
 def _impl_label(d: pd.DataFrame) -> pd.Series:
+    """One label per series: the implementation (TT's with its backend), and any other config value
+    that differs within it (e.g. ", tt_rank 64"), so different series never share one median."""
     label = d["impl"].map(IMPL_LABELS).fillna(d["impl"])
     if "backend" in d:
         tt = d["impl"] == "tt"
         label = label.where(~tt, label + " (" + d["backend"].astype(str) + ")")
-    return label
+    return _series_label(d, label, axes=("table", "num_embeddings", "tt_p_shapes"))
 
 
 def plot_rows_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig8_memory_time_vs_rows") -> Path:

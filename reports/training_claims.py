@@ -50,6 +50,17 @@ def _noise(se: float) -> str:
     return f"{2 * se:.2f} points (2 binomial SE)"
 
 
+def _ranked(acc: pd.Series) -> pd.Series:
+    """Accuracies to compare: a model that diverged (NaN logits: NaN accuracy, benches.training)
+    ranks below every model that trained, as -inf."""
+    return acc.fillna(-math.inf)
+
+
+def _acc(v: float) -> str:
+    """An accuracy as the claims print it; NaN or -inf (:func:`_ranked`) is a model that diverged."""
+    return f"{v:.3f}%" if np.isfinite(v) else "NaN (diverged)"
+
+
 def _setting(df: pd.DataFrame) -> str:
     r = df.iloc[0]
     return (f"{r['dataset']}, {r['source']} data, tables / {int(r['scale_down'])}, batch {int(r['batch_size'])}, "
@@ -59,7 +70,7 @@ def _setting(df: pd.DataFrame) -> str:
 # ---- Table 1 ----
 
 def table1_claims(df: pd.DataFrame) -> list[dict]:
-    acc = metric_table(df, "accuracy", "Table 1").groupby("dense_init")["median"].median()
+    acc = _ranked(metric_table(df, "accuracy", "Table 1").groupby("dense_init")["median"].median())
     se = _acc_se(df)
     out = []
     if "uniform" not in acc.index:
@@ -73,13 +84,14 @@ def table1_claims(df: pd.DataFrame) -> list[dict]:
         label = DENSE_INIT_LABELS[init]
         if init == "uniform":
             out.append(_claim("Table 1", f"Table 1: uncompressed DLRM, tables {label} (DLRM's init)", f"{paper}%",
-                              f"{acc[init]:.3f}%", None, note=f"the reference row; {_setting(df)}{bayes_text}; "
+                              _acc(acc[init]), None, note=f"the reference row; {_setting(df)}{bayes_text}; "
                               "absolute accuracies are not comparable (synthetic data)"))
             continue
         diff = acc[init] - uni
         out.append(_claim(
             "Table 1", f"Table 1: tables {label} score below uniform ({paper}% vs {TABLE1_PAPER['uniform']}%)",
-            f"{paper}% ({paper - TABLE1_PAPER['uniform']:+.3f} points)", f"{acc[init]:.3f}% ({diff:+.3f} points)",
+            f"{paper}% ({paper - TABLE1_PAPER['uniform']:+.3f} points)",
+            f"{_acc(acc[init])} ({diff:+.3f} points)" if np.isfinite(diff) else _acc(acc[init]),
             _trend([uni, acc[init]], 2 * se, rises=False), rule=_difference_rule("below uniform", _noise(se))))
     common = [i for i in TABLE1_PAPER if i in acc.index]
     if len(common) >= 3:
@@ -153,10 +165,10 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
     se = _acc_se(df)
     out = []
     for (k, r), g in tt.groupby(["tt_tables", "tt_rank"]):
-        by_init = g.groupby("tt_init")["median"].median()
+        by_init = _ranked(g.groupby("tt_init")["median"].median())
         if "sampled_gaussian" not in by_init.index or len(by_init) < 2:
             continue
-        text = "; ".join(f"{TT_INIT_LABELS.get(i, i)}: {v:.3f}%" for i, v in by_init.sort_values(ascending=False).items())
+        text = "; ".join(f"{TT_INIT_LABELS.get(i, i)}: {_acc(v)}" for i, v in by_init.sort_values(ascending=False).items())
         out.append(_claim(
             "Figure 6", f"3.2 / 6.2 / Fig 6(c): the sampled Gaussian init gives the best accuracy ({int(k)} TT tables, "
             f"rank {int(r)})", "sampled Gaussian best", text,
@@ -165,23 +177,23 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
             note="Algorithm 3 as the reference code reads it gives rows far wider than N(0, 1/(3n)) (Figure 3), "
             "which SGD at lr 0.1 may not survive"))
     for (k, init), g in tt.groupby(["tt_tables", "tt_init"]):
-        by_rank = g.groupby("tt_rank")["median"].median()
+        by_rank = _ranked(g.groupby("tt_rank")["median"].median())
         if len(by_rank) < 2:
             continue
         out.append(_claim(
             "Figure 6", f"6.2: larger TT ranks give more accurate models ({int(k)} TT tables, {TT_INIT_LABELS.get(init, init)})",
-            "accuracy grows with rank", ", ".join(f"R={int(r)}: {v:.3f}%" for r, v in by_rank.items()),
+            "accuracy grows with rank", ", ".join(f"R={int(r)}: {_acc(v)}" for r, v in by_rank.items()),
             _trend(by_rank, 2 * se, rises=True), rule=_trend_rule(_noise(se), rises=True)))
     if not base.empty and not tt.empty:
-        b = base.median()
+        b = _ranked(pd.Series([base.median()])).iloc[0]
         tables, rank, init = FIG6_NEUTRAL_CONFIG
         bound = FIG6_NEUTRAL + 2 * se  # the paper's bound plus the noise of the held-out accuracies
-        by = tt.groupby(["tt_tables", "tt_rank", "tt_init"])["median"].median()
+        by = _ranked(tt.groupby(["tt_tables", "tt_rank", "tt_init"])["median"].median())
         for k in sorted(tt["tt_tables"].unique()):
             at = (k, rank, init)
             others = [(i, v) for (kk, r, i), v in by.items() if kk == k and r == rank and i != init]
             context = (f"; other inits at rank {rank}, not compared (no pick of the best): "
-                       + ", ".join(f"{TT_INIT_LABELS.get(i, i)} {v:.3f}%" for i, v in others)) if others else ""
+                       + ", ".join(f"{TT_INIT_LABELS.get(i, i)} {_acc(v)}" for i, v in others)) if others else ""
             tables_note = (f"{int(k)} TT tables here; the paper's claim is for {tables} (not measured)"
                            if k != tables else f"{tables} TT tables as in the paper")
             label = TT_INIT_LABELS.get(init, init)
@@ -198,7 +210,8 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
             out.append(_claim(
                 "Figure 6", claim,
                 f"loss within {FIG6_NEUTRAL}% ({tables} tables, rank {rank})",
-                f"{by[at]:.3f}% vs uncompressed {b:.3f}%: loss {loss:+.3f} points", loss <= bound,
+                f"{_acc(by[at])} vs uncompressed {_acc(b)}: loss {loss:+.3f} points" if np.isfinite(loss)
+                else f"{_acc(by[at])} vs uncompressed {_acc(b)}", bool(loss <= bound),
                 rule=f"loss <= {FIG6_NEUTRAL} + 2 binomial SE = {bound:.2f} points",
                 note=f"the paper's configuration as far as measured: rank {rank}, TT-Rec's init ({label}; the paper "
                 f"names no other for this claim); {tables_note}{context}; {_setting(df)}"))
@@ -216,9 +229,9 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
     out = []
     warm = ratio["cache_warmup_share"].max()
     t = ratio[ratio["cache_warmup_share"] == warm].groupby("cache_fraction")["median"].median()
-    a = acc[acc["cache_warmup_share"] == warm].groupby("cache_fraction")["median"].median()
+    a = _ranked(acc[acc["cache_warmup_share"] == warm].groupby("cache_fraction")["median"].median())
     smallest = [f for f in t.index if math.isclose(f, FIG10_FRACTION)]
-    text = "; ".join(f"{_pct(f)}: {t[f]:.3g}x time, {a[f]:.3f}%" for f in t.index)
+    text = "; ".join(f"{_pct(f)}: {t[f]:.3g}x time, {_acc(a[f])}" for f in t.index)
     agrees = None
     if smallest:
         f = smallest[0]

@@ -415,6 +415,9 @@ def test_q_shapes_alone_set_the_number_of_cores():
     ({"eps": 0.0}, "eps: got 0.0;"),  # Adagrad's 0 / (sqrt(0) + 0) on a slice whose gradient is 0
     ({"eps": -1.0}, "eps: got -1.0;"),
     ({"eps": 1e-50}, "eps: got 1e-50;"),  # 0 in float32, the kernels' precision
+    ({"eps": 1e39}, "eps: got 1e+39;"),  # inf in float32
+    ({"learning_rate": 1e39}, "learning_rate: got 1e+39;"),  # inf in float32: the step wrote inf and NaN
+    ({"learning_rate": 1e-50}, "learning_rate: got 1e-50;"),  # 0 in float32: no update at all
 ])
 def test_fused_optimizer_settings_rejected_naming_them(kwargs, needle):
     with pytest.raises(ValueError, match="^" + re.escape(needle)):

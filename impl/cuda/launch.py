@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -161,9 +162,10 @@ def prefix_chunk_lookups(q: Sequence[int], ranks: Sequence[int], budget_bytes: i
     per = _FLOAT * sum(sizes[1:d - 1]) + 5 * _INT64
     if backward:
         per += _FLOAT * 2 * max(sizes[:d - 1])
-    if budget_bytes < per:
-        raise ValueError(f"chunk budget {budget_bytes} B is below one lookup's scratch ({per} B)")
-    return budget_bytes // per
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, numbers.Integral) or budget_bytes < per:
+        raise ValueError(f"chunk_bytes: got {budget_bytes!r}; the prefix path's scratch budget must be an int of at "
+                         f"least one lookup's scratch, {per} bytes for this shape")
+    return int(budget_bytes) // per
 
 
 # ---- compilation: one set of options for NVRTC, nvcc and the emulation ----

@@ -181,12 +181,11 @@ def check_supported(cores: Sequence[torch.Tensor], spec: TTSpec, device: torch.d
     return None
 
 
-def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[torch.Tensor]:
+def _check_bags(bags: Bags, mode: str, ln: Launcher, num_embeddings: int | None = None) -> None:
+    """Bags as :func:`ttrec.bags.make_bags` leaves them, on the launcher's device: a kernel trusts
+    the offsets (and, with ``num_embeddings``, the index range), so a bad one is a memory error."""
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
-    reason = check_supported(cores, spec, ln.device)
-    if reason is not None:
-        raise ValueError(f"backend='cuda': {reason}")
     if not isinstance(bags, Bags):
         raise TypeError(f"bags: got {type(bags).__name__}; build it with ttrec.bags.make_bags")
     idx, off, w = bags.indices, bags.offsets, bags.per_sample_weights
@@ -202,18 +201,27 @@ def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[tor
     first, last, drops, lo, hi = torch.cat([off[:1], off[-1:], (off[1:] < off[:-1]).sum().reshape(1) + zero,
                                             lo_hi.to(torch.int64)]).tolist()
     if first != 0 or last != n:
-        raise ValueError(f"bags.offsets: must start at 0 and end at len(indices)={n} (use ttrec.bags.make_bags)")
+        raise ValueError(f"bags.offsets: got offsets[0]={first}, offsets[-1]={last}; they must be 0 and "
+                         f"len(indices)={n} (use ttrec.bags.make_bags)")
     if drops:
-        raise ValueError("bags.offsets: must be non-decreasing (use ttrec.bags.make_bags)")
-    if n and (lo < 0 or hi >= spec.num_embeddings):
-        raise ValueError(f"bags.indices: values must be in [0, {spec.num_embeddings}), got [{lo}, {hi}]")
+        raise ValueError(f"bags.offsets: {drops} decreasing step(s); offsets must be non-decreasing "
+                         "(use ttrec.bags.make_bags)")
+    if num_embeddings is not None and n and (lo < 0 or hi >= num_embeddings):
+        raise ValueError(f"bags.indices: values must be in [0, {num_embeddings}), got [{lo}, {hi}]")
     if w is not None:
         if w.shape != idx.shape or w.device != ln.device or not w.is_floating_point():
-            raise ValueError(f"bags.per_sample_weights: expected floating {tuple(idx.shape)} on {ln.device}")
+            raise ValueError(f"bags.per_sample_weights: got {w.dtype} {tuple(w.shape)} on {w.device}; expected "
+                             f"floating {tuple(idx.shape)} on {ln.device}")
         if mode != "sum":
             raise ValueError("per_sample_weights are only supported with mode='sum'")
-    return [c.detach().contiguous() for c in cores]
 
+
+def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[torch.Tensor]:
+    reason = check_supported(cores, spec, ln.device)
+    if reason is not None:
+        raise ValueError(f"backend='cuda': {reason}")
+    _check_bags(bags, mode, ln, spec.num_embeddings)
+    return [c.detach().contiguous() for c in cores]
 
 
 @lru_cache(maxsize=64)
@@ -312,6 +320,9 @@ def backward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
         raise ValueError(f"grad_out: got {tuple(grad_out.shape)} on {grad_out.device}; expected {(bags.num_bags, D)} on {ln.device}")
     if grads is None:
         grads = [torch.zeros_like(c) for c in cores]
+    for name, ts in (("grads", grads), ("touched", touched)):
+        if ts is not None and len(ts) != spec.d:
+            raise ValueError(f"{name}: got {len(ts)} tensors; expected one per core, d={spec.d}")
     for k, g in enumerate(grads):
         if g.shape != cores[k].shape or g.dtype != torch.float32 or g.device != ln.device or not g.is_contiguous():
             raise ValueError(f"grads[{k}]: expected a contiguous fp32 tensor of shape {tuple(cores[k].shape)} on {ln.device}")
@@ -447,9 +458,14 @@ def cache_partition(indices: torch.Tensor, row_slot: torch.Tensor, *,
     return slot, cached
 
 
-def _check_cache(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, ln: Launcher) -> None:
+def _check_cache_table(cache: torch.Tensor, ln: Launcher) -> None:
     if cache.dtype != torch.float32 or cache.dim() != 2 or cache.device != ln.device or not cache.is_contiguous():
-        raise ValueError(f"cache: expected a contiguous 2D fp32 tensor on {ln.device}")
+        raise ValueError(f"cache: got {cache.dtype} {tuple(cache.shape)} on {cache.device} "
+                         f"(contiguous={cache.is_contiguous()}); expected a contiguous 2D fp32 tensor on {ln.device}")
+
+
+def _check_cache(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, ln: Launcher) -> None:
+    _check_cache_table(cache, ln)
     if slot.shape != bags.indices.shape or slot.dtype != torch.int64 or slot.device != ln.device:
         raise ValueError("slot: expected int64, one per lookup (from cache_partition)")
     if slot.numel() and int(slot.max()) >= cache.shape[0]:
@@ -466,10 +482,11 @@ def cached_forward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode
     """
     ln = launcher or _default_launcher(cores[0].device)
     _check(cores, spec, bags, mode, ln)
-    slot, cached = cache_partition(bags.indices, row_slot, launcher=ln)
-    _check_cache(cache, slot, bags, ln)
+    _check_cache_table(cache, ln)
     if cache.shape[1] != spec.embedding_dim:
         raise ValueError(f"cache: rows of {cache.shape[1]} floats, expected embedding_dim={spec.embedding_dim}")
+    slot, cached = cache_partition(bags.indices, row_slot, launcher=ln)
+    _check_cache(cache, slot, bags, ln)
     keep = cached == 0
     bag_ids = bags.bag_ids()
     w = bags.float32_weights()
@@ -491,8 +508,8 @@ def cache_sgd(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, mode: str, gr
               launcher: Launcher | None = None) -> None:
     """SGD step of the cached rows from the pooled output's gradient, in place."""
     ln = launcher or _default_launcher(cache.device)
-    if mode not in MODES:
-        raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
+    check_lr(lr, "lr")
+    _check_bags(bags, mode, ln)  # the kernel walks every bag's offsets and weights
     _check_cache(cache, slot, bags, ln)
     D, nb = cache.shape[1], bags.num_bags
     grad_out = grad_out.detach().to(torch.float32).contiguous()

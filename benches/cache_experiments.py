@@ -221,12 +221,15 @@ def stability_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
 # ---- Figure 12: break-even hit rate ----
 
 def break_even(df: pd.DataFrame, metric: str = "time_per_lookup") -> pd.DataFrame:
-    """Per (mode, tt_rank, pooling_factor): the hit ratio at which TT + cache becomes as fast as
-    nn.EmbeddingBag timed in the same job, by linear interpolation between measured points.
+    """Per (mode, tt_rank, pooling_factor): the hit ratio from which TT + cache is as fast as
+    nn.EmbeddingBag timed in the same job and stays so at every higher measured hit ratio (it
+    overtakes), by linear interpolation between the measured points around that last crossing. A
+    crossing that a higher hit ratio undoes is not a break-even (on the Zen 4 VM, rank 16, pooling
+    10: faster at 0.25-0.5, slower again at 0.75-0.95, faster at 0.99).
 
-    Columns: mode, tt_rank, pooling_factor, break_even_hit_ratio (NaN when never reached; the smallest
-    measured hit ratio when already faster there), reached (bool), max_hit_ratio, and the time ratio
-    TT+cache / nn.EmbeddingBag at the highest measured hit ratio.
+    Columns: mode, tt_rank, pooling_factor, break_even_hit_ratio (NaN when never reached, i.e. slower
+    at the highest measured hit ratio; the smallest measured hit ratio when never slower), reached
+    (bool), max_hit_ratio, and the time ratio TT+cache / nn.EmbeddingBag at the highest measured hit ratio.
     """
     d = df[df["metric"] == metric]
     cached = d[d["cache_enabled"] == True]  # noqa: E712 (a column of bools read back from CSV)
@@ -236,15 +239,14 @@ def break_even(df: pd.DataFrame, metric: str = "time_per_lookup") -> pd.DataFram
     for (mode, rank, pooling), g in joined.groupby(["mode", "tt_rank", "pooling_factor"]):
         g = g.groupby("hit_ratio")[["median", "dense"]].median().sort_index()
         x, gap = g.index.to_numpy(float), (g["median"] - g["dense"]).to_numpy(float)
+        slower = np.nonzero(gap > 0)[0]
         value, reached = math.nan, False
-        if gap[0] <= 0:
+        if not slower.size:
             value, reached = x[0], True
-        else:
-            crossing = np.nonzero(gap <= 0)[0]
-            if crossing.size:
-                i = crossing[0]
-                value = x[i - 1] + (x[i] - x[i - 1]) * gap[i - 1] / (gap[i - 1] - gap[i])
-                reached = True
+        elif slower[-1] < len(x) - 1:  # from the point after the last slower one on, never slower
+            i = slower[-1] + 1
+            value = x[i - 1] + (x[i] - x[i - 1]) * gap[i - 1] / (gap[i - 1] - gap[i])
+            reached = True
         out.append({"mode": mode, "tt_rank": rank, "pooling_factor": pooling, "break_even_hit_ratio": value,
                     "reached": reached, "max_hit_ratio": x[-1],
                     "time_ratio_at_max_hit": float(g["median"].iloc[-1] / g["dense"].iloc[-1])})

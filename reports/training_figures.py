@@ -181,6 +181,14 @@ def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy"
                 label=f"R={int(rank)}, {TT_INIT_LABELS.get(init, init)}")
     if base_acc is not None:
         ax.axhline(base_acc, color="gray", lw=1, label="uncompressed")
+    # a model that diverged has no accuracy (NaN, benches.training): marked at the panel's foot, not left out
+    diverged = tt[~np.isfinite(tt["median"])]
+    low = ax.get_ylim()[0]
+    for t, r, init in sorted({(int(t), r, i) for t, r, i in zip(diverged["tt_tables"], diverged["tt_rank"],
+                                                               diverged["tt_init"])}):
+        ax.plot([t], [low], marker="X", ms=9, color=palette[r], clip_on=False, zorder=5)
+        ax.annotate(f"diverged: R={int(r)}, {TT_INIT_LABELS.get(init, init)}", (t, low), xytext=(-6, 6),
+                    textcoords="offset points", ha="right", fontsize=7, color=palette[r])
     ax.set_xticks(sorted(set(acc["tt_tables"].astype(int))))
     ax.set_xlabel("tables in TT format (the largest)")
     ax.set_ylabel("held-out accuracy (%)")
@@ -192,8 +200,12 @@ def plot_fig6(df: pd.DataFrame, out_dir: str | Path, name: str = "fig6_accuracy"
     for i, init in enumerate(inits):
         g = tt[tt["tt_init"] == init].groupby(["tt_tables", "tt_rank"])["median"].median()
         vals = [g.get((t, r), np.nan) for t, r in groups]
-        bx.bar(np.arange(len(groups)) + (i - (len(inits) - 1) / 2) * width, vals, width, color=colors[i],
-               label=TT_INIT_LABELS[init])
+        xs = np.arange(len(groups)) + (i - (len(inits) - 1) / 2) * width
+        bx.bar(xs, vals, width, color=colors[i], label=TT_INIT_LABELS[init])
+        for x, (t, r), v in zip(xs, groups, vals):
+            if (t, r) in g.index and not np.isfinite(v):  # measured, and diverged
+                bx.text(x, 0.02, "diverged (NaN)", transform=bx.get_xaxis_transform(), rotation=90, ha="center",
+                        va="bottom", fontsize=7, color=colors[i])
     if base_acc is not None:
         bx.axhline(base_acc, color="gray", lw=1, label="uncompressed")
     finite = tt["median"][np.isfinite(tt["median"])]

@@ -138,6 +138,23 @@ def test_break_even_by_linear_interpolation():
     assert be.loc[10, "time_ratio_at_max_hit"] == pytest.approx(10.0)
 
 
+def test_break_even_is_where_tt_with_cache_stays_ahead():
+    """A crossing that a higher hit ratio undoes is not the break-even: TT + cache 30, 5, 20, 0 against
+    10 at hit ratios 0, 0.25, 0.5, 1 is faster at 0.25, slower at 0.5, and overtakes for good between
+    0.5 and 1 (at 0.5 + 0.5 * 10 / 20); ending slower, it never breaks even."""
+    rows = []
+    for job, (x, t_cache) in enumerate(zip([0.0, 0.25, 0.5, 1.0], [30.0, 5.0, 20.0, 0.0])):
+        for pooling, t in ((1, t_cache), (10, t_cache if x < 1 else 11.0)):
+            common = {"job_dir": f"{job}-{pooling}", "metric": "time_per_lookup", "mode": "train",
+                      "pooling_factor": pooling}
+            rows.append({**common, "impl": "tt", "cache_enabled": True, "tt_rank": 8, "hit_ratio": x, "median": t})
+            rows.append({**common, "impl": "dense", "cache_enabled": False, "tt_rank": None, "hit_ratio": None,
+                         "median": 10.0})
+    be = break_even(pd.DataFrame(rows)).set_index("pooling_factor")
+    assert be.loc[1, "reached"] and be.loc[1, "break_even_hit_ratio"] == pytest.approx(0.75)
+    assert not be.loc[10, "reached"] and pd.isna(be.loc[10, "break_even_hit_ratio"])
+
+
 def _run_app(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "benches.app", *overrides], cwd=ROOT, env=env,

@@ -213,6 +213,23 @@ def test_table1_figure_shows_its_error_bars_within_the_axes(monkeypatch, tmp_pat
     assert ax.get_ylabel() == "held-out accuracy (%) ± std error"
 
 
+def test_figure6_marks_a_diverged_model_instead_of_leaving_it_out(monkeypatch, tmp_path):
+    """A diverged model's accuracy is NaN: its line point and bar would silently be missing."""
+    import reports.training_figures as tf
+
+    figs = []
+    monkeypatch.setattr(tf, "save", lambda fig, out_dir, name: figs.append(fig) or tmp_path / f"{name}.png")
+    common = {"metric": "accuracy", "model": "main", "eval_samples": 512, "dataset": "kaggle", "source": "synthetic",
+              "scale_down": 1000, "batch_size": 32, "iterations": 6}
+    rows = [{**common, "tt_tables": 0, "tt_rank": np.nan, "tt_init": np.nan, "median": 77.0}]
+    for init, acc in (("uniform", 76.5), ("sampled_gaussian", math.nan)):
+        rows.append({**common, "tt_tables": 7, "tt_rank": 32, "tt_init": init, "median": acc})
+    tf.plot_fig6(pd.DataFrame(rows), tmp_path)
+    ax, bx = figs[0].axes[:2]
+    assert [t.get_text() for t in ax.texts] == ["diverged: R=32, sampled Gaussian (Alg. 3)"]
+    assert [t.get_text() for t in bx.texts] == ["diverged (NaN)"]
+
+
 # ---- bad inputs ----
 
 @pytest.mark.parametrize("make,message", [

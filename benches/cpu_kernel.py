@@ -28,10 +28,10 @@ from ttrec.workloads import batch_stats
 from .app import build_point, measure_point, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
-from .environment import capture, thread_round_trip_ns
+from .environment import capture, thread_round_trip_ns, usable_cpus
 from .memory import measure_in_child
 from .results import RESULTS_FILE, write_rows
-from .timing import measure
+from .timing import Stats, measure
 
 SCALES = {
     # rows, batch (lookups per batch at pooling 1), ranks, poolings
@@ -186,7 +186,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     log("training step, R=32, Zipf(1.05) permuted, pooling 1:")
     train = {"native fused SGD": point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
                                        distribution="zipf")}
-    phases["training forward (Zipf)"] = ops.last_stats("forward")
+    phases["training forward (Zipf)"] = _unprofiled(ops.last_stats("forward"))
     sort_ways["training"] = ops.sort_way()
     phases["training backward (Zipf)"] = ops.last_stats("backward")
     train |= {
@@ -263,6 +263,12 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
 
 
 PROFILE_CALLS = 30  # native forwards whose phase timers give the profile (medians per phase)
+PROFILED_PHASES = ("seconds_chains", "seconds_last_core")  # timed only with ops.set_profile(True)
+
+
+def _unprofiled(stats: dict[str, float]) -> dict[str, float]:
+    """A forward's phase timers without those its profile was off for (they read 0 s, not the time taken)."""
+    return {k: v for k, v in stats.items() if k not in PROFILED_PHASES}
 
 
 def _median_phases(step: Callable[[], object], calls: int) -> dict[str, float]:
@@ -346,10 +352,12 @@ def _probe_intro(fastest: float | None) -> str:
 
 
 def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the per-round ratios num[r] / den[r]."""
-    ratios = sorted(x / y for x, y in zip(num, den))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), q[0], q[2]
+    """Median and quartiles of the per-round ratios num[r] / den[r], as every quartile of the suite
+    (benches.timing.Stats: linear interpolation between order statistics, numpy's default), so they
+    lie within the rounds' ratios (statistics' default "exclusive" method put the quartiles of two
+    rounds outside both)."""
+    s = Stats.of([x / y for x, y in zip(num, den)])
+    return s.median, s.q1, s.q3
 
 
 def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, mem, env, phases, rounds) -> str:
@@ -470,19 +478,23 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               "| implementation | peak transient (MiB) | batch output (MiB) | ratio | how |", "| --- | ---: | ---: | ---: | --- |"]
     for m in mem:
         v, ob = m["peak_transient_bytes"], m["output_bytes"]
-        mib = "n/a" if v is None else f"{v / 2**20:.1f}"
         ratio = "n/a" if v is None else f"{v / ob:.1f}x"
-        lines.append(f"| {m['impl']} | {mib} | {ob / 2**20:.1f} | {ratio} | {m['note']} |")
+        lines.append(f"| {m['impl']} | {'n/a' if v is None else _mib(v)} | {_mib(ob)} | {ratio} | {m['note']} |")
     lines += ["", f"## Where the native kernel's time goes (its own phase timers: the uniform forward's median over "
               f"{PROFILE_CALLS} calls, the training calls' last timed call)", "",
               "Forward parts: chains and last_core lie within chains_and_last_core (per thread: the mean over the "
-              "threads), sort_radix within sort.", "",
+              "threads; timed only in the profiled uniform forward), sort_radix within sort.", "",
               "| call | phase | ms |", "| --- | --- | ---: |"]
     for call, st in phases.items():
         for key, value in st.items():
             if key.startswith("seconds_"):
                 lines.append(f"| {call} | {key[len('seconds_'):]} | {value * 1e3:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _mib(n_bytes: float) -> str:
+    """Bytes in MiB, with three decimals below 1 MiB (a smoke batch's output, 32 KiB, is not 0.0)."""
+    return f"{n_bytes / 2**20:.{1 if n_bytes >= 2**20 else 3}f}"
 
 
 def _chain_flops(table: TableConfig, rank: int) -> tuple[int, int]:
@@ -497,8 +509,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads: got {args.threads}; must be >= 1")
+    if not 1 <= args.threads <= usable_cpus():
+        parser.error(f"--threads: got {args.threads}; allowed: 1 to {usable_cpus()}, the CPUs this process may run on "
+                     "(more threads than CPUs time the contention, not the kernels)")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out: got {str(args.out)!r}, an existing file; allowed: a directory (made if missing)")
     out = args.out or Path("outputs/cpu_kernel") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     print(f"[cpu_kernel] scale={args.scale} threads={args.threads} -> {out}", file=sys.stderr)

@@ -124,8 +124,9 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
     """The round trip of a cache line between two threads right now, in ns (the native kernel's
     probe: at most ``trips`` trips and about ``budget_s`` seconds), or None where it cannot run
     (fewer than two usable CPUs, no native kernel). On a VM it tells where the hypervisor has put
-    the vCPUs at this moment: on the Zen 4 VM 50-70 ns near, 300-1,400 ns far apart, and the step
-    times of the native kernel and of nn.EmbeddingBag change with it (benches.cpu_kernel)."""
+    the vCPUs at this moment: on the Zen 4 VM 50-100 ns near, 300-1,400 ns far apart (benches.cpu_kernel
+    counts a round near at most NEAR_NS, 150 ns), and the step times of the native kernel and of
+    nn.EmbeddingBag change with it."""
     if usable_cpus() < 2:
         return None
     from ttrec.cpu.build import library, unavailable_reason

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Bags", "MODES", "make_bags", "checked_for"]
+__all__ = ["Bags", "MODES", "make_bags", "checked_for", "changed_in_place"]
 
 MODES = ("sum", "mean")
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -121,6 +121,15 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _dense(param: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the values it stands for in memory: a negative view (torch._neg_view, the imaginary
+    part of a conj view) keeps its values negated only in a flag that numpy and native kernels do
+    not read, so it is resolved here; a sparse tensor is refused."""
+    if t.layout is not torch.strided:
+        raise TypeError(f"{param}: got a {t.layout} tensor; expected a dense (torch.strided) tensor")
+    return t.resolve_neg() if t.is_neg() else t
+
+
 def _first_decrease(a) -> int | None:
     """The first j with a[j] > a[j + 1], or None (a non-decreasing); a: numpy array or tensor."""
     if len(a) < 2:
@@ -156,6 +165,7 @@ def make_bags(
         raise TypeError(f"input: got {type(input).__name__}; expected a torch.Tensor of int32/int64 indices")
     if input.dtype not in _INDEX_DTYPES:
         raise TypeError(f"input: got dtype {input.dtype}; allowed index dtypes: torch.int32, torch.int64")
+    input = _dense("input", input)
     if per_sample_weights is not None:
         if mode != "sum":
             _fail("per_sample_weights", "a tensor with mode='mean'",
@@ -163,6 +173,7 @@ def make_bags(
         if not isinstance(per_sample_weights, torch.Tensor) or not per_sample_weights.is_floating_point():
             raise TypeError(f"per_sample_weights: got {getattr(per_sample_weights, 'dtype', type(per_sample_weights))}; "
                             "expected a floating-point tensor")
+        per_sample_weights = _dense("per_sample_weights", per_sample_weights)
         if per_sample_weights.shape != input.shape:
             _fail("per_sample_weights", f"shape {tuple(per_sample_weights.shape)}",
                   f"it must have the shape of input, {tuple(input.shape)}")
@@ -186,6 +197,7 @@ def make_bags(
                             "offsets must be a 1D int32/int64 tensor")
         if offsets.dim() != 1:
             _fail("offsets", f"shape {tuple(offsets.shape)}", "offsets must be a 1D int32/int64 tensor")
+        offsets = _dense("offsets", offsets)
         if offsets.device != input.device:
             _fail("offsets", f"device {offsets.device}", f"must be on input's device {input.device}")
         indices = _as_int64(input)
@@ -231,15 +243,41 @@ def make_bags(
               f"indices must be in [0, num_embeddings={num_embeddings})")
     bags = Bags(_contiguous(indices), _contiguous(offs),
                 None if per_sample_weights is None else _contiguous(per_sample_weights))
-    object.__setattr__(bags, "_checked", (_CHECKED, num_embeddings))
+    object.__setattr__(bags, "_checked", (_CHECKED, num_embeddings, _versions(bags)))
     return bags
 
 
 _CHECKED = object()  # private mark: only make_bags sets it
 _MISSING = object()  # make_bags: the index range not scanned yet
+_PARTS = ("input", "offsets", "per_sample_weights")  # the Bags' tensors, by the forward argument they come from
+
+
+def _versions(bags: Bags) -> tuple[int, int, int]:
+    """The version counters of the Bags' tensors (bumped by every in-place torch op on them or on a
+    view of them: ``input[0] = 7``, ``offsets.copy_(...)``); -1 for absent weights."""
+    w = bags.per_sample_weights
+    return bags.indices._version, bags.offsets._version, -1 if w is None else w._version
 
 
 def checked_for(bags: Bags, num_embeddings: int) -> bool:
-    """True if ``bags`` came out of :func:`make_bags` for a table of ``num_embeddings`` rows (a Bags
-    built by hand is not trusted by native code and is validated again)."""
-    return getattr(bags, "_checked", None) == (_CHECKED, num_embeddings)
+    """True if ``bags`` came out of :func:`make_bags` for a table of ``num_embeddings`` rows and no
+    in-place torch op has changed its tensors since (a Bags built by hand, or changed since, is not
+    trusted by native code and is validated again). Writes that bypass torch's version counter
+    (through a numpy view, ``.data``) are not seen, as autograd does not see them either."""
+    mark = getattr(bags, "_checked", None)
+    return mark is not None and mark[0] is _CHECKED and mark[1] == num_embeddings and mark[2] == _versions(bags)
+
+
+def changed_in_place(bags: Bags) -> str | None:
+    """Which of the batch's tensors an in-place torch op has changed since :func:`make_bags`
+    checked it, as "input", "offsets" or "per_sample_weights" with the version counts, e.g.
+    "input (version 1, expected 0)"; None if none has (or for a Bags built by hand). Backward
+    passes that read the batch again refuse such a change, as nn.EmbeddingBag's does."""
+    mark = getattr(bags, "_checked", None)
+    if mark is None or mark[0] is not _CHECKED:
+        return None
+    now = _versions(bags)
+    for name, was, is_ in zip(_PARTS, mark[2], now):
+        if was != is_:
+            return f"{name} (version {is_}, expected {was})"
+    return None

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..bags import MODES, Bags, checked_for, make_bags
+from ..bags import MODES, Bags, changed_in_place, checked_for, make_bags
 from ..optim import check_eps, check_lr, check_optimizer
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
@@ -44,17 +44,26 @@ class SavedForward:
     runs and the prefixes' partial products G_1[i1] @ G_2[:, i2], so the backward skips the sort and
     the chains. Owned by one autograd node; used only while no fused update has run anywhere since
     the forward, else the backward recomputes. (Cores changed in place in between never reach it:
-    autograd refuses saved tensors changed since the forward, and the fused path checks by hand.)"""
+    autograd refuses saved tensors changed since the forward, and the fused path checks by hand.)
+    A backward called directly (:func:`backward`, :func:`sparse_update`) uses it only for the very
+    Bags object of its forward and the same cores, unchanged by in-place torch ops (see :meth:`fits`):
+    a plan of other lookups or of other core values would give silently wrong gradients."""
 
-    __slots__ = ("_ptr", "epoch")
+    __slots__ = ("_ptr", "epoch", "_bags", "_cores")
 
-    def __init__(self, ptr: int) -> None:
+    def __init__(self, ptr: int, cores=(), bags: Bags | None = None) -> None:
         self._ptr = ptr
         self.epoch = _update_epoch
+        self._bags, self._cores = bags, _core_marks(cores)
 
     def current(self) -> bool:
         """Not released, and no fused update has run since the forward."""
         return self._ptr is not None and self.epoch == _update_epoch
+
+    def fits(self, cores, bags: Bags) -> bool:
+        """The forward's Bags (the same object: a changed or rebuilt batch is another) and the same
+        core tensors at the same versions (no in-place torch op on them since)."""
+        return bags is self._bags and _core_marks(cores) == self._cores
 
     @property
     def pointer(self) -> int | None:
@@ -73,6 +82,11 @@ class SavedForward:
             self.release()
         except Exception:  # interpreter shutdown
             pass
+
+
+def _core_marks(cores) -> tuple[tuple[int, int], ...]:
+    """Per core, where its data is and its version counter (bumped by every in-place torch op)."""
+    return tuple((c.data_ptr(), c._version) for c in cores)
 
 
 def live_saved_forwards() -> int:
@@ -94,8 +108,9 @@ def _shape(spec: TTSpec) -> TTShape:  # read-only for the kernel (const tt_shape
 def _plain(t: torch.Tensor) -> torch.Tensor:
     """t itself when contiguous (only its data pointer is passed on; autograd never sees the
     kernel), else a contiguous copy. Spares the torch ops of detach().contiguous() per core, which
-    right after a kernel call run with torch's dispatcher cold in cache (tens of microseconds each)."""
-    return t if t.is_contiguous() else t.detach().contiguous()
+    right after a kernel call run with torch's dispatcher cold in cache (tens of microseconds each).
+    A negative view (torch._neg_view: values negated by a flag the kernel cannot see) is resolved."""
+    return t if t.is_contiguous() and not t.is_neg() else t.detach().resolve_neg().contiguous()
 
 
 def threads_for(lookups: int) -> int:
@@ -148,9 +163,10 @@ def _require(cores, spec, bags: Bags, mode: str, in_place: bool = False) -> Bags
         raise ValueError(f"backend='cpu': {reason}")
     if in_place:
         for k, c in enumerate(cores):
-            if not c.is_contiguous():
-                raise ValueError(f"cores[{k}]: got a non-contiguous tensor of shape {tuple(c.shape)}; the fused "
-                                 "update writes the cores in place, so they must be contiguous")
+            if not c.is_contiguous() or c.is_neg():
+                raise ValueError(f"cores[{k}]: got a {'negative view' if c.is_neg() else 'non-contiguous tensor'} of "
+                                 f"shape {tuple(c.shape)}; the fused update writes the cores in place, so they must "
+                                 "be contiguous plain tensors")
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
     if not isinstance(bags, Bags):
@@ -170,9 +186,10 @@ def _check_like_cores(name: str, tensors, spec: TTSpec) -> None:
         raise ValueError(f"{name}: got {len(tensors)} tensors; expected one per core ({spec.d})")
     shapes = _spec_facts(spec)[1]
     for k, t in enumerate(tensors):
-        if t.shape != shapes[k] or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous():
-            raise ValueError(f"{name}[{k}]: got {t.dtype} {tuple(t.shape)} on {t.device} "
-                             f"(contiguous={t.is_contiguous()}); expected contiguous float32 {spec.core_shape(k)} on cpu")
+        if t.shape != shapes[k] or t.dtype is not torch.float32 or not t.is_cpu or not t.is_contiguous() or t.is_neg():
+            raise ValueError(f"{name}[{k}]: got {t.dtype} {tuple(t.shape)} on {t.device} (contiguous="
+                             f"{t.is_contiguous()}, negative view={t.is_neg()}); expected contiguous float32 "
+                             f"{spec.core_shape(k)} on cpu (the kernel writes it)")
 
 
 def _check_touched(touched, spec: TTSpec) -> None:
@@ -181,9 +198,20 @@ def _check_touched(touched, spec: TTSpec) -> None:
     if len(touched) != spec.d:
         raise ValueError(f"touched: got {len(touched)} masks; expected one per core ({spec.d})")
     for k, t in enumerate(touched):
-        if t.dtype != torch.uint8 or t.shape != (spec.tt_p_shapes[k],) or not t.is_contiguous():
-            raise ValueError(f"touched[{k}]: got {t.dtype} {tuple(t.shape)}; expected contiguous uint8 "
-                             f"({spec.tt_p_shapes[k]},)")
+        if t.dtype != torch.uint8 or t.shape != (spec.tt_p_shapes[k],) or not t.is_cpu or not t.is_contiguous():
+            raise ValueError(f"touched[{k}]: got {t.dtype} {tuple(t.shape)} on {t.device}; expected contiguous uint8 "
+                             f"({spec.tt_p_shapes[k]},) on cpu")
+
+
+def _check_grad_out(grad_out, shape: tuple[int, int]) -> None:
+    """The upstream gradient the kernel reads: a dense CPU tensor of real floats, (num_bags, D)."""
+    if not isinstance(grad_out, torch.Tensor):
+        raise TypeError(f"grad_out: got {type(grad_out).__name__}; expected a torch.Tensor of shape {shape}")
+    if not grad_out.is_cpu or grad_out.layout is not torch.strided or not grad_out.is_floating_point():
+        raise ValueError(f"grad_out: got a {grad_out.dtype} tensor ({grad_out.layout}) on {grad_out.device}; expected "
+                         f"a dense floating-point tensor on cpu of shape {shape}")
+    if tuple(grad_out.shape) != shape:
+        raise ValueError(f"grad_out: got shape {tuple(grad_out.shape)}; expected {shape}")
 
 
 def _call(fn, *args) -> None:
@@ -217,7 +245,7 @@ def _forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chu
 def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, chunk_bytes: int,
                  keep: bool) -> tuple[torch.Tensor, SavedForward | None]:
     """_forward on inputs that passed :func:`_require`."""
-    cores = [_plain(c) for c in cores]
+    given, cores = cores, [_plain(c) for c in cores]
     out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
     w = bags.float32_weights()
     stats = TTStats()
@@ -227,7 +255,7 @@ def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
           out.data_ptr(), threads_for(bags.indices.numel()), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
           ctypes.byref(state) if keep else None)
     _last["forward"] = stats
-    return out, (SavedForward(state.value) if state.value else None)
+    return out, (SavedForward(state.value, given, bags) if state.value else None)
 
 
 SORT_WAYS = {-1: "timing", 0: "shared", 1: "split"}  # the kernel's SortWay (tt_cpu.cpp)
@@ -301,11 +329,10 @@ def _run_backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Te
     """_backward once the cores, bags and buffers passed :func:`_require` and the buffer checks."""
     if saved is not None and not isinstance(saved, SavedForward):
         raise TypeError(f"saved: got {type(saved).__name__}; expected SavedForward or None")
-    plan = saved.pointer if saved is not None and saved.current() else None
+    _check_grad_out(grad_out, (bags.num_bags, spec.embedding_dim))
+    plan = saved.pointer if saved is not None and saved.current() and saved.fits(cores, bags) else None
     cores = [_plain(c) for c in cores]
     grad_out = _plain(grad_out if grad_out.dtype == torch.float32 else grad_out.detach().to(torch.float32))
-    if tuple(grad_out.shape) != (bags.num_bags, spec.embedding_dim):
-        raise ValueError(f"grad_out: got shape {tuple(grad_out.shape)}; expected {(bags.num_bags, spec.embedding_dim)}")
     if grads is None:
         grads = [torch.zeros(c.shape, dtype=torch.float32) for c in cores]
     w = bags.float32_weights()
@@ -366,6 +393,11 @@ class _TTBagCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        changed = changed_in_place(ctx.bags)
+        if changed is not None:  # the backward reads the batch again: it must be the forward's
+            raise RuntimeError(f"{changed}: modified by an in-place operation between the forward and the backward; "
+                               "the native CPU backward reads the batch again (nn.EmbeddingBag's backward refuses "
+                               "this too): change a copy (.clone()) instead")
         if ctx.fused is not None:
             cores = list(ctx.cores)
             if tuple(c._version for c in cores) != ctx.versions:
@@ -388,7 +420,26 @@ class _TTBagCPU(torch.autograd.Function):
         finally:
             if saved is not None:
                 saved.release()
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must not pass for constants
+            grads = [_NoSecondDerivative.apply(g, grad_out, *cores) for g in grads]
         return (None,) * 6 + tuple(grads)
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """A native core gradient under create_graph=True, tied to what it depends on (the upstream
+    gradient and the cores): differentiating it raises. The kernel's gradients have no graph, so
+    a second derivative through them (a gradient penalty, a Hessian-vector product) would otherwise
+    miss their part silently; torch's once_differentiable does not catch torch.autograd.grad,
+    which skips its error node."""
+
+    @staticmethod
+    def forward(ctx, grad, *depends_on):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError("a second derivative through the native CPU kernel (create_graph=True, then "
+                           "differentiating its core gradients): it has none; use backend='torch'")
 
 
 _ANCHOR = torch.zeros((), requires_grad=True)  # the fused path's one autograd input (never gets a gradient)

@@ -69,9 +69,9 @@ def measure(
         raise ValueError(f"timing: need warmup >= 1 and 1 <= min_repeats <= max_repeats, got "
                          f"warmup={warmup}, min_repeats={min_repeats}, max_repeats={max_repeats}")
     if not target_time_s >= 0:  # (NaN too: it would time min_repeats calls, whatever the target)
-        raise ValueError(f"timing: target_time_s got {target_time_s}; must be >= 0 (seconds)")
+        raise ValueError(f"target_time_s: got {target_time_s}; must be >= 0 (seconds)")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"timing: device got {device!r}; allowed: 'cpu', 'cuda' or 'cuda:<n>' (another device's "
+        raise ValueError(f"device: got {device!r}; allowed: 'cpu', 'cuda' or 'cuda:<n>' (another device's "
                          "asynchronous calls would be timed by the CPU clock without a synchronize)")
     cuda = device.startswith("cuda")
     if flush_l2 and not cuda:

@@ -20,7 +20,7 @@ import seaborn as sns  # noqa: E402
 
 from benches.cache_experiments import break_even  # noqa: E402
 
-from .figures import _style, save  # noqa: E402
+from .figures import _machine, _style, save  # noqa: E402
 
 __all__ = ["is_cache_experiment", "plot_cache_figures", "plot_topk_stability", "plot_hit_rate_sweep",
            "plot_cache_size_warmup"]
@@ -37,12 +37,6 @@ def _cached(df: pd.DataFrame) -> pd.Series:
 def is_cache_experiment(df: pd.DataFrame) -> bool:
     """Results of a cache experiment: cached points, or top-k stability windows."""
     return bool(_cached(df).any()) or bool((df["metric"] == "topk_change").any())
-
-
-def _machine(df: pd.DataFrame) -> str:
-    r = df.iloc[0]
-    threads = f", {r['threads']} threads" if "threads" in df.columns and pd.notna(r.get("threads")) else ""
-    return f"{r.get('cpu_model', 'unknown CPU')}{threads}"
 
 
 def _workload_label(r: pd.Series) -> str:

@@ -45,6 +45,15 @@ def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
     return png
 
 
+def _machine(df: pd.DataFrame) -> str:
+    """"CPU, N threads" of the rows, every distinct value listed (rows pooled from runs on other
+    machines or thread counts say so)."""
+    cpus = ", ".join(str(c) for c in df["cpu_model"].dropna().drop_duplicates()) if "cpu_model" in df else ""
+    threads = (", ".join(_plain(t) for t in df["threads"].dropna().drop_duplicates())
+               if "threads" in df else "")
+    return (cpus or "unknown CPU") + (f", {threads} threads" if threads else "")
+
+
 def _plain(v) -> str:
     """4096.0 -> '4096' (integers read back from CSV as floats), anything else as str."""
     numeric = isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
@@ -113,8 +122,6 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     tables = ", ".join(f"{t} ({int(n):,} x {int(e)})" for t, n, e in
                        d[["table", "num_embeddings", "embedding_dim"]].drop_duplicates().itertuples(index=False))
     batches = ", ".join(str(int(b)) for b in sorted(d["batch_size"].unique()))
-    threads = ", ".join(str(t) for t in d["threads"].drop_duplicates())
-    cpus = ", ".join(str(c) for c in d["cpu_model"].drop_duplicates())
-    fig.suptitle(f"{mode}: table {tables}, batch {batches}, {threads} threads, {cpus}", fontsize=9)
+    fig.suptitle(f"{mode}: table {tables}, batch {batches}; {_machine(d)}", fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

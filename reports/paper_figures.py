@@ -19,8 +19,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
-from .cache_figures import _machine  # noqa: E402
-from .figures import IMPL_LABELS, _plain, _series_label, _style, save  # noqa: E402
+from .figures import IMPL_LABELS, _machine, _plain, _series_label, _style, save  # noqa: E402
 
 __all__ = ["plot_tt_shapes", "plot_model_size", "plot_init_distribution", "plot_rows_sweep", "format_bytes"]
 

@@ -17,8 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .cache_figures import _machine  # noqa: E402
-from .figures import _style, save  # noqa: E402
+from .figures import _machine, _style, save  # noqa: E402
 
 __all__ = ["TABLE1_PAPER", "DENSE_INIT_ORDER", "TT_INIT_LABELS", "metric_table", "plot_fig7", "plot_table1",
            "plot_fig6", "plot_fig10_training"]

@@ -124,3 +124,14 @@ def test_fig10_cache_gain_is_the_median_over_all_points():
     row = out[out["claim"].str.contains("the cache adds")].iloc[0]
     gain = _results("fig10_training").query("metric == 'accuracy_vs_reference' and model == 'main'")["median"]
     assert row["measured"].startswith(f"{gain.median():+.3f} points (median over all {len(gain)} points; median by size")
+
+
+def test_machine_label_lists_every_cpu_and_thread_count():
+    """Figure titles name the machine of all their rows, not the first row's (pooled runs say so)."""
+    from reports.figures import _machine
+
+    one = pd.DataFrame({"cpu_model": ["AMD EPYC"] * 2, "threads": [2.0, 2.0]})
+    assert _machine(one) == "AMD EPYC, 2 threads"
+    pooled = pd.DataFrame({"cpu_model": ["AMD EPYC", "Intel Xeon"], "threads": [2, 1]})
+    assert _machine(pooled) == "AMD EPYC, Intel Xeon, 2, 1 threads"
+    assert _machine(pd.DataFrame({"x": [1]})) == "unknown CPU"

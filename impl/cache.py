@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .autograd_guards import fused_update_once
 from .bags import Bags, make_bags
 from .optim import FUSED_OPTIMIZERS, check_eps, check_lr, check_optimizer
 from .cuda import loader as cuda_loader
@@ -224,7 +225,8 @@ class _FusedCacheRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ctx.module._fused_step(ctx.slots, ctx.weights, ctx.bag_of, grad_out, ctx.bags, ctx.grad_slot)
+        fused_update_once(ctx, "LFU cache", lambda: ctx.module._fused_step(ctx.slots, ctx.weights, ctx.bag_of,
+                                                                              grad_out, ctx.bags, ctx.grad_slot))
         return (None,) * 8
 
 

@@ -13,7 +13,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ..bags import MODES, Bags, changed_in_place, checked_for, make_bags
+from ..autograd_guards import fused_update_once, refuse_changed_batch, without_second_derivative
+from ..bags import MODES, Bags, checked_for, make_bags
 from ..optim import check_eps, check_lr, check_optimizer
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
@@ -24,6 +25,7 @@ __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "
            "threads_for", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
+KERNEL = "native CPU kernel"  # its name in the backward's errors (ttrec.autograd_guards)
 # A native call uses one thread per this many lookups at most (and at most torch's intra-op count).
 # A second thread only pays with work to split: on a small batch its fork and joins cost more than
 # it saves, and on a loaded machine a join can wait for the descheduled thread's next time slice
@@ -393,11 +395,7 @@ class _TTBagCPU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        changed = changed_in_place(ctx.bags)
-        if changed is not None:  # the backward reads the batch again: it must be the forward's
-            raise RuntimeError(f"{changed}: modified by an in-place operation between the forward and the backward; "
-                               "the native CPU backward reads the batch again (nn.EmbeddingBag's backward refuses "
-                               "this too): change a copy (.clone()) instead")
+        refuse_changed_batch(ctx.bags, KERNEL)  # the backward reads the batch again: it must be the forward's
         if ctx.fused is not None:
             cores = list(ctx.cores)
             if tuple(c._version for c in cores) != ctx.versions:
@@ -411,35 +409,14 @@ class _TTBagCPU(torch.autograd.Function):
             saved = None
         try:
             if ctx.fused is not None:  # the update happens here; autograd sees no core gradients
-                if saved is not None:
-                    ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, saved=saved)
-                else:
-                    ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
+                kw = {} if saved is None else {"saved": saved}
+                fused_update_once(ctx, KERNEL, lambda: ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, **kw))
                 return (None,) * 7
             grads = backward(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, saved=saved)
         finally:
             if saved is not None:
                 saved.release()
-        if torch.is_grad_enabled():  # create_graph=True: the gradients must not pass for constants
-            grads = [_NoSecondDerivative.apply(g, grad_out, *cores) for g in grads]
-        return (None,) * 6 + tuple(grads)
-
-
-class _NoSecondDerivative(torch.autograd.Function):
-    """A native core gradient under create_graph=True, tied to what it depends on (the upstream
-    gradient and the cores): differentiating it raises. The kernel's gradients have no graph, so
-    a second derivative through them (a gradient penalty, a Hessian-vector product) would otherwise
-    miss their part silently; torch's once_differentiable does not catch torch.autograd.grad,
-    which skips its error node."""
-
-    @staticmethod
-    def forward(ctx, grad, *depends_on):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *_):
-        raise RuntimeError("a second derivative through the native CPU kernel (create_graph=True, then "
-                           "differentiating its core gradients): it has none; use backend='torch'")
+        return (None,) * 6 + tuple(without_second_derivative(grads, grad_out, cores, KERNEL))
 
 
 _ANCHOR = torch.zeros((), requires_grad=True)  # the fused path's one autograd input (never gets a gradient)

@@ -24,6 +24,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from ..autograd_guards import fused_update_once, refuse_changed_batch, without_second_derivative
 from ..bags import MODES, Bags
 from ..optim import check_eps, check_lr, check_optimizer
 from ..reference import row_digits
@@ -36,6 +37,7 @@ __all__ = ["unavailable_reason", "tt_bag_cuda", "forward", "backward", "sparse_u
 
 ALGOS = ("auto", "fused", "prefix")
 DEFAULT_CHUNK_BYTES = 64 << 20
+KERNEL = "CUDA kernel"  # its name in the backward's errors (ttrec.autograd_guards)
 _ELEM_DTYPES = {"float": torch.float32, "int64_t": torch.int64, "uint8_t": torch.uint8}
 _INSTALL_HINT = "install the optional extra: pip install 'ttrec-bench[cuda]'"
 
@@ -531,13 +533,14 @@ class _TTBagCUDA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_changed_batch(ctx.bags, KERNEL)  # the backward kernels read the batch again
         cores = list(ctx.saved_tensors)
         none = (None,) * 6
         if ctx.fused is not None:  # the fused optimizer updates the cores; autograd sees no gradient
-            ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out)
+            fused_update_once(ctx, KERNEL, lambda: ctx.fused(cores, ctx.spec, ctx.bags, ctx.mode, grad_out))
             return (*none, *[None] * len(cores))
         grads = backward(cores, ctx.spec, ctx.bags, ctx.mode, grad_out, launcher=ctx.launcher, algo=ctx.algo)
-        return (*none, *grads)
+        return (*none, *without_second_derivative(grads, grad_out, cores, KERNEL))
 
 
 def tt_bag_cuda(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str = "sum", fused=None, *,

@@ -265,3 +265,19 @@ def test_a_second_derivative_through_the_kernel_is_an_error_not_a_silently_missi
                 torch.autograd.grad(loss + penalty, list(m.tt_cores))
     for a, b in zip(grads["cpu"], grads["torch"]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q,r", [((1, 2), (2**30,)), ((2**16, 2**15), (2,)), ((2, 2, 2), (2**15, 2**16))])
+def test_shapes_past_the_kernels_32_bit_counts_are_refused_before_native_code(q, r):
+    """tt_shape_t holds q_k and R_k in 32-bit ints, and the GEMMs take 32-bit sizes: a partial
+    product's row width (q_1...q_k R_k+1) or a slice (R_k q_k R_k+1) of 2^31 floats or more would
+    wrap (not reproduced: such cores take >= 8 GB); refused by the spec, so 'auto' takes the reference."""
+    p = (3,) * len(q)
+    spec = ttrec.TTSpec(math.prod(p), math.prod(q), p, q, r)
+    widths = [max(math.prod(q[:k + 1]) * spec.ranks[k + 1], spec.ranks[k] * q[k] * spec.ranks[k + 1])
+              for k in range(spec.d)]
+    assert max(widths) >= 2**31
+    assert "32-bit ints" in ops.check_supported([], spec)
+    # one below the limit passes the spec check (and reaches the core checks)
+    small = ttrec.TTSpec(math.prod(p), math.prod(q[:-1]), p, (*q[:-1], 1), tuple(min(x, 2**14) for x in r))
+    assert ops.check_supported([], small) == f"got 0 cores; the spec has d={small.d}"

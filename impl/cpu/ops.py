@@ -134,7 +134,18 @@ def _spec_facts(spec: TTSpec) -> tuple[str | None, tuple[torch.Size, ...]]:
     if key_bits > 40:
         return (f"tt_p_shapes={spec.tt_p_shapes} need {key_bits}-bit sort keys; the native kernel supports "
                 "up to 40 (about 10^12 rows)"), shapes
+    widest = _widest_int32(spec)
+    if widest >= 2**31:
+        return (f"tt_q_shapes={spec.tt_q_shapes} with ranks={spec.ranks} make a partial-product row or core slice of "
+                f"{widest} floats; the native kernel indexes them with 32-bit ints (below 2^31)"), shapes
     return None, shapes
+
+
+def _widest_int32(spec: TTSpec) -> int:
+    """The largest count the kernel holds in a 32-bit int (tt_shape_t's q and r, GEMM sizes): a
+    partial product's row width q_1...q_k R_k+1 and a core slice R_k q_k R_k+1, over k."""
+    r, q = spec.ranks, spec.tt_q_shapes  # ranks R_0..R_d (R_0 = R_d = 1)
+    return max(max(math.prod(q[:k + 1]) * r[k + 1], r[k] * q[k] * r[k + 1]) for k in range(spec.d))
 
 
 # The checks below run several times per training step, right after native calls, when every

@@ -29,7 +29,9 @@ from .config import BenchConfig, Task, check_output_dirs, check_override_keys, r
 from .environment import capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
-from .results import IGNORED_SECTIONS, RESULTS_FILE, claim_point, clear_failure, measured_twin, record_failure, write_rows
+from .callbacks import drop_job_log, own_job_log
+from .results import (IGNORED_SECTIONS, RESULTS_FILE, PointRefused, claim_point, clear_failure, measured_twin,
+                      record_failure, write_rows)
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -205,6 +207,7 @@ def main(cfg: DictConfig) -> None:
         clear_failure(out)
         _run(cfg, hc, out)
     except Exception as exc:
+        drop_job_log() if isinstance(exc, PointRefused) else own_job_log()  # (the directory is another run's)
         path = record_failure(out, exc)
         if hc.mode == RunMode.MULTIRUN:
             log.error("job %s failed: %s: %s (traceback: %s)", hc.job.num, type(exc).__name__, exc, path)
@@ -233,6 +236,7 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
                          f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
                          f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
     if bench.task in (Task.paper, Task.training):
+        own_job_log()
         save_run_config(out, cfg, hc)  # the preset's own directory (each experiment's jobs write theirs)
     if bench.task == Task.paper:
         paper.run_all(bench, hc)
@@ -243,13 +247,16 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     # a sweep over settings this implementation never reads (nn.EmbeddingBag over tt.rank) times it once
     if (bench.task == Task.time and hc.mode == RunMode.MULTIRUN and not bench.redo
             and (twin := measured_twin(out, cfg)) is not None):
+        own_job_log()  # (this job's own directory of the sweep)
         log.info("not measured again: impl=%s reads no %s setting, and this sweep measured the same point in %s "
                  "(redo=true measures it here too)", bench.impl.name.value,
                  "/".join(f"{k}.*" for k in IGNORED_SECTIONS[bench.impl.name.value]), twin)
         return
     if not claim_point(out, cfg, redo=bench.redo):
+        drop_job_log()  # the finished point's log is the run's that measured it
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
         return
+    own_job_log()
     save_run_config(out, cfg, hc)
     if bench.task in COMPUTED_TASKS:
         rows = COMPUTED_TASKS[bench.task](bench, experiment)

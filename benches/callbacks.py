@@ -22,6 +22,56 @@ from .results import AGGREGATE_FILE, RESULTS_FILE, aggregate, begin_sweep, end_s
 log = logging.getLogger("ttrec.bench")
 
 
+class JobLogFile(logging.FileHandler):
+    """Hydra's job log file (``<job dir>/<job name>.log``; conf/bench.yaml puts this class in
+    hydra.job_logging), written only by a job that owns its directory. Records wait in memory until
+    the job claims its point or fails on its own (:func:`own_job_log`); a job refused the directory
+    (another run measures there) or skipping a finished point drops them (:func:`drop_job_log`):
+    they were on the console, and the directory's log stays that of the run that measured there
+    (a refused run's progress line and error read as that run's)."""
+
+    MAX_HELD = 10_000  # records held before the claim (a job logs a few): beyond, the oldest go
+
+    def __init__(self, filename, mode: str = "a", encoding: str | None = None, delay: bool = True,
+                 errors: str | None = None) -> None:
+        super().__init__(filename, mode, encoding, delay=True, errors=errors)  # opened on the first write
+        self.held: list[logging.LogRecord] | None = []  # None once owned or dropped
+        self.owned = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.owned:
+            super().emit(record)
+        elif self.held is not None:
+            self.held.append(record)
+            del self.held[:-self.MAX_HELD]
+
+    def own(self) -> None:
+        if self.held is None:  # owned already, or dropped: a dropped job's log stays dropped
+            return
+        held, self.held, self.owned = self.held, None, True
+        for record in held:
+            super().emit(record)
+
+    def drop(self) -> None:
+        self.held = None
+
+
+def _job_log_files() -> list[JobLogFile]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, JobLogFile)]
+
+
+def own_job_log() -> None:
+    """This job owns its directory: its log lines so far, and from now on, go to its log file."""
+    for h in _job_log_files():
+        h.own()
+
+
+def drop_job_log() -> None:
+    """This job does not own its directory: none of its log lines go to the log file there."""
+    for h in _job_log_files():
+        h.drop()
+
+
 def sweep_size(config: DictConfig) -> int | None:
     """Jobs in the sweep: the product of the sweep lengths of the preset's sweeper params, with the
     command line's overrides taking precedence key by key. A glob over a config group

@@ -387,3 +387,29 @@ def test_a_glob_sweep_logs_its_progress(tmp_path):
     for k in (1, 2, 3):
         assert f"[job {k}/3] impl=" in done.stdout
     assert sorted(pd.read_csv(sweep / AGGREGATE_FILE)["job_dir"].astype(str).unique()) == ["0", "1", "2"]
+
+
+def test_a_job_refused_its_directory_or_skipping_its_point_leaves_the_directorys_log_alone(tmp_path):
+    """The job log (<job dir>/app.log) is the measuring run's: a later sweep refused that directory
+    (another point) wrote its progress line and 'job 0 failed: PointRefused' there, which read as if
+    that directory's job had run the other point and failed; a re-run skipping the finished point
+    appended its lines too."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "table=tiny", "workload.batch_size=64", "timing.threads=1", "timing.warmup=1", "timing.min_repeats=2",
+            "timing.max_repeats=3", "timing.target_time_s=0.01", f"hydra.sweep.dir={sweep}",
+            f"figures_dir={tmp_path / 'figs'}"]
+    first = run_app(*args, "tt.rank=8", timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log_file = sweep / "0" / "app.log"
+    measured = log_file.read_text()
+    assert "tt.rank=8" in measured and "ns/lookup" in measured  # the measuring job's own lines are there
+    refused = run_app(*args, "tt.rank=16", timeout=300)
+    assert refused.returncode == 1 and "already holds results of a different point" in refused.stderr + refused.stdout
+    skipped = run_app(*args, "tt.rank=8", timeout=300)
+    assert skipped.returncode == 0 and "already measured, skipped" in skipped.stdout + skipped.stderr
+    assert log_file.read_text() == measured
+    # a job that owns its directory still logs there, its lines from before the claim included
+    redo = run_app(*args, "tt.rank=16", "redo=true", timeout=300)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    after = log_file.read_text()
+    assert after.startswith(measured) and "[job 1/1]" in after[len(measured):] and "tt.rank=16" in after[len(measured):]

@@ -99,11 +99,18 @@ def _read(path: Path, cls: dict) -> dict:
                          f"match this run's ({FORMAT}, {cls}){fix}")
     for name, entry in data["benchmarks"].items():
         v = entry.get("normalised_median") if isinstance(entry, dict) else entry
-        if not isinstance(entry, dict) or isinstance(v, bool) or not isinstance(v, (int, float)) \
-                or not math.isfinite(v) or v <= 0:
+        if not isinstance(entry, dict) or not _positive_number(v):
             raise ValueError(f"{path}: benchmarks.{name}.normalised_median: got {v!r}; must be a finite number > 0"
                              + fix.replace(";", " (") + ")")
+        runs = entry.get("runs", [])  # pooled by --add-to-baseline: junk there was a traceback after measuring
+        if not isinstance(runs, list) or not all(_positive_number(x) for x in runs):
+            raise ValueError(f"{path}: benchmarks.{name}.runs: got {runs!r}; must be a list of finite numbers > 0 "
+                             "(the normalised medians of the recorded runs)" + fix)
     return data
+
+
+def _positive_number(v: object) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
 def merged(cls: dict, entries: dict[str, dict], directory: Path = DEFAULT_DIR) -> tuple[dict[str, dict], list[str]]:

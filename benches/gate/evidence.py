@@ -15,6 +15,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -28,20 +29,27 @@ GATED = "tt_cpu_train_fused_sgd"  # the metric whose detection rate the evidence
 
 
 def _factors(text: str) -> list[float]:
+    """The plant factors of ``--plant``: distinct finite numbers >= 1 (what TTREC_PLANT_SLOWDOWN accepts;
+    a repeated factor's runs would share one artifact directory and be counted twice in its row)."""
     try:
         fs = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--plant: got {text!r}; expected comma-separated numbers >= 1") from None
-    if not fs or any(not f >= 1 for f in fs):
-        raise argparse.ArgumentTypeError(f"--plant: got {text!r}; every factor must be a number >= 1")
+    if not fs or any(not (math.isfinite(f) and f >= 1) for f in fs):
+        raise argparse.ArgumentTypeError(f"--plant: got {text!r}; every factor must be a finite number >= 1")
+    if len(set(fs)) != len(fs):
+        raise argparse.ArgumentTypeError(f"--plant: got {text!r}; every factor at most once")
     return fs
 
 
 def run_gate(factor: float, out: Path, gate_args: list[str]) -> dict:
+    """One full gate run with plant ``factor`` writing into ``out``: its exit code, wall seconds and
+    artifact (empty when this run wrote none)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("TTREC_PLANT_SLOWDOWN", None)
     if factor != 1.0:
         env["TTREC_PLANT_SLOWDOWN"] = repr(factor)
+    (out / "gate.json").unlink(missing_ok=True)  # (a reused --artifacts: never read an earlier session's verdicts)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "benches.gate", "--out", str(out), *gate_args], cwd=ROOT, env=env,
                           capture_output=True, text=True)
@@ -174,9 +182,16 @@ def _write(rows, args, env, threshold, started) -> None:
 
 
 def _resummarise(args) -> int:
-    """Rebuild summary.md from runs.csv (types restored) and the first gate artifact's environment."""
+    """Rebuild summary.md from runs.csv (types restored), the environment and threshold of the gate
+    artifacts, and the start of the earliest of them (its file time less its wall time)."""
     if args.artifacts is None:
         raise SystemExit("--resummarise needs --artifacts (the gate artifacts of the runs, for the environment)")
+    if not (args.out / "runs.csv").is_file():
+        raise SystemExit(f"--resummarise: {args.out / 'runs.csv'} does not exist (--out: the directory of runs.csv)")
+    artifacts = [(p, json.loads(p.read_text())) for p in sorted(args.artifacts.glob("*/gate.json"))]
+    decided = [(p, a) for p, a in artifacts if "threshold" in a.get("decision", {}) and "environment" in a]
+    if not decided:
+        raise SystemExit(f"--artifacts: got {str(args.artifacts)!r}; no <run>/gate.json of a gate decision in it")
     with open(args.out / "runs.csv") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
@@ -185,10 +200,9 @@ def _resummarise(args) -> int:
         for key in ("threshold", "ratio", "confirmation_ratio", "raw_median_ms"):
             r[key] = float(r[key]) if r.get(key) not in (None, "") else None
         r["metric"] = r["metric"] or None
-    first = sorted(args.artifacts.glob("*/gate.json"))[0]
-    a = json.loads(first.read_text())
-    env, threshold = a["environment"], str(a["decision"]["threshold"])
-    started = dt.datetime.fromtimestamp(first.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    env, threshold = decided[0][1]["environment"], str(decided[0][1]["decision"]["threshold"])
+    start = min(p.stat().st_mtime - float(a.get("wall_seconds") or 0.0) for p, a in artifacts)
+    started = dt.datetime.fromtimestamp(start, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     factors = sorted({r["plant"] for r in rows}, key=args.plant.index if set(args.plant) >= {r["plant"] for r in rows}
                      else None)
     (args.out / "summary.md").write_text(summary(rows, factors, env, threshold, started, args.note))

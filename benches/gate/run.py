@@ -4,10 +4,11 @@
     nox -s gate [-- arguments]
 
 Exit status: 0 pass (also when there is no baseline for this machine class: a warning, see
-``--require-baseline``), 1 regression, 2 bad arguments or an unusable baseline file (checked before
-measuring), 3 no baseline with ``--require-baseline``,
-4 the benchmarks themselves failed. The artifact (``<out>/gate.json``) holds pytest-benchmark's own
-JSON of every run, the decision and the environment.
+``--require-baseline``), 1 regression, 2 bad arguments, a bad ``TTREC_PLANT_SLOWDOWN`` or an unusable
+baseline file (checked before measuring), 3 no baseline with ``--require-baseline``,
+4 the benchmarks themselves failed or wrote output the decision cannot use (the artifact keeps the
+first pass's verdicts when it was the confirmation run). The artifact (``<out>/gate.json``) holds
+pytest-benchmark's own JSON of every run, the decision and the environment.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from ttrec.cpu import plant
 from ..environment import capture
 from . import baselines
 from .calibration import IDENTITY
-from .decision import (DEFAULT_THRESHOLD, FASTER, NO_BASELINE, Measurement, confirm, decide, exit_code, suspects,
-                       table)
+from .decision import (DEFAULT_THRESHOLD, FASTER, NO_BASELINE, Measurement, confirm, confirmation_bar, decide,
+                       exit_code, suspects, table)
 from .points import SCALES, cuda_present, points
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-runs", type=_positive_int("--baseline-runs"), default=3,
                    help="runs whose per-benchmark median makes a new baseline (default 3)")
     p.add_argument("--threshold", type=_positive_float("--threshold", 1.0), default=DEFAULT_THRESHOLD,
-                   help=f"fail when normalised current / baseline exceeds this (default {DEFAULT_THRESHOLD})")
+                   help=f"ratio (normalised current / baseline) above which a point is suspect (default "
+                        f"{DEFAULT_THRESHOLD}); a point's own higher threshold (README's table) is kept. A suspect "
+                        "gated point is measured again and fails only if the re-run's ratio also exceeds the "
+                        "confirmation bar, halfway from 1 to its threshold "
+                        f"({confirmation_bar(DEFAULT_THRESHOLD):.2f} for {DEFAULT_THRESHOLD}; --no-confirm: it "
+                        "fails at once); reference points never fail")
     p.add_argument("--threads", type=_positive_int("--threads"), default=1,
                    help="intra-op threads of every benchmark and calibration (default 1, see README)")
     p.add_argument("--scale", choices=sorted(SCALES), default="default", help="benchmark sizes (smoke: tests)")
@@ -119,10 +125,17 @@ def run_benchmarks(json_path: Path, options: dict, names: list[str]) -> dict:
 
 
 def measurements(bench_json: dict) -> dict[str, Measurement]:
+    """The gate's measurements in one pytest-benchmark JSON, by point name. Output the decision cannot
+    use (missing fields, an empty or non-positive time) is :class:`BenchmarksFailed` (exit 4), never a
+    traceback (whose exit 1 reads as a regression)."""
     out = {}
-    for b in bench_json["benchmarks"]:
-        e = b["extra_info"]
-        out[e["gate_point"]] = Measurement(e["gate_point"], tuple(e["round_seconds"]), tuple(e["calibration_seconds"]))
+    try:
+        for b in bench_json["benchmarks"]:
+            e = b["extra_info"]
+            out[e["gate_point"]] = Measurement(e["gate_point"], tuple(e["round_seconds"]),
+                                               tuple(e["calibration_seconds"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BenchmarksFailed(f"the benchmarks' output cannot be used ({type(exc).__name__}: {exc})") from None
     return out
 
 
@@ -149,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_rounds < args.min_rounds:
         parser().error(f"--max-rounds: got {args.max_rounds}; must be >= --min-rounds ({args.min_rounds})")
     recording = args.update_baseline or args.add_to_baseline
-    if recording and plant.factor() != 1.0:
+    try:  # a bad value fails every benchmark (exit 4 after the runs) or, recording, was a traceback (exit 1)
+        planted = plant.factor()
+    except ValueError as exc:
+        parser().error(str(exc))
+    if recording and planted != 1.0:
         parser().error(f"{plant.ENV}={os.environ[plant.ENV]} is set: a baseline recorded with a planted slowdown "
                        "would make this machine class's gate that much more lenient; unset it to record")
     out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     cls = baselines.machine_class(env, args.threads, args.scale, cuda_present())
     artifact = {"method": METHOD, "machine_class": cls, "environment": env, "options": options,
                 "plant_slowdown": os.environ.get("TTREC_PLANT_SLOWDOWN"), "loadavg_before": _load(), "runs": {}}
-    base, message = None, ""
+    base, message, first_pass = None, "", []
     try:  # read before measuring: a corrupt or unusable baseline is a usage error (exit 2), never a verdict
         if args.add_to_baseline:
             baselines.merged(cls, {}, args.baseline_dir)  # (checks the stored file that the new runs join)
@@ -208,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         own = {p.name: p.threshold for p in known if p.threshold is not None and p.threshold > args.threshold}
         verdicts = decide(current, base, args.threshold, own, report_only={p.name for p in known if not p.gated})
         again = [] if args.no_confirm else suspects(verdicts)
+        first_pass = [v.as_dict() for v in verdicts]  # kept in the artifact should the re-run fail
         if again:
             print(f"\ngate: {again} above the threshold; measuring them once more to confirm")
             artifact["runs"]["confirmation"] = run_benchmarks(out / "benchmark_confirmation.json", options, again)
@@ -235,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return _finish(artifact, out, started, code)
     except BenchmarksFailed as exc:
         print(f"gate: {exc}", file=sys.stderr)
-        artifact["decision"] = {"error": str(exc), "exit_code": EXIT_BENCH_FAILED}
+        artifact["decision"] = {"error": str(exc), "exit_code": EXIT_BENCH_FAILED,
+                                **({"first_pass_verdicts": first_pass} if first_pass else {})}
         return _finish(artifact, out, started, EXIT_BENCH_FAILED)
 
 

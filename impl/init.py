@@ -112,9 +112,16 @@ class RowStats:
 def row_stats(
     cores: list[torch.Tensor], spec: TTSpec, n_rows: int = 2048, generator: torch.Generator | None = None
 ) -> RowStats:
-    """Reconstruct ``n_rows`` random rows and compare their entries with N(0, 1/(3N))."""
+    """Reconstruct ``n_rows`` random rows (at most N) and compare their entries with N(0, 1/(3N)).
+
+    ``cores`` must have ``spec.core_shapes``; ``n_rows`` is an int >= 1."""
     from .reference import tt_rows  # local: reference imports nothing from here, keep it one-way
 
+    if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 1:
+        raise ValueError(f"n_rows: got {n_rows!r}; must be an int >= 1 (rows to reconstruct)")
+    shapes = [tuple(c.shape) for c in cores]
+    if shapes != spec.core_shapes:
+        raise ValueError(f"cores: got shapes {shapes}; the spec's core shapes are {spec.core_shapes}")
     n_rows = min(n_rows, spec.num_embeddings)
     idx = torch.randperm(spec.num_embeddings, generator=generator)[:n_rows]
     with torch.no_grad():

@@ -90,6 +90,8 @@ def suggest_tt_shapes(
     num_embeddings: int, embedding_dim: int, d: int = 3
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(p-shapes, q-shapes) for a table, e.g. (10131227, 16) -> ((200, 220, 250), (2, 2, 4))."""
+    _check_int("num_embeddings", num_embeddings, minimum=1)
+    _check_int("embedding_dim", embedding_dim, minimum=1)
     return suggest_shape(num_embeddings, d, round_up=True), suggest_shape(
         embedding_dim, d, round_up=False
     )

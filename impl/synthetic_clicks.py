@@ -60,6 +60,9 @@ class ClickBatch:
         return self.labels.numel()
 
     def split(self, size: int) -> list["ClickBatch"]:
+        """Consecutive pieces of ``size`` samples (the last may be smaller)."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size: got {size!r}; must be an int >= 1 (samples per piece)")
         return [ClickBatch(self.dense[s:s + size], self.sparse[s:s + size], self.labels[s:s + size])
                 for s in range(0, len(self), size)]
 

@@ -16,7 +16,8 @@ Index distributions (``distribution``):
   lookups (in expectation; a batch's count is Binomial(lookups, hit_rate)). With ``hit_rate < 1``
   rows outside the hot set must exist: a ``hot_fraction`` whose hot set, round(hot_fraction * N),
   is the whole table (e.g. 1.0) is an error; only a one-row table is all hot (every lookup is its
-  one row).
+  one row). With ``hit_rate = 1`` the hot set is round(hot_fraction * N) rows, the whole table
+  included (hot_fraction 1.0 is then uniform over every row).
 
 The table mapping (Zipf permutation, hot set) is drawn once per stream from its own seed, so every
 batch of a stream shares the same hot rows; the draws come from a second generator.
@@ -27,8 +28,9 @@ standard deviation is sqrt(s (s + 1) / 3): s is the integer that brings it neare
 (:func:`uniform_half_width`; sigma 2 gives s = 3, exactly sd 2). The smallest spread is s = 1,
 sd 0.816: a sigma up to half of that, 0.408, would give no spread and is an error; the lower end
 is clipped at 0).
-Clipping at 0 raises the mean above L when sigma is comparable to L; the measured mean is reported
-by :func:`batch_stats`.
+Clipping at 0 raises the mean above L when sigma is comparable to L; the measured mean is the
+batch's lookups / bags (``Batch.num_lookups / Batch.num_bags``), the bench's result column
+``measured_pooling_factor``.
 
 ``reuse_fraction``: in batch t >= 1 each lookup is, with this probability, a copy of a uniformly
 chosen lookup of batch t - 1 (the same row), else a fresh draw. Copies have the marginal law of
@@ -39,6 +41,7 @@ overlap between consecutive batches grows. Batch 0 has no predecessor.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Iterator
 
@@ -91,6 +94,13 @@ class Workload:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"workload.{name}: got {value!r} ({type(value).__name__}); expected an int")
+        for name in ("permute", "weighted"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                # a truthy non-bool ("false", "no", 0.0 ...) would silently switch the setting
+                raise TypeError(f"workload.{name}: got {value!r} ({type(value).__name__}); expected a bool "
+                                "(True or False)")
+            object.__setattr__(self, name, bool(value))
         for name in ("zipf_alpha", "hit_rate", "hot_fraction", "pooling_sigma", "reuse_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -165,10 +175,11 @@ def uniform_half_width(sigma: float) -> int:
 
 
 def hot_set_size(workload: Workload, num_embeddings: int) -> int:
-    """Rows in the hot set: round(hot_fraction * N), at least 1, and at most N - 1 so that rows
-    outside it exist (a one-row table is all hot)."""
-    h = max(1, round(workload.hot_fraction * num_embeddings))
-    return min(h, max(1, num_embeddings - 1))
+    """Rows in the hot set: round(hot_fraction * N), at least 1; with ``hit_rate < 1`` at most N - 1,
+    so that rows outside it exist (a one-row table is all hot). With ``hit_rate == 1`` no lookup is
+    drawn outside it, so it may be the whole table (hot_fraction 1.0: every row)."""
+    h = min(max(1, round(workload.hot_fraction * num_embeddings)), num_embeddings)
+    return h if workload.hit_rate == 1 else min(h, max(1, num_embeddings - 1))
 
 
 class WorkloadStream:
@@ -272,7 +283,21 @@ def batch_stats(batch: Batch, p_shapes: tuple[int, ...] | None = None, *,
     n = max(1, batch.num_lookups)
     out = {"unique_row_ratio": torch.unique(batch.indices).numel() / n}
     if p_shapes is not None:
+        _check_p_shapes(p_shapes, batch.indices)
         out["unique_prefix_ratio"] = torch.unique(batch.indices // p_shapes[-1]).numel() / n
     if previous is not None:
         out["reuse_ratio"] = float(torch.isin(batch.indices, previous.indices).sum()) / n
     return out
+
+
+def _check_p_shapes(p_shapes, indices: torch.Tensor) -> None:
+    """``p_shapes`` must be ints >= 1 whose product covers every row of ``indices`` (else the
+    digits of a row, and so its prefix, are not defined)."""
+    if (not isinstance(p_shapes, (tuple, list)) or not p_shapes
+            or any(isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1 for p in p_shapes)):
+        raise ValueError(f"p_shapes: got {p_shapes!r}; expected a tuple of ints >= 1 (the TT row factors)")
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= math.prod(p_shapes):
+            raise ValueError(f"p_shapes: got {tuple(p_shapes)} (product {math.prod(p_shapes)}) for rows {lo}..{hi}; "
+                             f"the product must exceed every row index (rows are 0..prod(p_shapes) - 1)")

@@ -13,14 +13,16 @@ import torch
 __all__ = ["capture", "thread_round_trip_ns", "usable_cpus"]
 
 _ROOT = Path(__file__).resolve().parents[1]
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine() of the CPUs that have "flags" to read
 
 
-def _git(*args: str) -> str:
+def _git(*args: str) -> str | None:
+    """git's output, or None where git cannot tell (no git, not a repository, refused: "dubious ownership")."""
     try:
         done = subprocess.run(["git", *args], cwd=_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -56,12 +58,14 @@ def _cpu_isa() -> str:
     The model name alone does not tell: virtual machines report Zen 2 and an AVX-512 EPYC both as "AMD EPYC"."""
     from ttrec.cpu.build import cpu_flags
 
-    flags = cpu_flags()
+    flags, machine = cpu_flags(), platform.machine().lower()
     if "avx512f" in flags:
         return "avx512"
     if "avx2" in flags:
         return "avx2"
-    return platform.machine().lower() or "unknown"
+    if not flags and machine in _X86:  # no /proc/cpuinfo flags (not Linux, or hidden): not known to lack AVX2
+        return "unknown"
+    return machine or "unknown"
 
 
 def _gpu() -> dict[str, str]:
@@ -84,7 +88,7 @@ def _static() -> dict[str, str]:
     import numpy
 
     sha = _git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    status = _git("status", "--porcelain", "--untracked-files=no")  # None: unknown, not clean
     try:
         import cupy
 
@@ -93,7 +97,7 @@ def _static() -> dict[str, str]:
         cupy_version = "not installed"
     return {
         "git_sha": sha,
-        "git_dirty": str(dirty),
+        "git_dirty": "unknown" if status is None else str(bool(status)),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": str(torch.version.cuda),

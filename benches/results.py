@@ -13,8 +13,8 @@ import fcntl
 import io
 import math
 import os
+import secrets
 import socket
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -270,12 +270,26 @@ def _table(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new file beside ``path`` for writing, with the permissions of any new file (the umask's):
+    tempfile.mkstemp's are 0600, and the rename would leave the results unreadable to other users."""
+    while True:
+        tmp = path.parent / f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def write_rows(rows: list[dict] | pd.DataFrame, path: str | Path) -> Path:
     """Write ``rows`` (dicts, or a table) to ``path`` atomically (temp file + rename)."""
     path = Path(path)
     df = rows if isinstance(rows, pd.DataFrame) else _table(rows)
+    if len(df.columns) == 0:  # the file would hold no header: unreadable, and collect() would fail on it
+        raise ValueError(f"rows: got {len(df)} rows without a column for {path}; a results file needs at least "
+                         f"one row with its columns")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "w", newline="") as f:
             df.to_csv(f, index=False)

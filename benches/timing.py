@@ -17,14 +17,14 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 __all__ = ["Stats", "measure"]
 
 
 @dataclass(frozen=True)
 class Stats:
-    """Per-call times in seconds: median, quartiles, n timed calls, and the raw samples."""
+    """Per-call times in seconds (after :meth:`map`, in its unit): median, quartiles, n timed calls, the raw samples."""
 
     median: float
     q1: float
@@ -37,12 +37,16 @@ class Stats:
         return self.q3 - self.q1
 
     @classmethod
-    def of(cls, samples: list[float]) -> "Stats":
+    def of(cls, samples: Iterable[float]) -> "Stats":
+        """Quartiles by linear interpolation between order statistics (numpy's default method)."""
+        samples = tuple(samples)  # (an iterator is read once: the samples kept are the ones counted)
+        if not samples:
+            raise ValueError("samples: got none; Stats needs at least one sample")
         s = sorted(samples)
         if len(s) == 1:
-            return cls(s[0], s[0], s[0], 1, tuple(samples))
+            return cls(s[0], s[0], s[0], 1, samples)
         q1, med, q3 = statistics.quantiles(s, n=4, method="inclusive")
-        return cls(med, q1, q3, len(s), tuple(samples))
+        return cls(med, q1, q3, len(s), samples)
 
     def map(self, f: Callable[[float], float]) -> "Stats":
         """Stats of f(sample) (e.g. seconds -> lookups/s); quantiles recomputed, so order flips are handled."""
@@ -87,6 +91,17 @@ def measure(
             samples.append(time.perf_counter() - t0)
             total += samples[-1]
         return Stats.of(samples)
+    import torch
+
+    # events are recorded on the current device's stream and synchronize() waits for the current
+    # device: on cuda:N they must be N's (else they time another device's empty stream)
+    with torch.cuda.device(device):
+        return _measure_cuda(fn, warmup, min_repeats, max_repeats, target_time_s, device, flush_l2)
+
+
+def _measure_cuda(fn: Callable[[], object], warmup: int, min_repeats: int, max_repeats: int, target_time_s: float,
+                  device: str, flush_l2: bool) -> Stats:
+    """The GPU protocol of :func:`measure` (``device`` is the current CUDA device)."""
     import torch
 
     flush_buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None

@@ -120,6 +120,10 @@ def plot_model_size(df: pd.DataFrame, out_dir: str | Path, name: str = "fig5_mod
     _style()
     d = _metric(df, ["tt_bytes", "uncompressed_bytes", "reduction", "model_bytes"], "Figure 5",
                 ("dataset", "tt_tables"))
+    ranks = sorted(d.loc[d["tt_tables"] > 0, "tt_rank"].dropna().unique()) if "tt_rank" in d else []
+    if len(ranks) > 1:  # one bar per (dataset, k): several ranks would be drawn as whichever row came first
+        raise ValueError(f"df: Figure 5 draws one TT rank; got tt_rank {[int(r) for r in ranks]} (one table per "
+                         "tt.rank)")
     wide = d.pivot_table(index=["dataset", "tt_tables"], columns="metric", values="median", aggfunc="first")
     needed = {"tt_bytes", "uncompressed_bytes", "reduction", "model_bytes"} - set(wide.columns)
     if needed:

@@ -129,16 +129,31 @@ def _environment(results: dict[str, pd.DataFrame]) -> list[str]:
 
 
 def _scale(results: dict[str, pd.DataFrame]) -> str:
-    for df in results.values():
-        if "scale" in df.columns and df["scale"].notna().any():
-            return ", ".join(sorted(df["scale"].dropna().astype(str).unique()))
-    return "unknown"
+    """Every scale the tables were measured at (tables of several runs may sit in one directory)."""
+    scales = {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
+    return ", ".join(sorted(scales)) or "unknown"
+
+
+def _claims(results: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The claims of each experiment in ``results`` (:func:`reports.claims.claims`, one experiment at a
+    time, in report order), and why an experiment's claims could not be checked (its table lacks rows or
+    columns they need, e.g. a sweep some of whose jobs failed): stated in the report, not fatal to it."""
+    from reports.claims import CLAIM_COLUMNS, claims
+
+    frames, failed = [], {}
+    for name in [n for n in ARTIFACTS if n in results]:
+        try:
+            frames.append(claims({name: results[name]}))
+        except Exception as exc:  # like a figure that cannot be drawn: the report says so and goes on
+            log.warning("%s: claims not checked: %s", name, exc)
+            failed[name] = str(exc)
+    frames = [f for f in frames if not f.empty]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CLAIM_COLUMNS)
+    return table, failed
 
 
 def build(results_dir: str | Path, out_dir: str | Path, command: str | None = None) -> Path:
     """Figures, tables and REPORT.md for every experiment in ``results_dir``, into ``out_dir``."""
-    from reports.claims import claims
-
     results = load_results(results_dir)
     out = Path(out_dir)
     figs, tables = out / "figures", out / "results"
@@ -154,7 +169,7 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         shutil.copyfile(timings, tables / "timings.csv")
     timings = tables / "timings.csv"
     arts = _artifacts()
-    table = claims(results)
+    table, unchecked = _claims(results)
     missing = [n for n in ARTIFACTS if n not in results]
     lines = [
         "# TT-Rec reproduction report",
@@ -180,6 +195,8 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         lines.append("(no claim could be checked: no experiment tables)")
     else:
         lines += _md_table(table[["artifact", "claim", "paper", "measured", "rule", "agrees"]])
+    if unchecked:
+        lines += ["", f"Claims not checked (the table lacks what they need; see the section): {', '.join(unchecked)}."]
     if missing:
         lines += ["", f"Not in this run: {', '.join(missing)} (run `nox -s bench -- experiment=NAME`)."]
     if timings.exists():
@@ -204,6 +221,8 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         lines += [f"![{name}](figures/{p.name})" for p in pngs if p.suffix == ".png"]
         if failure:
             lines.append(failure)
+        if name in unchecked:
+            lines += ["", f"Claims not checked: {unchecked[name]}"]
         part = table[table["experiment"] == name] if not table.empty else table
         if not part.empty:
             lines += ["", *_md_table(part[["claim", "paper", "measured", "rule", "agrees", "note"]])]

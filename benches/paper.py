@@ -80,9 +80,15 @@ def run_all(cfg: BenchConfig, hc, experiments: tuple[str, ...] = EXPERIMENTS, la
                  _clock(seconds), _clock(time.monotonic() - start), ", ".join(experiments[i + 1:]) or "nothing")
     from reports.report import build
 
-    report = build(root, root / "report", command=f"python -m benches.app experiment={label} scale={cfg.scale.name}")
-    log.info("%s: all experiments in %s; report: %s", label, _clock(time.monotonic() - start), report)
     failed = [t["experiment"] for t in timings if not t["status"].startswith("ok")]
+    try:
+        report = build(root, root / "report",
+                       command=f"python -m benches.app experiment={label} scale={cfg.scale.name}")
+    except Exception as exc:  # (e.g. every experiment failed: no table to report on) the failures come first
+        if failed:
+            raise RuntimeError(f"experiments failed: {failed} (their logs are above); no report: {exc}") from exc
+        raise
+    log.info("%s: all experiments in %s; report: %s", label, _clock(time.monotonic() - start), report)
     if failed:
         raise RuntimeError(f"experiments failed: {failed} (their logs are above; the others' results are in {root})")
     return report

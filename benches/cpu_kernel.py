@@ -485,10 +485,18 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               "Forward parts: chains and last_core lie within chains_and_last_core (per thread: the mean over the "
               "threads; timed only in the profiled uniform forward), sort_radix within sort.", "",
               "| call | phase | ms |", "| --- | --- | ---: |"]
+    not_run = {}  # a timer that reads exactly 0 s: its phase is not on this call's path
     for call, st in phases.items():
         for key, value in st.items():
             if key.startswith("seconds_"):
+                if value == 0:
+                    not_run.setdefault(call, []).append(key[len("seconds_"):])
+                    continue
                 lines.append(f"| {call} | {key[len('seconds_'):]} | {value * 1e3:.2f} |")
+    if not_run:
+        lines += ["", "Not on these calls' paths (their timers read 0 s): " + "; ".join(
+            f"{call}: {', '.join(names)}" for call, names in not_run.items()) + " (the d = 3 backward reuses the "
+            "sort and prefix chains its forward kept, and has no per-core phases of its own before the i2 buckets)."]
     return "\n".join(lines) + "\n"
 
 

@@ -360,3 +360,21 @@ def test_train_step_flops_scale_with_the_spec():
         want = 3 * 100 * (2 * q1 * r1 * q2 * r2 + 2 * q1 * q2 * r2 * q3)
         got = train_step_flops(table, rank, 100, {"unique_prefix_ratio": 1.0, "unique_row_ratio": 1.0})
         assert math.isclose(got, want)
+
+
+def test_phase_table_lists_timers_that_ran_and_names_those_not_on_the_path():
+    """The d = 3 backward's phases of other paths (setup, sort, gather_grad, ... read 0 s: the kept plan
+    spares the sort and chains) were rows of '0.00 ms' beside the ones that ran."""
+    spec = TTSpec.suggest(100_000, 16, 32)
+    indices = list(range(512))
+    reuse = {"unique_prefix_ratio": 1.0, "unique_row_ratio": 1.0}
+    a = _fake_run(indices, spec, reuse, reuse)
+    a["phases"] = {"training backward (Zipf)": {"lookups": 512, "seconds_setup": 0.0, "seconds_sort": 0.0,
+                                                "seconds_first_core": 8e-5, "seconds_i2_buckets": 2.88e-3},
+                   "forward (uniform)": {"seconds_pool": 3e-6}}
+    lines = _report(**a).splitlines()
+    rows = [x for x in lines if x.startswith("| training backward (Zipf) |") or x.startswith("| forward (uniform) |")]
+    assert rows == ["| training backward (Zipf) | first_core | 0.08 |", "| training backward (Zipf) | i2_buckets | 2.88 |",
+                    "| forward (uniform) | pool | 0.00 |"]  # (a phase that ran, however briefly, keeps its row)
+    note = next(x for x in lines if x.startswith("Not on these calls' paths"))
+    assert "training backward (Zipf): setup, sort (" in note

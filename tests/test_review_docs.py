@@ -1,0 +1,105 @@
+"""The README against the tree: config groups and options, presets, file paths, and the numbers it
+cites from committed files (reports/REPORT.md, reports/cpu_kernel/report_*.md)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+KERNEL_REPORTS = ROOT / "reports" / "cpu_kernel"
+
+
+def _config_table() -> dict[str, list[str]]:
+    """The README's Configuration table: group -> the options named in its 'options' cell."""
+    section = README.split("## Configuration", 1)[1]
+    table = section[section.index("| group |"):].split("\n\n", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        rows[cells[0].strip("`")] = re.findall(r"`([^`]+)`", cells[1])
+    return rows
+
+
+def test_config_table_names_every_group_and_option_under_conf():
+    """Every option the README names exists under conf/, and every conf/ option is named."""
+    table = _config_table()
+    builtin = {"hydra/launcher": {"basic"}}  # Hydra's own launcher, no file of ours
+    for group, options in table.items():
+        on_disk = {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
+        assert set(options) - builtin.get(group, set()) == on_disk, group
+    groups = {p.relative_to(ROOT / "conf").as_posix() for p in (ROOT / "conf").rglob("*") if p.is_dir()}
+    assert groups - {"hydra"} == set(table)
+
+
+def test_every_experiment_the_readme_runs_exists():
+    named = set(re.findall(r"experiment=([a-z0-9_]+)", README))
+    presets = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    assert named and named <= presets, named - presets
+
+
+def test_every_repository_path_the_readme_names_exists():
+    paths = set(re.findall(r"`((?:benches|conf|impl|reports|tests|\.ci)/[^`<*|]*?)`", README))
+    assert len(paths) > 10
+    missing = sorted(p for p in paths if not (ROOT / p).exists() and not p.startswith("reports/figures/latest"))
+    assert not missing
+
+
+def test_reference_run_wall_time_is_the_reports():
+    """The Quick start's minutes are those of REPORT.md's wall-time table (kernel-level + training)."""
+    report = (ROOT / "reports" / "REPORT.md").read_text()
+    total = float(re.search(r"Total: ([0-9.]+) minutes", report).group(1))
+    rows = re.findall(r"^\| (\w+) \| default \| ([0-9.]+) \| ok \|$", report, re.M)
+    training = {"table1", "fig7", "fig6", "fig10_training"}
+    paper = sum(float(s) for e, s in rows if e not in training) / 60
+    train = sum(float(s) for e, s in rows if e in training) / 60
+    m = re.search(r"experiments' wall time ([0-9.]+) min: ([0-9.]+) \+ ([0-9.]+)", README)
+    assert m, "the Quick start cites the reference run's wall time from REPORT.md"
+    assert float(m.group(1)) == total
+    assert (float(m.group(2)), float(m.group(3))) == (round(paper, 1), round(train, 1))
+
+
+def _kernel_report(run: str) -> str:
+    return (KERNEL_REPORTS / f"report_{run}.md").read_text()
+
+
+def _fastest_fused(run: str) -> float:
+    return float(re.search(r"fastest rounds: native fused SGD: \*\*([0-9.]+)x", _kernel_report(run)).group(1))
+
+
+def _interleaved_fused(run: str) -> float:
+    return float(re.search(r"native fused SGD: \*\*([0-9.]+)x\*\* \[", _kernel_report(run)).group(1))
+
+
+def _runs(day: str, letters: str) -> list[str]:
+    a, b = letters.split("-")
+    return [f"{day}{chr(c)}" for c in range(ord(a), ord(b) + 1)]
+
+
+def test_intel_fastest_round_ranges_cover_every_intel_run():
+    """The status table's Intel row: its two ranges of fastest-round ratios hold every run's."""
+    row = next(line for line in README.splitlines() if line.startswith("| Intel Xeon VM"))
+    m = re.search(r"fastest rounds \*\*([0-9.]+)-([0-9.]+)x\*\* there, ([0-9.]+)-([0-9.]+)x in slower states", row)
+    fast_lo, fast_hi, slow_lo, slow_hi = map(float, m.groups())
+    runs = _runs("2026-12-02", "o-q") + _runs("2026-12-03", "a-h")
+    values = [_fastest_fused(r) for r in runs]
+    slow = [v for v in values if v > fast_hi]
+    assert min(values) == fast_lo
+    assert (min(slow), max(slow)) == (slow_lo, slow_hi)
+
+
+def test_zen4_runs_below_embeddingbag_are_all_named():
+    """'Not met ... on the Zen 4 VM in runs ...': every Zen 4 run whose interleaved training ratio is
+    below 1 is named there, with its ratio."""
+    m = re.search(r"Zen 4 VM in runs ([a-z, ]+?) \(([0-9.x, and]+) interleaved", README.replace("\n", " "))
+    named = re.findall(r"\b([a-z])\b", m.group(1).replace("and", ","))
+    ratios = [float(x) for x in re.findall(r"([0-9.]+)x", m.group(2))]
+    runs = _runs("2026-12-04", "a-o") + ["2026-12-05a"]
+    below = {r[-1]: _interleaved_fused(r) for r in runs if _interleaved_fused(r) < 1}
+    assert set(named) == set(below)
+    assert dict(zip(named, ratios)) == pytest.approx(below)

@@ -2,7 +2,7 @@
 
 A point's identity is its name (``<impl>_<backend>_<mode>``); its sizes are fixed per scale, so a
 baseline stays comparable until someone changes a point here (then refresh the baselines).
-Scales: ``default`` (the CI gate, about a minute on a 2-core CPU) and ``smoke`` (tiny sizes, the tests).
+Scales: ``default`` (the CI gate, 25-45 s on the 2-core VMs here; README) and ``smoke`` (tiny sizes, the tests).
 """
 
 from __future__ import annotations

@@ -1,27 +1,33 @@
 """Compile the native CPU kernel once per (source, flags, compiler, CPU) and load it with ctypes.
 
 Why ctypes and a plain C ABI instead of a torch C++ extension: the kernel needs no torch headers,
-so it builds in about 2 s with g++ instead of a minute, and one binary serves every torch version.
-The shared library is cached under ``$TTREC_CACHE_DIR`` (default ``~/.cache/ttrec``); the first
-build is announced on stderr. Builds are atomic (temp file + rename), so concurrent first uses are safe.
+so it builds in 7-20 s with g++ (one translation unit) instead of minutes, and one binary serves
+every torch version. The shared library is cached under ``$TTREC_CACHE_DIR`` (default
+``~/.cache/ttrec``); a build is announced on stderr with the file it writes. Builds are atomic
+(temp file + rename), so concurrent first uses are safe: each may compile, and all load a
+complete library. A cached file that is not a complete library for this CPU, or does not load, is
+rebuilt. ``$CXX`` is a command line (``ccache g++`` works); else g++, else c++.
 """
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import hashlib
 import os
 import platform
+import secrets
+import shlex
 import shutil
+import struct
 import subprocess
 import sys
-import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["SOURCES", "FLAGS", "build", "bind", "library", "unavailable_reason", "expected_unavailable", "cpu_flags",
-           "cpu_reason", "TTShape",
-           "TTStats"]
+__all__ = ["SOURCES", "FLAGS", "build", "bind", "cache_path", "elf_problem", "library", "loaded", "unavailable_reason",
+           "expected_unavailable", "cpu_flags", "cpu_reason", "TTShape", "TTStats"]
 
 HERE = Path(__file__).resolve().parent
 SOURCES = (HERE / "tt_cpu.cpp", *sorted(HERE.glob("*.h")), HERE.parent / "include" / "tt_row.h")  # [0] is compiled; all are hashed
@@ -60,6 +66,22 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def _command(cxx: str) -> list[str]:
+    """The compiler's argv: ``cxx`` split like a shell word list (``CXX="ccache g++"``), unless it
+    names an existing file as a whole (a path with spaces)."""
+    return [cxx] if Path(cxx).is_file() else shlex.split(cxx)
+
+
+def _run(cxx: str, *args: str) -> subprocess.CompletedProcess:
+    """``cxx *args``; a compiler that cannot be started is a RuntimeError naming it and $CXX."""
+    try:
+        return subprocess.run([*_command(cxx), *args], capture_output=True, text=True)
+    except (OSError, ValueError) as exc:  # not found, not executable; ValueError: unbalanced quotes
+        source = "$CXX" if os.environ.get("CXX") == cxx else "the C++ compiler"
+        raise RuntimeError(f"{source} = {cxx!r} cannot be run ({exc}); set CXX to a working C++ compiler "
+                           f"or install g++") from None
+
+
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -84,39 +106,128 @@ def _flags(march: str) -> tuple[str, ...]:
     return tuple(f"-march={march}" if f == "-march=native" else f for f in FLAGS)
 
 
-def build(cxx: str | None = None, march: str = "native") -> Path:
-    """The kernel compiled for ``-march=march`` (cached). The source picks its vector code by what
-    the target has (AVX-512, else AVX2/generic), so tests build the other variant with e.g.
-    ``march="x86-64-v3"`` to run both paths on one AVX-512 machine."""
+def cache_path(cxx: str, march: str = "native") -> Path:
+    """Where the kernel built by ``cxx`` for ``-march=march`` is cached: named by a hash of every
+    source and header, the flags, the compiler's ``--version``, the CPU's flags and the compiler's
+    predefined macros under those flags (the ISA that ``-march`` selects, also where /proc/cpuinfo
+    cannot be read), so a cache directory shared by machines of different ISAs holds one file each."""
+    flags = _flags(march)
+    macros = _run(cxx, *flags, "-E", "-dM", "-x", "c++", os.devnull)
+    h = hashlib.sha256()
+    for part in [*(p.read_bytes() for p in SOURCES), " ".join(flags), _run(cxx, "--version").stdout,
+                 _cpu_flags(), macros.stdout, str(macros.returncode)]:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return _cache_dir() / f"tt_cpu_{h.hexdigest()[:16]}.so"
+
+
+_ELF_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183}  # e_machine of this CPU's code
+
+
+def elf_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete 64-bit shared library for this CPU (None if it is one).
+
+    A cached file that is truncated (a copy cut short, a full disk), not ELF, or for another
+    architecture is caught here, before ``dlopen``, which can crash on a truncated file (SIGBUS)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # e.g. another user's file without read permission
+        return f"unreadable ({exc.strerror})"
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        return "not an ELF file"
+    if data[4:6] != b"\x02\x01":
+        return "not a 64-bit little-endian ELF file"
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    want = _ELF_MACHINES.get(platform.machine().lower())
+    if e_type != 3:
+        return f"not a shared library (ELF type {e_type})"
+    if want is not None and e_machine != want:
+        return f"code for another architecture (ELF machine {e_machine}, this CPU's is {want})"
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    ends = [phoff + phentsize * phnum, shoff + shentsize * shnum]
+    if ends[0] <= len(data):  # each segment's bytes (p_offset, p_filesz of Elf64_Phdr)
+        for at in range(phoff, phoff + phnum * phentsize, phentsize):
+            offset, _vaddr, _paddr, filesz = struct.unpack_from("<QQQQ", data, at + 8)
+            ends.append(offset + filesz)
+    if max(ends) > len(data):
+        return f"truncated ({len(data)} bytes; its headers need {max(ends)})"
+    return None
+
+
+STALE_TMP_S = 3600  # a build's temp file older than this was left by a killed build (a build takes ~20 s)
+
+
+def _remove_stale_tmp(directory: Path) -> None:
+    """Remove temp files of builds killed before their rename (a compiler outlives a killed Python)."""
+    for tmp in directory.glob("*.so.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > STALE_TMP_S:
+                tmp.unlink()
+        except OSError:
+            pass  # another process removed or renamed it
+
+
+def _writable_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"TTREC_CACHE_DIR: the native kernel's cache directory {str(directory)!r} cannot be "
+                           f"created ({exc.strerror}); set TTREC_CACHE_DIR to a writable directory") from None
+
+
+def build(cxx: str | None = None, march: str = "native", rebuild: str = "") -> Path:
+    """The kernel compiled for ``-march=march`` (cached; see :func:`cache_path`). The source picks
+    its vector code by what the target has (AVX-512, else AVX2/generic), so tests build the other
+    variant with e.g. ``march="x86-64-v3"`` to run both paths on one AVX-512 machine. A cached file
+    that is not a complete library (:func:`elf_problem`) is rebuilt, as is any when ``rebuild`` says
+    why (e.g. it did not load)."""
     cxx = cxx or _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    flags = _flags(march)
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h = hashlib.sha256()
-    for part in [*(p.read_bytes() for p in SOURCES), " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]:
-        h.update(part)
-    target = _cache_dir() / f"tt_cpu_{h.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[ttrec] compiling the native CPU kernel ({cxx}, -march={march}) -> {target}", file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
+    target = cache_path(cxx, march)
+    why = rebuild
+    if target.exists() and not rebuild:
+        if (damage := elf_problem(target)) is None:
+            return target
+        why = f"the cached file is {damage}"
+    _writable_dir(target.parent)
+    _remove_stale_tmp(target.parent)
+    print(f"[ttrec] compiling the native CPU kernel ({cxx}, -march={march}) -> {target}" + (f" ({why})" if why else ""),
+          file=sys.stderr, flush=True)
+    tmp = target.with_name(f"{target.stem}.{os.getpid()}.{secrets.token_hex(4)}.so.tmp")
+    try:  # created with 0o755 less the umask (mkstemp's 0o600 kept other users of a shared cache out)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755))
+    except OSError as exc:
+        raise RuntimeError(f"TTREC_CACHE_DIR: the native kernel's cache directory {str(target.parent)!r} is not "
+                           f"writable ({exc.strerror}); set TTREC_CACHE_DIR to a writable directory") from None
     try:
-        done = subprocess.run([cxx, *flags, str(SOURCES[0]), "-o", tmp], capture_output=True, text=True)
+        done = _run(cxx, *_flags(march), str(SOURCES[0]), "-o", str(tmp))
         if done.returncode != 0:
             raise RuntimeError(f"building the native CPU kernel failed ({cxx} -march={march}, exit {done.returncode}):\n"
                                f"{done.stderr[-4000:]}")
+        if (damage := elf_problem(tmp)) is not None:
+            raise RuntimeError(f"building the native CPU kernel with {cxx} -march={march} gave a file that is {damage}")
         os.replace(tmp, target)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return target
 
 
 def bind(path: Path) -> ctypes.CDLL:
-    """Load a built kernel and declare its C ABI; raises RuntimeError on an ABI mismatch."""
+    """Load a built kernel and declare its C ABI; raises RuntimeError if ``path`` is not a complete
+    library for this CPU or not this source's kernel (a missing symbol, another ABI version)."""
+    if (damage := elf_problem(path)) is not None:
+        raise RuntimeError(f"{path} is {damage}")
     lib = ctypes.CDLL(str(path))
+    try:
+        _declare(lib)
+    except (AttributeError, RuntimeError) as exc:
+        _ctypes.dlclose(lib._handle)  # else dlopen of this path after a rebuild returns this library again
+        raise RuntimeError(f"{path} is not the native kernel of this source: {exc}") from None
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
     P, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     shape_p = ctypes.POINTER(TTShape)
     lib.tt_forward.argtypes = [shape_p, P, P, P, I64, P, I32, P, I32, I64, I32, ctypes.POINTER(TTStats),
@@ -145,7 +256,6 @@ def bind(path: Path) -> ctypes.CDLL:
         f.restype = ctypes.c_int
     if lib.tt_abi_version() != 8:
         raise RuntimeError("native library ABI mismatch")
-    return lib
 
 
 NEEDED_CPU_FLAGS = ("avx2", "fma")  # the kernel's vector code: AVX-512, else pairs of AVX2 registers
@@ -172,7 +282,11 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if cxx is None:
         return None, "no C++ compiler found (set CXX or install g++)"
     try:
-        return bind(build(cxx)), None
+        path = build(cxx)
+        try:
+            return bind(path), None
+        except (OSError, RuntimeError) as exc:  # a cached file that does not load: rebuilt once, then it must
+            return bind(build(cxx, rebuild=f"the cached file did not load: {exc}")), None
     except (OSError, RuntimeError) as exc:
         return None, str(exc)
 

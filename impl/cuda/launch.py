@@ -191,7 +191,9 @@ def nvrtc_options() -> tuple[str, ...]:
 
 
 def nvcc_command(source: Path | str, archs: Sequence[str], output: Path | str, nvcc: str = "nvcc") -> list[str]:
-    """nvcc command compiling ``source`` for ``archs`` (e.g. "sm_80") with warnings as errors."""
+    """nvcc command compiling ``source`` for ``archs`` (e.g. ["sm_80"]) with warnings as errors."""
+    if isinstance(archs, str) or not archs:  # none would compile for nvcc's default target only
+        raise ValueError(f"archs: got {archs!r}; expected a non-empty list of architectures, e.g. ['sm_80']")
     gencode = []
     for arch in archs:
         if not re.fullmatch(r"sm_\d+", arch):

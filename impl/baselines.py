@@ -21,7 +21,7 @@ from torch import nn
 from .bags import MODES, make_bags
 from .reference import tt_to_dense
 from .shapes import check_size
-from .tt import TTEmbeddingBag, check_device
+from .tt import TTEmbeddingBag, check_device, check_dtype, check_flag, check_seed
 
 __all__ = ["T3nsorEmbeddingBag", "DenseEmbeddingBag", "TltorchEmbeddingBag", "tltorch_unavailable_reason"]
 
@@ -51,7 +51,11 @@ class T3nsorEmbeddingBag(TTEmbeddingBag):
 
 
 class DenseEmbeddingBag(nn.EmbeddingBag):
-    """nn.EmbeddingBag, initialized Uniform(-1/sqrt(N), 1/sqrt(N)) as in DLRM, with input checks."""
+    """nn.EmbeddingBag, initialized Uniform(-1/sqrt(N), 1/sqrt(N)) as in DLRM, with input checks.
+
+    Defaults: mode "sum", include_last_offset False, sparse False (dense gradients), seed None
+    (torch's global RNG), dtype torch.float32, device None (CPU).
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, mode: str = "sum",
                  include_last_offset: bool = False, sparse: bool = False, seed: int | None = None,
@@ -60,6 +64,8 @@ class DenseEmbeddingBag(nn.EmbeddingBag):
         if mode not in MODES:
             raise ValueError(f"mode: got {mode!r}; allowed: {MODES}")
         num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
+        include_last_offset, sparse = check_flag("include_last_offset", include_last_offset), check_flag("sparse", sparse)
+        seed, dtype = check_seed(seed), check_dtype(dtype)
         super().__init__(num_embeddings, embedding_dim, mode=mode, include_last_offset=include_last_offset,
                          sparse=sparse, dtype=dtype, device=device)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

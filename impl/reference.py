@@ -91,7 +91,9 @@ def tt_embedding_bag(
                 rows = _weighted_rows(cores, *args)
             out.index_add_(0, bag_ids[s:e], rows)
     elif torch.is_grad_enabled() and any(c.requires_grad for c in cores):
-        out = out + sum(c.sum() for c in cores) * 0  # no lookups: still part of the graph (zero grads)
+        # no lookups: still part of the graph (zero grads), through empty slices that read no value
+        # (c.sum() * 0 made every bag NaN once any core entry was inf or NaN)
+        out = out + sum(c.reshape(-1)[:0].sum() for c in cores)
     if mode == "mean":
         out = out / bags.bag_sizes().clamp(min=1).unsqueeze(1).to(out.dtype)
     return out

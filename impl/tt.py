@@ -14,6 +14,7 @@ import numbers
 import threading
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,21 +64,77 @@ def check_device(device: torch.device | str | None) -> None:
                          f"False); allowed: cpu")
 
 
+def check_flag(name: str, value) -> bool:
+    """A True/False argument (bool or numpy bool) as a bool. Anything else is refused rather than read by
+    its truthiness: include_last_offset="False" would otherwise mean True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); allowed: True or False")
+
+
+def check_seed(seed) -> int | None:
+    """The ``seed`` argument of the embedding bags: None (torch's global RNG) or an int that
+    torch.Generator.manual_seed takes, [-2**63, 2**64)."""
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed: got {seed!r}; allowed: None or an int in [-2**63, 2**64)")
+    return int(seed)
+
+
+TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_dtype(dtype) -> torch.dtype:
+    """The ``dtype`` argument of the embedding bags: a floating-point torch.dtype (the table's values)."""
+    if dtype not in TABLE_DTYPES:
+        raise TypeError(f"dtype: got {dtype!r}; allowed: {', '.join(map(str, TABLE_DTYPES))}")
+    return dtype
+
+
+def _check_ranks(tt_ranks) -> int | tuple[int, ...]:
+    def whole(r) -> bool:
+        return isinstance(r, numbers.Integral) and not isinstance(r, (bool, np.bool_))
+
+    if whole(tt_ranks):
+        return int(tt_ranks)
+    if isinstance(tt_ranks, Sequence) and not isinstance(tt_ranks, str) and all(whole(r) for r in tt_ranks):
+        return tuple(int(r) for r in tt_ranks)
+    raise TypeError(f"tt_ranks: got {tt_ranks!r}; expected an int or a sequence of ints")
+
+
+def _check_shape_arg(name: str, value) -> tuple | None:
+    """tt_p_shapes / tt_q_shapes: None (suggested) or d >= 2 factors (their values are checked by
+    TTSpec). Checked before a suggestion reads its length as d."""
+    if value is None:
+        return None
+    try:
+        factors = tuple(value) if not isinstance(value, (str, bytes)) else None
+    except TypeError:
+        factors = None
+    if factors is None or len(factors) < 2:
+        raise ValueError(f"{name}: got {value!r}; allowed: None (suggested) or a sequence of d >= 2 ints")
+    return factors
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bag over a TT-compressed (num_embeddings x embedding_dim) table.
 
     Args:
-        num_embeddings, embedding_dim: the logical table.
+        num_embeddings, embedding_dim: the logical table (rows, columns; ints >= 1).
         tt_ranks: inner ranks R_1..R_{d-1} (a sequence), or one int used for every bond.
         tt_p_shapes, tt_q_shapes: factorizations of rows (product >= num_embeddings) and columns
-            (product == embedding_dim); suggested when None.
-        mode: "sum" or "mean" pooling. include_last_offset: as nn.EmbeddingBag.
-        init: one of ``INIT_SCHEMES``; d: number of cores when neither shape is given (else the
-            given shape's length).
-        backend: "auto", "torch", "cpu" or "cuda". seed: seeds the init (None: torch's RNG).
-        optimizer: None (cores get .grad through autograd), or "sgd"/"adagrad": a fused sparse
-            update of exactly the touched core slices runs inside backward (native backends only),
-            with ``learning_rate`` and Adagrad's ``eps``; the cores then get no .grad.
+            (product == embedding_dim); suggested when None (default).
+        mode: "sum" (default) or "mean" pooling. include_last_offset: as nn.EmbeddingBag (default False).
+        init: one of ``INIT_SCHEMES`` (default "calibrated"); d: number of cores when neither shape
+            is given (default 3; else the given shape's length).
+        backend: "auto" (default), "torch", "cpu" or "cuda". seed: seeds the init (default None:
+            torch's global RNG). dtype: the cores' dtype (default torch.float32; the native CPU
+            kernel takes float32 only). device: where the cores live (default None: CPU).
+        optimizer: None (default: cores get .grad through autograd), or "sgd"/"adagrad": a fused
+            sparse update of exactly the touched core slices runs inside backward (native backends
+            only), with step size ``learning_rate`` (default 0.01) and Adagrad's ``eps`` (default
+            1e-10); the cores then get no .grad.
 
     forward(input, offsets=None, per_sample_weights=None) -> (num_bags, embedding_dim), like
     nn.EmbeddingBag: int32/int64 ``input`` 1D with offsets or 2D (B, L); empty bags give zeros.
@@ -115,13 +172,11 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError("optimizer: the fused sparse update needs backend 'cpu', 'cuda' or 'auto', got backend='torch'")
         check_lr(learning_rate)
         check_eps(eps)
+        include_last_offset, seed, dtype = check_flag("include_last_offset", include_last_offset), check_seed(seed), \
+            check_dtype(dtype)
         num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
-        if isinstance(tt_ranks, numbers.Integral):
-            tt_ranks = int(tt_ranks)
-        elif isinstance(tt_ranks, Sequence) and all(isinstance(r, numbers.Integral) for r in tt_ranks):
-            tt_ranks = tuple(int(r) for r in tt_ranks)
-        else:
-            raise TypeError(f"tt_ranks: got {tt_ranks!r}; expected an int or a sequence of ints")
+        tt_ranks = _check_ranks(tt_ranks)
+        tt_p_shapes, tt_q_shapes = _check_shape_arg("tt_p_shapes", tt_p_shapes), _check_shape_arg("tt_q_shapes", tt_q_shapes)
         if tt_p_shapes is None or tt_q_shapes is None:
             given = tt_p_shapes if tt_p_shapes is not None else tt_q_shapes  # its length is d, else d is
             p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if given is None else len(given))
@@ -159,6 +214,23 @@ class TTEmbeddingBag(nn.Module):
                                       self._scratch, state, saved=saved)
 
     _fused_update.accepts_saved = True  # see ttrec.cpu.ops.tt_bag_cpu
+
+    # copy.deepcopy and torch.save(module) pickle the module: a lock cannot be pickled, so the copy
+    # gets its own lock, and its own scratch on first use (the scratch holds zeros between updates)
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_update_lock"], state["_scratch"] = None, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._update_lock = threading.Lock()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda()/.double() move the cores: the update's scratch is made again, like them,
+        # on its next use (a kept CPU scratch would reach the CUDA update after .cuda())
+        self._scratch = None
+        return super()._apply(fn, *args, **kwargs)
 
     def _core_list(self) -> list[nn.Parameter]:
         # the ParameterList's own dict, in order: iterating the ParameterList goes through Python

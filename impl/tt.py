@@ -134,7 +134,10 @@ class TTEmbeddingBag(nn.Module):
         optimizer: None (default: cores get .grad through autograd), or "sgd"/"adagrad": a fused
             sparse update of exactly the touched core slices runs inside backward (native backends
             only), with step size ``learning_rate`` (default 0.01) and Adagrad's ``eps`` (default
-            1e-10); the cores then get no .grad.
+            1e-10); the cores then get no .grad. Each backward applies its step at once (as a fused
+            TBE does): a graph's backward taken after another's update computes its gradient from
+            the updated cores, not the ones its forward read; a second backward through one graph
+            (retain_graph=True) is an error.
 
     forward(input, offsets=None, per_sample_weights=None) -> (num_bags, embedding_dim), like
     nn.EmbeddingBag: int32/int64 ``input`` 1D with offsets or 2D (B, L); empty bags give zeros.

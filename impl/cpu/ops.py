@@ -49,7 +49,8 @@ class SavedForward:
     autograd refuses saved tensors changed since the forward, and the fused path checks by hand.)
     A backward called directly (:func:`backward`, :func:`sparse_update`) uses it only for the very
     Bags object of its forward and the same cores, unchanged by in-place torch ops (see :meth:`fits`):
-    a plan of other lookups or of other core values would give silently wrong gradients."""
+    a plan of other lookups or of other core values would give silently wrong gradients. A backward
+    that used it releases it (it takes parts of it): the next one recomputes."""
 
     __slots__ = ("_ptr", "epoch", "_bags", "_cores")
 
@@ -350,11 +351,15 @@ def _run_backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Te
         grads = [torch.zeros(c.shape, dtype=torch.float32) for c in cores]
     w = bags.float32_weights()
     stats = TTStats()
-    _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
-          bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-          grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched), threads_for(bags.indices.numel()),
-          chunk_bytes, ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0), lr, eps,
-          None if state is None else _ptrs(state))
+    try:
+        _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
+              bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
+              grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched),
+              threads_for(bags.indices.numel()), chunk_bytes, ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0),
+              lr, eps, None if state is None else _ptrs(state))
+    finally:
+        if plan is not None:  # used once: the backward takes parts of it (a second use read an emptied table)
+            saved.release()
     _last["backward"] = stats
     return grads
 

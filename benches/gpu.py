@@ -15,8 +15,24 @@ __all__ = ["nvml_telemetry", "cuda_peak_bytes"]
 _FIELDS = ("gpu_sm_clock_mhz", "gpu_power_w", "gpu_temperature_c", "gpu_throttle_reasons")
 
 
-def nvml_telemetry(device_index: int = 0) -> dict[str, str]:
-    """SM clock (MHz), power (W), temperature (C) and active clock-throttle reasons, read now."""
+def _nvml_handle(pynvml, device: str):
+    """NVML's handle of the CUDA device ``device`` ("cuda", "cuda:N"; a CPU device: the current
+    CUDA device). NVML numbers every GPU of the machine, CUDA only the visible ones, in its own
+    order (CUDA_VISIBLE_DEVICES=3: CUDA's 0 is NVML's 3), so the device is found by its UUID;
+    by index only where torch gives no UUID."""
+    dev = torch.device(device)
+    index = dev.index if dev.type == "cuda" and dev.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        text = text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"  # (torch prints the bare UUID)
+        return pynvml.nvmlDeviceGetHandleByUUID(text.encode())  # (nvidia-ml-py passes it as a char*)
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def nvml_telemetry(device: str = "cuda") -> dict[str, str]:
+    """SM clock (MHz), power (W), temperature (C) and active clock-throttle reasons of the GPU
+    that ``device`` names, read now."""
     if not torch.cuda.is_available():
         return {f: "not available: no GPU (torch.cuda.is_available() is False)" for f in _FIELDS}
     try:
@@ -25,7 +41,7 @@ def nvml_telemetry(device_index: int = 0) -> dict[str, str]:
         return {f: "not available: nvidia-ml-py not installed (pip install '.[cuda]')" for f in _FIELDS}
     try:
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        h = _nvml_handle(pynvml, device)
         reasons = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)
         names = [name[len("nvmlClocksThrottleReason"):] for name in dir(pynvml)
                  if name.startswith("nvmlClocksThrottleReason") and name != "nvmlClocksThrottleReasonAll"

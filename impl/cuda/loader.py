@@ -105,13 +105,17 @@ class CupyLauncher:
         import numpy as np
 
         cp = self._cupy
-        kernel = _module(plan.kernel_sources()[name].name, self.device.index).get_function(name)
-        if smem > plan.DEFAULT_SMEM_LIMIT and kernel.max_dynamic_shared_size_bytes < smem:
-            kernel.max_dynamic_shared_size_bytes = smem  # opt-in beyond the default 48 KiB
         conv = {"ptr": np.uint64, "i64": np.int64, "i32": np.int32, "f32": np.float32}
         cargs = tuple(conv[kind](value) for kind, value in args)
         stream = torch.cuda.current_stream(self.device)
+        # All of it with this launcher's device current: CuPy compiles and loads a module, and keeps
+        # a kernel's function and its attributes, per *current* device (RawModule is compiled lazily,
+        # RawKernel.kernel looks up runtime.getDevice()). Outside, with another device current, the
+        # opt-in below would be set on that device's function, not on the one launched here.
         with cp.cuda.Device(self.device.index), cp.cuda.ExternalStream(stream.cuda_stream, self.device.index):
+            kernel = _module(plan.kernel_sources()[name].name, self.device.index).get_function(name)
+            if smem > plan.DEFAULT_SMEM_LIMIT and kernel.max_dynamic_shared_size_bytes < smem:
+                kernel.max_dynamic_shared_size_bytes = smem  # opt-in beyond the default 48 KiB
             kernel((grid,), (block,), cargs, shared_mem=smem)
 
 
@@ -143,9 +147,11 @@ def _marshal(name: str, args: Sequence, device: torch.device) -> list[tuple[str,
                 continue
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"{name}({a.name}): expected a tensor or None, got {type(value).__name__}")
-            if value.dtype != _ELEM_DTYPES[a.elem] or value.device != device or not value.is_contiguous():
+            if value.dtype != _ELEM_DTYPES[a.elem] or value.device != device or not value.is_contiguous() \
+                    or value.is_neg():
                 raise TypeError(f"{name}({a.name}): expected a contiguous {_ELEM_DTYPES[a.elem]} tensor on {device}, "
-                                f"got {value.dtype} on {value.device} (contiguous={value.is_contiguous()})")
+                                f"got {value.dtype} on {value.device} (contiguous={value.is_contiguous()}, "
+                                f"negative view={value.is_neg()})")
             out.append(("ptr", value.data_ptr()))
         elif a.kind == "f32":
             out.append(("f32", float(value)))
@@ -163,6 +169,23 @@ def _launch(ln: Launcher, name: str, grid: int, block: int, smem: int, *args) ->
 
 
 # ---- validation ----
+
+# A negative view (torch._neg_view, the imaginary part of a conj view) keeps its values negated only
+# in a flag; a kernel reads its memory. Inputs the kernels only read are resolved (a copy), as
+# ttrec.bags.make_bags does; tensors they write in place, and hand-built Bags, are refused.
+_NEG_VIEW = "a negative view (torch._neg_view, or the imaginary part of a conj view), whose values are negated " \
+            "only in a flag the kernels do not read"
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its values in memory: a negative view resolved (a copy), else ``t`` itself."""
+    return t.resolve_neg() if t.is_neg() else t
+
+
+def _refuse_neg_view(name: str, t: torch.Tensor, why: str) -> None:
+    if t.is_neg():
+        raise ValueError(f"{name}: got {_NEG_VIEW}; {why}")
+
 
 def check_supported(cores: Sequence[torch.Tensor], spec: TTSpec, device: torch.device | None = None) -> str | None:
     """None if the kernels can run these cores, else why not."""
@@ -194,6 +217,9 @@ def _check_bags(bags: Bags, mode: str, ln: Launcher, num_embeddings: int | None 
     for name, t in (("indices", idx), ("offsets", off)):
         if t.dtype != torch.int64 or t.dim() != 1 or t.device != ln.device:
             raise ValueError(f"bags.{name}: expected 1D int64 on {ln.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    for name, t in (("indices", idx), ("offsets", off), ("per_sample_weights", w)):
+        if t is not None:  # checked on values, read from memory: an index of -5 would pass as 5
+            _refuse_neg_view(f"bags.{name}", t, "build the bags with ttrec.bags.make_bags, which resolves it")
     n = idx.numel()
     if off.numel() < 1:
         raise ValueError("bags.offsets: empty; it needs num_bags + 1 entries (use ttrec.bags.make_bags)")
@@ -223,7 +249,7 @@ def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[tor
     if reason is not None:
         raise ValueError(f"backend='cuda': {reason}")
     _check_bags(bags, mode, ln, spec.num_embeddings)
-    return [c.detach().contiguous() for c in cores]
+    return [_values(c.detach()).contiguous() for c in cores]
 
 
 @lru_cache(maxsize=64)
@@ -317,7 +343,7 @@ def backward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     ln = launcher or _default_launcher(cores[0].device)
     cores = _check(cores, spec, bags, mode, ln)
     q, ranks, D = spec.tt_q_shapes, spec.ranks, spec.embedding_dim
-    grad_out = grad_out.detach().to(torch.float32).contiguous()
+    grad_out = _values(grad_out.detach().to(torch.float32)).contiguous()
     if tuple(grad_out.shape) != (bags.num_bags, D) or grad_out.device != ln.device:
         raise ValueError(f"grad_out: got {tuple(grad_out.shape)} on {grad_out.device}; expected {(bags.num_bags, D)} on {ln.device}")
     if grads is None:
@@ -328,6 +354,7 @@ def backward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     for k, g in enumerate(grads):
         if g.shape != cores[k].shape or g.dtype != torch.float32 or g.device != ln.device or not g.is_contiguous():
             raise ValueError(f"grads[{k}]: expected a contiguous fp32 tensor of shape {tuple(cores[k].shape)} on {ln.device}")
+        _refuse_neg_view(f"grads[{k}]", g, "the kernels add into it in place")
     if touched is not None:
         for k, t in enumerate(touched):
             if t.dtype != torch.uint8 or t.shape != (spec.tt_p_shapes[k],) or t.device != ln.device:
@@ -398,15 +425,20 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     adagrad = optimizer == "adagrad"
     if adagrad:
         check_eps(eps)
+    if len(cores) != spec.d:  # first: the loop below pairs each core with its accumulator
+        raise ValueError(f"cores: got {len(cores)} tensors; expected one per core, d={spec.d}")
     if adagrad and (state is None or len(state) != spec.d):
         raise ValueError("state: Adagrad needs one accumulator per core, shaped like the cores")
     ln = launcher or _default_launcher(cores[0].device)
     for k, c in enumerate(cores):
         if not c.is_contiguous():
             raise ValueError(f"cores[{k}] must be contiguous for the in-place update")
+        _refuse_neg_view(f"cores[{k}]", c, "the update writes the cores in place")
         if adagrad and (state[k].shape != c.shape or state[k].dtype != torch.float32 or not state[k].is_contiguous()
                         or state[k].device != c.device):
             raise ValueError(f"state[{k}]: expected a contiguous fp32 tensor shaped like core {k}")
+        if adagrad:
+            _refuse_neg_view(f"state[{k}]", state[k], "the update writes the accumulators in place")
     touched = [torch.zeros(p, dtype=torch.uint8, device=ln.device) for p in spec.tt_p_shapes]
     backward(cores, spec, bags, mode, grad_out, grads=scratch, touched=touched, launcher=ln, algo=algo)
     desc = _desc(spec, ln.device)
@@ -437,6 +469,8 @@ def count_rows(indices: torch.Tensor, counts: torch.Tensor, *, launcher: Launche
     ln = launcher or _default_launcher(indices.device)
     if counts.dtype != torch.int64 or counts.dim() != 1 or counts.device != ln.device:
         raise ValueError(f"counts: expected a 1D int64 tensor on {ln.device}")
+    _refuse_neg_view("counts", counts, "the kernel adds into it in place")
+    indices = _values(indices)
     _check_indices(indices, ln, counts.numel(), "one count per row")
     n = indices.numel()
     if n:
@@ -450,6 +484,7 @@ def cache_partition(indices: torch.Tensor, row_slot: torch.Tensor, *,
     ln = launcher or _default_launcher(indices.device)
     if row_slot.dtype != torch.int64 or row_slot.dim() != 1 or row_slot.device != ln.device:
         raise ValueError(f"row_slot: expected a 1D int64 tensor (one slot or -1 per row) on {ln.device}")
+    indices, row_slot = _values(indices), _values(row_slot)
     _check_indices(indices, ln, row_slot.numel(), "one slot per row")
     n = indices.numel()
     slot = torch.empty(n, dtype=torch.int64, device=ln.device)
@@ -464,6 +499,7 @@ def _check_cache_table(cache: torch.Tensor, ln: Launcher) -> None:
     if cache.dtype != torch.float32 or cache.dim() != 2 or cache.device != ln.device or not cache.is_contiguous():
         raise ValueError(f"cache: got {cache.dtype} {tuple(cache.shape)} on {cache.device} "
                          f"(contiguous={cache.is_contiguous()}); expected a contiguous 2D fp32 tensor on {ln.device}")
+    _refuse_neg_view("cache", cache, "the kernels read it from memory and update it in place")
 
 
 def _check_cache(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, ln: Launcher) -> None:
@@ -512,9 +548,10 @@ def cache_sgd(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, mode: str, gr
     ln = launcher or _default_launcher(cache.device)
     check_lr(lr, "lr")
     _check_bags(bags, mode, ln)  # the kernel walks every bag's offsets and weights
+    slot = _values(slot)
     _check_cache(cache, slot, bags, ln)
     D, nb = cache.shape[1], bags.num_bags
-    grad_out = grad_out.detach().to(torch.float32).contiguous()
+    grad_out = _values(grad_out.detach().to(torch.float32)).contiguous()
     if tuple(grad_out.shape) != (nb, D) or grad_out.device != ln.device:
         raise ValueError(f"grad_out: expected {(nb, D)} on {ln.device}")
     if nb:

@@ -40,10 +40,12 @@ def tt_rows(cores: list[torch.Tensor], spec: TTSpec, indices: torch.Tensor) -> t
     digits = row_digits(indices, spec.tt_p_shapes)
     n = indices.numel()
     part = cores[0][0, digits[0]]  # (n, q1, R1)
+    cols = spec.tt_q_shapes[0]  # Q = q_1...q_k (named, not -1: a reshape of 0 rows cannot infer it)
     for k in range(1, spec.d):
         r_prev, _, q, r = cores[k].shape
         sl = cores[k].permute(1, 0, 2, 3)[digits[k]].reshape(n, r_prev, q * r)  # (n, R_{k-1}, q_k R_k)
-        part = torch.bmm(part, sl).reshape(n, -1, r)  # (n, Q q_k, R_k)
+        cols *= q
+        part = torch.bmm(part, sl).reshape(n, cols, r)  # (n, Q q_k, R_k)
     return part.reshape(n, spec.embedding_dim)
 
 

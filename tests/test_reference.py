@@ -427,3 +427,18 @@ def test_fused_optimizer_settings_rejected_naming_them(kwargs, needle):
 def test_unknown_backend_rejected():
     with pytest.raises(ValueError, match=r"^backend: got 'gpu'"):
         TTEmbeddingBag(100, 8, 2, backend="gpu")
+
+
+def test_tt_rows_of_no_indices_is_an_empty_table_slice():
+    """tt_rows of zero indices raised 'cannot reshape tensor of 0 elements' (a -1 it could not infer)."""
+    import ttrec
+    from ttrec.reference import tt_rows
+
+    for p, q, r in (((5, 6, 7), (2, 2, 4), (3, 4)), ((3, 4), (4, 4), (5,)), ((2, 3, 2, 3), (2, 1, 3, 2), (2, 3, 2))):
+        spec = ttrec.TTSpec(math.prod(p), math.prod(q), p, q, r)
+        cores = [c.requires_grad_() for c in ttrec.init_tt_cores(spec, "normal", generator=torch.Generator().manual_seed(0))]
+        out = tt_rows(cores, spec, torch.tensor([], dtype=torch.int64))
+        assert out.shape == (0, spec.embedding_dim)
+        out.sum().backward()
+        assert all(c.grad is not None and not c.grad.any() for c in cores)
+        torch.testing.assert_close(tt_rows(cores, spec, torch.tensor([3, 1])), ttrec.tt_to_dense(cores, spec)[[3, 1]])

@@ -149,15 +149,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, held_out: ClickBatch, eval_batch_size: int) -> dict[str, float]:
         """:func:`ttrec.dlrm.binary_metrics` of the model (eval mode, no gradients) on ``held_out``,
-        in chunks of ``eval_batch_size`` samples. Parameters and cache contents are left as they are;
-        a cache's hit counters do count these lookups (read :meth:`hit_ratio` before)."""
+        in chunks of ``eval_batch_size`` samples. Parameters, cache contents and the model's mode
+        (train or eval) are left as they were; a cache's hit counters do count these lookups (read
+        :meth:`hit_ratio` before)."""
         if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
             raise ValueError(f"eval_batch_size: got {eval_batch_size!r}; must be an int >= 1")
+        was_training = self.model.training
         self.model.eval()
         try:
             logits = torch.cat([self.model(b.dense, b.sparse) for b in held_out.split(eval_batch_size)])
         finally:
-            self.model.train()
+            self.model.train(was_training)
         return binary_metrics(logits, held_out.labels)
 
     def hit_ratio(self) -> float | None:
@@ -272,6 +274,10 @@ def _same_point_key(cfg: BenchConfig) -> str | None:
 
 def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     """Train, time and evaluate the point of ``cfg``; tidy rows, one per (model, metric)."""
+    if cfg.cache.enabled and cfg.dlrm.tt_tables > 0 and cfg.cache.warmup_iters >= cfg.dlrm.iterations:
+        raise ValueError(f"cache.warmup_iters: got {cfg.cache.warmup_iters} with dlrm.iterations={cfg.dlrm.iterations};"
+                         " the cache is filled at training iteration warmup_iters + 1, so it must be < dlrm.iterations "
+                         "(else the cached model never uses its cache)")
     key = _same_point_key(cfg)
     if key is not None and key in _SAME_POINT:
         log.info("0 TT tables: tt.* / cache.* do not change the model; rows reused from this sweep's earlier job")

@@ -191,8 +191,8 @@ class DLRM(nn.Module):
 
     def embed(self, sparse: torch.Tensor) -> torch.Tensor:
         """(B, T) row ids -> (B, T, D): feature j looked up in table j (one lookup per bag)."""
-        if sparse.dim() != 2 or sparse.shape[1] != len(self.tables):
-            raise ValueError(f"sparse: got shape {tuple(sparse.shape)}; expected (batch, {len(self.tables)})")
+        if sparse.dim() != 2 or sparse.shape[1] != len(self.tables) or sparse.shape[0] < 1:
+            raise ValueError(f"sparse: got shape {tuple(sparse.shape)}; expected (batch >= 1, {len(self.tables)})")
         b = sparse.shape[0]
         if self._offsets.numel() != b:
             self._offsets = torch.arange(b, dtype=torch.int64, device=sparse.device)
@@ -259,11 +259,16 @@ def build_dlrm(dataset: str, table_rows: Sequence[int] | None = None, tt_tables:
 # ---- evaluation ----
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney) formula, ties given their mean rank.
-    NaN when only one class is present, or when a score is NaN (a diverged model has no ranking)."""
-    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel() > 0.5
+    """Area under the ROC curve of ``scores`` against 0/1 (or bool) ``labels``, 1 = positive, by the
+    rank-sum (Mann-Whitney) formula, ties given their mean rank. NaN when only one class is present,
+    or when a score is NaN (a diverged model has no ranking)."""
+    scores, labels = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(labels).ravel()
     if scores.size != labels.size:
         raise ValueError(f"scores, labels: got {scores.size} and {labels.size} values; need the same number")
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise ValueError(f"labels: got {labels[bad][0].item()!r}; each must be 0 or 1")
+    labels = labels == 1
     if np.isnan(scores).any():
         return math.nan
     n_pos = int(labels.sum())
@@ -280,7 +285,9 @@ def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """accuracy (%, threshold 0.5), bce (mean, nats) and auc of logits (N,) against 0/1 labels (N,),
     and ``nan_logits``, how many logits are NaN. A NaN logit (a diverged model) makes all three
-    metrics NaN: it predicts nothing (counted as a "no click" it would score the negatives' share)."""
+    metrics NaN: it predicts nothing (counted as a "no click" it would score the negatives' share).
+    An infinite logit (float32 overflow) is a certain prediction: its BCE term is 0 when its sign
+    matches the label, else inf (torch's formula gives NaN for it)."""
     logits, labels = logits.detach().double().flatten(), labels.detach().double().flatten()
     if logits.numel() != labels.numel() or logits.numel() == 0:
         raise ValueError(f"logits, labels: got {logits.numel()} and {labels.numel()} values; need the same, > 0")
@@ -289,5 +296,9 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
         raise ValueError(f"labels: got {bad}; each must be 0 or 1")
     nan = int(torch.isnan(logits).sum())
     acc = math.nan if nan else float(((logits > 0).double() == labels).double().mean()) * 100
-    bce = float(F.binary_cross_entropy_with_logits(logits, labels))
+    terms = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    inf = torch.isinf(logits)
+    if inf.any():  # -log sigmoid(+-inf): 0 on the label's side, inf on the other (torch: NaN)
+        terms = torch.where(inf, torch.where((logits > 0) == (labels == 1), 0.0, math.inf), terms)
+    bce = float(terms.mean())
     return {"accuracy": acc, "bce": bce, "auc": roc_auc(logits.numpy(), labels.numpy()), "nan_logits": nan}

@@ -138,8 +138,12 @@ def plot_table1(df: pd.DataFrame, out_dir: str | Path, name: str = "table1_dense
     se = _std_error(acc)
     ax.bar(labels, [g[i] for i in order], color=colors, yerr=se, capsize=3)
     for x, i in enumerate(order):
-        ax.annotate(f"{g[i]:.2f}", (x, g[i] + se), ha="center", va="bottom", fontsize=7, xytext=(0, 4),
-                    textcoords="offset points")
+        if np.isfinite(g[i]):
+            ax.annotate(f"{g[i]:.2f}", (x, g[i] + se), ha="center", va="bottom", fontsize=7, xytext=(0, 4),
+                        textcoords="offset points")
+        else:  # a model that diverged has no accuracy (NaN, benches.training): marked, not an empty slot
+            ax.text(x, 0.02, "diverged (NaN)", transform=ax.get_xaxis_transform(), rotation=90, ha="center",
+                    va="bottom", fontsize=7, color=colors[x])
     ax.set_ylim(g.min() - max(1.0, 2 * se), g.max() + max(0.6, 2 * se))  # the error bars and their labels inside
     ax.set_ylabel("held-out accuracy (%) ± std error")
     ax.set_title(f"(this run) uncompressed DLRM, synthetic clicks{_bayes_text(df)}", fontsize=9)

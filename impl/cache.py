@@ -20,7 +20,8 @@ Life cycle, counted in training-mode forward calls t = 1, 2, ... (``module.train
 Populate and refresh happen at the start of a forward call, never between a forward and its
 backward, so a backward always updates the rows its forward read. In eval mode nothing is counted
 and the cache does not change. ``populate()``, ``refresh()`` and ``set_cached_rows()`` do the same
-explicitly.
+explicitly. ``state_dict()`` holds the life cycle too (``_extra_state``: the call count, the refresh
+count and the counter's counts), so a loaded module continues as the saved one would have.
 
 No stale mappings: which row a slot holds is one array, ``slot_rows`` (-1: empty); the lookup map
 (rows sorted, with their slots) is rebuilt from it on every change, and a slot's weights and
@@ -65,7 +66,7 @@ from .autograd_guards import fused_update_once
 from .bags import Bags, make_bags
 from .optim import FUSED_OPTIMIZERS, check_eps, check_lr, check_optimizer
 from .cuda import loader as cuda_loader
-from .tt import BACKENDS, TTEmbeddingBag, backend_status
+from .tt import BACKENDS, TTEmbeddingBag, backend_status, check_flag
 
 __all__ = ["CachedTTEmbeddingBag", "ExactCounter", "BoundedCounter", "make_counter", "cache_capacity",
            "COUNTERS", "SLOT_MAPS", "CACHE_OPTIMIZERS", "EXACT_COUNTER_MAX_BYTES", "DENSE_SLOT_MAP_MAX_BYTES"]
@@ -77,6 +78,24 @@ EXACT_COUNTER_MAX_BYTES = 64 << 20
 DENSE_SLOT_MAP_MAX_BYTES = 32 << 20
 _DENSE_GRAD_MAX = 1 << 20  # cache entries up to which the fused step forms a dense (capacity, D) gradient
 _MATERIALIZE_CHUNK = 1 << 16  # rows materialized from the cores per backend call
+
+
+def _row_ids(param: str, rows, num_embeddings: int, device: torch.device) -> torch.Tensor:
+    """``rows`` (a tensor or sequence of integer row ids) as int64 on ``device``; a float or bool dtype
+    (which a cast would truncate to row ids), another device or a row outside [0, num_embeddings)
+    is refused, naming ``param``."""
+    rows = torch.as_tensor(rows)
+    if rows.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{param}: got dtype {rows.dtype}; row ids must be int32 or int64")
+    if rows.device != device:
+        raise ValueError(f"{param}: got device {rows.device}; the module is on {device}")
+    rows = rows.to(torch.int64)
+    if rows.numel():
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= num_embeddings:
+            raise ValueError(f"{param}: got row {lo if lo < 0 else hi}; rows must be in "
+                             f"[0, num_embeddings={num_embeddings})")
+    return rows
 
 
 def cache_capacity(num_embeddings: int, cache_fraction: float) -> int:
@@ -134,6 +153,21 @@ class ExactCounter:
     def memory_bytes(self) -> int:
         return self.counts.numel() * self.counts.element_size()
 
+    def payload(self) -> torch.Tensor:
+        """The counts as one int64 tensor (what the module's state_dict keeps)."""
+        return self.counts.clone()
+
+    def load_payload(self, payload: torch.Tensor, total: int) -> None:
+        if payload.numel() != self.counts.numel():
+            raise ValueError(f"state_dict: the exact counter's state has {payload.numel()} counts; this table has "
+                             f"{self.counts.numel()} rows")
+        self.counts = payload.to(self.counts.device, copy=True)
+        self.total = total
+
+    def apply_(self, fn) -> None:
+        """Move the counts as nn.Module moves a buffer (fn: the function .to()/.cuda() apply)."""
+        self.counts = fn(self.counts)
+
 
 class BoundedCounter:
     """Misra-Gries summary with ``slots`` (row, count) pairs, merged one batch at a time.
@@ -186,6 +220,23 @@ class BoundedCounter:
     def memory_bytes(self) -> int:
         return 16 * self.slots
 
+    def payload(self) -> torch.Tensor:
+        """The tracked rows, then their counts, as one int64 tensor (what the module's state_dict keeps)."""
+        return torch.cat([self.rows, self.counts])
+
+    def load_payload(self, payload: torch.Tensor, total: int) -> None:
+        m = payload.numel() // 2
+        if payload.numel() % 2 or m > self.slots:
+            raise ValueError(f"state_dict: the bounded counter's state has {payload.numel()} entries; this counter "
+                             f"keeps at most {self.slots} (row, count) pairs")
+        self.rows = payload[:m].to(self.rows.device, copy=True)
+        self.counts = payload[m:].to(self.counts.device, copy=True)
+        self.total = total
+
+    def apply_(self, fn) -> None:
+        """Move the summary as nn.Module moves a buffer (fn: the function .to()/.cuda() apply)."""
+        self.rows, self.counts = fn(self.rows), fn(self.counts)
+
 
 def make_counter(kind: str, num_embeddings: int, capacity: int, counter_slots: int | None = None, device=None,
                  use_cuda_kernel: bool = False) -> ExactCounter | BoundedCounter:
@@ -214,20 +265,26 @@ def make_counter(kind: str, num_embeddings: int, capacity: int, counter_slots: i
 # ---- the module ----
 
 class _FusedCacheRows(torch.autograd.Function):
-    """Pooled cached rows; backward runs the cache's optimizer step instead of returning a gradient."""
+    """Pooled cached rows; backward runs the cache's optimizer step instead of returning the rows'
+    gradient. The per-lookup weights still get theirs (d out[bag] / d w = the row the forward read)."""
 
     @staticmethod
     def forward(ctx, module, slots, offsets, weights, bag_of, bags, grad_slot, cache_weight):
         ctx.module, ctx.slots, ctx.weights, ctx.bag_of = module, slots, weights, bag_of
         ctx.bags, ctx.grad_slot = bags, grad_slot
+        # the rows as read now: the backward's step (or another forward's) changes them in place
+        ctx.rows_read = cache_weight.detach().index_select(0, slots) if ctx.needs_input_grad[3] else None
         return F.embedding_bag(slots, cache_weight.detach(), offsets, mode="sum", per_sample_weights=weights,
                                include_last_offset=True)
 
     @staticmethod
     def backward(ctx, grad_out):
+        grad_weights = None
+        if ctx.rows_read is not None:
+            grad_weights = (grad_out.index_select(0, ctx.bag_of) * ctx.rows_read.to(grad_out.dtype)).sum(1)
         fused_update_once(ctx, "LFU cache", lambda: ctx.module._fused_step(ctx.slots, ctx.weights, ctx.bag_of,
                                                                               grad_out, ctx.bags, ctx.grad_slot))
-        return (None,) * 8
+        return None, None, None, grad_weights, None, None, None, None
 
 
 class CachedTTEmbeddingBag(nn.Module):
@@ -264,6 +321,7 @@ class CachedTTEmbeddingBag(nn.Module):
         check_optimizer(optimizer, allow_none=True)  # one of CACHE_OPTIMIZERS
         check_lr(learning_rate)
         check_eps(eps)
+        sparse = check_flag("sparse", sparse)  # ('False' reached F.embedding_bag after the warm-up)
         if counter not in COUNTERS:
             raise ValueError(f"counter: got {counter!r}; allowed: {COUNTERS}")
         if slot_map not in SLOT_MAPS:
@@ -328,11 +386,7 @@ class CachedTTEmbeddingBag(nn.Module):
 
     def cached_mask(self, indices: torch.Tensor) -> torch.Tensor:
         """bool per index (int32/int64 row ids in [0, num_embeddings)): is its row in the cache now."""
-        indices = indices.to(torch.int64)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
-            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
-            raise ValueError(f"indices: got row {bad}; rows must be in [0, num_embeddings={self.num_embeddings})")
-        return self._partition(indices)[0]
+        return self._partition(_row_ids("indices", indices, self.num_embeddings, self.slot_rows.device))[0]
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes of the cache (weights, optimizer state, slot map) and of the frequency counter."""
@@ -352,8 +406,8 @@ class CachedTTEmbeddingBag(nn.Module):
     # -- life cycle --
 
     def observe(self, indices: torch.Tensor) -> None:
-        """Count lookups (int64 row ids) towards the next populate/refresh."""
-        self.counter.observe(indices)
+        """Count lookups (int32/int64 row ids in [0, num_embeddings)) towards the next populate/refresh."""
+        self.counter.observe(_row_ids("indices", indices, self.num_embeddings, self.slot_rows.device).flatten())
 
     def populate(self) -> torch.Tensor:
         """Fill the cache with the top-k counted rows (same as refresh). Returns the cached rows."""
@@ -367,16 +421,14 @@ class CachedTTEmbeddingBag(nn.Module):
 
     @torch.no_grad()
     def set_cached_rows(self, rows: torch.Tensor) -> None:
-        """Make exactly ``rows`` (distinct, at most ``capacity``) the cached rows."""
+        """Make exactly ``rows`` (distinct int32/int64 row ids, at most ``capacity``) the cached rows."""
         device = self.slot_rows.device
-        rows = torch.as_tensor(rows, dtype=torch.int64).to(device)
+        rows = _row_ids("rows", torch.as_tensor(rows).to(device), self.num_embeddings, device)
         new = torch.unique(rows)
         if new.numel() != rows.numel():
             raise ValueError("rows: the cached rows must be distinct")
         if new.numel() > self.capacity:
             raise ValueError(f"rows: got {new.numel()} rows; the cache holds at most {self.capacity}")
-        if new.numel() and (int(new[0]) < 0 or int(new[-1]) >= self.num_embeddings):
-            raise ValueError(f"rows: values must be in [0, num_embeddings={self.num_embeddings})")
         old = self.slot_rows
         occupied = old >= 0
         kept = occupied & torch.isin(old, new)
@@ -414,6 +466,47 @@ class CachedTTEmbeddingBag(nn.Module):
     def _after_load(module: "CachedTTEmbeddingBag", incompatible_keys) -> None:
         module._rebuild_map()
         module.populated = module.populated or bool((module.slot_rows >= 0).any())
+
+    # the life cycle in state_dict()["_extra_state"]: without it a loaded module restarted its
+    # warm-up count and refreshed from counts begun at the load (evicting the hot rows it was trained on)
+    _COUNTER_CODES = {"exact": 0, "bounded": 1}
+    _HEAD = 5  # counter kind, iteration, refreshes, populated, lookups counted
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The life cycle as one int64 tensor (state_dict() stays a dict of tensors): [counter kind
+        (0 exact, 1 bounded), iteration, refreshes, populated, lookups counted], then the counter's
+        counts (exact: one per row; bounded: its tracked rows, then their counts). The hit counters
+        (statistics, see reset_stats) are not saved."""
+        c = self.counter
+        head = torch.tensor([self._COUNTER_CODES[c.kind], self.iteration, self.refreshes, int(self.populated),
+                             c.total], dtype=torch.int64)
+        return torch.cat([head.to(c.counts.device), c.payload()])
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.int64 or state.dim() != 1 \
+                or state.numel() < self._HEAD:
+            raise ValueError(f"state_dict: _extra_state must be the 1D int64 tensor get_extra_state() returns; "
+                             f"got {type(state).__name__} {getattr(state, 'dtype', '')}")
+        kind, iteration, refreshes, populated, total = state[: self._HEAD].tolist()
+        if kind != self._COUNTER_CODES[self.counter.kind]:
+            saved = {v: k for k, v in self._COUNTER_CODES.items()}.get(kind, kind)
+            raise ValueError(f"state_dict: saved with counter={saved!r}; this module has counter={self.counter.kind!r}")
+        self.counter.load_payload(state[self._HEAD:], total)
+        self.iteration, self.refreshes, self.populated = iteration, refreshes, bool(populated)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.cuda() move the counter's tensors like buffers; the CUDA counting kernel follows the backend
+        super()._apply(fn, *args, **kwargs)
+        self.counter.apply_(fn)
+        if isinstance(self.counter, ExactCounter):
+            self.counter._cuda = self.tt.resolved_backend() == "cuda"
+        return self
+
+    # torch.save(module) / pickle: a tracked optimizer is not part of the module (nor its pickle)
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_tracked"] = []
+        return state
 
     def _reset_tracked_state(self, slots: torch.Tensor) -> None:
         alive = []
@@ -474,7 +567,7 @@ class CachedTTEmbeddingBag(nn.Module):
             self.refresh()
         self.iteration = t
         if not self.populated or self.refresh_every:
-            self.observe(indices)
+            self.counter.observe(indices)  # (checked by make_bags)
 
     def _partition(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(hit, slot) per lookup; slot is -1 where not hit with the dense map, else meaningful where hit."""

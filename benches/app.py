@@ -172,7 +172,7 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
     if t.memory or cfg.device.startswith("cuda"):
         metrics.append(_memory_row(cfg, step))
-    point, env = point_columns(cfg, module, batch, experiment), {**capture(), **nvml_telemetry()}
+    point, env = point_columns(cfg, module, batch, experiment), {**capture(), **nvml_telemetry(cfg.device)}
     rows = [{**point, **m, **env} for m in metrics]
     for variant in comparison_configs(cfg):  # cache.compare: TT alone and nn.EmbeddingBag, same batch
         rows += measure_point(variant, experiment)
@@ -244,9 +244,11 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     if bench.task == Task.training:
         paper.run_all(bench, hc, paper.TRAINING_EXPERIMENTS, label="training")
         return
-    # a sweep over settings this implementation never reads (nn.EmbeddingBag over tt.rank) times it once
+    # a sweep over settings this implementation never reads (nn.EmbeddingBag over tt.rank) times it once;
+    # not where the job's directory holds results already: claim_point skips them if they are this
+    # point's and refuses them if not (left alone, the sweep would aggregate another point's results)
     if (bench.task == Task.time and hc.mode == RunMode.MULTIRUN and not bench.redo
-            and (twin := measured_twin(out, cfg)) is not None):
+            and not (out / RESULTS_FILE).exists() and (twin := measured_twin(out, cfg)) is not None):
         own_job_log()  # (this job's own directory of the sweep)
         log.info("not measured again: impl=%s reads no %s setting, and this sweep measured the same point in %s "
                  "(redo=true measures it here too)", bench.impl.name.value,

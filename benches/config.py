@@ -3,13 +3,15 @@
 Every group in conf/ (impl, table, tt, workload, timing, mode, experiment) merges into these typed
 nodes, so an unknown key or a value of the wrong type fails at composition with the key and the
 value; enums list what is allowed. Range checks, and checks of keys that must agree, run in
-``__post_init__`` when the config becomes objects (:func:`to_objects`).
+``__post_init__`` when the config becomes objects (:func:`to_objects`, which also refuses settings
+a timed point would not act on).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -200,7 +202,8 @@ class WorkloadConfig:
     weighted: bool = False
     pooling: Pooling = Pooling.sum
     seed: int = 0
-    # spread of bag sizes, a controlled hit rate and reuse between batches (ttrec.workloads.Workload)
+    # spread of bag sizes, a controlled hit rate and reuse between batches (ttrec.workloads.Workload);
+    # reuse acts on batches 1, 2, ...: a timed point (batch 0) refuses it without a cache (to_objects)
     pooling_sigma: float = 0.0
     pooling_distribution: PoolingDistribution = PoolingDistribution.fixed
     hit_rate: float = 0.9
@@ -293,8 +296,8 @@ class ModeConfig:
     fused: bool = False
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"mode.lr: got {self.lr}; must be > 0")
+        if not 0 < self.lr < math.inf:  # (inf: torch.optim's steps would write inf/NaN into what they time)
+            raise ValueError(f"mode.lr: got {self.lr}; must be a finite number > 0")
 
 
 @dataclass
@@ -396,8 +399,8 @@ class DLRMConfig:
         if self.timing_warmup < 0 or self.timing_warmup >= self.iterations:
             raise ValueError(f"dlrm.timing_warmup: got {self.timing_warmup}; must be in [0, dlrm.iterations="
                              f"{self.iterations}) (untimed iterations before the timed ones)")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"dlrm.lr: got {self.lr}; must be > 0 (or null: the MLPerf reference's 0.1)")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            raise ValueError(f"dlrm.lr: got {self.lr}; must be a finite number > 0 (or null: the MLPerf reference's 0.1)")
         if not self.zipf_alpha > 0:
             raise ValueError(f"dlrm.zipf_alpha: got {self.zipf_alpha}; must be > 0")
         if self.source == ClickSource.criteo and not self.criteo_path:
@@ -615,10 +618,26 @@ def _reject_unknown_keys(node: DictConfig, path: str = "") -> None:
             _reject_unknown_keys(child, f"{path}{key}.")
 
 
+def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
+    """Settings of the command line a timed point would never act on. A timed point times batch 0
+    of its workload stream, which has no batch before it: ``workload.reuse_fraction`` changes the
+    batches after it only (a cache's warm-up and held-out batches, task=topk_stability's stream).
+    Checked here, not in ``__post_init__``: cache.compare's comparison points (the same stream
+    without the cache, built from the cached point's config) do keep it."""
+    w = cfg.workload
+    if cfg.task == Task.time and not cfg.cache.enabled and w.reuse_fraction != 0:
+        raise ValueError(f"workload.reuse_fraction: got {w.reuse_fraction} with cache.enabled=false; a timed point "
+                         f"times batch 0 of the workload stream, which has no batch before it to repeat lookups of, so "
+                         f"the measurement would not change: reuse acts on the batches after it (a cache's warm-up, "
+                         f"cache=lfu; task=topk_stability): leave workload.reuse_fraction at 0.0")
+
+
 def to_objects(cfg: DictConfig) -> BenchConfig:
-    """Instantiate the dataclasses, running their range checks; unknown keys are an error."""
+    """Instantiate the dataclasses, running their range checks; unknown keys, and settings a timed
+    point would not act on, are errors."""
     _reject_unknown_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, BenchConfig):
         raise TypeError("the bench config must compose onto bench_schema (is `- bench_schema` first in its defaults?)")
+    _reject_unread_by_timed_point(obj)
     return obj

@@ -164,7 +164,7 @@ RECORDED = {
     "workload.pooling_distribution": ([], "workload.pooling_distribution=uniform", "pooling_distribution"),
     "workload.hit_rate": (["workload.distribution=hot_set"], "workload.hit_rate=0.5", "hit_rate"),
     "workload.hot_fraction": (["workload.distribution=hot_set"], "workload.hot_fraction=0.01", "hot_fraction"),
-    "workload.reuse_fraction": ([], "workload.reuse_fraction=0.5", "reuse_fraction"),
+    "workload.reuse_fraction": (["cache=lfu"], "workload.reuse_fraction=0.5", "reuse_fraction"),
     "workload.criteo_path": (_CRITEO, "workload.criteo_path={b}", "criteo_path"),
     "workload.criteo_feature": (_CRITEO, "workload.criteo_feature=5", "criteo_feature"),
     "workload.criteo_mapping": (_CRITEO, "workload.criteo_mapping=dictionary", "criteo_mapping"),

@@ -54,7 +54,7 @@ def test_every_training_preset_composes_at_every_scale_and_is_run_by_experiment_
 @pytest.mark.parametrize("override,message", [
     ("dlrm.tt_tables=27", r"dlrm.tt_tables: got 27; must be in \[0, 26\]"),
     ("dlrm.timing_warmup=4", r"dlrm.timing_warmup: got 4; must be in \[0, dlrm.iterations=4\)"),
-    ("dlrm.lr=0", "dlrm.lr: got 0.0; must be > 0"),
+    ("dlrm.lr=0", "dlrm.lr: got 0.0; must be a finite number > 0"),
     ("dlrm.source=criteo", "dlrm.criteo_path: got None"),
     ("dlrm.compare_to=tt", "dlrm.compare_to: got 'tt' with dlrm.tt_tables=0"),
     ("dlrm.scale_down=0", "dlrm.scale_down: got 0; must be >= 1"),

@@ -18,9 +18,10 @@ import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import sympy
 
-__all__ = ["TTSpec", "suggest_shape", "suggest_tt_shapes", "tt_param_count", "check_size"]
+__all__ = ["TTSpec", "suggest_shape", "suggest_tt_shapes", "tt_param_count", "check_size", "check_flag"]
 
 BYTES_PER_FP32 = 4
 
@@ -31,6 +32,14 @@ def check_size(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
     return int(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """A True/False argument (bool or numpy bool) as a bool, else a TypeError naming ``name``:
+    read by its truthiness, include_last_offset="False" or workload.permute="false" meant True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); expected a bool (True or False)")
 
 
 def _entropy(factors: tuple[int, ...]) -> float:

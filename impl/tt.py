@@ -24,7 +24,7 @@ from .cuda import loader as cuda_loader
 from .init import INIT_SCHEMES, init_tt_cores
 from .optim import check_eps, check_lr, check_optimizer
 from .reference import tt_embedding_bag, tt_to_dense
-from .shapes import TTSpec, check_size, suggest_tt_shapes
+from .shapes import TTSpec, check_flag, check_size, suggest_tt_shapes
 
 __all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status"]
 
@@ -62,14 +62,6 @@ def check_device(device: torch.device | str | None) -> None:
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: got {str(device)!r}, but CUDA is not available (torch.cuda.is_available() is "
                          f"False); allowed: cpu")
-
-
-def check_flag(name: str, value) -> bool:
-    """A True/False argument (bool or numpy bool) as a bool. Anything else is refused rather than read by
-    its truthiness: include_last_offset="False" would otherwise mean True."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name}: got {value!r} ({type(value).__name__}); allowed: True or False")
 
 
 def check_seed(seed) -> int | None:

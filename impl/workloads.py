@@ -48,7 +48,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .shapes import check_size
+from .shapes import check_flag, check_size
 
 __all__ = ["DISTRIBUTIONS", "POOLING_DISTRIBUTIONS", "Workload", "Batch", "WorkloadStream", "generate_batch",
            "hot_set_size", "uniform_half_width", "batch_stats"]
@@ -95,12 +95,7 @@ class Workload:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"workload.{name}: got {value!r} ({type(value).__name__}); expected an int")
         for name in ("permute", "weighted"):
-            value = getattr(self, name)
-            if not isinstance(value, (bool, np.bool_)):
-                # a truthy non-bool ("false", "no", 0.0 ...) would silently switch the setting
-                raise TypeError(f"workload.{name}: got {value!r} ({type(value).__name__}); expected a bool "
-                                "(True or False)")
-            object.__setattr__(self, name, bool(value))
+            object.__setattr__(self, name, check_flag(f"workload.{name}", getattr(self, name)))
         for name in ("zipf_alpha", "hit_rate", "hot_fraction", "pooling_sigma", "reuse_fraction"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["Bags", "MODES", "make_bags", "checked_for", "changed_in_place"]
+__all__ = ["Bags", "MODES", "make_bags", "checked_for", "changed_in_place", "in_memory"]
 
 MODES = ("sum", "mean")
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -121,13 +121,18 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def in_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with the values it stands for in its memory: a negative view (torch._neg_view, the
+    imaginary part of a conj view) keeps its values negated only in a flag that numpy and the
+    native kernels do not read, so it is resolved (a copy); any other tensor is returned as it is."""
+    return t.resolve_neg() if t.is_neg() else t
+
+
 def _dense(param: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` as the values it stands for in memory: a negative view (torch._neg_view, the imaginary
-    part of a conj view) keeps its values negated only in a flag that numpy and native kernels do
-    not read, so it is resolved here; a sparse tensor is refused."""
+    """``t`` as the values it stands for in memory (:func:`in_memory`); a sparse tensor is refused."""
     if t.layout is not torch.strided:
         raise TypeError(f"{param}: got a {t.layout} tensor; expected a dense (torch.strided) tensor")
-    return t.resolve_neg() if t.is_neg() else t
+    return in_memory(t)
 
 
 def _first_decrease(a) -> int | None:

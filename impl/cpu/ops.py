@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..autograd_guards import fused_update_once, refuse_changed_batch, without_second_derivative
-from ..bags import MODES, Bags, checked_for, make_bags
+from ..bags import MODES, Bags, checked_for, in_memory, make_bags
 from ..optim import check_eps, check_lr, check_optimizer
 from ..shapes import TTSpec
 from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
@@ -113,7 +113,7 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     kernel), else a contiguous copy. Spares the torch ops of detach().contiguous() per core, which
     right after a kernel call run with torch's dispatcher cold in cache (tens of microseconds each).
     A negative view (torch._neg_view: values negated by a flag the kernel cannot see) is resolved."""
-    return t if t.is_contiguous() and not t.is_neg() else t.detach().resolve_neg().contiguous()
+    return t if t.is_contiguous() and not t.is_neg() else in_memory(t.detach()).contiguous()
 
 
 def threads_for(lookups: int) -> int:

@@ -25,7 +25,7 @@ from typing import Protocol, Sequence
 import torch
 
 from ..autograd_guards import fused_update_once, refuse_changed_batch, without_second_derivative
-from ..bags import MODES, Bags
+from ..bags import MODES, Bags, in_memory
 from ..optim import check_eps, check_lr, check_optimizer
 from ..reference import row_digits
 from ..shapes import TTSpec
@@ -177,11 +177,6 @@ _NEG_VIEW = "a negative view (torch._neg_view, or the imaginary part of a conj v
             "only in a flag the kernels do not read"
 
 
-def _values(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with its values in memory: a negative view resolved (a copy), else ``t`` itself."""
-    return t.resolve_neg() if t.is_neg() else t
-
-
 def _refuse_neg_view(name: str, t: torch.Tensor, why: str) -> None:
     if t.is_neg():
         raise ValueError(f"{name}: got {_NEG_VIEW}; {why}")
@@ -249,7 +244,7 @@ def _check(cores, spec: TTSpec, bags: Bags, mode: str, ln: Launcher) -> list[tor
     if reason is not None:
         raise ValueError(f"backend='cuda': {reason}")
     _check_bags(bags, mode, ln, spec.num_embeddings)
-    return [_values(c.detach()).contiguous() for c in cores]
+    return [in_memory(c.detach()).contiguous() for c in cores]
 
 
 @lru_cache(maxsize=64)
@@ -343,7 +338,7 @@ def backward(cores: Sequence[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     ln = launcher or _default_launcher(cores[0].device)
     cores = _check(cores, spec, bags, mode, ln)
     q, ranks, D = spec.tt_q_shapes, spec.ranks, spec.embedding_dim
-    grad_out = _values(grad_out.detach().to(torch.float32)).contiguous()
+    grad_out = in_memory(grad_out.detach().to(torch.float32)).contiguous()
     if tuple(grad_out.shape) != (bags.num_bags, D) or grad_out.device != ln.device:
         raise ValueError(f"grad_out: got {tuple(grad_out.shape)} on {grad_out.device}; expected {(bags.num_bags, D)} on {ln.device}")
     if grads is None:
@@ -470,7 +465,7 @@ def count_rows(indices: torch.Tensor, counts: torch.Tensor, *, launcher: Launche
     if counts.dtype != torch.int64 or counts.dim() != 1 or counts.device != ln.device:
         raise ValueError(f"counts: expected a 1D int64 tensor on {ln.device}")
     _refuse_neg_view("counts", counts, "the kernel adds into it in place")
-    indices = _values(indices)
+    indices = in_memory(indices)
     _check_indices(indices, ln, counts.numel(), "one count per row")
     n = indices.numel()
     if n:
@@ -484,7 +479,7 @@ def cache_partition(indices: torch.Tensor, row_slot: torch.Tensor, *,
     ln = launcher or _default_launcher(indices.device)
     if row_slot.dtype != torch.int64 or row_slot.dim() != 1 or row_slot.device != ln.device:
         raise ValueError(f"row_slot: expected a 1D int64 tensor (one slot or -1 per row) on {ln.device}")
-    indices, row_slot = _values(indices), _values(row_slot)
+    indices, row_slot = in_memory(indices), in_memory(row_slot)
     _check_indices(indices, ln, row_slot.numel(), "one slot per row")
     n = indices.numel()
     slot = torch.empty(n, dtype=torch.int64, device=ln.device)
@@ -548,10 +543,10 @@ def cache_sgd(cache: torch.Tensor, slot: torch.Tensor, bags: Bags, mode: str, gr
     ln = launcher or _default_launcher(cache.device)
     check_lr(lr, "lr")
     _check_bags(bags, mode, ln)  # the kernel walks every bag's offsets and weights
-    slot = _values(slot)
+    slot = in_memory(slot)
     _check_cache(cache, slot, bags, ln)
     D, nb = cache.shape[1], bags.num_bags
-    grad_out = _values(grad_out.detach().to(torch.float32)).contiguous()
+    grad_out = in_memory(grad_out.detach().to(torch.float32)).contiguous()
     if tuple(grad_out.shape) != (nb, D) or grad_out.device != ln.device:
         raise ValueError(f"grad_out: expected {(nb, D)} on {ln.device}")
     if nb:

@@ -24,6 +24,7 @@ The forward is split in two so a training loop can time the embedding part on it
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -115,6 +116,25 @@ def table_sizes(dataset: Dataset | str, scale_down: int = 1) -> list[int]:
     return [max(1, -(-n // scale_down)) for n in ds.table_rows]
 
 
+def check_table_rows(table_rows, count: int | None = None) -> list[int]:
+    """``table_rows`` as a list of ints, each a whole number >= 1 (numpy ints too; a float, bool or
+    string was truncated or read as a count), else a ValueError naming it; ``count``: how many.
+    The one check of a model's table sizes: build_tables, SyntheticClicks, CriteoClicks."""
+    try:
+        rows = list(table_rows)
+    except TypeError:
+        raise ValueError(f"table_rows: got {table_rows!r}; need a sequence of row counts, one per categorical "
+                         "feature") from None
+    if not rows:
+        raise ValueError("table_rows: got no tables; need one row count per categorical feature")
+    if count is not None and len(rows) != count:
+        raise ValueError(f"table_rows: got {len(rows)} row counts; need {count}, one per categorical feature")
+    for j, n in enumerate(rows):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"table_rows: got {n!r} rows for table {j}; each must be an int >= 1")
+    return [int(n) for n in rows]
+
+
 def build_tables(table_rows: Sequence[int], embedding_dim: int, tt_features: Sequence[int] = (), *,
                  tt_rank: int = 32, tt_init: str = "sampled_gaussian", tt_d: int = 3, dense_init: str = "uniform",
                  learning_rate: float = 0.1, fused: bool = True, backend: str = "auto",
@@ -127,10 +147,7 @@ def build_tables(table_rows: Sequence[int], embedding_dim: int, tt_features: Seq
     autograd gradients) and, with ``cache_fraction``, an LFU cache in front (trained by the same
     fused SGD). The rest get nn.EmbeddingBag (sparse gradients), initialized by ``dense_init``.
     """
-    bad = [(j, n) for j, n in enumerate(table_rows)
-           if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1]
-    if bad:
-        raise ValueError(f"table_rows: got {bad[0][1]!r} rows for table {bad[0][0]}; each must be an int >= 1")
+    table_rows = check_table_rows(table_rows)
     tt_features = set(tt_features)
     unknown = sorted(f for f in tt_features if not 0 <= f < len(table_rows))
     if unknown:

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .criteo import CriteoReader
-from .dlrm import NUM_DENSE, binary_metrics
+from .criteo import NUM_CAT_FEATURES, CriteoReader
+from .dlrm import NUM_DENSE, binary_metrics, check_table_rows
 from .workloads import Workload, WorkloadStream
 
 __all__ = ["ClickBatch", "SyntheticClicks", "PlantedModel", "CriteoClicks"]
@@ -112,8 +112,7 @@ class SyntheticClicks:
                 raise ValueError(f"{name}: got {value!r}; must be an int >= 1")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: got {seed!r}; must be an int >= 0")
-        if len(table_rows) == 0:
-            raise ValueError("table_rows: got no tables; need one row count per categorical feature")
+        rows = check_table_rows(table_rows)
         if not 0 < ctr < 1:
             raise ValueError(f"ctr: got {ctr}; must be in (0, 1)")
         for name, value in (("dense_std", dense_std), ("first_order_std", first_order_std),
@@ -122,7 +121,7 @@ class SyntheticClicks:
                 raise ValueError(f"{name}: got {value}; must be finite and >= 0")
         if not zipf_alpha > 0:
             raise ValueError(f"zipf_alpha: got {zipf_alpha}; must be > 0")
-        self.table_rows = [int(n) for n in table_rows]
+        self.table_rows = rows
         self.batch_size, self.eval_samples, self.seed = batch_size, eval_samples, seed
         t = len(self.table_rows)
         planted_seed, dense_seed, *table_seeds = np.random.SeedSequence(seed).spawn(2 + t)
@@ -225,7 +224,7 @@ class CriteoClicks:
                  eval_path: str | Path | None = None, mapping: str = "hash") -> None:
         if isinstance(eval_samples, bool) or not isinstance(eval_samples, int) or eval_samples < 1:
             raise ValueError(f"eval_samples: got {eval_samples!r}; must be an int >= 1 (samples held out)")
-        self.table_rows, self.batch_size = list(table_rows), batch_size
+        self.table_rows, self.batch_size = check_table_rows(table_rows, NUM_CAT_FEATURES), batch_size
         self._reader = CriteoReader(path, self.table_rows, batch_size, mapping, require_label=True)
         held_out_reader = self._reader
         if eval_path:

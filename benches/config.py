@@ -189,7 +189,10 @@ class TTConfig:
 # synthetic-workload keys that distribution=criteo does not read (WorkloadConfig rejects them set)
 _SYNTHETIC_ONLY = ("pooling_factor", "pooling_sigma", "pooling_distribution", "reuse_fraction")
 _DISTRIBUTION_ONLY = {"zipf_alpha": Distribution.zipf, "permute": Distribution.zipf,  # the key: the one reader
-                      "hit_rate": Distribution.hot_set, "hot_fraction": Distribution.hot_set}
+                      "hit_rate": Distribution.hot_set, "hot_fraction": Distribution.hot_set,
+                      "criteo_path": Distribution.criteo, "criteo_feature": Distribution.criteo,
+                      "criteo_mapping": Distribution.criteo}
+_WORKLOAD_PRESETS = ("uniform", "zipf")  # conf/workload/*.yaml
 
 
 @dataclass
@@ -215,6 +218,7 @@ class WorkloadConfig:
     criteo_mapping: CriteoMapping = CriteoMapping.hash
 
     def __post_init__(self) -> None:
+        shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
         _positive("workload", batch_size=self.batch_size, pooling_factor=self.pooling_factor)
         if self.weighted and self.pooling != Pooling.sum:
             raise ValueError(f"workload.weighted: got true with workload.pooling={self.pooling.value}; per-sample "
@@ -230,7 +234,6 @@ class WorkloadConfig:
                 raise ValueError(f"workload.criteo_feature: got {self.criteo_feature}; must be in [0, 26)")
             # the synthetic generator's bag and reuse settings: a Criteo feature has one lookup per
             # sample and no reuse, so a key set away from its default would be silently ignored
-            shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
             for f in dataclasses.fields(self):
                 if f.name in _SYNTHETIC_ONLY and getattr(self, f.name) != f.default:
                     value = getattr(self, f.name)
@@ -246,9 +249,11 @@ class WorkloadConfig:
         for name, dist in _DISTRIBUTION_ONLY.items():
             value, default = getattr(self, name), defaults[name]
             if self.distribution != dist and value != default:
-                raise ValueError(f"workload.{name}: got {value} with workload.distribution={self.distribution.value}; "
-                                 f"only distribution={dist.value} reads it: set workload.distribution={dist.value} "
-                                 f"(workload={dist.value}), or leave {name} at its default {default}")
+                preset = f" (workload={dist.value})" if dist.value in _WORKLOAD_PRESETS else ""
+                raise ValueError(f"workload.{name}: got {shown(value)} with workload.distribution="
+                                 f"{self.distribution.value}; only distribution={dist.value} reads it: set "
+                                 f"workload.distribution={dist.value}{preset}, or leave {name} at its default "
+                                 f"{shown(default)}")
 
     def record(self):
         """The synthetic workload as a ttrec.workloads.Workload (not for distribution=criteo)."""
@@ -406,8 +411,21 @@ class DLRMConfig:
         if self.source == ClickSource.criteo and not self.criteo_path:
             raise ValueError("dlrm.criteo_path: got None; source=criteo needs a Criteo text file "
                              "(Kaggle train.txt or Terabyte day_N)")
+        # one source's keys set away from their defaults under the other would be silently ignored
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, source in _SOURCE_ONLY.items():
+            value, default = getattr(self, name), defaults[name]
+            if self.source != source and value != default:
+                shown = value.value if isinstance(value, Enum) else value
+                raise ValueError(f"dlrm.{name}: got {shown} with dlrm.source={self.source.value}; only "
+                                 f"dlrm.source={source.value} reads it: set dlrm.source={source.value}, or leave "
+                                 f"{name} at its default {default.value if isinstance(default, Enum) else default}")
         if self.compare_to == CompareTo.tt and self.tt_tables == 0:
             raise ValueError("dlrm.compare_to: got 'tt' with dlrm.tt_tables=0; there is no TT model to compare to")
+
+
+_SOURCE_ONLY = {"criteo_path": ClickSource.criteo, "criteo_eval_path": ClickSource.criteo,  # the key: its reader
+                "criteo_mapping": ClickSource.criteo, "zipf_alpha": ClickSource.synthetic}
 
 
 @dataclass

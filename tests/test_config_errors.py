@@ -135,3 +135,44 @@ def test_embedding_bags_on_cuda_without_cuda_name_the_device_argument(cls, devic
     with pytest.raises(ValueError, match=rf"device: got '{device}', but CUDA is not available.*allowed: cpu"):
         make(*args, device=device)
     make(*args, device="cpu")  # and cpu is fine
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "zipf", "hot_set"])
+@pytest.mark.parametrize("key,value,shown", [("criteo_path", "day_0", "day_0"), ("criteo_feature", 5, "5"),
+                                             ("criteo_mapping", "dictionary", "dictionary")])
+def test_criteo_keys_without_the_criteo_distribution_are_refused_not_ignored(distribution, key, value, shown):
+    """workload.criteo_* under a synthetic distribution measured the synthetic stream and left the
+    criteo columns empty: a setting silently ignored, as README says no workload key may be."""
+    from benches.config import CriteoMapping, Distribution, WorkloadConfig
+
+    if key == "criteo_mapping":
+        value = CriteoMapping(value)
+    with pytest.raises(ValueError, match=rf"workload\.{key}: got {shown} with workload\.distribution={distribution}; "
+                                         r"only distribution=criteo reads it: set workload\.distribution=criteo, or"):
+        WorkloadConfig(distribution=Distribution(distribution), **{key: value})
+    WorkloadConfig(distribution=Distribution.criteo, **{"criteo_path": "day_0", key: value})  # read there
+
+
+@pytest.mark.parametrize("key,value,source", [("criteo_path", "day_0", "synthetic"),
+                                              ("criteo_eval_path", "day_1", "synthetic"),
+                                              ("criteo_mapping", "dictionary", "synthetic"),
+                                              ("zipf_alpha", 1.2, "criteo")])
+def test_dlrm_keys_of_the_other_click_source_are_refused_not_ignored(key, value, source):
+    from benches.config import ClickSource, CriteoMapping, DLRMConfig
+
+    if key == "criteo_mapping":
+        value = CriteoMapping(value)
+    extra = {"criteo_path": "day_0"} if source == "criteo" else {}
+    with pytest.raises(ValueError, match=rf"dlrm\.{key}: got \S+ with dlrm\.source={source}; only dlrm\.source="):
+        DLRMConfig(source=ClickSource(source), **extra, **{key: value})
+    other = "criteo" if source == "synthetic" else "synthetic"
+    DLRMConfig(source=ClickSource(other), **{**({"criteo_path": "day_0"} if other == "criteo" else {}),
+                                             key: value})  # read there
+
+
+def test_a_hot_set_key_under_uniform_names_no_workload_preset_that_does_not_exist():
+    from benches.config import Distribution, WorkloadConfig
+
+    with pytest.raises(ValueError) as e:
+        WorkloadConfig(distribution=Distribution.uniform, hit_rate=0.5)
+    assert "workload=hot_set" not in str(e.value) and "workload.distribution=hot_set" in str(e.value)

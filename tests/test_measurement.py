@@ -120,8 +120,11 @@ def test_thread_round_trip_probe_reads_a_latency_and_keeps_its_budget():
 
     t0 = time.perf_counter()
     ns = thread_round_trip_ns(trips=10**9, budget_s=0.02)
-    assert time.perf_counter() - t0 < 5.0
-    assert ns is not None and 5.0 < ns < 1e7
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0
+    # a mean trip no longer than the whole call (not a fixed bound: on a loaded machine one trip can
+    # wait out a scheduler slice, 11.6 ms read once under load 12)
+    assert ns is not None and 5.0 < ns <= elapsed * 1e9
     assert build.library().tt_thread_round_trip_ns(1, 1.0) > 0  # one trip is enough for a value
 
 

@@ -165,8 +165,8 @@ def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unch
     pooling = {} if criteo else {"pooling_factor": 2, "pooling_sigma": 0.5,
                                  "pooling_distribution": PoolingDistribution.normal}
     base = BenchConfig(impl=ImplConfig(name=Impl.dense), table=TableConfig("tiny", 1000, 16),
-                       workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=64, criteo_path=a,
-                                               **pooling))
+                       workload=WorkloadConfig(distribution=Distribution(distribution), batch_size=64,
+                                               criteo_path=a if criteo else None, **pooling))
     changes = {"zipf_alpha": 1.5, "permute": False, "batch_size": 32, "pooling_factor": 3, "weighted": True,
                "seed": 7, "pooling_sigma": 1.5, "pooling_distribution": PoolingDistribution.uniform, "hit_rate": 0.5,
                "hot_fraction": 0.01, "reuse_fraction": 0.5, "criteo_path": b, "criteo_feature": 5,
@@ -197,7 +197,8 @@ def test_a_workload_column_is_empty_exactly_when_its_key_leaves_the_batches_unch
         assert (row[column.get(key, key)] is None) == unread, (key, row[column.get(key, key)], unread)
     # refused (a config error, never silently ignored): another distribution's keys; with criteo also
     # weighted and the four synthetic pooling keys
-    others = {"zipf": {"zipf_alpha", "permute"}, "hot_set": {"hit_rate", "hot_fraction"}}
+    others = {"zipf": {"zipf_alpha", "permute"}, "hot_set": {"hit_rate", "hot_fraction"},
+              "criteo": {"criteo_path", "criteo_feature", "criteo_mapping"}}
     expected = set().union(*(keys for dist, keys in others.items() if dist != distribution))
     if criteo:
         expected |= {"weighted", "pooling_factor", "pooling_sigma", "pooling_distribution", "reuse_fraction"}

@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -277,11 +278,20 @@ def test_cuda_entry_point_refuses_cpu_tensors_before_any_launch(monkeypatch):
         loader.tt_bag_cuda(cores, spec, bags, "sum")
 
 
+def install_fake_gpu(monkeypatch, fake_cupy: types.ModuleType, stream: int) -> None:
+    """A stand-in GPU for the CuPy launcher: ``fake_cupy`` as cupy, an A100's SM count and opt-in
+    shared memory (163 KiB), a current stream of handle ``stream``, and no cached module."""
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    props = types.SimpleNamespace(multi_processor_count=108, shared_memory_per_block_optin=163 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=stream))
+    loader._module.cache_clear()
+
+
 def test_cupy_launcher_glue_with_a_stand_in_cupy(monkeypatch):
     """CupyLauncher against a stand-in for the CuPy API it uses (no GPU here): RawModule compiled from
     the kernel's own .cu with the NVRTC options, typed scalar arguments, torch's stream, opt-in
     shared memory above 48 KiB."""
-    import types
 
     import numpy as np
 
@@ -320,11 +330,7 @@ def test_cupy_launcher_glue_with_a_stand_in_cupy(monkeypatch):
     fake = types.ModuleType("cupy")
     fake.RawModule = RawModule
     fake.cuda = types.SimpleNamespace(Device=Device, ExternalStream=ExternalStream)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    props = types.SimpleNamespace(multi_processor_count=108, shared_memory_per_block_optin=163 * 1024)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=4242))
-    loader._module.cache_clear()
+    install_fake_gpu(monkeypatch, fake, stream=4242)
     try:
         ln = loader.CupyLauncher(torch.device("cuda", 0))
         assert (ln.smem_limit, ln.max_blocks, ln.block) == (163 * 1024, 108 * 32, plan.DEFAULT_BLOCK)

@@ -22,6 +22,7 @@ from ttrec.cuda import loader
 from ttrec.reference import tt_embedding_bag
 from ttrec.shapes import TTSpec
 
+from .test_cuda_launch import install_fake_gpu
 from .test_cuda_emulated import EmuLauncher, emu_lib, make_cores, reference_grads  # noqa: F401  (emu_lib: fixture)
 
 
@@ -104,11 +105,7 @@ def test_cupy_launcher_opts_in_on_the_device_it_launches_on(monkeypatch):
     launch on device 1 asked for more than its function allowed). Cannot run on a GPU here."""
     launches, current = [], [0]
     fake = _per_device_cupy(launches, current)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    props = types.SimpleNamespace(multi_processor_count=108, shared_memory_per_block_optin=163 * 1024)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: types.SimpleNamespace(cuda_stream=77))
-    loader._module.cache_clear()
+    install_fake_gpu(monkeypatch, fake, stream=77)
     try:
         ln = loader.CupyLauncher(torch.device("cuda", 1))
         args = [("ptr", 1), ("i32", 0), *[("ptr", 0)] * 5, ("i32", 0), ("f32", 0.5), ("f32", 1e-10)]

@@ -186,6 +186,25 @@ class TTConfig:
                                  f"give d factors, or set tt.d={len(shapes)}")
 
 
+def _shown(value):
+    """A config value as the command line writes it (an enum by its value)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def _refuse_unread(group: str, node, selector: str, readers: dict, preset=lambda value: "") -> None:
+    """Keys of ``node`` that only one value of its ``selector`` field reads (``readers``: key -> that
+    value), set away from their defaults under another value: a ValueError naming the key, its value
+    and its reader, not a setting silently ignored (workload.distribution's, dlrm.source's keys)."""
+    current = getattr(node, selector)
+    defaults = {f.name: f.default for f in dataclasses.fields(node)}
+    for name, reader in readers.items():
+        value = getattr(node, name)
+        if current != reader and value != defaults[name]:
+            raise ValueError(f"{group}.{name}: got {_shown(value)} with {group}.{selector}={current.value}; only "
+                             f"{selector}={reader.value} reads it: set {group}.{selector}={reader.value}"
+                             f"{preset(reader.value)}, or leave {name} at its default {_shown(defaults[name])}")
+
+
 # synthetic-workload keys that distribution=criteo does not read (WorkloadConfig rejects them set)
 _SYNTHETIC_ONLY = ("pooling_factor", "pooling_sigma", "pooling_distribution", "reuse_fraction")
 _DISTRIBUTION_ONLY = {"zipf_alpha": Distribution.zipf, "permute": Distribution.zipf,  # the key: the one reader
@@ -218,7 +237,6 @@ class WorkloadConfig:
     criteo_mapping: CriteoMapping = CriteoMapping.hash
 
     def __post_init__(self) -> None:
-        shown = lambda v: v.value if isinstance(v, Enum) else v  # noqa: E731
         _positive("workload", batch_size=self.batch_size, pooling_factor=self.pooling_factor)
         if self.weighted and self.pooling != Pooling.sum:
             raise ValueError(f"workload.weighted: got true with workload.pooling={self.pooling.value}; per-sample "
@@ -237,23 +255,16 @@ class WorkloadConfig:
             for f in dataclasses.fields(self):
                 if f.name in _SYNTHETIC_ONLY and getattr(self, f.name) != f.default:
                     value = getattr(self, f.name)
-                    raise ValueError(f"workload.{f.name}: got {shown(value)} with workload.distribution=criteo; a "
+                    raise ValueError(f"workload.{f.name}: got {_shown(value)} with workload.distribution=criteo; a "
                                      f"Criteo feature gives one lookup per sample and no reuse, so the synthetic "
-                                     f"workload's {f.name} does not apply: leave it at its default {shown(f.default)} "
+                                     f"workload's {f.name} does not apply: leave it at its default {_shown(f.default)} "
                                      f"or use a synthetic distribution (uniform, zipf, hot_set)")
         else:
             self.record()  # the record's checks name the key, the value and what is allowed
         # one distribution's keys set away from their defaults under another would be silently ignored
         # (their result columns stay empty): Zipf's under uniform, the hot set's under zipf, ...
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, dist in _DISTRIBUTION_ONLY.items():
-            value, default = getattr(self, name), defaults[name]
-            if self.distribution != dist and value != default:
-                preset = f" (workload={dist.value})" if dist.value in _WORKLOAD_PRESETS else ""
-                raise ValueError(f"workload.{name}: got {shown(value)} with workload.distribution="
-                                 f"{self.distribution.value}; only distribution={dist.value} reads it: set "
-                                 f"workload.distribution={dist.value}{preset}, or leave {name} at its default "
-                                 f"{shown(default)}")
+        _refuse_unread("workload", self, "distribution", _DISTRIBUTION_ONLY,
+                       preset=lambda d: f" (workload={d})" if d in _WORKLOAD_PRESETS else "")
 
     def record(self):
         """The synthetic workload as a ttrec.workloads.Workload (not for distribution=criteo)."""
@@ -412,14 +423,7 @@ class DLRMConfig:
             raise ValueError("dlrm.criteo_path: got None; source=criteo needs a Criteo text file "
                              "(Kaggle train.txt or Terabyte day_N)")
         # one source's keys set away from their defaults under the other would be silently ignored
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, source in _SOURCE_ONLY.items():
-            value, default = getattr(self, name), defaults[name]
-            if self.source != source and value != default:
-                shown = value.value if isinstance(value, Enum) else value
-                raise ValueError(f"dlrm.{name}: got {shown} with dlrm.source={self.source.value}; only "
-                                 f"dlrm.source={source.value} reads it: set dlrm.source={source.value}, or leave "
-                                 f"{name} at its default {default.value if isinstance(default, Enum) else default}")
+        _refuse_unread("dlrm", self, "source", _SOURCE_ONLY)
         if self.compare_to == CompareTo.tt and self.tt_tables == 0:
             raise ValueError("dlrm.compare_to: got 'tt' with dlrm.tt_tables=0; there is no TT model to compare to")
 

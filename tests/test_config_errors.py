@@ -163,7 +163,7 @@ def test_dlrm_keys_of_the_other_click_source_are_refused_not_ignored(key, value,
     if key == "criteo_mapping":
         value = CriteoMapping(value)
     extra = {"criteo_path": "day_0"} if source == "criteo" else {}
-    with pytest.raises(ValueError, match=rf"dlrm\.{key}: got \S+ with dlrm\.source={source}; only dlrm\.source="):
+    with pytest.raises(ValueError, match=rf"dlrm\.{key}: got \S+ with dlrm\.source={source}; only source="):
         DLRMConfig(source=ClickSource(source), **extra, **{key: value})
     other = "criteo" if source == "synthetic" else "synthetic"
     DLRMConfig(source=ClickSource(other), **{**({"criteo_path": "day_0"} if other == "criteo" else {}),

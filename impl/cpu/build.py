@@ -4,7 +4,8 @@ Why ctypes and a plain C ABI instead of a torch C++ extension: the kernel needs 
 so it builds in 7-20 s with g++ (one translation unit) instead of minutes, and one binary serves
 every torch version. The shared library is cached under ``$TTREC_CACHE_DIR`` (default
 ``~/.cache/ttrec``); a build is announced on stderr with the file it writes. Builds are atomic
-(temp file + rename), so concurrent first uses are safe: each may compile, and all load a
+(temp file + rename) and one at a time per cache directory (an advisory lock on the directory):
+concurrent first uses, e.g. the workers of a parallel sweep, wait for one build and all load its
 complete library. A cached file that is not a complete library for this CPU, or does not load, is
 rebuilt. ``$CXX`` is a command line (``ccache g++`` works); else g++, else c++.
 """
@@ -12,6 +13,7 @@ rebuilt. ``$CXX`` is a command line (``ccache g++`` works); else g++, else c++.
 from __future__ import annotations
 
 import _ctypes
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +27,11 @@ import sys
 import time
 from functools import lru_cache
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no lock; builds stay atomic)
+    fcntl = None
 
 __all__ = ["SOURCES", "FLAGS", "build", "bind", "cache_path", "elf_problem", "library", "loaded", "unavailable_reason",
            "expected_unavailable", "cpu_flags", "cpu_reason", "TTShape", "TTStats"]
@@ -175,6 +182,30 @@ def _writable_dir(directory: Path) -> None:
                            f"created ({exc.strerror}); set TTREC_CACHE_DIR to a writable directory") from None
 
 
+@contextlib.contextmanager
+def _build_lock(directory: Path, target: Path):
+    """Hold the cache directory's build lock (flock on the directory itself: no lock file to
+    leave behind), announcing a wait on another process's build. The kernel drops the lock when its
+    holder exits, killed or not; the compiler, started with close_fds, never holds it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY) if fcntl is not None else None
+    except OSError:  # a directory this user may write but not read: no lock (builds stay atomic)
+        fd = None
+    if fd is None:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[ttrec] waiting for another process's build of the native CPU kernel in {directory} (for {target.name})",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (closing the last descriptor releases the lock)
+
+
 def build(cxx: str | None = None, march: str = "native", rebuild: str = "") -> Path:
     """The kernel compiled for ``-march=march`` (cached; see :func:`cache_path`). The source picks
     its vector code by what the target has (AVX-512, else AVX2/generic), so tests build the other
@@ -191,6 +222,15 @@ def build(cxx: str | None = None, march: str = "native", rebuild: str = "") -> P
             return target
         why = f"the cached file is {damage}"
     _writable_dir(target.parent)
+    with _build_lock(target.parent, target):
+        if not rebuild and target.exists() and elf_problem(target) is None:
+            return target  # another process built it while this one waited
+        _compile(cxx, march, target, why)
+    return target
+
+
+def _compile(cxx: str, march: str, target: Path, why: str) -> None:
+    """Compile the kernel into ``target`` (announced; temp file + rename), under the build lock."""
     _remove_stale_tmp(target.parent)
     print(f"[ttrec] compiling the native CPU kernel ({cxx}, -march={march}) -> {target}" + (f" ({why})" if why else ""),
           file=sys.stderr, flush=True)
@@ -210,7 +250,6 @@ def build(cxx: str | None = None, march: str = "native", rebuild: str = "") -> P
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return target
 
 
 def bind(path: Path) -> ctypes.CDLL:

@@ -185,7 +185,7 @@ def _writable_dir(directory: Path) -> None:
 @contextlib.contextmanager
 def _build_lock(directory: Path, target: Path):
     """Hold the cache directory's build lock (flock on the directory itself: no lock file to
-    leave behind), announcing a wait on another process's build. The kernel drops the lock when its
+    leave behind), announcing a wait on another process's build. The operating system drops the lock when its
     holder exits, killed or not; the compiler, started with close_fds, never holds it."""
     try:
         fd = os.open(directory, os.O_RDONLY) if fcntl is not None else None

@@ -77,6 +77,17 @@ def numpy_scan(monkeypatch):
     monkeypatch.setattr(build, "loaded", lambda: None)
 
 
+@pytest.fixture(params=["numpy", "native"])
+def either_scan(request, monkeypatch):
+    """make_bags with the numpy scan, then with the native one (skipped where the kernel is unavailable)."""
+    if request.param == "numpy":
+        monkeypatch.setattr(build, "loaded", lambda: None)
+    elif build.unavailable_reason() is not None:
+        pytest.skip(f"native kernel unavailable: {build.unavailable_reason()}")
+    else:
+        assert build.loaded() is not None
+
+
 def _bags(inp, offsets, **kw):
     return make_bags(inp, offsets, None, num_embeddings=10, mode="sum", **kw)
 
@@ -98,30 +109,16 @@ def test_first_decrease_of_a_tensor_is_the_first_like_for_a_numpy_array():
         assert _first_decrease(torch.tensor(offsets)) == expected
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_2d_input_out_of_range_is_refused_naming_the_first_position(native, monkeypatch):
+def test_2d_input_out_of_range_is_refused_naming_the_first_position(either_scan):
     """A 2D (B, L) input is range-checked as a 1D one: the first bad index in row-major order."""
-    if native:
-        if build.unavailable_reason() is not None:
-            pytest.skip(f"native kernel unavailable: {build.unavailable_reason()}")
-        assert build.loaded() is not None
-    else:
-        monkeypatch.setattr(build, "loaded", lambda: None)
     for inp, value, pos in [([[1, 2], [10, 3]], 10, 2), ([[1, -2], [12, 3]], -2, 1)]:
         with pytest.raises(ValueError, match=rf"^input: got index {value} at position {pos}; "):
             _bags(torch.tensor(inp), None)
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_strided_indices_are_checked_by_their_values_not_their_storage(native, monkeypatch):
+def test_strided_indices_are_checked_by_their_values_not_their_storage(either_scan):
     """A non-contiguous index view is checked element by element as it reads (numpy handles the
     strides; the one-pass native scan reads raw memory, so it must not be given such a view)."""
-    if native:
-        if build.unavailable_reason() is not None:
-            pytest.skip(f"native kernel unavailable: {build.unavailable_reason()}")
-        assert build.loaded() is not None
-    else:
-        monkeypatch.setattr(build, "loaded", lambda: None)
     storage = torch.tensor([1, 99, 2, 99, 3, 99, 4, 0, 12, 0])
     good = storage[0:7:2]  # [1, 2, 3, 4]; its first 4 memory entries hold two 99s
     b = _bags(good, torch.tensor([0, 2]))

@@ -1,11 +1,24 @@
-"""Checks shared by the native-kernel tests: forward, core gradients and a fused SGD step against the reference."""
+"""Checks shared by the native-kernel tests: forward, core gradients and a fused SGD step against the reference;
+and the small TT specs and seeded cores they are run on."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 import ttrec
 from ttrec.cpu import ops
+
+
+def spec_of(p, q, r, rows=None) -> ttrec.TTSpec:
+    """The TT spec of row factors p, column factors q and inner ranks r (all rows of prod(p) unless ``rows``)."""
+    return ttrec.TTSpec(math.prod(p) if rows is None else rows, math.prod(q), tuple(p), tuple(q), tuple(r))
+
+
+def normal_cores(spec, seed: int = 0) -> list[torch.Tensor]:
+    """Cores of ``spec`` by the "normal" init, seeded."""
+    return ttrec.init_tt_cores(spec, "normal", generator=torch.Generator().manual_seed(seed))
 
 
 def _reference(cores, spec, bags, grad_out, mode: str):

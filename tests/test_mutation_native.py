@@ -3,7 +3,6 @@ reference backend (ttrec.reference): each test names the path it reaches and the
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -13,18 +12,10 @@ from ttrec.bags import make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
+from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference, normal_cores, spec_of
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
               pytest.mark.usefixtures("threads_at_any_size")]
-
-
-def _spec(p, q, r):
-    return ttrec.TTSpec(math.prod(p), math.prod(q), tuple(p), tuple(q), tuple(r))
-
-
-def _cores(spec, seed=0):
-    return ttrec.init_tt_cores(spec, "normal", generator=torch.Generator().manual_seed(seed))
 
 
 def _rows(p, i1, i2, i3):
@@ -40,8 +31,8 @@ def test_last_core_gradient_ignores_segments_that_never_saw_a_digit(threads):
     batch filled the kernel's reused accumulator memory with other values: dG_3 (and everything
     else) still equals the float64 reference, so an accumulator a segment never wrote is never summed."""
     p, q, r = (8, 16, 4), (2, 2, 4), (16, 16)
-    spec = _spec(p, q, r)
-    cores = _cores(spec, seed=1)
+    spec = spec_of(p, q, r)
+    cores = normal_cores(spec, seed=1)
     g = torch.Generator().manual_seed(2)
     n = 4096
     torch.set_num_threads(threads)
@@ -60,8 +51,8 @@ def test_the_native_backward_refuses_unknown_optimizer_codes_and_writes_nothing(
     """tt_backward's C ABI takes optimizer 0 (none), 1 (SGD) or 2 (Adagrad): any other code returns
     2 (Python turns it into an error, never a crash) with every buffer it was handed (touched masks,
     accumulators, gradient scratch) left as it was and the cores unchanged, even with all of them given."""
-    spec = _spec((6, 7, 8), (2, 2, 4), (4, 4))
-    cores = _cores(spec)
+    spec = spec_of((6, 7, 8), (2, 2, 4), (4, 4))
+    cores = normal_cores(spec)
     before = [c.clone() for c in cores]
     bags = make_bags(torch.tensor([0, 5, 300]), torch.tensor([0, 1]), None, num_embeddings=spec.num_embeddings,
                      mode="sum")
@@ -97,8 +88,8 @@ def test_every_row_of_a_table_whose_first_digit_needs_the_quotient_correction(th
     reciprocal of 49, corrected by the remainder; for i_1 = 0 the product i_2 49 (1 / 49.0) falls just
     below i_2 for i_2 = 1, 2, 3, 4, 6, ... Every row of a (49, 16, 2) table, shuffled: the forward
     equals the float64 reference rows, and forward and core gradients equal the reference."""
-    spec = _spec((49, 16, 2), (1, 2, 2), (3, 4))
-    cores = _cores(spec, seed=3)
+    spec = spec_of((49, 16, 2), (1, 2, 2), (3, 4))
+    cores = normal_cores(spec, seed=3)
     idx = torch.randperm(spec.num_embeddings, generator=torch.Generator().manual_seed(5))
     bags = make_bags(idx, torch.arange(idx.numel()), None, num_embeddings=spec.num_embeddings, mode="sum")
     torch.set_num_threads(threads)
@@ -116,8 +107,8 @@ def test_fused_sgd_on_buckets_just_over_one_piece_reads_each_slice_before_its_up
     place, yet the second piece's dP_1 must still use the slice as the forward saw it: one fused step
     on 1 and 2 threads moves every core by -lr x the float64 reference gradient."""
     p, r = (200, 2, 5), (16, 16 // q[1])
-    spec = _spec(p, q, r)
-    cores = _cores(spec, seed=7)
+    spec = spec_of(p, q, r)
+    cores = normal_cores(spec, seed=7)
     g = torch.Generator().manual_seed(8)
     i1, i2 = torch.arange(200).repeat(2), torch.arange(2).repeat_interleave(200)
     idx = _rows(p, i1, i2, torch.randint(0, p[2], (400,), generator=g))
@@ -134,8 +125,8 @@ def test_bags_of_one_lookup_each_equal_the_reference_rows(weighted, q):
     bag's output row, 16-float rows as streamed lines) only when unweighted and, for streaming, when
     D = 16: D = 32 rows are written whole, and weighted bags of one lookup are scaled by their
     weights. On 1 and 2 threads the forward equals the float64 reference rows (times the weights)."""
-    spec = _spec((10, 10, 10), q, (4, 4))
-    cores = _cores(spec, seed=11)
+    spec = spec_of((10, 10, 10), q, (4, 4))
+    cores = normal_cores(spec, seed=11)
     g = torch.Generator().manual_seed(12)
     idx = torch.randint(0, spec.num_embeddings, (500,), generator=g)
     w = torch.rand(500, generator=g) + 0.5 if weighted else None

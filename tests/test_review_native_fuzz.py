@@ -35,19 +35,13 @@ from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 from ttrec.reference import row_digits
 
+from .native_reference import normal_cores, spec_of
+
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
               pytest.mark.usefixtures("threads_at_any_size")]
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, EPS = 0.05, 1e-10
-
-
-def _spec(p, q, r, rows=None):
-    return ttrec.TTSpec(math.prod(p) if rows is None else rows, math.prod(q), tuple(p), tuple(q), tuple(r))
-
-
-def _cores(spec, seed=0):
-    return ttrec.init_tt_cores(spec, "normal", generator=torch.Generator().manual_seed(seed))
 
 
 def _batch(spec, sizes, seed, mode="sum", weights=None, pattern="uniform", index_dtype=torch.int64):
@@ -133,7 +127,7 @@ def wide_problems(draw):
     threads = draw(st.sampled_from([1, 2, 3]))
     chunk_bytes = draw(st.sampled_from([ops.DEFAULT_CHUNK_BYTES, 1]))  # 1: chunks of 1,024 lookups
     seed = draw(st.integers(0, 2**31 - 1))
-    spec = _spec(p, q, r, rows=max(1, rows))
+    spec = spec_of(p, q, r, rows=max(1, rows))
     return spec, _batch(spec, sizes, seed, mode, weights, pattern, index_dtype), mode, threads, chunk_bytes, seed
 
 
@@ -141,7 +135,7 @@ def wide_problems(draw):
 @given(wide_problems())
 def test_wide_shapes_match_the_reference_and_repeat_bitwise_on_any_thread_count(problem):
     spec, bags, mode, threads, chunk_bytes, seed = problem
-    cores = _cores(spec, seed)
+    cores = normal_cores(spec, seed)
     grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(seed))
     torch.set_num_threads(threads)
     out, grads = _assert_matches_reference(cores, spec, bags, mode, grad_out, chunk_bytes)
@@ -160,7 +154,7 @@ def test_one_fused_step_is_the_update_rule_on_the_kernels_gradients(problem, opt
     by |g| on a first step, so near-zero float64 gradients are no yardstick). Untouched slices and
     accumulators keep their bits; the touched masks are the digit values used; the scratch is zero."""
     spec, bags, mode, threads, _, seed = problem
-    cores = _cores(spec, seed)
+    cores = normal_cores(spec, seed)
     g = torch.Generator().manual_seed(seed)
     grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=g)
     torch.set_num_threads(threads)
@@ -210,7 +204,7 @@ def test_fused_module_steps_equal_torch_optimizers_step_by_step(p, q, r, optimiz
     against float64 in the tests above.)"""
     if chunked:
         monkeypatch.setattr(ops, "DEFAULT_CHUNK_BYTES", 1)  # 1,024 lookups per chunk
-    spec = _spec(p, q, r, rows=math.prod(p) - 2)
+    spec = spec_of(p, q, r, rows=math.prod(p) - 2)
     kw = dict(backend="cpu", seed=7, init="normal")
     fused = ttrec.TTEmbeddingBag(spec.num_embeddings, spec.embedding_dim, r, p, q, optimizer=optimizer,
                                  learning_rate=LR, eps=EPS, **kw)
@@ -272,8 +266,8 @@ def test_edge_batches_match_the_reference_and_fused_steps_touch_only_their_slice
     """Tables of one row, D = 1, d = 2..4; batches where every bag is empty (zeros, zero gradients,
     a fused step changes nothing), every lookup hits one row (6,000 lookups), bags of 300-700
     lookups, mean pooling with empty bags, int32 indices on the table's last rows, all weights zero."""
-    spec = _spec(p, q, r)
-    cores = _cores(spec, 3)
+    spec = spec_of(p, q, r)
+    cores = normal_cores(spec, 3)
     torch.set_num_threads(2)
     if batch == "all_empty":
         bags = _batch(spec, [0] * 17, 1)
@@ -319,8 +313,8 @@ def test_large_batches_give_the_same_bits_on_1_to_8_threads(p, q, r, n):
     """The parallel phases (sort slices, run search, bucket starts of d = 3's plan once it has
     more than 8,192 prefixes, segments) at 1, 2, 3 and, oversubscribed on this machine, 4 and 8
     threads: the same bits, and the float64 reference's rows and gradients."""
-    spec = _spec(p, q, r)
-    cores = _cores(spec, 5)
+    spec = spec_of(p, q, r)
+    cores = normal_cores(spec, 5)
     g = torch.Generator().manual_seed(6)
     idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
     idx[:3] = torch.tensor([0, spec.num_embeddings - 1, spec.num_embeddings - 1])
@@ -348,7 +342,7 @@ def test_kept_plan_forward_and_backward_equal_no_grad_forward_and_recomputation(
     chunk): the output equals the no_grad forward bitwise, and the core gradients equal a recomputed
     ops.backward bitwise, with the thread count changed between forward and backward."""
     spec, bags, mode, threads, _, seed = problem
-    cores = _cores(spec, seed)
+    cores = normal_cores(spec, seed)
     grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(seed))
     torch.set_num_threads(threads)
     leaves = [c.clone().requires_grad_() for c in cores]
@@ -369,8 +363,8 @@ def test_gradients_add_into_given_buffers_and_mark_the_touched_digits():
     """ops.backward(grads=..., touched=...) adds into the buffers (d = 2, 3, 4) and marks exactly
     the digit values the batch used."""
     for p, q, r in [((40, 37), (1, 3), (7,)), ((9, 11, 13), (1, 4, 4), (33, 7)), ((5, 1, 7, 6), (2, 1, 3, 1), (3, 7, 5))]:
-        spec = _spec(p, q, r)
-        cores = _cores(spec, 1)
+        spec = spec_of(p, q, r)
+        cores = normal_cores(spec, 1)
         bags = _batch(spec, [3, 0, 9, 1, 40], 2, weights="signed")
         grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(3))
         fresh = ops.backward(cores, spec, bags, "sum", grad_out)

@@ -103,3 +103,21 @@ def test_zen4_runs_below_embeddingbag_are_all_named():
     below = {r[-1]: _interleaved_fused(r) for r in runs if _interleaved_fused(r) < 1}
     assert set(named) == set(below)
     assert dict(zip(named, ratios)) == pytest.approx(below)
+
+
+def _interleaved_share(run: str) -> int:
+    return int(re.search(r"useful FLOPs = \*\*([0-9]+)%\*\*", _kernel_report(run)).group(1))
+
+
+def test_zen4_sgemm_share_count_matches_the_runs():
+    """'Met on the Zen 4 VM in N of its M runs (60-70%; X% in run a, ...)': M is every Zen 4 run, N those
+    at 60% or more (interleaved), the range is theirs and each run below is named with its share."""
+    text = README.replace("\n", " ")
+    m = re.search(r"Met on the Zen 4 VM in ([0-9]+) of its ([0-9]+) runs \(([0-9]+)-([0-9]+)%; ([^)]*)\)", text)
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c")
+    shares = {r: _interleaved_share(r) for r in runs}
+    met = [s for s in shares.values() if s >= 60]
+    assert (int(m.group(1)), int(m.group(2))) == (len(met), len(runs))
+    assert (int(m.group(3)), int(m.group(4))) == (min(met), max(met))
+    named = {f"2026-12-04{run}": int(share) for share, run in re.findall(r"([0-9]+)%\s+in\s+run\s+([a-z])", m.group(5))}
+    assert named == {r: s for r, s in shares.items() if s < 60}

@@ -26,12 +26,12 @@ from .cache_experiments import (build_cached, comparison_configs, stability_rows
                                 workload_columns, workload_stream)
 from . import analytic, paper, training
 from .config import BenchConfig, Task, check_output_dirs, check_override_keys, register, to_objects
-from .environment import capture
+from .environment import OtherLoad, capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
 from .callbacks import drop_job_log, own_job_log
 from .results import (IGNORED_SECTIONS, RESULTS_FILE, PointRefused, claim_point, clear_failure, measured_twin,
-                      record_failure, write_rows)
+                      record_failure, record_twin, write_rows)
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -46,6 +46,9 @@ def build_module(cfg: BenchConfig) -> torch.nn.Module:
         backend=cfg.impl.backend.value, mode=cfg.workload.pooling.value, sparse=cfg.impl.sparse,
         seed=cfg.seed, device=cfg.device, optimizer=_fused_optimizer(cfg), learning_rate=cfg.mode.lr,
     )
+    if (reason := getattr(module, "fallback_reason", lambda: None)()) is not None:  # impl.backend=auto on CPU
+        log.warning("impl=tt runs the reference backend (pure PyTorch, far slower than the native kernel): %s "
+                    "(impl.backend=cpu makes this an error, impl.backend=torch asks for the reference)", reason)
     return build_cached(module, cfg) if cfg.cache.enabled else module
 
 
@@ -122,9 +125,9 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
     return cols
 
 
-def _metric(name: str, unit: str, stats: Stats) -> dict:
+def _metric(name: str, unit: str, stats: Stats, note: str | None = None) -> dict:
     return {"metric": name, "unit": unit, "median": stats.median, "q1": stats.q1, "q3": stats.q3,
-            "iqr": stats.iqr, "n": stats.n, "note": None}
+            "iqr": stats.iqr, "n": stats.n, "note": note}
 
 
 def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
@@ -157,22 +160,27 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     """Build and time one point; return its tidy rows (one per metric) with the environment."""
     module, batch, step = build_point(cfg)
     t = cfg.timing
-    stats = measure(step, warmup=t.warmup, min_repeats=t.min_repeats, max_repeats=t.max_repeats,
-                    target_time_s=t.target_time_s, device=cfg.device, flush_l2=t.flush_l2)
+    with OtherLoad() as others:  # what else ran on the machine meanwhile: a note on the rows when it was busy
+        stats = measure(step, warmup=t.warmup, min_repeats=t.min_repeats, max_repeats=t.max_repeats,
+                        target_time_s=t.target_time_s, device=cfg.device, flush_l2=t.flush_l2)
+    if (busy := others.note()) is not None:
+        log.warning("%s", busy)
     lookups = max(1, batch.num_lookups)
     metrics = [
-        _metric("time_per_batch", "ms", stats.map(lambda s: s * 1e3)),
-        _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups)),
-        _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s)),
+        _metric("time_per_batch", "ms", stats.map(lambda s: s * 1e3), busy),
+        _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups), busy),
+        _metric("throughput", "lookups/s", stats.map(lambda s: lookups / s), busy),
     ]
     tt_like = cfg.impl.name.value in ("tt", "tltorch") and not cfg.cache.enabled  # cached lookups do no chain
     # forward FLOPs only make a rate of a forward: a training step's time also holds backward + update
     if getattr(module, "spec", None) is not None and tt_like and cfg.mode.name.value == "forward":
         flops = module.spec.flops_per_lookup() * lookups
-        metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9)))
+        metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9), busy))
     if t.memory or cfg.device.startswith("cuda"):
         metrics.append(_memory_row(cfg, step))
-    point, env = point_columns(cfg, module, batch, experiment), {**capture(), **nvml_telemetry(cfg.device)}
+    point = point_columns(cfg, module, batch, experiment)
+    env = {**capture(), "other_cpus": None if others.cpus is None else round(others.cpus, 3),
+           **nvml_telemetry(cfg.device)}
     rows = [{**point, **m, **env} for m in metrics]
     for variant in comparison_configs(cfg):  # cache.compare: TT alone and nn.EmbeddingBag, same batch
         rows += measure_point(variant, experiment)
@@ -249,6 +257,7 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     # point's and refuses them if not (left alone, the sweep would aggregate another point's results)
     if (bench.task == Task.time and hc.mode == RunMode.MULTIRUN and not bench.redo
             and not (out / RESULTS_FILE).exists() and (twin := measured_twin(out, cfg)) is not None):
+        record_twin(out, cfg, twin)  # its point.yaml and twin.txt: a later run of another point is refused here
         own_job_log()  # (this job's own directory of the sweep)
         log.info("not measured again: impl=%s reads no %s setting, and this sweep measured the same point in %s "
                  "(redo=true measures it here too)", bench.impl.name.value,

@@ -20,7 +20,7 @@ from ttrec.cache import CachedTTEmbeddingBag, ExactCounter, cache_capacity, make
 from ttrec.criteo import feature_batches
 from ttrec.workloads import Batch, WorkloadStream
 
-from .config import BenchConfig, CacheUpdate, Distribution, Impl, ImplConfig
+from .config import BenchConfig, CacheUpdate, Distribution, Impl, ImplConfig, existing_file
 from .environment import capture
 
 __all__ = ["workload_stream", "build_cached", "warm_up", "workload_axes", "workload_columns", "comparison_configs",
@@ -33,7 +33,7 @@ def workload_stream(cfg: BenchConfig) -> Iterator[Batch]:
     """The point's batches: a synthetic :class:`WorkloadStream`, or one feature of a Criteo file."""
     w = cfg.workload
     if w.distribution == Distribution.criteo:
-        return feature_batches(w.criteo_path, w.criteo_feature, cfg.table.num_embeddings, w.batch_size,
+        return feature_batches(existing_file("workload.criteo_path", w.criteo_path), w.criteo_feature, cfg.table.num_embeddings, w.batch_size,
                                w.criteo_mapping.value, repeat=True, device=cfg.device)
     return WorkloadStream(w.record(), cfg.table.num_embeddings, device=cfg.device)
 

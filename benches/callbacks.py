@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from reports.cache_figures import is_cache_experiment, plot_cache_figures
 from reports.figures import plot_rank_sweep
 
-from .results import AGGREGATE_FILE, RESULTS_FILE, aggregate, begin_sweep, end_sweep, failures, sweep_jobs
+from .results import (AGGREGATE_FILE, RESULTS_FILE, aggregate, begin_sweep, end_sweep, failures, refused_jobs,
+                      sweep_jobs)
 
 log = logging.getLogger("ttrec.bench")
 
@@ -126,7 +127,8 @@ class AggregateResults(Callback):
     experiment preset's figure (reports.report), else, for a sweep over two or more TT ranks, the
     time-vs-rank figure (one per mode), or the cache experiments' figures. Only this run's jobs are
     aggregated (a single run: its directory; a sweep: its job directories 0 .. N-1), whatever else
-    lies under the root. A sweep's failed jobs (benches.app records them and goes on) are listed
+    lies under the root; not over an existing results_all.csv when the run was refused some of its job
+    directories (they hold other points, or another process holds them): its table would be a part. A sweep's failed jobs (benches.app records them and goes on) are listed
     after that, and the sweep exits 1."""
 
     def __init__(self) -> None:
@@ -144,6 +146,13 @@ class AggregateResults(Callback):
         if jobs is None:
             log.warning("this sweep's job directories are not known (hydra.sweep.subdir or the sweep size): "
                         "every %s under %s is aggregated", RESULTS_FILE, root)
+        refused = refused_jobs(root, jobs)
+        if refused and (Path(root) / AGGREGATE_FILE).exists():  # its jobs' results: a part of the table there
+            log.warning("%s kept as it was: this run was refused %d of its job directories (%s), so its own "
+                        "results would replace that table with a part of it; the jobs it measured have their %s",
+                        Path(root) / AGGREGATE_FILE, len(refused), ", ".join(refused[:5]) + (" ..." if len(refused) > 5
+                                                                                           else ""), RESULTS_FILE)
+            return
         try:
             df, others = aggregate(root, jobs)
         except FileNotFoundError as exc:

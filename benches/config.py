@@ -428,6 +428,17 @@ class DLRMConfig:
             raise ValueError("dlrm.compare_to: got 'tt' with dlrm.tt_tables=0; there is no TT model to compare to")
 
 
+def existing_file(key: str, path: str) -> str:
+    """``path`` (a data file named by config key ``key``), or a ValueError naming the key when there
+    is no such file: checked by the job that reads it, before any reading (the config itself does not
+    look at the file system)."""
+    if not Path(path).is_file():
+        where = "" if Path(path).is_absolute() else f" (a relative path is read from {Path.cwd()}, where the run started)"
+        raise ValueError(f"{key}: got {path!r}; no such file{where}. It names a Criteo text file (Kaggle train.txt "
+                         f"or Terabyte day_N)")
+    return path
+
+
 _SOURCE_ONLY = {"criteo_path": ClickSource.criteo, "criteo_eval_path": ClickSource.criteo,  # the key: its reader
                 "criteo_mapping": ClickSource.criteo, "zipf_alpha": ClickSource.synthetic}
 

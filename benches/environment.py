@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import resource
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["capture", "thread_round_trip_ns", "usable_cpus"]
+__all__ = ["OtherLoad", "capture", "thread_round_trip_ns", "usable_cpus"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine() of the CPUs that have "flags" to read
@@ -139,3 +141,58 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
         return None
     ns = library().tt_thread_round_trip_ns(trips, budget_s)
     return ns if ns > 0 else None
+
+
+# CPUs' worth of other work during a measurement above which its rows carry a note (benches.app): on
+# the 2-core VM a quiet machine reads below 0.05; one other busy process about 1
+BUSY_OTHER_CPUS = 0.25
+_MIN_WINDOW_S = 0.2  # /proc/stat counts in clock ticks (10 ms): shorter windows are not read
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds all CPUs have spent busy since boot (/proc/stat: user, nice, system, irq, softirq
+    and steal, the time the hypervisor gave to other guests), or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return r.ru_utime + r.ru_stime
+
+
+class OtherLoad:
+    """How many CPUs' worth of work other processes (and the hypervisor's steal) did while the
+    ``with`` block ran: the machine's busy time (/proc/stat) less this process's CPU time, over the
+    block's wall time. ``cpus`` is None where it cannot be read (no /proc/stat) or the block was too
+    short to tell (under 0.2 s: the counters tick every 10 ms). A timing taken while it is high is
+    not the kernel's alone: with spin-waiting OpenMP threads (the default wait policy) a descheduled
+    thread stalls every barrier, so times grow far beyond the share of CPU the others took."""
+
+    def __init__(self) -> None:
+        self.cpus: float | None = None
+
+    def __enter__(self) -> "OtherLoad":
+        self._start = (time.monotonic(), _busy_seconds(), _own_seconds())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t0, busy0, own0 = self._start
+        wall, busy1 = time.monotonic() - t0, _busy_seconds()
+        if busy0 is None or busy1 is None or wall < _MIN_WINDOW_S:
+            return
+        self.cpus = max(0.0, ((busy1 - busy0) - (_own_seconds() - own0)) / wall)
+
+    def note(self) -> str | None:
+        """The rows' note when the others' share reaches BUSY_OTHER_CPUS, else None."""
+        if self.cpus is None or self.cpus < BUSY_OTHER_CPUS:
+            return None
+        return (f"busy machine: other processes used {self.cpus:.2f} of {os.cpu_count()} CPUs during the timed calls; "
+                f"times are inflated (run on a quiet machine, or with OMP_WAIT_POLICY=PASSIVE / timing.threads=1)")

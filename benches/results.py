@@ -23,12 +23,15 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "FAILED_FILE", "LOCK_FILE", "IGNORED_SECTIONS",
-           "PointRefused", "write_rows", "claim_point", "measured_twin", "collect", "aggregate", "record_failure",
+           "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "refused_jobs", "collect", "aggregate", "record_failure",
            "clear_failure", "failures", "begin_sweep", "end_sweep", "sweep_jobs", "run_id", "refusal_file"]
 
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"
 POINT_FILE = "point.yaml"  # the resolved config of the point whose results sit beside it
+# a sweep's job not measured again (its implementation reads no setting it differs in from a sibling's
+# finished point: measured_twin): it names that sibling, beside the job's own point.yaml
+TWIN_FILE = "twin.txt"
 FAILED_FILE = "failed.txt"  # a job that raised: its error and traceback (in a sweep, the others go on)
 # locked (flock) by the process that claimed the point of its directory, while it measures it (until it
 # exits if the job failed there); the lock, not the file, is the claim, so the file stays
@@ -156,13 +159,15 @@ def claim_point(out_dir: str | Path, cfg: DictConfig, redo: bool = False) -> boo
     clears the failure before this one reports it). While another process holds it, a finished
     point of the same config is still skipped (False); anything else is refused (PointRefused): the
     same point is not measured twice at once, and a different point never replaces one.
+
+    A directory marked as a twin (:func:`record_twin`) holds its point as surely as one with results:
+    a different point is refused there too. The same point is measured there (the mark removed) when
+    this run reaches it, since the run found no sibling that measured it (else it would not ask).
     """
     out_dir = Path(out_dir).resolve()
     results, point_file, point = out_dir / RESULTS_FILE, out_dir / POINT_FILE, _point_yaml(cfg)
-    for held in [d for d in _claims if d not in _failed or d == out_dir]:
-        _unlock(held)  # those jobs have ended
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not _lock(out_dir):
+    twin = out_dir / TWIN_FILE
+    if not _lock_point(out_dir):
         old = _read(point_file)
         if results.exists() and old == point and not redo:
             return False
@@ -178,25 +183,69 @@ def claim_point(out_dir: str | Path, cfg: DictConfig, redo: bool = False) -> boo
             f"nothing was overwritten. Choose another directory (hydra.sweep.dir=... / hydra.run.dir=... / "
             f"results_root=...)")
     try:
-        if results.exists():
+        if results.exists() or twin.exists():
             old = _read(point_file)
-            if not redo:
-                if old == point:
-                    _unlock(out_dir)
-                    return False
-                raise PointRefused(
-                    f"{out_dir} already holds results of a different point (differs in: {_differing_keys(old, point)}); "
-                    f"nothing was overwritten. Pass redo=true to measure this point there (the old files are kept, "
-                    f"renamed), or choose another directory (hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
-            stamp = dt.datetime.fromtimestamp(results.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
-            results.rename(out_dir / f"results.replaced-{stamp}.csv")
-            if point_file.exists():
-                point_file.rename(out_dir / f"point.replaced-{stamp}.yaml")
+            if not redo and old != point:
+                raise PointRefused(_taken_message(out_dir, old, point, twin.exists() and not results.exists()))
+            if not redo and results.exists():
+                _unlock(out_dir)
+                return False
+            if results.exists():
+                stamp = dt.datetime.fromtimestamp(results.stat().st_mtime).strftime("%Y%m%d-%H%M%S")
+                results.rename(out_dir / f"results.replaced-{stamp}.csv")
+                if point_file.exists():
+                    point_file.rename(out_dir / f"point.replaced-{stamp}.yaml")
+            twin.unlink(missing_ok=True)  # a twin's mark: no results of its own to keep
         point_file.write_text(point)
     except BaseException:
         _unlock(out_dir)
         raise
     return True
+
+
+def _lock_point(out_dir: Path) -> bool:
+    """Release this process's ended claims, then take ``out_dir``'s lock (False: another process holds it)."""
+    for held in [d for d in _claims if d not in _failed or d == out_dir]:
+        _unlock(held)  # those jobs have ended
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return _lock(out_dir)
+
+
+def _taken_message(out_dir: Path, old: str | None, point: str, twin: bool) -> str:
+    what = (f"is marked as a twin of another job's point ({_read(out_dir / TWIN_FILE).strip()}: not measured "
+            f"again there)" if twin else "already holds results") + " of a different point"
+    return (f"{out_dir} {what} (differs in: {_differing_keys(old, point)}); nothing was overwritten. Pass "
+            f"redo=true to measure this point there (the old files are kept, renamed), or choose another "
+            f"directory (hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
+
+
+def record_twin(out_dir: str | Path, cfg: DictConfig, twin: Path) -> None:
+    """Mark ``out_dir`` as the job of ``cfg``'s point that was not measured again, its sibling ``twin``
+    having measured it (:func:`measured_twin`): its ``point.yaml`` and ``twin.txt``. So a later run of
+    a different point is refused there (:func:`claim_point`) as at a directory with results, instead
+    of measuring into the sweep's directory. Refused (PointRefused) if the directory holds another
+    point's results or twin mark, or another process holds it."""
+    out_dir = Path(out_dir).resolve()
+    point, point_file = _point_yaml(cfg), out_dir / POINT_FILE
+    if not _lock_point(out_dir):
+        holder = (_read(out_dir / LOCK_FILE) or "").strip() or "another process"
+        raise PointRefused(f"{out_dir} is claimed by {holder}, which has not ended; choose another directory "
+                           f"(hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
+    try:
+        old = _read(point_file)
+        if ((out_dir / RESULTS_FILE).exists() or (out_dir / TWIN_FILE).exists()) and old != point:
+            raise PointRefused(_taken_message(out_dir, old, point, not (out_dir / RESULTS_FILE).exists()))
+        point_file.write_text(point)
+        (out_dir / TWIN_FILE).write_text(f"{twin}\n")
+    finally:
+        _unlock(out_dir)
+
+
+def refused_jobs(root: str | Path, jobs: Iterable[str] | None = None) -> list[str]:
+    """The job directories of ``jobs`` (relative to ``root``; None: every one under ``root``) that this
+    run refused (:class:`PointRefused`), in job order."""
+    root = Path(root)
+    return [str(p.parent.relative_to(root)) for p in _job_files(root, jobs, refusal_file(".").name)]
 
 
 def _measured_part(point_yaml: str) -> dict:

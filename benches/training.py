@@ -51,7 +51,7 @@ from ttrec.synthetic_clicks import ClickBatch, CriteoClicks, SyntheticClicks
 from ttrec.tt import TTEmbeddingBag
 
 from .callbacks import _clock
-from .config import BenchConfig
+from .config import BenchConfig, existing_file
 from .environment import capture
 from .timing import Stats
 
@@ -69,7 +69,9 @@ def build_data(cfg: BenchConfig):
     d = cfg.dlrm
     rows = table_sizes(d.dataset.value, d.scale_down)
     if d.source.value == "criteo":
-        return CriteoClicks(d.criteo_path, rows, batch_size(cfg), d.eval_samples, eval_path=d.criteo_eval_path,
+        eval_path = None if d.criteo_eval_path is None else existing_file("dlrm.criteo_eval_path", d.criteo_eval_path)
+        return CriteoClicks(existing_file("dlrm.criteo_path", d.criteo_path), rows, batch_size(cfg), d.eval_samples,
+                            eval_path=eval_path,
                             mapping=d.criteo_mapping.value)
     return SyntheticClicks(rows, batch_size(cfg), d.eval_samples, seed=cfg.seed, zipf_alpha=d.zipf_alpha)
 

@@ -236,6 +236,14 @@ class TTEmbeddingBag(nn.Module):
         """The backend a forward call uses now, after resolving "auto"."""
         return self._resolve(self._core_list())
 
+    def fallback_reason(self) -> str | None:
+        """Why ``backend="auto"`` runs the reference backend on CPU tensors (the native kernel is not
+        built here, or does not take this table), or None when it does not fall back."""
+        cores = self._core_list()
+        if self.backend != "auto" or cores[0].is_cuda:
+            return None
+        return backend_status("cpu") or cpu_ops.check_supported(cores, self.spec)
+
     def _resolve(self, cores: list[torch.Tensor]) -> str:
         if self.backend != "auto":
             return self.backend

@@ -128,6 +128,27 @@ def _environment(results: dict[str, pd.DataFrame]) -> list[str]:
     return _md_table(env.astype(str))
 
 
+def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
+    """Warnings the reader needs before the numbers: a smoke-scale run (sizes for seconds, not for
+    measuring), and timed points that ran while other processes loaded the machine."""
+    out = []
+    scales = {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
+    if "smoke" in scales:
+        out += ["**Smoke scale.** Its sizes are chosen to run in seconds, not to measure: the timing claims' "
+                "verdicts below come from tiny tables and a few calls and say nothing about the paper "
+                "(`experiment=paper` at the default scale measures them).", ""]
+    busy = {name: df for name, df in results.items() if "note" in df.columns
+            and df["note"].astype(str).str.startswith("busy machine").any()}
+    if busy:
+        loads = pd.concat([pd.to_numeric(df.get("other_cpus"), errors="coerce") for df in busy.values()
+                           if "other_cpus" in df.columns])
+        most = f" (up to {loads.max():.2f} CPUs)" if loads.notna().any() else ""
+        out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while other processes used the "
+                f"CPUs{most}: their times are inflated, and verdicts on them are not this machine's "
+                f"(`note` and `other_cpus` in their tables).", ""]
+    return out
+
+
 def _scale(results: dict[str, pd.DataFrame]) -> str:
     """Every scale the tables were measured at (tables of several runs may sit in one directory)."""
     scales = {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
@@ -179,6 +200,7 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
         "by side, and why they differ. The paper measured on an NVIDIA V100 (CUDA kernels, Criteo data); this run "
         "measured on the machine below.",
         "",
+        *_caveats(results),
         "## Machine and versions",
         "",
         *_environment(results),

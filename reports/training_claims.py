@@ -244,7 +244,8 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
     agrees = None
     if smallest:
         f = smallest[0]
-        agrees = t[f] <= (1 + FIG10_TIME_TOL) * t.min() and a[f] >= a.max() - 2 * se
+        # a size whose model diverged is not sufficient, whatever the others did (-inf >= -inf - 2 SE holds)
+        agrees = bool(t[f] <= (1 + FIG10_TIME_TOL) * t.min() and np.isfinite(a[f]) and a[f] >= a.max() - 2 * se)
     out.append(_claim("Figure 10", f"6.5 / Fig 10(b): a cache of {_pct(FIG10_FRACTION)} of each table is sufficient "
                       "for training time and accuracy", f"{_pct(FIG10_FRACTION)} sufficient", text, agrees,
                       rule="" if agrees is None else f"{_pct(FIG10_FRACTION)}: time within {_pct(FIG10_TIME_TOL)} of "

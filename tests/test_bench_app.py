@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 from pathlib import Path
 
@@ -345,6 +346,53 @@ def test_a_sweep_finds_measured_twins_only_among_its_own_jobs(tmp_path):
         end_sweep()
 
 
+def test_a_twin_mark_holds_its_point_like_results(tmp_path):
+    """A job not measured again (record_twin) keeps its directory's point: a different point is refused
+    there, with the sibling named and nothing written; redo=true measures there; the same point,
+    reached when no sibling measured it, is measured there and the mark goes."""
+    from benches.results import POINT_FILE, TWIN_FILE, PointRefused, claim_point, record_twin
+
+    dense16 = _compose("table=tiny", "impl=dense", "tt.rank=16")
+    twin = (tmp_path / "0").resolve()
+    record_twin(tmp_path / "1", dense16, twin)
+    assert (tmp_path / "1" / TWIN_FILE).read_text().strip() == str(twin)
+    point = (tmp_path / "1" / POINT_FILE).read_text()
+    other = _compose("table=tiny", "impl=dense", "tt.rank=16", "workload.batch_size=32")
+    with pytest.raises(PointRefused, match=r"twin of another job's point .*differs in: workload.batch_size"):
+        claim_point(tmp_path / "1", other)
+    with pytest.raises(PointRefused, match="differs in: workload.batch_size"):
+        record_twin(tmp_path / "1", other, twin)
+    assert (tmp_path / "1" / POINT_FILE).read_text() == point and (tmp_path / "1" / TWIN_FILE).exists()
+    assert claim_point(tmp_path / "1", dense16)  # same point, no sibling found this time: measure it here
+    assert not (tmp_path / "1" / TWIN_FILE).exists()
+    record_twin(tmp_path / "2", dense16, twin)
+    assert claim_point(tmp_path / "2", other, redo=True)  # redo: measured there, the mark gone
+    assert not (tmp_path / "2" / TWIN_FILE).exists() and "batch_size: 32" in (tmp_path / "2" / POINT_FILE).read_text()
+
+
+@pytest.mark.slow
+def test_a_rerun_with_other_overrides_leaves_the_sweep_and_its_table_alone(tmp_path):
+    """A preset's sweep run again with another batch size is refused at every job, the twins not
+    measured again included (they were measured into the sweep before), and results_all.csv stays
+    whole; the first command then resumes cleanly."""
+    sweep = tmp_path / "sweep"
+    args = ["-m", "impl=tt,dense", "tt.rank=2,4", "table=tiny", *QUICK, f"hydra.sweep.dir={sweep}",
+            f"figures_dir={tmp_path / 'figs'}"]
+    first = _run_app(tmp_path, *args, "workload.batch_size=8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (sweep / AGGREGATE_FILE).read_text()
+    assert first.stdout.count("not measured again") == 1 and not (sweep / "3" / "results.csv").exists()
+    other = _run_app(tmp_path, *args, "workload.batch_size=16")
+    assert other.returncode == 1
+    assert "4 job(s) of the sweep failed" in other.stdout and "job 3: PointRefused" in other.stdout
+    assert not (sweep / "3" / "results.csv").exists() and (sweep / AGGREGATE_FILE).read_text() == table
+    assert "kept as it was: this run was refused 4 of its job directories" in other.stdout
+    again = _run_app(tmp_path, *args, "workload.batch_size=8")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("already measured, skipped") == 3 and again.stdout.count("not measured again") == 1
+    assert len(pd.read_csv(sweep / AGGREGATE_FILE)) == len(pd.read_csv(io.StringIO(table)))
+
+
 def test_integer_columns_stay_integers_in_job_files_and_results_all(tmp_path):
     from benches.results import RESULTS_FILE, aggregate, write_rows
 
@@ -417,3 +465,21 @@ def test_a_job_refused_its_directory_or_skipping_its_point_leaves_the_directorys
     assert redo.returncode == 0, redo.stderr[-3000:]
     after = log_file.read_text()
     assert after.startswith(measured) and "[job 1/1]" in after[len(measured):] and "tt.rank=16" in after[len(measured):]
+
+
+def test_a_tt_point_that_falls_back_to_the_reference_says_why(caplog):
+    """impl=tt with backend auto on CPU: a table the native kernel does not take (d = 7) runs the
+    reference backend, and the bench logs why; a table it takes, or backend=torch asked for, logs nothing."""
+    from benches.app import build_module
+    from ttrec.cpu.build import unavailable_reason
+
+    with caplog.at_level("WARNING", logger="ttrec.bench"):
+        module = build_module(to_objects(_compose("tt.d=7", "table=tiny")))
+    assert module.resolved_backend() == "torch"
+    assert "runs the reference backend" in caplog.text and "d=7 cores; the native kernel supports 2..4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ttrec.bench"):
+        asked = build_module(to_objects(_compose("tt.d=7", "table=tiny", "impl.backend=torch")))
+        if unavailable_reason() is None:
+            build_module(to_objects(_compose("table=tiny")))
+    assert asked.fallback_reason() is None and caplog.text == ""

@@ -176,3 +176,20 @@ def test_a_hot_set_key_under_uniform_names_no_workload_preset_that_does_not_exis
     with pytest.raises(ValueError) as e:
         WorkloadConfig(distribution=Distribution.uniform, hit_rate=0.5)
     assert "workload=hot_set" not in str(e.value) and "workload.distribution=hot_set" in str(e.value)
+
+
+def test_a_missing_criteo_file_is_named_by_its_config_key(tmp_path, monkeypatch):
+    """The job that reads a Criteo file says which key named a file that is not there (and where a
+    relative path was looked for), before reading: the workload's stream and the DLRM's click source."""
+    from benches.cache_experiments import workload_stream
+    from benches.training import build_data
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^workload\.criteo_path: got 'day_0'; no such file \(a relative path is "
+                                         rf"read from {tmp_path}"):
+        workload_stream(_objects(*_CRITEO_WORKLOAD, "table=tiny"))
+    with pytest.raises(ValueError, match=r"^dlrm\.criteo_path: got '/nowhere/day_0'; no such file\. It names"):
+        build_data(_objects("dlrm.source=criteo", "dlrm.criteo_path=/nowhere/day_0"))
+    (tmp_path / "day_0").write_text("")
+    with pytest.raises(ValueError, match=r"^dlrm\.criteo_eval_path: got 'day_1'; no such file"):
+        build_data(_objects("dlrm.source=criteo", "dlrm.criteo_path=day_0", "dlrm.criteo_eval_path=day_1"))

@@ -267,3 +267,72 @@ def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
     assert capture()["omp_wait_policy"] == "PASSIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert capture()["omp_wait_policy"] is None and capture()["threads"] == str(torch.get_num_threads())
+
+
+def test_other_load_is_the_machines_busy_time_less_this_process_over_the_wall_time(monkeypatch):
+    """OtherLoad: (busy seconds of all CPUs - this process's CPU seconds) / wall seconds, floored at 0;
+    None without /proc/stat or for a window under 0.2 s (10 ms ticks); the note only from 0.25 CPUs."""
+    import benches.environment as env
+
+    def run(busy, own, wall):
+        clock = iter([100.0, 100.0 + wall])
+        monkeypatch.setattr(env.time, "monotonic", lambda: next(clock))
+        readings = iter(busy)
+        monkeypatch.setattr(env, "_busy_seconds", lambda: next(readings))
+        owns = iter(own)
+        monkeypatch.setattr(env, "_own_seconds", lambda: next(owns))
+        with env.OtherLoad() as load:
+            pass
+        return load
+
+    busy = run((50.0, 53.0), (7.0, 8.0), 1.0)  # 3 CPU-s busy, 1 of them ours, in 1 s
+    assert busy.cpus == pytest.approx(2.0)
+    assert busy.note().startswith(f"busy machine: other processes used 2.00 of {os.cpu_count()} CPUs")
+    assert run((50.0, 50.5), (7.0, 7.5), 2.0).cpus == 0.0 and run((50.0, 50.5), (7.0, 7.5), 2.0).note() is None
+    assert run((50.0, 50.1), (7.0, 8.0), 1.0).cpus == 0.0  # counters that lag own time: not negative
+    assert run((50.0, 50.3), (7.0, 7.0), 1.0).note() is not None  # 0.30 >= 0.25
+    assert run((50.0, 50.2), (7.0, 7.0), 1.0).note() is None  # 0.20 < 0.25
+    assert run((50.0, 53.0), (7.0, 8.0), 0.1).cpus is None  # too short to tell
+    assert run((None, None), (7.0, 8.0), 1.0).cpus is None  # no /proc/stat
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
+def test_other_load_sees_a_busy_child_process():
+    """A child spinning on a CPU while this process sleeps: OtherLoad counts it (about 1 CPU; more
+    if anything else runs too), the note says the machine was busy."""
+    from benches.environment import OtherLoad
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)  # the child's interpreter up and spinning
+        with OtherLoad() as load:
+            time.sleep(0.6)
+    finally:
+        child.kill()
+        child.wait()
+    assert load.cpus is not None and load.cpus > 0.5 and "busy machine" in load.note()
+
+
+def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
+    """measure_point records the others' load in other_cpus on every row, and when it reaches the
+    note's bar, every timed metric carries the note."""
+    import benches.app as app
+    from benches.config import to_objects
+    from .test_bench_app import QUICK, _compose
+
+    class Busy:
+        cpus = 1.5
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        note = app.OtherLoad.note
+
+    monkeypatch.setattr(app, "OtherLoad", Busy)
+    rows = app.measure_point(to_objects(_compose("impl=tt", "table=tiny", "workload.batch_size=8", *QUICK)))
+    assert {r["other_cpus"] for r in rows} == {1.5}
+    assert {r["metric"] for r in rows} == {"time_per_batch", "time_per_lookup", "throughput", "gflops"}
+    assert all(r["note"].startswith("busy machine: other processes used 1.50 of") for r in rows)

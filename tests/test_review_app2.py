@@ -33,14 +33,16 @@ def _objects(*overrides: str):
 def test_a_sweep_does_not_aggregate_another_points_results_left_in_a_twin_jobs_directory(tmp_path):
     """nn.EmbeddingBag at a second TT rank is not measured again (its twin at the first rank is), but
     its job directory held an earlier sweep's impl=tt results: they are not this sweep's point, so
-    they must be refused (as any other job's would be), not aggregated as this sweep's."""
+    they must be refused (as any other job's would be), not aggregated as this sweep's: the table at the
+    root stays the first sweep's, whole (a refused run does not replace it with a part)."""
     sweep, figs = tmp_path / "sweep", tmp_path / "figs"
     first = run_app("-m", "impl=dense,tt", "tt.rank=4", *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
     assert first.returncode == 0, first.stderr[-3000:]
     assert pd.read_csv(sweep / "1" / RESULTS_FILE)["impl"].eq("tt").all()  # job 1: impl=tt, rank 4
+    table = (sweep / AGGREGATE_FILE).read_text()
     second = run_app("-m", "impl=dense", "tt.rank=4,8", *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
-    df = pd.read_csv(sweep / AGGREGATE_FILE)
-    assert set(df["impl"]) == {"dense"}, df[["job_dir", "impl", "tt_rank"]].drop_duplicates()  # only its own points
+    assert (sweep / AGGREGATE_FILE).read_text() == table  # not this sweep's table with job 1's tt rows in it
+    assert "kept as it was: this run was refused 1 of its job directories (1)" in second.stdout
     assert second.returncode == 1 and "job 1: PointRefused" in second.stdout, second.stdout[-3000:]
     assert pd.read_csv(sweep / "1" / RESULTS_FILE)["impl"].eq("tt").all()  # the earlier results are kept
 

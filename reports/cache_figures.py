@@ -110,6 +110,8 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
             linthresh = 1 / float(d["topk_rows"].max())
             ax.set_yscale("symlog", linthresh=linthresh, linscale=0.5)
             ax.set_ylim(-0.3 * linthresh, 1.5)  # the whole range of a share, 0 clear of the axis
+            # ticks at 0 and the powers of 10 from 1/k up (the default put one inside the linear part, on top of 0)
+            ax.set_yticks([0.0] + [10.0 ** e for e in range(math.ceil(math.log10(linthresh)), 1)])
         else:
             ax.set_ylim(0, 1.02)
         ax.set_xlabel("stream progress (% of batches)")
@@ -217,7 +219,7 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
                ("warmup", "cache_pct", "warm-up length (iterations)", "colour: cache size"))
     for col, (x, hue, xlabel, legend_title) in enumerate(columns):
         for row, (y, ylabel) in enumerate((("held_out_hit_ratio", "hit ratio on held-out batches"),
-                                           ("median", f"time per iteration ({d['unit'].iloc[0]}, median)"))):
+                                           ("median", f"time per iteration ({d['unit'].iloc[0]}, median, IQR bars)"))):
             ax = axes[row][col]
             hues = sorted(cached[hue].unique())
             palette = dict(zip(hues, sns.color_palette("viridis", len(hues))))

@@ -103,8 +103,9 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
             g = g.groupby("tt_rank").agg(median=("median", "median"), q1=("q1", "median"), q3=("q3", "median"))
             ax.errorbar(g.index, g["median"], yerr=[g["median"] - g["q1"], g["q3"] - g["median"]],
                         marker="o", capsize=3, label=label, color=palette.get(label))
-        for label, g in part[part["tt_rank"].isna()].groupby("implementation"):
+        for label, g in part[part["tt_rank"].isna()].groupby("implementation"):  # no rank: one value for all
             ax.axhline(g["median"].median(), ls="--", label=label, color=palette.get(label))
+            ax.axhspan(g["q1"].median(), g["q3"].median(), color=palette.get(label), alpha=0.15, lw=0)  # its IQR
         ax.set_xscale("log", base=2)
         ranks = sorted(ranked["tt_rank"].unique())
         if ranks:

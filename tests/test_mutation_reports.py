@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from matplotlib.container import ErrorbarContainer
+from matplotlib.patches import Rectangle
 from omegaconf import OmegaConf
 
 from benches import callbacks
@@ -102,6 +103,31 @@ def test_rank_sweep_plots_the_median_replicate_of_the_asked_mode_with_iqr_bars_o
     np.testing.assert_allclose(_lines(ax)["nn.EmbeddingBag"].get_ydata(), [200.0, 200.0])
     assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2 and ax.get_yscale() == "log"
     assert ax.get_xlabel() == "TT rank" and "ns" in ax.get_ylabel()
+
+
+def test_rank_sweep_shades_the_iqr_of_a_series_without_rank(drawn, tmp_path):
+    """nn.EmbeddingBag (no TT rank: one value for every rank) gets a band from the median of its q1 to
+    the median of its q3 (replicates: 10-30, 20-40, 60-80 ns -> 20 to 40 ns)."""
+    df = _rank_sweep_rows()
+    dense = df["impl"] == "dense"
+    df.loc[dense, "q3"] = df.loc[dense, "median"] + 20
+    figures.plot_rank_sweep(df, tmp_path, name="sweep", mode="forward")
+    (ax,) = drawn["sweep"].axes
+    (band,) = ax.patches  # axhspan: a Rectangle (a Polygon before matplotlib 3.9), y in data units
+    ys = ((band.get_y(), band.get_y() + band.get_height()) if isinstance(band, Rectangle)
+          else np.asarray(band.get_xy(), float)[:, 1])
+    np.testing.assert_allclose((min(ys), max(ys)), (20.0, 40.0))
+
+
+def test_fig9_change_axis_ticks_only_zero_and_powers_of_ten_from_one_over_k(drawn, tmp_path):
+    """The symlog axis of the top-k change: a tick at 0 and at 10^e for 1/k <= 10^e <= 1, none inside the
+    linear part between 0 and 1/k, where it printed over the 0 (k = 10,132: 0, 1e-4 ... 1)."""
+    fig9 = pd.read_csv(Path(__file__).resolve().parents[1] / "reports" / "results" / "fig9.csv")  # the committed run
+    assert set(fig9["topk_rows"].dropna()) == {10_132}
+    cache_figures.plot_topk_stability(fig9, tmp_path)
+    ax = next(iter(drawn.values())).axes[0]
+    ticks = [t for t in ax.get_yticks() if ax.get_ylim()[0] <= t <= ax.get_ylim()[1]]
+    np.testing.assert_allclose(ticks, [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0])
 
 
 def test_rank_sweep_keeps_each_tt_backend_its_own_series(drawn, tmp_path):

@@ -26,7 +26,7 @@ from .cache_experiments import (build_cached, comparison_configs, stability_rows
                                 workload_columns, workload_stream)
 from . import analytic, paper, training
 from .config import BenchConfig, Task, check_output_dirs, check_override_keys, register, to_objects
-from .environment import OtherLoad, capture
+from .environment import CpuWait, capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
 from .callbacks import drop_job_log, own_job_log
@@ -160,10 +160,10 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     """Build and time one point; return its tidy rows (one per metric) with the environment."""
     module, batch, step = build_point(cfg)
     t = cfg.timing
-    with OtherLoad() as others:  # what else ran on the machine meanwhile: a note on the rows when it was busy
+    with CpuWait() as wait:  # whether other work kept its threads off the CPUs: a note on the rows if so
         stats = measure(step, warmup=t.warmup, min_repeats=t.min_repeats, max_repeats=t.max_repeats,
                         target_time_s=t.target_time_s, device=cfg.device, flush_l2=t.flush_l2)
-    if (busy := others.note()) is not None:
+    if (busy := wait.note()) is not None:
         log.warning("%s", busy)
     lookups = max(1, batch.num_lookups)
     metrics = [
@@ -179,7 +179,7 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
     if t.memory or cfg.device.startswith("cuda"):
         metrics.append(_memory_row(cfg, step))
     point = point_columns(cfg, module, batch, experiment)
-    env = {**capture(), "other_cpus": None if others.cpus is None else round(others.cpus, 3),
+    env = {**capture(), "cpu_wait": wait.threads,
            **nvml_telemetry(cfg.device)}
     rows = [{**point, **m, **env} for m in metrics]
     for variant in comparison_configs(cfg):  # cache.compare: TT alone and nn.EmbeddingBag, same batch

@@ -140,24 +140,25 @@ class AggregateResults(Callback):
         numbered = OmegaConf.to_container(config.hydra.sweep).get("subdir") == "${hydra.job.num}"
         begin_sweep(sweep_size(config) if numbered else None)
 
-    def _finish(self, root: str, config: DictConfig, jobs: list[str] | None) -> None:
+    def _finish(self, root: str, config: DictConfig, jobs: list[str] | None) -> bool:
+        """Aggregate and draw; False if results_all.csv was not written (nothing to aggregate, or kept)."""
         if config.get("task") in ("paper", "training"):  # its experiments aggregated themselves; report built
-            return
+            return True
         if jobs is None:
             log.warning("this sweep's job directories are not known (hydra.sweep.subdir or the sweep size): "
                         "every %s under %s is aggregated", RESULTS_FILE, root)
         refused = refused_jobs(root, jobs)
         if refused and (Path(root) / AGGREGATE_FILE).exists():  # its jobs' results: a part of the table there
             log.warning("%s kept as it was: this run was refused %d of its job directories (%s), so its own "
-                        "results would replace that table with a part of it; the jobs it measured have their %s",
+                        "results would replace that table with a part of it; any job it measured has its %s",
                         Path(root) / AGGREGATE_FILE, len(refused), ", ".join(refused[:5]) + (" ..." if len(refused) > 5
                                                                                            else ""), RESULTS_FILE)
-            return
+            return False
         try:
             df, others = aggregate(root, jobs)
         except FileNotFoundError as exc:
             log.warning("nothing to aggregate: %s", exc)
-            return
+            return False
         log.info("results: %s (%d rows)", Path(root) / AGGREGATE_FILE, len(df))
         if others:
             log.info("left out: %d %s under %s not of this %s (e.g. %s)", len(others), RESULTS_FILE, root,
@@ -178,6 +179,7 @@ class AggregateResults(Callback):
             pngs = []
         for png in pngs:
             log.info("figure: %s", png)
+        return True
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._finish(config.hydra.run.dir, config, ["."])
@@ -185,12 +187,13 @@ class AggregateResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         root, jobs = config.hydra.sweep.dir, sweep_jobs()
         try:
-            self._finish(root, config, jobs)
+            aggregated = self._finish(root, config, jobs)
             failed = failures(root, since=self.start, jobs=jobs)
         finally:
             end_sweep()
         if failed:
-            log.error("%d job(s) of the sweep failed (the others' results are aggregated above):", len(failed))
+            log.error("%d job(s) of the sweep failed (%s):", len(failed), "the others' results are aggregated above"
+                      if aggregated else f"{AGGREGATE_FILE} not written: see above")
             for job, error, path in failed:
                 log.error("  job %s: %s (traceback: %s)", job, error, path)
             raise SystemExit(1)

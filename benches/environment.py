@@ -5,14 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import resource
 import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-__all__ = ["OtherLoad", "capture", "thread_round_trip_ns", "usable_cpus"]
+__all__ = ["CpuWait", "capture", "thread_round_trip_ns", "usable_cpus"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine() of the CPUs that have "flags" to read
@@ -143,56 +142,58 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
     return ns if ns > 0 else None
 
 
-# CPUs' worth of other work during a measurement above which its rows carry a note (benches.app): on
-# the 2-core VM a quiet machine reads below 0.05; one other busy process about 1
-BUSY_OTHER_CPUS = 0.25
-_MIN_WINDOW_S = 0.2  # /proc/stat counts in clock ticks (10 ms): shorter windows are not read
+# threads of this process waiting for a CPU, on average over a measurement, from which its rows carry
+# a note (benches.app): on the quiet 2-core VM a 2-thread point reads below 0.02; one other busy
+# process about 0.5-1
+BUSY_CPU_WAIT = 0.25
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds all CPUs have spent busy since boot (/proc/stat: user, nice, system, irq, softirq
-    and steal, the time the hypervisor gave to other guests), or None without /proc/stat."""
+def _run_delay_s() -> float | None:
+    """Seconds this process's threads have spent ready to run but waiting for a CPU (their run delay,
+    summed over /proc/self/task/*/schedstat), or None where the kernel does not say."""
     try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
+        tasks = os.listdir("/proc/self/task")
     except OSError:
         return None
-    if not fields or fields[0] != "cpu" or len(fields) < 9:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    total, found = 0, False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                total += int(f.read().split()[1])
+            found = True
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile, or no schedstat
+            continue
+    return total / 1e9 if found else None
 
 
-def _own_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
-    return r.ru_utime + r.ru_stime
-
-
-class OtherLoad:
-    """How many CPUs' worth of work other processes (and the hypervisor's steal) did while the
-    ``with`` block ran: the machine's busy time (/proc/stat) less this process's CPU time, over the
-    block's wall time. ``cpus`` is None where it cannot be read (no /proc/stat) or the block was too
-    short to tell (under 0.2 s: the counters tick every 10 ms). A timing taken while it is high is
-    not the kernel's alone: with spin-waiting OpenMP threads (the default wait policy) a descheduled
-    thread stalls every barrier, so times grow far beyond the share of CPU the others took."""
+class CpuWait:
+    """How many of this process's threads were, on average, ready to run but waiting for a CPU while
+    the ``with`` block ran: the growth of their scheduler run delay (ns counters) over the block's
+    wall time. Only other work on the CPUs this process runs on counts (a job pinned to its own cores
+    is not disturbed by the rest of the host); the hypervisor's steal on a VM is not seen (the CPU
+    kernel experiment probes that: benches.environment.thread_round_trip_ns). ``threads`` is None
+    where the kernel keeps no schedstat. A timing taken while it is high is not the kernel's alone:
+    with spin-waiting OpenMP threads (the default wait policy) a thread kept off its CPU stalls every
+    barrier, so times grow far beyond the share of CPU the others took."""
 
     def __init__(self) -> None:
-        self.cpus: float | None = None
+        self.threads: float | None = None
 
-    def __enter__(self) -> "OtherLoad":
-        self._start = (time.monotonic(), _busy_seconds(), _own_seconds())
+    def __enter__(self) -> "CpuWait":
+        self._start = (time.monotonic(), _run_delay_s())
         return self
 
     def __exit__(self, *exc) -> None:
-        t0, busy0, own0 = self._start
-        wall, busy1 = time.monotonic() - t0, _busy_seconds()
-        if busy0 is None or busy1 is None or wall < _MIN_WINDOW_S:
+        t0, delay0 = self._start
+        wall, delay1 = time.monotonic() - t0, _run_delay_s()
+        if delay0 is None or delay1 is None or wall <= 0:
             return
-        self.cpus = max(0.0, ((busy1 - busy0) - (_own_seconds() - own0)) / wall)
+        self.threads = round(max(0.0, delay1 - delay0) / wall, 3)  # (a thread that ended takes its count along)
 
     def note(self) -> str | None:
-        """The rows' note when the others' share reaches BUSY_OTHER_CPUS, else None."""
-        if self.cpus is None or self.cpus < BUSY_OTHER_CPUS:
+        """The rows' note when the wait reaches BUSY_CPU_WAIT, else None."""
+        if self.threads is None or self.threads < BUSY_CPU_WAIT:
             return None
-        return (f"busy machine: other processes used {self.cpus:.2f} of {os.cpu_count()} CPUs during the timed calls; "
-                f"times are inflated (run on a quiet machine, or with OMP_WAIT_POLICY=PASSIVE / timing.threads=1)")
+        return (f"busy machine: this process's threads waited for a CPU {self.threads:.2f} threads' worth of the "
+                f"timed calls' wall time (other work on its {usable_cpus()} CPUs); times are inflated (run on a quiet "
+                f"machine, or with OMP_WAIT_POLICY=PASSIVE / timing.threads=1)")

@@ -214,8 +214,9 @@ def _lock_point(out_dir: Path) -> bool:
 def _taken_message(out_dir: Path, old: str | None, point: str, twin: bool) -> str:
     what = (f"is marked as a twin of another job's point ({_read(out_dir / TWIN_FILE).strip()}: not measured "
             f"again there)" if twin else "already holds results") + " of a different point"
+    redo = "its mark is replaced: it holds no results" if twin else "the old files are kept, renamed"
     return (f"{out_dir} {what} (differs in: {_differing_keys(old, point)}); nothing was overwritten. Pass "
-            f"redo=true to measure this point there (the old files are kept, renamed), or choose another "
+            f"redo=true to measure this point there ({redo}), or choose another "
             f"directory (hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
 
 
@@ -260,8 +261,10 @@ def measured_twin(out_dir: str | Path, cfg: DictConfig) -> Path | None:
     """Another job directory of ``out_dir``'s sweep (a sibling) holding finished results of a point
     that differs from ``cfg``'s only in sections its implementation never reads
     (:data:`IGNORED_SECTIONS`), or None. The first such job in job order; never ``out_dir`` itself.
-    Only this sweep's job directories (:func:`sweep_jobs`, when known) count, less those it refused:
-    the sweep aggregates only them."""
+    Only this sweep's job directories (:func:`sweep_jobs`, when known) count, and of them only those
+    before ``out_dir`` in job order, less those it refused: a sequential sweep has claimed or refused
+    them already (a later one may hold an earlier run's results of this point and be refused for its
+    own), and the sweep aggregates only them."""
     impl = cfg.impl.name
     if getattr(impl, "value", impl) not in IGNORED_SECTIONS:  # the implementation reads every section
         return None
@@ -275,6 +278,8 @@ def measured_twin(out_dir: str | Path, cfg: DictConfig) -> Path | None:
         results, point_file = sibling / RESULTS_FILE, sibling / POINT_FILE
         if not (results.exists() and point_file.exists()) or (jobs is not None and sibling.name not in jobs):
             continue
+        if jobs is not None and _job_order(Path(sibling.name)) > _job_order(Path(out_dir.name)):
+            break  # (sorted: the rest come later too)
         if refusal_file(sibling).exists():
             continue
         try:

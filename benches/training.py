@@ -52,7 +52,7 @@ from ttrec.tt import TTEmbeddingBag
 
 from .callbacks import _clock
 from .config import BenchConfig, existing_file
-from .environment import OtherLoad, capture
+from .environment import CpuWait, capture
 from .timing import Stats
 
 __all__ = ["build_data", "build_model", "Trainer", "train_rows"]
@@ -301,7 +301,7 @@ def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
              d.iterations, _clock(time.monotonic() - t_setup))
     start, every = time.monotonic(), max(1, d.iterations // 10)
     order = list(trainers.values())
-    with OtherLoad() as others:  # what else ran meanwhile (benches.environment): a note on the time rows
+    with CpuWait() as wait:  # whether other work kept its threads off the CPUs: a note on the time rows
         for it in range(d.iterations):
             batch = data.next_batch()
             for tr in (order if it % 2 == 0 else order[::-1]):
@@ -313,12 +313,12 @@ def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                 log.info("[train %d/%d] loss %.4f, %.1f ms/iteration | elapsed %s, left ~%s", it + 1, d.iterations,
                          sum(recent) / len(recent), 1e3 * sum(main.total[-every:]) / len(main.total[-every:]),
                          _clock(elapsed), _clock(elapsed / (it + 1) * (d.iterations - it - 1)))
-    if (busy := others.note()) is not None:
+    if (busy := wait.note()) is not None:
         log.warning("%s", busy)
     held_out = data.eval_set
     hits = {name: tr.hit_ratio() for name, tr in trainers.items()}  # before evaluate counts the held-out lookups
     metrics = {name: tr.evaluate(held_out, d.eval_batch_size) for name, tr in trainers.items()}
-    env = {**capture(), "other_cpus": None if others.cpus is None else round(others.cpus, 3)}
+    env = {**capture(), "cpu_wait": wait.threads}
     rows = []
     skip = min(d.timing_warmup, d.iterations - 1)
     for name, tr in trainers.items():

@@ -140,12 +140,12 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
     busy = {name: df for name, df in results.items() if "note" in df.columns
             and df["note"].astype(str).str.startswith("busy machine").any()}
     if busy:
-        loads = pd.concat([pd.to_numeric(df.get("other_cpus"), errors="coerce") for df in busy.values()
-                           if "other_cpus" in df.columns])
-        most = f" (up to {loads.max():.2f} CPUs)" if loads.notna().any() else ""
-        out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while other processes used the "
-                f"CPUs{most}: their times are inflated, and verdicts on them are not this machine's "
-                f"(`note` and `other_cpus` in their tables).", ""]
+        waits = pd.concat([pd.to_numeric(df.get("cpu_wait"), errors="coerce") for df in busy.values()
+                           if "cpu_wait" in df.columns])
+        most = f" (up to {waits.max():.2f} threads waiting)" if waits.notna().any() else ""
+        out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while other work kept their threads "
+                f"off the CPUs{most}: their times are inflated, and verdicts on them are not this machine's "
+                f"(`note` and `cpu_wait` in their tables).", ""]
     return out
 
 

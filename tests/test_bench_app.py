@@ -346,6 +346,24 @@ def test_a_sweep_finds_measured_twins_only_among_its_own_jobs(tmp_path):
         end_sweep()
 
 
+def test_a_known_sweep_takes_twins_only_from_its_earlier_jobs(tmp_path):
+    """In a sweep of known jobs, a later job's directory is not yet claimed or refused by it: an earlier
+    run's results of this point there may be refused for that job's own point, so it is no twin; an
+    earlier job's are (claimed or refused already)."""
+    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, measured_twin
+
+    dense16 = _compose("table=tiny", "impl=dense", "tt.rank=16")
+    assert claim_point(tmp_path / "2", _compose("table=tiny", "impl=dense", "tt.rank=8"))
+    (tmp_path / "2" / RESULTS_FILE).write_text("metric,median\nx,1\n")
+    begin_sweep(3)
+    try:
+        assert measured_twin(tmp_path / "1", dense16) is None  # job 2 comes after job 1
+        begin_sweep(4)
+        assert measured_twin(tmp_path / "3", dense16) == (tmp_path / "2").resolve()  # job 2 comes before job 3
+    finally:
+        end_sweep()
+
+
 def test_a_twin_mark_holds_its_point_like_results(tmp_path):
     """A job not measured again (record_twin) keeps its directory's point: a different point is refused
     there, with the sibling named and nothing written; redo=true measures there; the same point,
@@ -358,7 +376,8 @@ def test_a_twin_mark_holds_its_point_like_results(tmp_path):
     assert (tmp_path / "1" / TWIN_FILE).read_text().strip() == str(twin)
     point = (tmp_path / "1" / POINT_FILE).read_text()
     other = _compose("table=tiny", "impl=dense", "tt.rank=16", "workload.batch_size=32")
-    with pytest.raises(PointRefused, match=r"twin of another job's point .*differs in: workload.batch_size"):
+    with pytest.raises(PointRefused, match=r"twin of another job's point .*differs in: workload.batch_size.*"
+                                           r"redo=true to measure this point there \(its mark is replaced"):
         claim_point(tmp_path / "1", other)
     with pytest.raises(PointRefused, match="differs in: workload.batch_size"):
         record_twin(tmp_path / "1", other, twin)

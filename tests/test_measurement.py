@@ -269,59 +269,78 @@ def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
     assert capture()["omp_wait_policy"] is None and capture()["threads"] == str(torch.get_num_threads())
 
 
-def test_other_load_is_the_machines_busy_time_less_this_process_over_the_wall_time(monkeypatch):
-    """OtherLoad: (busy seconds of all CPUs - this process's CPU seconds) / wall seconds, floored at 0;
-    None without /proc/stat or for a window under 0.2 s (10 ms ticks); the note only from 0.25 CPUs."""
+def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monkeypatch):
+    """CpuWait: (run delay after - before) / wall seconds, floored at 0, kept to 3 decimals (the note
+    reads the recorded value); None without schedstat; the note only from 0.25."""
     import benches.environment as env
 
-    def run(busy, own, wall):
+    def run(delays, wall):
         clock = iter([100.0, 100.0 + wall])
         monkeypatch.setattr(env.time, "monotonic", lambda: next(clock))
-        readings = iter(busy)
-        monkeypatch.setattr(env, "_busy_seconds", lambda: next(readings))
-        owns = iter(own)
-        monkeypatch.setattr(env, "_own_seconds", lambda: next(owns))
-        with env.OtherLoad() as load:
+        readings = iter(delays)
+        monkeypatch.setattr(env, "_run_delay_s", lambda: next(readings))
+        with env.CpuWait() as wait:
             pass
-        return load
+        return wait
 
-    busy = run((50.0, 53.0), (7.0, 8.0), 1.0)  # 3 CPU-s busy, 1 of them ours, in 1 s
-    assert busy.cpus == pytest.approx(2.0)
-    assert busy.note().startswith(f"busy machine: other processes used 2.00 of {os.cpu_count()} CPUs")
-    assert run((50.0, 50.5), (7.0, 7.5), 2.0).cpus == 0.0 and run((50.0, 50.5), (7.0, 7.5), 2.0).note() is None
-    assert run((50.0, 50.1), (7.0, 8.0), 1.0).cpus == 0.0  # counters that lag own time: not negative
-    assert run((50.0, 50.3), (7.0, 7.0), 1.0).note() is not None  # 0.30 >= 0.25
-    assert run((50.0, 50.2), (7.0, 7.0), 1.0).note() is None  # 0.20 < 0.25
-    assert run((50.0, 53.0), (7.0, 8.0), 0.1).cpus is None  # too short to tell
-    assert run((None, None), (7.0, 8.0), 1.0).cpus is None  # no /proc/stat
+    busy = run((3.0, 4.5), 1.0)  # 1.5 thread-seconds of waiting in 1 s
+    assert busy.threads == 1.5
+    assert busy.note().startswith("busy machine: this process's threads waited for a CPU 1.50 threads' worth")
+    assert run((3.0, 3.02), 2.0).threads == 0.01 and run((3.0, 3.02), 2.0).note() is None
+    assert run((3.0, 2.0), 1.0).threads == 0.0  # a thread that ended took its count along: not negative
+    assert run((0.0, 0.2496), 1.0).threads == 0.25 and run((0.0, 0.2496), 1.0).note() is not None  # as recorded
+    assert run((0.0, 0.2494), 1.0).note() is None
+    assert run((None, None), 1.0).threads is None and run((None, None), 1.0).note() is None
 
 
-@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat")
-def test_other_load_sees_a_busy_child_process():
-    """A child spinning on a CPU while this process sleeps: OtherLoad counts it (about 1 CPU; more
-    if anything else runs too), the note says the machine was busy."""
-    from benches.environment import OtherLoad
+def _spinners(n: int, seconds: float) -> list[subprocess.Popen]:
+    """``n`` processes spinning for ``seconds`` on this process's CPUs."""
+    code = f"import time\nt = time.time()\nwhile time.time() - t < {seconds}: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
-    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="reads schedstat")
+def test_cpu_wait_sees_threads_kept_off_the_cpus_by_other_processes():
+    """This process's OpenMP threads (a matrix product on every usable CPU) against one spinning process
+    per usable CPU: they wait about half the time (about 1 thread on 2 CPUs; the bar is lower, the
+    scheduler may favour them); the same work alone, after the spinners ended, waits far less."""
+    from benches.environment import CpuWait
+
+    a = torch.randn(256, 256)
+    before = torch.get_num_threads()
+
+    def measured() -> float:
+        torch.set_num_threads(usable_cpus())
+        try:
+            with CpuWait() as wait:
+                t = time.perf_counter()
+                while time.perf_counter() - t < 0.5:
+                    a @ a
+        finally:
+            torch.set_num_threads(before)
+        return wait.threads
+
+    others = _spinners(usable_cpus(), 3.0)
     try:
-        time.sleep(0.3)  # the child's interpreter up and spinning
-        with OtherLoad() as load:
-            time.sleep(0.6)
+        time.sleep(0.3)  # the spinners' interpreters up
+        contended = measured()
     finally:
-        child.kill()
-        child.wait()
-    assert load.cpus is not None and load.cpus > 0.5 and "busy machine" in load.note()
+        for child in others:
+            child.kill()
+            child.wait()
+    assert contended is not None and contended > 0.3
+    assert measured() < contended / 2
 
 
 def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
-    """measure_point records the others' load in other_cpus on every row, and when it reaches the
-    note's bar, every timed metric carries the note."""
+    """measure_point records the threads' wait for a CPU in cpu_wait on every row, and when it reaches
+    the note's bar, every timed metric carries the note."""
     import benches.app as app
     from benches.config import to_objects
     from .test_bench_app import QUICK, _compose
 
     class Busy:
-        cpus = 1.5
+        threads = 1.5
 
         def __enter__(self):
             return self
@@ -329,10 +348,10 @@ def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
         def __exit__(self, *exc):
             return None
 
-        note = app.OtherLoad.note
+        note = app.CpuWait.note
 
-    monkeypatch.setattr(app, "OtherLoad", Busy)
+    monkeypatch.setattr(app, "CpuWait", Busy)
     rows = app.measure_point(to_objects(_compose("impl=tt", "table=tiny", "workload.batch_size=8", *QUICK)))
-    assert {r["other_cpus"] for r in rows} == {1.5}
+    assert {r["cpu_wait"] for r in rows} == {1.5}
     assert {r["metric"] for r in rows} == {"time_per_batch", "time_per_lookup", "throughput", "gflops"}
-    assert all(r["note"].startswith("busy machine: other processes used 1.50 of") for r in rows)
+    assert all(r["note"].startswith("busy machine: this process's threads waited for a CPU 1.50") for r in rows)

@@ -140,14 +140,14 @@ def test_a_smoke_scale_or_busy_run_is_flagged_before_its_numbers(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     _committed("table2").assign(scale="default").to_csv(results / "table2.csv", index=False)
-    fig11 = _committed("fig11").assign(scale="default", note=None, other_cpus=0.01)
+    fig11 = _committed("fig11").assign(scale="default", note=None, cpu_wait=0.01)
     fig11.to_csv(results / "fig11.csv", index=False)
     quiet = build(results, tmp_path / "out").read_text()
     assert "**Smoke scale.**" not in quiet and "**Busy machine.**" not in quiet
-    fig11.loc[fig11.index[:2], ["note", "other_cpus"]] = ["busy machine: other processes used 1.10 of 2 CPUs", 1.1]
+    fig11.loc[fig11.index[:2], ["note", "cpu_wait"]] = ["busy machine: this process's threads waited", 1.1]
     fig11.to_csv(results / "fig11.csv", index=False)
     _committed("fig5").assign(scale="smoke").to_csv(results / "fig5.csv", index=False)
     report = build(results, tmp_path / "out").read_text()
     head = report[:report.index("## Machine and versions")]
     assert "**Smoke scale.**" in head
-    assert "**Busy machine.** Timed points of fig11 ran while other processes used the CPUs (up to 1.10 CPUs)" in head
+    assert "**Busy machine.** Timed points of fig11 ran while other work kept their threads off the CPUs (up to 1.10 threads waiting)" in head

@@ -213,13 +213,13 @@ def test_topk_stability_checks_device():
 
 
 def test_a_busy_machine_puts_its_note_on_the_training_time_rows(monkeypatch):
-    """Training records the others' load over its iterations in other_cpus; when it reaches the note's
+    """Training records its threads' wait for a CPU over its iterations in cpu_wait; when it reaches the note's
     bar, the time rows (not accuracy, loss or AUC) lead their note with it."""
     import benches.training as training
 
     class Busy:
-        cpus = 0.8
-        note = training.OtherLoad.note
+        threads = 0.8
+        note = training.CpuWait.note
 
         def __enter__(self):
             return self
@@ -227,11 +227,11 @@ def test_a_busy_machine_puts_its_note_on_the_training_time_rows(monkeypatch):
         def __exit__(self, *exc):
             return None
 
-    monkeypatch.setattr(training, "OtherLoad", Busy)
+    monkeypatch.setattr(training, "CpuWait", Busy)
     rows = train_rows(_tiny("dlrm.compare_to=uncompressed"))
-    assert {r["other_cpus"] for r in rows} == {0.8}
+    assert {r["cpu_wait"] for r in rows} == {0.8}
     by = {(r["model"], r["metric"]): r["note"] for r in rows}
-    assert by[("main", "time_per_iteration")].startswith("busy machine: other processes used 0.80 of")
+    assert by[("main", "time_per_iteration")].startswith("busy machine: this process's threads waited for a CPU 0.80")
     assert by[("main", "time_per_iteration")].endswith("; whole training step (perf_counter), batch drawn outside")
     assert by[("main", "time_vs_reference")].startswith("busy machine")
     assert not any(str(by[("main", m)]).startswith("busy machine") for m in ("accuracy", "bce", "auc", "train_loss"))

@@ -257,11 +257,19 @@ _MISSING = object()  # make_bags: the index range not scanned yet
 _PARTS = ("input", "offsets", "per_sample_weights")  # the Bags' tensors, by the forward argument they come from
 
 
-def _versions(bags: Bags) -> tuple[int, int, int]:
+def _version(t: torch.Tensor | None) -> int | None:
+    """A tensor's version counter; -1 for an absent tensor; None for an inference tensor (made under
+    ``torch.inference_mode``), which keeps no counter."""
+    if t is None:
+        return -1
+    return None if t.is_inference() else t._version
+
+
+def _versions(bags: Bags) -> tuple[int | None, int | None, int | None]:
     """The version counters of the Bags' tensors (bumped by every in-place torch op on them or on a
-    view of them: ``input[0] = 7``, ``offsets.copy_(...)``); -1 for absent weights."""
-    w = bags.per_sample_weights
-    return bags.indices._version, bags.offsets._version, -1 if w is None else w._version
+    view of them: ``input[0] = 7``, ``offsets.copy_(...)``); -1 for absent weights, None for an
+    inference tensor (no counter: such a batch is checked again wherever it is trusted)."""
+    return _version(bags.indices), _version(bags.offsets), _version(bags.per_sample_weights)
 
 
 def checked_for(bags: Bags, num_embeddings: int) -> bool:
@@ -270,7 +278,9 @@ def checked_for(bags: Bags, num_embeddings: int) -> bool:
     trusted by native code and is validated again). Writes that bypass torch's version counter
     (through a numpy view, ``.data``) are not seen, as autograd does not see them either."""
     mark = getattr(bags, "_checked", None)
-    return mark is not None and mark[0] is _CHECKED and mark[1] == num_embeddings and mark[2] == _versions(bags)
+    now = _versions(bags)
+    return (mark is not None and mark[0] is _CHECKED and mark[1] == num_embeddings and None not in now
+            and mark[2] == now)
 
 
 def changed_in_place(bags: Bags) -> str | None:
@@ -283,6 +293,6 @@ def changed_in_place(bags: Bags) -> str | None:
         return None
     now = _versions(bags)
     for name, was, is_ in zip(_PARTS, mark[2], now):
-        if was != is_:
+        if was != is_ and None not in (was, is_):  # (an inference tensor keeps no counter: not seen, as .data writes)
             return f"{name} (version {is_}, expected {was})"
     return None

@@ -66,7 +66,7 @@ from .autograd_guards import fused_update_once
 from .bags import Bags, make_bags
 from .optim import FUSED_OPTIMIZERS, check_eps, check_lr, check_optimizer
 from .cuda import loader as cuda_loader
-from .tt import BACKENDS, TTEmbeddingBag, backend_status, check_flag
+from .tt import TTEmbeddingBag, check_flag
 
 __all__ = ["CachedTTEmbeddingBag", "ExactCounter", "BoundedCounter", "make_counter", "cache_capacity",
            "COUNTERS", "SLOT_MAPS", "CACHE_OPTIMIZERS", "EXACT_COUNTER_MAX_BYTES", "DENSE_SLOT_MAP_MAX_BYTES"]
@@ -584,16 +584,8 @@ class CachedTTEmbeddingBag(nn.Module):
         return keys[pos] == indices, self._sorted_slots[pos]
 
     def _tt_pooled(self, bags: Bags, mode: str, fused: bool = True) -> torch.Tensor:
-        """The wrapped module's backend on ``bags`` (what TTEmbeddingBag.forward dispatches to)."""
-        tt = self.tt
-        name = tt.resolved_backend()
-        reason = backend_status(name)
-        if reason is not None:
-            raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
-        fn, cores = BACKENDS[name][0], list(tt.tt_cores)
-        if fused and tt.optimizer is not None:
-            return fn(cores, tt.spec, bags, mode, fused=tt._fused_update)
-        return fn(cores, tt.spec, bags, mode)
+        """The wrapped module's backend on ``bags`` (TTEmbeddingBag.forward's dispatch, checks included)."""
+        return self.tt._pooled(bags, mode, fused)
 
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:

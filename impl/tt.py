@@ -257,6 +257,11 @@ class TTEmbeddingBag(nn.Module):
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         bags = make_bags(input, offsets, per_sample_weights, num_embeddings=self.num_embeddings,
                          mode=self.mode, include_last_offset=self.include_last_offset)
+        return self._pooled(bags, self.mode)
+
+    def _pooled(self, bags: Bags, mode: str, fused: bool = True) -> torch.Tensor:
+        """The resolved backend on checked ``bags`` (``fused``: with the fused update, if the module has
+        one): the forward's dispatch, also the LFU cache's for the rows it does not hold."""
         cores = self._core_list()
         if bags.indices.device != cores[0].device:
             raise ValueError(f"input: got device {bags.indices.device}; the cores are on {cores[0].device}")
@@ -265,12 +270,23 @@ class TTEmbeddingBag(nn.Module):
         if reason is not None:
             raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
         fn = BACKENDS[name][0]
-        if self.optimizer is not None:
+        if name != "torch" and torch.jit.is_tracing():
+            raise RuntimeError(f"torch.jit.trace cannot record backend {name!r}: its kernel is called outside torch's "
+                               "operators (ctypes / CuPy), so a trace would hold no lookup; trace a module built with "
+                               "backend='torch'")
+        if fused and self.optimizer is not None:
             if name == "torch":
+                why = self.fallback_reason()
                 raise RuntimeError(f"optimizer={self.optimizer!r} (fused update) has no torch backend; "
-                                   f"backend 'auto' resolved to 'torch' because: {backend_status('cpu') or cpu_ops.check_supported(cores, self.spec)}")
-            return fn(cores, self.spec, bags, self.mode, fused=self._fused_update)
-        return fn(cores, self.spec, bags, self.mode)
+                                   + (f"backend 'auto' resolved to 'torch' because: {why}" if why is not None
+                                      else "backend='torch' was asked for"))
+            return fn(cores, self.spec, bags, mode, fused=self._fused_update)
+        return fn(cores, self.spec, bags, mode)
+
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: refuse with a reason instead of TorchScript's parse error."""
+        raise RuntimeError("TTEmbeddingBag cannot be compiled by torch.jit.script: its forward dispatches in Python "
+                           "to native and CUDA kernels; use torch.compile, or torch.jit.trace with backend='torch'")
 
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
 from .callbacks import drop_job_log, own_job_log
 from .results import (IGNORED_SECTIONS, RESULTS_FILE, PointRefused, claim_point, clear_failure, measured_twin,
-                      record_failure, record_twin, write_rows)
+                      mark_run, record_failure, record_twin, write_rows)
 from .timing import Stats, measure
 
 log = logging.getLogger("ttrec.bench")
@@ -265,6 +265,7 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
         return
     if not claim_point(out, cfg, redo=bench.redo):
         drop_job_log()  # the finished point's log is the run's that measured it
+        mark_run(out)  # (a later job of this sweep may take it as its twin)
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
         return
     own_job_log()
@@ -272,10 +273,12 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     if bench.task in COMPUTED_TASKS:
         rows = COMPUTED_TASKS[bench.task](bench, experiment)
         path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)
+        mark_run(out)
         log.info("%s: %d rows -> %s", bench.task.value, len(rows), path)
         return
     rows = measure_point(bench, experiment=experiment)
     path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)
+    mark_run(out)
     log.info("%s -> %s", _describe(rows), path)
 
 

@@ -146,54 +146,65 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
 # a note (benches.app): on the quiet 2-core VM a 2-thread point reads below 0.02; one other busy
 # process about 0.5-1
 BUSY_CPU_WAIT = 0.25
+_MIN_WINDOW_S = 0.2  # shorter windows: one scheduler slice more or less decides the value (not recorded)
 
 
-def _run_delay_s() -> float | None:
-    """Seconds this process's threads have spent ready to run but waiting for a CPU (their run delay,
-    summed over /proc/self/task/*/schedstat), or None where the kernel does not say."""
+def _run_delays_ns() -> dict[str, int] | None:
+    """Per thread of this process (by id), the nanoseconds it has spent ready to run but waiting for a
+    CPU (its run delay, /proc/self/task/<id>/schedstat), or None where the kernel does not say."""
     try:
         tasks = os.listdir("/proc/self/task")
     except OSError:
         return None
-    total, found = 0, False
+    delays = {}
     for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/schedstat") as f:
-                total += int(f.read().split()[1])
-            found = True
+                delays[task] = int(f.read().split()[1])
         except (OSError, ValueError, IndexError):  # a thread that ended meanwhile, or no schedstat
             continue
-    return total / 1e9 if found else None
+    return delays or None
 
 
 class CpuWait:
     """How many of this process's threads were, on average, ready to run but waiting for a CPU while
-    the ``with`` block ran: the growth of their scheduler run delay (ns counters) over the block's
-    wall time. Only other work on the CPUs this process runs on counts (a job pinned to its own cores
-    is not disturbed by the rest of the host); the hypervisor's steal on a VM is not seen (the CPU
-    kernel experiment probes that: benches.environment.thread_round_trip_ns). ``threads`` is None
-    where the kernel keeps no schedstat. A timing taken while it is high is not the kernel's alone:
-    with spin-waiting OpenMP threads (the default wait policy) a thread kept off its CPU stalls every
+    the ``with`` block ran: the growth of their scheduler run delay (ns counters; per thread, so one
+    that ends takes only its own share along) over the block's wall time. Only work on the CPUs this
+    process runs on counts (a job pinned to its own cores is not disturbed by the rest of the host);
+    the hypervisor's steal on a VM is not seen (the CPU kernel experiment probes that:
+    thread_round_trip_ns). ``threads`` is None where the kernel keeps no schedstat, or for a block
+    under 0.2 s (there one scheduler slice decides it). The wait is other work's, unless the process
+    runs more threads than it has CPUs (``torch.get_num_threads()`` at entry): then its own threads
+    queue for each other. A timing taken while it is high is not the kernel's alone: with
+    spin-waiting OpenMP threads (the default wait policy) a thread kept off its CPU stalls every
     barrier, so times grow far beyond the share of CPU the others took."""
 
     def __init__(self) -> None:
         self.threads: float | None = None
+        self.torch_threads = torch.get_num_threads()
 
     def __enter__(self) -> "CpuWait":
-        self._start = (time.monotonic(), _run_delay_s())
+        self.torch_threads = torch.get_num_threads()
+        self._start = (time.monotonic(), _run_delays_ns())
         return self
 
     def __exit__(self, *exc) -> None:
-        t0, delay0 = self._start
-        wall, delay1 = time.monotonic() - t0, _run_delay_s()
-        if delay0 is None or delay1 is None or wall <= 0:
+        t0, before = self._start
+        wall, after = time.monotonic() - t0, _run_delays_ns()
+        if before is None or after is None or wall < _MIN_WINDOW_S:
             return
-        self.threads = round(max(0.0, delay1 - delay0) / wall, 3)  # (a thread that ended takes its count along)
+        waited_ns = sum(max(0, d - before.get(task, 0)) for task, d in after.items())
+        self.threads = round(waited_ns / 1e9 / wall, 3)
 
     def note(self) -> str | None:
         """The rows' note when the wait reaches BUSY_CPU_WAIT, else None."""
         if self.threads is None or self.threads < BUSY_CPU_WAIT:
             return None
+        cpus = usable_cpus()
+        if self.torch_threads > cpus:
+            return (f"oversubscribed: {self.torch_threads} torch threads on {cpus} CPUs; its threads waited for a CPU "
+                    f"{self.threads:.2f} threads' worth of the measurement's wall time, for each other (set "
+                    f"timing.threads to at most {cpus})")
         return (f"busy machine: this process's threads waited for a CPU {self.threads:.2f} threads' worth of the "
-                f"timed calls' wall time (other work on its {usable_cpus()} CPUs); times are inflated (run on a quiet "
+                f"measurement's wall time (other work on its {cpus} CPUs); times are inflated (run on a quiet "
                 f"machine, or with OMP_WAIT_POLICY=PASSIVE / timing.threads=1)")

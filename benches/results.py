@@ -23,7 +23,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "FAILED_FILE", "LOCK_FILE", "IGNORED_SECTIONS",
-           "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "refused_jobs", "collect", "aggregate", "record_failure",
+           "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "refused_jobs", "mark_run", "collect", "aggregate", "record_failure",
            "clear_failure", "failures", "begin_sweep", "end_sweep", "sweep_jobs", "run_id", "refusal_file"]
 
 RESULTS_FILE = "results.csv"
@@ -32,6 +32,9 @@ POINT_FILE = "point.yaml"  # the resolved config of the point whose results sit 
 # a sweep's job not measured again (its implementation reads no setting it differs in from a sibling's
 # finished point: measured_twin): it names that sibling, beside the job's own point.yaml
 TWIN_FILE = "twin.txt"
+# the run (run_id: a sweep's name) that last measured the point of its directory or found it finished
+# there: a sweep takes a twin only from the job directories it has finished itself (mark_run)
+RUN_FILE = "run.txt"
 FAILED_FILE = "failed.txt"  # a job that raised: its error and traceback (in a sweep, the others go on)
 # locked (flock) by the process that claimed the point of its directory, while it measures it (until it
 # exits if the job failed there); the lock, not the file, is the claim, so the file stays
@@ -220,6 +223,11 @@ def _taken_message(out_dir: Path, old: str | None, point: str, twin: bool) -> st
             f"directory (hydra.sweep.dir=... / hydra.run.dir=... / results_root=...)")
 
 
+def mark_run(out_dir: str | Path) -> None:
+    """Record that this run finished the job of ``out_dir`` (measured its point, or found it measured)."""
+    (Path(out_dir) / RUN_FILE).write_text(f"{run_id()}\n")
+
+
 def record_twin(out_dir: str | Path, cfg: DictConfig, twin: Path) -> None:
     """Mark ``out_dir`` as the job of ``cfg``'s point that was not measured again, its sibling ``twin``
     having measured it (:func:`measured_twin`): its ``point.yaml`` and ``twin.txt``. So a later run of
@@ -262,9 +270,10 @@ def measured_twin(out_dir: str | Path, cfg: DictConfig) -> Path | None:
     that differs from ``cfg``'s only in sections its implementation never reads
     (:data:`IGNORED_SECTIONS`), or None. The first such job in job order; never ``out_dir`` itself.
     Only this sweep's job directories (:func:`sweep_jobs`, when known) count, and of them only those
-    before ``out_dir`` in job order, less those it refused: a sequential sweep has claimed or refused
-    them already (a later one may hold an earlier run's results of this point and be refused for its
-    own), and the sweep aggregates only them."""
+    whose job this run has finished (:func:`mark_run`: measured, or found measured), less those it
+    refused: a job not yet run may hold an earlier run's results of this point and be refused for its
+    own (later in a sequential sweep, at the same time under a parallel launcher), and the sweep
+    aggregates only its finished jobs."""
     impl = cfg.impl.name
     if getattr(impl, "value", impl) not in IGNORED_SECTIONS:  # the implementation reads every section
         return None
@@ -278,8 +287,8 @@ def measured_twin(out_dir: str | Path, cfg: DictConfig) -> Path | None:
         results, point_file = sibling / RESULTS_FILE, sibling / POINT_FILE
         if not (results.exists() and point_file.exists()) or (jobs is not None and sibling.name not in jobs):
             continue
-        if jobs is not None and _job_order(Path(sibling.name)) > _job_order(Path(out_dir.name)):
-            break  # (sorted: the rest come later too)
+        if (_read(sibling / RUN_FILE) or "").strip() != run_id():
+            continue  # not (yet) finished by this run
         if refusal_file(sibling).exists():
             continue
         try:

@@ -138,14 +138,14 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
                 "verdicts below come from tiny tables and a few calls and say nothing about the paper "
                 "(`experiment=paper` at the default scale measures them).", ""]
     busy = {name: df for name, df in results.items() if "note" in df.columns
-            and df["note"].astype(str).str.startswith("busy machine").any()}
+            and df["note"].astype(str).str.startswith(("busy machine", "oversubscribed")).any()}
     if busy:
         waits = pd.concat([pd.to_numeric(df.get("cpu_wait"), errors="coerce") for df in busy.values()
                            if "cpu_wait" in df.columns])
         most = f" (up to {waits.max():.2f} threads waiting)" if waits.notna().any() else ""
-        out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while other work kept their threads "
-                f"off the CPUs{most}: their times are inflated, and verdicts on them are not this machine's "
-                f"(`note` and `cpu_wait` in their tables).", ""]
+        out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while their threads waited for a "
+                f"CPU{most}, behind other work or each other: their times are inflated, and verdicts on them are not "
+                f"this machine's (`note` and `cpu_wait` in their tables).", ""]
     return out
 
 

@@ -327,11 +327,12 @@ def test_a_run_or_sweep_aggregates_only_its_own_jobs(tmp_path):
 
 
 def test_a_sweep_finds_measured_twins_only_among_its_own_jobs(tmp_path):
-    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, measured_twin
+    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, mark_run, measured_twin
 
     def finished(name: str, *overrides: str) -> Path:
         assert claim_point(tmp_path / name, _compose("table=tiny", *overrides))  # writes point.yaml
         (tmp_path / name / RESULTS_FILE).write_text("metric,median\nx,1\n")
+        mark_run(tmp_path / name)
         return (tmp_path / name).resolve()
 
     old = finished("5", "impl=dense", "tt.rank=8")  # a job of an earlier, larger sweep in the same directory
@@ -346,20 +347,21 @@ def test_a_sweep_finds_measured_twins_only_among_its_own_jobs(tmp_path):
         end_sweep()
 
 
-def test_a_known_sweep_takes_twins_only_from_its_earlier_jobs(tmp_path):
-    """In a sweep of known jobs, a later job's directory is not yet claimed or refused by it: an earlier
-    run's results of this point there may be refused for that job's own point, so it is no twin; an
-    earlier job's are (claimed or refused already)."""
-    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, measured_twin
+def test_a_sweep_takes_twins_only_from_jobs_it_has_finished(tmp_path):
+    """A job directory holding an earlier run's results of this point is no twin until this run has
+    finished its job there (a later job of a sequential sweep, or one running beside it under a
+    parallel launcher, may yet be refused for its own point); once it has (measured, or found
+    measured: mark_run), it is."""
+    from benches.results import RESULTS_FILE, begin_sweep, claim_point, end_sweep, mark_run, measured_twin
 
     dense16 = _compose("table=tiny", "impl=dense", "tt.rank=16")
     assert claim_point(tmp_path / "2", _compose("table=tiny", "impl=dense", "tt.rank=8"))
     (tmp_path / "2" / RESULTS_FILE).write_text("metric,median\nx,1\n")
-    begin_sweep(3)
+    begin_sweep(4)
     try:
-        assert measured_twin(tmp_path / "1", dense16) is None  # job 2 comes after job 1
-        begin_sweep(4)
-        assert measured_twin(tmp_path / "3", dense16) == (tmp_path / "2").resolve()  # job 2 comes before job 3
+        assert measured_twin(tmp_path / "1", dense16) is None and measured_twin(tmp_path / "3", dense16) is None
+        mark_run(tmp_path / "2")
+        assert measured_twin(tmp_path / "3", dense16) == (tmp_path / "2").resolve()
     finally:
         end_sweep()
 

@@ -270,27 +270,37 @@ def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
 
 
 def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monkeypatch):
-    """CpuWait: (run delay after - before) / wall seconds, floored at 0, kept to 3 decimals (the note
-    reads the recorded value); None without schedstat; the note only from 0.25."""
+    """CpuWait: the per-thread growth of the run delay, summed, over wall seconds, kept to 3 decimals
+    (the note reads the recorded value). A thread that ends takes only its own share along, one that
+    starts counts from 0; None without schedstat or for a block under 0.2 s; the note only from 0.25,
+    and it names oversubscription when torch runs more threads than there are usable CPUs."""
     import benches.environment as env
 
-    def run(delays, wall):
+    def run(before, after, wall, torch_threads=1):
         clock = iter([100.0, 100.0 + wall])
         monkeypatch.setattr(env.time, "monotonic", lambda: next(clock))
-        readings = iter(delays)
-        monkeypatch.setattr(env, "_run_delay_s", lambda: next(readings))
+        readings = iter([before, after])
+        monkeypatch.setattr(env, "_run_delays_ns", lambda: next(readings))
+        monkeypatch.setattr(env.torch, "get_num_threads", lambda: torch_threads)
         with env.CpuWait() as wait:
             pass
         return wait
 
-    busy = run((3.0, 4.5), 1.0)  # 1.5 thread-seconds of waiting in 1 s
+    s = 10**9
+    busy = run({"1": 3 * s, "2": 1 * s}, {"1": 4 * s, "2": int(1.5 * s)}, 1.0)  # 1.0 + 0.5 thread-s in 1 s
     assert busy.threads == 1.5
     assert busy.note().startswith("busy machine: this process's threads waited for a CPU 1.50 threads' worth")
-    assert run((3.0, 3.02), 2.0).threads == 0.01 and run((3.0, 3.02), 2.0).note() is None
-    assert run((3.0, 2.0), 1.0).threads == 0.0  # a thread that ended took its count along: not negative
-    assert run((0.0, 0.2496), 1.0).threads == 0.25 and run((0.0, 0.2496), 1.0).note() is not None  # as recorded
-    assert run((0.0, 0.2494), 1.0).note() is None
-    assert run((None, None), 1.0).threads is None and run((None, None), 1.0).note() is None
+    assert run({"1": 3 * s}, {"1": 3 * s + 2 * 10**7}, 2.0).threads == 0.01
+    assert run({"1": 3 * s}, {"1": 3 * s + 2 * 10**7}, 2.0).note() is None
+    # thread 2 ended (its 9 s of lifetime delay leave with it); thread 3 started and waited 0.2 s
+    assert run({"1": s, "2": 9 * s}, {"1": int(1.3 * s), "3": int(0.2 * s)}, 1.0).threads == 0.5
+    assert run({"1": 0}, {"1": 249_600_000}, 1.0).threads == 0.25  # 0.2496 recorded as 0.25 ...
+    assert run({"1": 0}, {"1": 249_600_000}, 1.0).note() is not None  # ... and noted as recorded
+    assert run({"1": 0}, {"1": 249_400_000}, 1.0).note() is None
+    assert run({"1": 0}, {"1": s}, 0.15).threads is None  # too short to tell
+    assert run(None, None, 1.0).threads is None and run(None, None, 1.0).note() is None
+    over = run({"1": 0}, {"1": s}, 1.0, torch_threads=env.usable_cpus() + 2)
+    assert over.note().startswith(f"oversubscribed: {env.usable_cpus() + 2} torch threads on {env.usable_cpus()} CPUs")
 
 
 def _spinners(n: int, seconds: float) -> list[subprocess.Popen]:
@@ -340,7 +350,7 @@ def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
     from .test_bench_app import QUICK, _compose
 
     class Busy:
-        threads = 1.5
+        threads, torch_threads = 1.5, 1
 
         def __enter__(self):
             return self

@@ -23,7 +23,7 @@ from benches.gate import run
 from benches.config import register, to_objects
 from benches.gate.decision import (FASTER, NOT_CONFIRMED, PASS, REGRESSION, Measurement, confirm, decide,
                                    exit_code)
-from benches.results import RESULTS_FILE, claim_point, collect, measured_twin, refusal_file, write_rows
+from benches.results import RESULTS_FILE, claim_point, collect, mark_run, measured_twin, refusal_file, write_rows
 from benches.timing import Stats, measure
 from reports.claims import fig5_claims, table2_claims
 from ttrec.cpu import plant
@@ -314,6 +314,7 @@ def test_a_twin_in_a_directory_this_run_refused_is_not_used(tmp_path):
     """The sweep aggregates no refused directory: a point measured there must be measured in this job."""
     assert claim_point(tmp_path / "0", _dict_cfg("impl=dense", "tt.rank=4"))
     (tmp_path / "0" / RESULTS_FILE).write_text("metric,median\nx,1\n")
+    mark_run(tmp_path / "0")
     mine = _dict_cfg("impl=dense", "tt.rank=8")
     assert measured_twin(tmp_path / "1", mine) == (tmp_path / "0").resolve()
     refusal_file(tmp_path / "0").write_text("PointRefused: test\n")

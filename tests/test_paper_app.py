@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from benches.callbacks import sweep_size
 from benches.config import output_dir, register, to_objects
 from benches.paper import EXPERIMENTS, TRAINING_EXPERIMENTS
-from benches.results import AGGREGATE_FILE, POINT_FILE, RESULTS_FILE, claim_point, measured_twin
+from benches.results import AGGREGATE_FILE, POINT_FILE, RESULTS_FILE, claim_point, mark_run, measured_twin
 
 from .apprun import run_app
 
@@ -76,6 +76,7 @@ def test_a_sweep_finds_the_measured_twin_of_a_point_only_where_the_impl_ignores_
         assert claim_point(d, _compose("table=tiny", *overrides))  # writes point.yaml
         if finished:
             (d / RESULTS_FILE).write_text("metric,median\nx,1\n")
+            mark_run(d)  # this run finished the job (a twin is taken only from such)
         return d
 
     dense8 = job("0", "impl=dense", "tt.rank=8")
@@ -92,6 +93,7 @@ def test_a_sweep_finds_the_measured_twin_of_a_point_only_where_the_impl_ignores_
     bad.mkdir()
     (bad / POINT_FILE).write_text("impl: [unclosed\n")
     (bad / RESULTS_FILE).write_text("metric,median\nx,1\n")
+    mark_run(bad)
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=dense", "workload.batch_size=16")) is None
     # TT implementations read tt.*: never a twin across ranks
     assert measured_twin(tmp_path / "9", _compose("table=tiny", "impl=tt", "tt.rank=16")) is None

@@ -150,4 +150,4 @@ def test_a_smoke_scale_or_busy_run_is_flagged_before_its_numbers(tmp_path):
     report = build(results, tmp_path / "out").read_text()
     head = report[:report.index("## Machine and versions")]
     assert "**Smoke scale.**" in head
-    assert "**Busy machine.** Timed points of fig11 ran while other work kept their threads off the CPUs (up to 1.10 threads waiting)" in head
+    assert "**Busy machine.** Timed points of fig11 ran while their threads waited for a CPU (up to 1.10 threads waiting)" in head

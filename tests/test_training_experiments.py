@@ -218,7 +218,7 @@ def test_a_busy_machine_puts_its_note_on_the_training_time_rows(monkeypatch):
     import benches.training as training
 
     class Busy:
-        threads = 0.8
+        threads, torch_threads = 0.8, 1
         note = training.CpuWait.note
 
         def __enter__(self):

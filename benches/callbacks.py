@@ -128,8 +128,9 @@ class AggregateResults(Callback):
     time-vs-rank figure (one per mode), or the cache experiments' figures. Only this run's jobs are
     aggregated (a single run: its directory; a sweep: its job directories 0 .. N-1), whatever else
     lies under the root; not over an existing results_all.csv when the run was refused some of its job
-    directories (they hold other points, or another process holds them): its table would be a part. A sweep's failed jobs (benches.app records them and goes on) are listed
-    after that, and the sweep exits 1."""
+    directories (they hold other points, or another process holds them): its table would be a part.
+    A sweep's failed jobs (benches.app records them and goes on) are listed after that, and the sweep
+    exits 1."""
 
     def __init__(self) -> None:
         self.start = 0.0

@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "FAILED_FILE", "LOCK_FILE", "IGNORED_SECTIONS",
-           "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "refused_jobs", "mark_run", "collect", "aggregate", "record_failure",
-           "clear_failure", "failures", "begin_sweep", "end_sweep", "sweep_jobs", "run_id", "refusal_file"]
+__all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "TWIN_FILE", "RUN_FILE", "FAILED_FILE", "LOCK_FILE",
+           "IGNORED_SECTIONS", "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "mark_run",
+           "refused_jobs", "collect", "aggregate", "record_failure", "clear_failure", "failures", "begin_sweep",
+           "end_sweep", "sweep_jobs", "run_id", "refusal_file"]
 
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"

@@ -146,7 +146,10 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
 # a note (benches.app): on the quiet 2-core VM a 2-thread point reads below 0.02; one other busy
 # process about 0.5-1
 BUSY_CPU_WAIT = 0.25
-_MIN_WINDOW_S = 0.2  # shorter windows: one scheduler slice more or less decides the value (not recorded)
+# and only when the waits add up to two scheduler slices (10 ms each here) or more: one preempted slice
+# in a short measurement is not contention (and leaves its median alone)
+BUSY_WAITED_S = 0.02
+_MIN_WINDOW_S = 0.05  # shorter measurements: not recorded
 
 
 def _run_delays_ns() -> dict[str, int] | None:
@@ -173,7 +176,7 @@ class CpuWait:
     process runs on counts (a job pinned to its own cores is not disturbed by the rest of the host);
     the hypervisor's steal on a VM is not seen (the CPU kernel experiment probes that:
     thread_round_trip_ns). ``threads`` is None where the kernel keeps no schedstat, or for a block
-    under 0.2 s (there one scheduler slice decides it). The wait is other work's, unless the process
+    under 0.05 s; ``waited_s`` is the total. The wait is other work's, unless the process
     runs more threads than it has CPUs (``torch.get_num_threads()`` at entry): then its own threads
     queue for each other. A timing taken while it is high is not the kernel's alone: with
     spin-waiting OpenMP threads (the default wait policy) a thread kept off its CPU stalls every
@@ -181,6 +184,7 @@ class CpuWait:
 
     def __init__(self) -> None:
         self.threads: float | None = None
+        self.waited_s = 0.0
         self.torch_threads = torch.get_num_threads()
 
     def __enter__(self) -> "CpuWait":
@@ -193,12 +197,12 @@ class CpuWait:
         wall, after = time.monotonic() - t0, _run_delays_ns()
         if before is None or after is None or wall < _MIN_WINDOW_S:
             return
-        waited_ns = sum(max(0, d - before.get(task, 0)) for task, d in after.items())
-        self.threads = round(waited_ns / 1e9 / wall, 3)
+        self.waited_s = sum(max(0, d - before.get(task, 0)) for task, d in after.items()) / 1e9
+        self.threads = round(self.waited_s / wall, 3)
 
     def note(self) -> str | None:
-        """The rows' note when the wait reaches BUSY_CPU_WAIT, else None."""
-        if self.threads is None or self.threads < BUSY_CPU_WAIT:
+        """The rows' note when the wait reaches BUSY_CPU_WAIT and BUSY_WAITED_S, else None."""
+        if self.threads is None or self.threads < BUSY_CPU_WAIT or self.waited_s < BUSY_WAITED_S:
             return None
         cpus = usable_cpus()
         if self.torch_threads > cpus:

@@ -272,8 +272,9 @@ def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
 def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monkeypatch):
     """CpuWait: the per-thread growth of the run delay, summed, over wall seconds, kept to 3 decimals
     (the note reads the recorded value). A thread that ends takes only its own share along, one that
-    starts counts from 0; None without schedstat or for a block under 0.2 s; the note only from 0.25,
-    and it names oversubscription when torch runs more threads than there are usable CPUs."""
+    starts counts from 0; None without schedstat or for a block under 0.05 s; the note only from 0.25
+    threads and 20 ms of waiting in all, and it names oversubscription when torch runs more threads
+    than there are usable CPUs."""
     import benches.environment as env
 
     def run(before, after, wall, torch_threads=1):
@@ -297,7 +298,10 @@ def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monk
     assert run({"1": 0}, {"1": 249_600_000}, 1.0).threads == 0.25  # 0.2496 recorded as 0.25 ...
     assert run({"1": 0}, {"1": 249_600_000}, 1.0).note() is not None  # ... and noted as recorded
     assert run({"1": 0}, {"1": 249_400_000}, 1.0).note() is None
-    assert run({"1": 0}, {"1": s}, 0.15).threads is None  # too short to tell
+    assert run({"1": 0}, {"1": s}, 0.04).threads is None  # too short to tell
+    short = run({"1": 0}, {"1": 18_000_000}, 0.06)  # 0.3 threads, but 18 ms: one preempted slice
+    assert short.threads == 0.3 and short.note() is None
+    assert run({"1": 0}, {"1": 30_000_000}, 0.06).note() is not None  # 0.5 threads, 30 ms: two slices and more
     assert run(None, None, 1.0).threads is None and run(None, None, 1.0).note() is None
     over = run({"1": 0}, {"1": s}, 1.0, torch_threads=env.usable_cpus() + 2)
     assert over.note().startswith(f"oversubscribed: {env.usable_cpus() + 2} torch threads on {env.usable_cpus()} CPUs")
@@ -313,7 +317,7 @@ def _spinners(n: int, seconds: float) -> list[subprocess.Popen]:
 def test_cpu_wait_sees_threads_kept_off_the_cpus_by_other_processes():
     """This process's OpenMP threads (a matrix product on every usable CPU) against one spinning process
     per usable CPU: they wait about half the time (about 1 thread on 2 CPUs; the bar is lower, the
-    scheduler may favour them); the same work alone, after the spinners ended, waits far less."""
+    scheduler may favour them); the same work alone, after the spinners ended, waits less by most of that."""
     from benches.environment import CpuWait
 
     a = torch.randn(256, 256)
@@ -339,7 +343,7 @@ def test_cpu_wait_sees_threads_kept_off_the_cpus_by_other_processes():
             child.kill()
             child.wait()
     assert contended is not None and contended > 0.3
-    assert measured() < contended / 2
+    assert measured() < contended - 0.3  # (whatever else runs here waits on both)
 
 
 def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
@@ -350,7 +354,7 @@ def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
     from .test_bench_app import QUICK, _compose
 
     class Busy:
-        threads, torch_threads = 1.5, 1
+        threads, torch_threads, waited_s = 1.5, 1, 1.5
 
         def __enter__(self):
             return self

@@ -218,7 +218,7 @@ def test_a_busy_machine_puts_its_note_on_the_training_time_rows(monkeypatch):
     import benches.training as training
 
     class Busy:
-        threads, torch_threads = 0.8, 1
+        threads, torch_threads, waited_s = 0.8, 1, 0.8
         note = training.CpuWait.note
 
         def __enter__(self):

@@ -132,8 +132,7 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
     """Warnings the reader needs before the numbers: a smoke-scale run (sizes for seconds, not for
     measuring), and timed points that ran while other processes loaded the machine."""
     out = []
-    scales = {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
-    if "smoke" in scales:
+    if "smoke" in _scales(results):
         out += ["**Smoke scale.** Its sizes are chosen to run in seconds, not to measure: the timing claims' "
                 "verdicts below come from tiny tables and a few calls and say nothing about the paper "
                 "(`experiment=paper` at the default scale measures them).", ""]
@@ -149,10 +148,13 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
     return out
 
 
-def _scale(results: dict[str, pd.DataFrame]) -> str:
+def _scales(results: dict[str, pd.DataFrame]) -> set[str]:
     """Every scale the tables were measured at (tables of several runs may sit in one directory)."""
-    scales = {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
-    return ", ".join(sorted(scales)) or "unknown"
+    return {str(s) for df in results.values() if "scale" in df.columns for s in df["scale"].dropna()}
+
+
+def _scale(results: dict[str, pd.DataFrame]) -> str:
+    return ", ".join(sorted(_scales(results))) or "unknown"
 
 
 def _claims(results: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, str]]:

@@ -20,3 +20,27 @@ def threads_at_any_size(monkeypatch):
     from ttrec.cpu import ops
 
     monkeypatch.setattr(ops, "MIN_LOOKUPS_PER_THREAD", 1)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the report's plot functions would save (reports.figures, paper_figures,
+    cache_figures, training_figures), kept open and drawn instead: {name: figure}."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from reports import cache_figures, figures, paper_figures, training_figures
+
+    kept = {}
+
+    def keep(fig, out_dir, name):
+        fig.canvas.draw()
+        kept[name] = fig
+        return Path(out_dir) / f"{name}.png"
+
+    for module in (figures, paper_figures, cache_figures, training_figures):
+        monkeypatch.setattr(module, "save", keep)
+    yield kept
+    for fig in kept.values():
+        plt.close(fig)

@@ -10,7 +10,6 @@ import os
 import time
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,23 +33,6 @@ def _csv(rows: list[dict]) -> pd.DataFrame:
     pd.DataFrame(rows).to_csv(buf, index=False)
     buf.seek(0)
     return pd.read_csv(buf)
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions would save, kept open and drawn: {name: figure}."""
-    kept = {}
-
-    def keep(fig, out_dir, name):
-        fig.canvas.draw()
-        kept[name] = fig
-        return Path(out_dir) / f"{name}.png"
-
-    for module in (figures, paper_figures, cache_figures, training_figures):
-        monkeypatch.setattr(module, "save", keep)
-    yield kept
-    for fig in kept.values():
-        plt.close(fig)
 
 
 def _errorbars(ax) -> dict[str, tuple[np.ndarray, ...]]:

@@ -7,12 +7,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pytest
 
-from reports import cache_figures, paper_figures
 from reports.cache_figures import plot_cache_size_warmup, plot_hit_rate_sweep, plot_topk_stability
 from reports.paper_figures import plot_rows_sweep, plot_tt_shapes
 
@@ -21,23 +18,6 @@ RESULTS = Path(__file__).resolve().parents[1] / "reports" / "results"
 
 def _results(name: str) -> pd.DataFrame:
     return pd.read_csv(RESULTS / f"{name}.csv")
-
-
-@pytest.fixture
-def drawn(monkeypatch):
-    """The figures the plot functions would save, kept open and drawn: {name: figure}."""
-    figures = {}
-
-    def keep(fig, out_dir, name):
-        fig.canvas.draw()
-        figures[name] = fig
-        return Path(out_dir) / f"{name}.png"
-
-    for module in (paper_figures, cache_figures):
-        monkeypatch.setattr(module, "save", keep)
-    yield figures
-    for fig in figures.values():
-        plt.close(fig)
 
 
 def test_fig10_every_panel_has_its_colours_in_a_legend_over_its_column(drawn, tmp_path):

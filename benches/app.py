@@ -271,6 +271,7 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
     own_job_log()
     save_run_config(out, cfg, hc)
     if bench.task in COMPUTED_TASKS:
+        torch.set_num_threads(bench.timing.threads)  # (their rows record it, as timed points' do)
         rows = COMPUTED_TASKS[bench.task](bench, experiment)
         path = write_rows([{**r, "scale": bench.scale.name} for r in rows], out / RESULTS_FILE)
         mark_run(out)

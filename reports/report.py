@@ -5,7 +5,10 @@
 ``--results`` holds one aggregated table per experiment, ``<name>/results_all.csv`` (a paper run,
 ``outputs/<scale>``) or ``<name>.csv`` (the committed reference run, ``reports/results``). The
 report goes to ``--out``: ``REPORT.md``, ``figures/`` (PNG + PDF per artifact) and ``results/``
-(a copy of the tables it was made from, so the directory stands alone). Nothing here measures:
+(a copy of the tables it was made from, so the directory stands alone). Both are the report's own:
+a report built into a used ``--out`` first removes the figures (``*.png``, ``*.pdf``,
+``*_break_even.csv``; subdirectories stay) and tables (``results/*.csv``, unless ``results/`` is
+the input itself) an earlier report left there. Nothing here measures:
 regenerating a report from stored results takes seconds.
 """
 
@@ -14,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -181,6 +183,13 @@ def build(results_dir: str | Path, out_dir: str | Path, command: str | None = No
     out = Path(out_dir)
     figs, tables = out / "figures", out / "results"
     tables.mkdir(parents=True, exist_ok=True)
+    # figures/ and results/ are the report's own: what an earlier report left there (another run's
+    # tables, wall times or figures of experiments not in this one) goes, unless results/ is the input
+    in_place = tables.resolve() == Path(results_dir).resolve()
+    stale = [] if in_place else [*tables.glob("*.csv")]
+    stale += [*figs.glob("*.png"), *figs.glob("*.pdf"), *figs.glob("*_break_even.csv")] if figs.is_dir() else []
+    for path in stale:
+        path.unlink()
     for name in results:  # the report's own copy of its inputs
         target = tables / f"{name}.csv"
         source = Path(results_dir) / name / "results_all.csv"
@@ -263,7 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=here, help="where REPORT.md, figures/ and results/ go")
     args = parser.parse_args(argv)
     try:
-        path = build(args.results, args.out, command=" ".join(["python -m reports.report", *(argv or sys.argv[1:])]))
+        # (the command as it names the input: two reports of the same tables built into two places are the same)
+        default = args.results.resolve() == (here / "results").resolve()
+        path = build(args.results, args.out,
+                     command="python -m reports.report" + ("" if default else f" --results {args.results}"))
     except FileNotFoundError as exc:
         parser.error(str(exc))
     print(f"report: {path}")

@@ -449,7 +449,8 @@ class ScaleConfig:
     interpolation (``${scale.ranks}``). Lists are comma-separated sweep values.
 
     smoke: seconds (the tests); default: all of experiment=paper in about 5 minutes on a quiet 2-core
-    CPU; paper: the paper's sizes (Kaggle's largest table, batch 65,536).
+    CPU; paper: the paper's table sizes (Kaggle's largest table; batch 65,536, ours: the paper gives
+    no kernel batch size).
     """
 
     name: str = "default"

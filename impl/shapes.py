@@ -5,7 +5,8 @@ A table of ``num_embeddings x embedding_dim`` is stored as ``d`` cores; core ``k
 (rows past ``num_embeddings`` exist in the cores but are never looked up); the columns are
 factored exactly, ``prod(q) == embedding_dim``.
 
-Shape suggestion follows the rule the paper's Table 2 was made with (T3nsor's): round the row
+Shape suggestion follows a rule that reproduces every p-shape of the paper's Table 2 (T3nsor's; the
+paper states none): round the row
 count up to a multiple of a power of ten, split its prime factors into ``d`` groups, keep the most
 balanced split (highest entropy of the factor proportions) over all roundings. Shapes are reported
 ascending, as in Table 2.

@@ -47,7 +47,8 @@ def _artifacts() -> dict[str, Artifact]:
 
     return {
         "table2": Artifact("Table 2: TT shapes and memory reduction of Kaggle's 7 largest tables", _one(plot_tt_shapes),
-                           "shapes suggested by the paper's rule; parameters counted exactly"),
+                           "shapes suggested by the rule that reproduces the paper's (the paper states none); "
+                           "parameters counted exactly"),
         "fig5": Artifact("Figure 5: whole-model embedding size with 3, 5, 7 tables in TT format (rank 32)",
                          _one(plot_model_size), "Kaggle (dim 16) and Terabyte (dim 64) table sizes; fp32"),
         "fig3": Artifact("Figure 3: distribution of reconstructed entries per TT initialization",

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .claims import (FIG10_FRACTION, FIG10_TIME_TOL, TIME_STEP_TOL, _claim, _difference_rule,
+from .claims import (FIG10_FRACTION, FIG10_TIME_TOL, HEADLINE_RANK, TIME_STEP_TOL, _claim, _difference_rule,
                      _not_measured, _pct, _trend, _trend_rule, _x)
 from .training_figures import DENSE_INIT_LABELS, TABLE1_PAPER, TT_INIT_LABELS, metric_table
 
@@ -25,7 +25,9 @@ __all__ = ["FIG7_OVERHEAD", "FIG7_TOL", "table1_claims", "fig7_claims", "fig6_cl
 # 12.5% and 11.8%" (Kaggle, Terabyte); the optimal ranks are Figure 6(a)'s: 8, 32, 64 for 3, 5, 7 tables
 FIG7_OVERHEAD = {"kaggle": 0.125, "terabyte": 0.118}
 FIG7_OPTIMAL_RANK = {3: 8, 5: 32, 7: 64}
-FIG7_HEADLINE = {"kaggle": 0.143, "terabyte": 0.139}  # section 6: 7 TT tables, rank 32 (117x / 112x smaller)
+# section 6: training time of the 117x / 112x smaller models, whose configurations the paper does not name: 7 TT
+# tables at rank 32 (Kaggle) and at rank 8 (Terabyte), inferred from the sizes (claims.HEADLINE_RANK)
+FIG7_HEADLINE = {"kaggle": 0.143, "terabyte": 0.139}
 FIG7_TOL = 0.10            # agrees: within 10 points of the paper's percentage
 FIG7_ON_PAR = 0.10         # 6.4: "TT-Emb. of 3 ... on par with the baseline" (Kaggle): within 10%
 FIG7_ON_PAR_TABLES = 3     # 6.4: "(Figure 7; TT-Emb. of 3; Kaggle)": the only setting the sentence names
@@ -126,22 +128,27 @@ def fig7_claims(df: pd.DataFrame) -> list[dict]:
             out.append(_claim("Figure 7", f"6.3: {ds}: 3 -> 7 TT tables at the optimal ranks costs "
                               f"+{_pct(FIG7_OVERHEAD[ds])} training time", f"+{_pct(FIG7_OVERHEAD[ds])}",
                               f"not run ({dataset} only)", None, note=f"run the preset with dlrm.dataset={ds}"))
-    if (7, 32) in by.index:
+    headline = (7, HEADLINE_RANK[dataset])
+    if headline in by.index:
         paper = FIG7_HEADLINE[dataset]
-        v = by[(7, 32)] - 1
-        out.append(_claim("Figure 7", f"6: {dataset}, 7 TT tables at rank 32: training time +{_pct(paper)} over the "
-                          "uncompressed model", f"+{_pct(paper)}", f"{_pct(v)}", abs(v - paper) <= FIG7_TOL,
-                          rule=within, note=how))
+        v = by[headline] - 1
+        out.append(_claim("Figure 7", f"6: {dataset}, 7 TT tables at rank {headline[1]}: training time +{_pct(paper)} "
+                          "over the uncompressed model", f"+{_pct(paper)}", f"{_pct(v)}", abs(v - paper) <= FIG7_TOL,
+                          rule=within, note=how + f"; the paper names no rank: rank {headline[1]} is its "
+                          f"{'117' if dataset == 'kaggle' else '112'}x model's, inferred from the sizes"))
     lo, hi = (3, FIG7_OPTIMAL_RANK[3]), (7, FIG7_OPTIMAL_RANK[7])
     if lo in by.index and hi in by.index:
         paper = FIG7_OVERHEAD[dataset]
         v = by[hi] / by[lo] - 1
+        kaggle = dataset == "kaggle"  # Figure 6(a), whence the optimal ranks, is Kaggle's; 6(b) names none
         out.append(_claim(
             "Figure 7", f"6.3: {dataset}, 3 -> 7 TT tables at the optimal ranks (R=8 -> R=64, Fig 6a): training time "
             f"+{_pct(paper)}", f"+{_pct(paper)}",
-            f"{_pct(v)} ({_x(by[lo])} -> {_x(by[hi])} the uncompressed model's time)", abs(v - paper) <= FIG7_TOL,
-            rule=within,
-            note=how + "; the optimal ranks are the paper's (Figure 6(a)), not re-derived from this run's accuracies"))
+            f"{_pct(v)} ({_x(by[lo])} -> {_x(by[hi])} the uncompressed model's time)",
+            abs(v - paper) <= FIG7_TOL if kaggle else None, rule=within if kaggle else "",
+            note=how + ("; the optimal ranks are the paper's (Figure 6(a)), not re-derived from this run's accuracies"
+                        if kaggle else "; not compared: the paper gives Terabyte no optimal ranks (Figure 6(a)'s "
+                        "8, 32, 64 are Kaggle's; shown at those)")))
     k = FIG7_ON_PAR_TABLES
     on_par = f"6.4: with the {k} largest tables in TT the training time is on par with the baseline (Kaggle)"
     if dataset != "kaggle":
@@ -216,12 +223,14 @@ def fig6_claims(df: pd.DataFrame) -> list[dict]:
                     + tables_note + context))
                 continue
             loss = b - by[at]
+            same = k == tables  # another table count: shown, not compared (a loss there says nothing of 5)
             out.append(_claim(
                 "Figure 6", claim,
                 f"loss within {FIG6_NEUTRAL}% ({tables} tables, rank {rank})",
                 f"{_acc(by[at])} vs uncompressed {_acc(b)}: loss {loss:+.3f} points" if np.isfinite(loss)
-                else f"{_acc(by[at])} vs uncompressed {_acc(b)}", bool(loss <= bound),
-                rule=f"loss <= {FIG6_NEUTRAL} + 2 binomial SE = {bound:.2f} points",
+                else f"{_acc(by[at])} vs uncompressed {_acc(b)}", bool(loss <= bound) if same else None,
+                rule=f"loss <= {FIG6_NEUTRAL} + 2 binomial SE = {bound:.2f} points" if same else
+                f"not compared: {int(k)} TT tables, the claim's are {tables} (dlrm.tt_tables={tables})",
                 note=f"the paper's configuration as far as measured: rank {rank}, TT-Rec's init ({label}; the paper "
                 f"names no other for this claim); {tables_note}{context}; {_setting(df)}"))
     return out
@@ -281,6 +290,7 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
     out.append(_claim("Figure 10", f"6.5: the cache adds {paper} accuracy points ({dataset.capitalize()})",
                       f"+{paper} points", f"{everywhere:+.3f} points (median over all {len(gain)} points; "
                       "median by size: " + ", ".join(f"{_pct(f)}: {v:+.3f}" for f, v in g.items()) + ")",
-                      _trend([0, everywhere], 2 * se, rises=True), rule=_difference_rule("above 0", _noise(se)),
+                      _trend([0, everywhere], 2 * se, rises=True),
+                      rule=_difference_rule("direction only: above 0", _noise(se)),
                       note="accuracy minus the same TT model's without cache, same batches"))
     return out

@@ -22,7 +22,8 @@ from .figures import _machine, _style, save  # noqa: E402
 __all__ = ["TABLE1_PAPER", "DENSE_INIT_ORDER", "TT_INIT_LABELS", "metric_table", "plot_fig7", "plot_table1",
            "plot_fig6", "plot_fig10_training"]
 
-# Table 1 of the paper (uncompressed DLRM on Criteo Kaggle): dense init -> accuracy (%)
+# Table 1 of the paper (uncompressed DLRM; its caption names no dataset, Kaggle by its 79.3% baseline):
+# dense init -> accuracy (%)
 TABLE1_PAPER = {"uniform": 79.263, "gauss_1": 78.123, "gauss_1_2": 78.371, "gauss_1_8": 78.823,
                 "gauss_1_3n": 79.256, "gauss_1_9n2": 79.220}
 DENSE_INIT_ORDER = list(TABLE1_PAPER)
@@ -127,7 +128,8 @@ def plot_fig7(df: pd.DataFrame, out_dir: str | Path, name: str = "fig7_training_
 
 def plot_table1(df: pd.DataFrame, out_dir: str | Path, name: str = "table1_dense_init_accuracy") -> Path:
     """Accuracy of the uncompressed model per dense-table init: this run (with the Bayes-optimal
-    accuracy of the planted model) beside the paper's Table 1 (Criteo Kaggle)."""
+    accuracy of the planted model) beside the paper's Table 1 (Criteo Kaggle, as its accuracies suggest: its
+    caption names no dataset)."""
     _style()
     acc = metric_table(df, "accuracy", "Table 1")
     g = acc.groupby("dense_init")["median"].median()

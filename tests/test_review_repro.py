@@ -41,19 +41,10 @@ WORKLOADS = {
     "reuse": dict(distribution="zipf", pooling_factor=3, reuse_fraction=0.5),
 }
 _STREAM_SCRIPT = """
-import hashlib, json, sys
-from ttrec.workloads import Workload, WorkloadStream
+import json, sys
+from tests.test_review_repro import _stream_digest
 kinds, seed = json.loads(sys.argv[1]), int(sys.argv[2])
-out = {}
-for name, kw in kinds.items():
-    s = WorkloadStream(Workload(batch_size=64, seed=seed, **kw), 5000)
-    m = hashlib.sha256()
-    for _ in range(3):
-        b = next(s)
-        for t in (b.indices, b.offsets, b.per_sample_weights):
-            m.update(b"-" if t is None else t.numpy().tobytes())
-    out[name] = m.hexdigest()
-print(json.dumps(out))
+print(json.dumps({name: _stream_digest(kw, seed) for name, kw in kinds.items()}))
 """
 
 

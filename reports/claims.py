@@ -299,8 +299,8 @@ def fig5_claims(df: pd.DataFrame) -> list[dict]:
         if dataset == "kaggle":
             note += KAGGLE_61_TEXT + "; "
         note += (f"the paper names no rank: rank {rank} inferred (its sizes follow from 7 TT tables at rank {rank}"
-                 + ("; at rank 32 they give Figure 5's 95.5x; experiment=fig5 tt.rank=8 computes it)" if rank != FIG5_RANK
-                    else ", Figure 5's rank)") + "; ")
+                 + (f"; at rank {FIG5_RANK} they give Figure 5's {FIG5_REDUCTION[(dataset, 7)]:g}x; experiment=fig5 "
+                    f"tt.rank={rank} computes it)" if rank != FIG5_RANK else ", Figure 5's rank)") + "; ")
         out.append(_claim("Section 6", claim, f"{paper_text}, {headline}x",
                           f"{format_bytes(base['model_bytes'], digits=4)} -> "
                           f"{format_bytes(small['model_bytes'], digits=4)}, {_x(reduction)}",

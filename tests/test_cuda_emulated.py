@@ -38,27 +38,38 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
 _CTYPES = {"ptr": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int32, "f32": ctypes.c_float}
 
 
-@pytest.fixture(scope="module")
-def emu_lib(tmp_path_factory):
-    out = tmp_path_factory.mktemp("emu")
-    sources = [*plan.SOURCES, DRIVER]
-
+def build_emulation(out: Path, flags: tuple[str, ...] = ()) -> Path:
+    """The kernels and the driver compiled by g++ (two compilers at a time, each with ``flags`` too)
+    and linked into ``out/libttemu.so``."""
     def build(src: Path):
         obj = out / f"{src.stem}.o"
-        done = subprocess.run(plan.emulation_command(src, obj, cxx=CXX), capture_output=True, text=True)
+        cmd = plan.emulation_command(src, obj, cxx=CXX)
+        cmd[1:1] = flags
+        done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"{src.name}:\n{done.stderr[-4000:]}"
         return obj
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        objs = list(pool.map(build, sources))
+        objs = list(pool.map(build, [*plan.SOURCES, DRIVER]))
     so = out / "libttemu.so"
-    done = subprocess.run([CXX, "-shared", "-pthread", *map(str, objs), "-o", str(so)], capture_output=True, text=True)
+    done = subprocess.run([CXX, "-shared", "-pthread", *flags, *map(str, objs), "-o", str(so)], capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr
+    return so
+
+
+def load_emulation(so: str | Path) -> ctypes.CDLL:
+    """The built library with its launch entry points' argument types."""
     lib = ctypes.CDLL(str(so))
     lib.ttemu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong, ctypes.c_int,
                                  ctypes.POINTER(ctypes.c_void_p)]
     lib.ttemu_num_args.argtypes = [ctypes.c_char_p]
     return lib
+
+
+@pytest.fixture(scope="module")
+def emu_lib(tmp_path_factory):
+    return load_emulation(build_emulation(tmp_path_factory.mktemp("emu")))
 
 
 class EmuLauncher:

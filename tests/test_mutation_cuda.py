@@ -24,7 +24,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,8 @@ from ttrec.cuda import launch as plan
 from ttrec.cuda import loader
 from ttrec.shapes import TTSpec
 
-from .test_cuda_emulated import DRIVER, EmuLauncher, _per_row_float64, emu_lib, make_cores  # noqa: F401  (emu_lib: fixture)
+from .test_cuda_emulated import (EmuLauncher, _per_row_float64, build_emulation, emu_lib,  # noqa: F401  (emu_lib: fixture)
+                                 make_cores)
 
 CXX = shutil.which("g++")
 pytestmark = pytest.mark.skipif(CXX is None, reason="g++ is not installed")
@@ -107,26 +107,10 @@ def _libtsan() -> str | None:
 @pytest.fixture(scope="module")
 def tsan_lib(tmp_path_factory) -> Path:
     """The emulated kernels and the driver built as tests/test_cuda_emulated.py builds them, plus
-    -fsanitize=thread (two compilers at a time)."""
+    -fsanitize=thread."""
     if _libtsan() is None:
         pytest.skip("g++ has no ThreadSanitizer runtime (libtsan)")
-    out = tmp_path_factory.mktemp("tsan")
-
-    def build(src: Path) -> Path:
-        obj = out / f"{src.stem}.o"
-        cmd = plan.emulation_command(src, obj, cxx=CXX)
-        cmd[1:1] = ["-fsanitize=thread", "-g"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        assert done.returncode == 0, f"{src.name}:\n{done.stderr[-4000:]}"
-        return obj
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        objs = list(pool.map(build, [*plan.SOURCES, DRIVER]))
-    so = out / "libttemu_tsan.so"
-    done = subprocess.run([CXX, "-shared", "-pthread", "-fsanitize=thread", *map(str, objs), "-o", str(so)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return so
+    return build_emulation(tmp_path_factory.mktemp("tsan"), ("-fsanitize=thread", "-g"))
 
 
 # Run in a subprocess with the ThreadSanitizer runtime preloaded. Every kernel, on shapes where many
@@ -135,20 +119,16 @@ def tsan_lib(tmp_path_factory) -> Path:
 # and core 1), bags sharing cache rows (4 bags of 2 columns per block). Results are checked too:
 # ttrec.reference and autograd, bincount, the SGD step written out.
 _RACE_SCRIPT = r"""
-import ctypes, sys
+import sys
 import torch
 torch.set_num_threads(1)
-from tests.test_cuda_emulated import EmuLauncher, make_cores, reference_grads
+from tests.test_cuda_emulated import EmuLauncher, load_emulation, make_cores, reference_grads
 from ttrec.bags import make_bags
 from ttrec.cuda import loader
 from ttrec.reference import tt_embedding_bag
 from ttrec.shapes import TTSpec
 
-lib = ctypes.CDLL(sys.argv[1])
-lib.ttemu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong, ctypes.c_int,
-                             ctypes.POINTER(ctypes.c_void_p)]
-lib.ttemu_num_args.argtypes = [ctypes.c_char_p]
-ln = EmuLauncher(lib, block=8, max_blocks=2)
+ln = EmuLauncher(load_emulation(sys.argv[1]), block=8, max_blocks=2)
 
 def close(a, b, what):
     torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=lambda m: f"{what}: {m}")

@@ -214,13 +214,9 @@ def test_count_rows_reads_the_values_of_negative_view_indices(emu_lib):  # noqa:
     write out of range), hence a subprocess."""
     code = f"""
 import torch
-from tests.test_cuda_emulated import EmuLauncher
+from tests.test_cuda_emulated import EmuLauncher, load_emulation
 from ttrec.cuda import loader
-import ctypes
-lib = ctypes.CDLL({emu_lib._name!r})
-lib.ttemu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_longlong, ctypes.c_int,
-                             ctypes.POINTER(ctypes.c_void_p)]
-lib.ttemu_num_args.argtypes = [ctypes.c_char_p]
+lib = load_emulation({emu_lib._name!r})
 counts = torch.zeros(8, dtype=torch.int64)
 loader.count_rows(torch._neg_view(torch.tensor([-1, -3, -1])), counts, launcher=EmuLauncher(lib))
 print(counts.tolist())

@@ -4,26 +4,22 @@ names, and a row whose rule compares nothing carries no verdict."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 from omegaconf import OmegaConf
 
-from benches.analytic import model_size_rows
-from benches.config import BenchConfig
 from reports.claims import HEADLINE_RANK, VERDICTS, claims
 from reports.training_claims import fig6_claims, fig7_claims
 from tests.test_review_report import _committed
+from tests.test_review_report import _fig5 as fig5_rows
 from ttrec.datasets import TERABYTE
 
 SECTION6 = "6 / abstract: terabyte model size 12.57 GB -> 0.11 GB (112x)"
 
 
 def _fig5(*ranks: int) -> pd.DataFrame:
-    rows = []
-    for rank in ranks:
-        cfg = BenchConfig()
-        cfg.tt.rank = rank
-        rows += model_size_rows(cfg)
-    return pd.DataFrame(rows)
+    return pd.DataFrame([row for rank in ranks for row in fig5_rows(rank)])
 
 
 def _row(out: pd.DataFrame, start: str) -> pd.Series:
@@ -103,6 +99,6 @@ def test_terabytes_training_claims_use_its_112x_model_and_no_borrowed_optimal_ra
 def test_the_terabyte_table_preset_is_terabytes_largest_table():
     """conf/table/terabyte_largest.yaml: the largest of MLPerf's Terabyte cardinalities (9,994,222; it held
     the first listed, 9,980,333, the second largest)."""
-    preset = OmegaConf.load("conf/table/terabyte_largest.yaml")
+    preset = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "table" / "terabyte_largest.yaml")
     assert preset.num_embeddings == max(TERABYTE.table_rows) == 9_994_222
     assert preset.embedding_dim == TERABYTE.embedding_dim == 64

@@ -21,11 +21,11 @@ from benches.app import build_point  # (registers the Hydra schema)
 from benches.config import to_objects
 from reports.report import build
 from tests.apprun import run_app
+from tests.test_bench_app import _compose
 from ttrec.cpu.build import unavailable_reason
 from ttrec.workloads import Workload, WorkloadStream, batch_stats
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 COMMITTED = ROOT / "reports"
 
 # every workload kind the configs offer (conf/workload/*, distribution=hot_set, bag-size spreads,
@@ -75,10 +75,7 @@ def test_every_workload_kind_is_bitwise_the_same_in_a_fresh_process_and_differs_
 
 
 def _cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return to_objects(compose(config_name="bench", overrides=list(overrides)))
+    return to_objects(_compose(*overrides))
 
 
 def _state(module: torch.nn.Module) -> list[torch.Tensor]:

@@ -25,9 +25,12 @@ def _install(session: nox.Session, *extras: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The test suite (pytest; pass pytest arguments after --), then the lint session."""
+    """The test suite (pytest; pass pytest arguments after --), then the lint session.
+    Runs on one pytest-xdist worker per core, each test file on one worker (its module fixtures once);
+    `nox -s tests -- -n 0` runs it in one process. No test asserts a timing, so workers sharing
+    the cores change no result (the gate, which times, runs in its own session)."""
     _install(session, "test", "peers", "cluster")
-    session.run("pytest", "-q", *session.posargs)
+    session.run("pytest", "-q", "-n", "auto", "--dist", "loadfile", *session.posargs)
     session.notify("lint")
 
 

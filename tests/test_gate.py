@@ -421,3 +421,23 @@ def test_a_faster_gated_point_prints_the_refresh_hint_and_a_reference_point_does
     speed["tt_cpu_forward"] = 1e-4
     assert run.main([*common, "--out", str(tmp_path / "c")]) == 0
     assert "Faster than the baseline" in capsys.readouterr().out
+
+
+def test_the_gates_pytest_run_is_its_own_top_level_run_not_an_xdist_worker(tmp_path, monkeypatch):
+    """Run from an xdist worker (as under `nox -s tests`), the gate's benchmark process inherited
+    PYTEST_XDIST_WORKER, so pytest-benchmark disabled itself and the gate failed with an
+    AttributeError: the child gets none of xdist's variables and no xdist plugin."""
+    seen = {}
+
+    def fake_run(cmd, cwd, env):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    monkeypatch.setenv("PYTEST_XDIST_TESTRUNUID", "abc")
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    with pytest.raises(run.BenchmarksFailed):
+        run.run_benchmarks(tmp_path / "b.json", {"scale": "smoke"}, ["tt_cpu_forward"])
+    assert not [k for k in seen["env"] if k.startswith("PYTEST_XDIST")]
+    assert seen["cmd"][seen["cmd"].index("no:xdist") - 1] == "-p"
+    assert json.loads(seen["env"]["TTREC_GATE_OPTIONS"]) == {"scale": "smoke"}

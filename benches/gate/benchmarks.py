@@ -34,6 +34,9 @@ POINTS = points(OPTIONS["scale"], OPTIONS["threads"])
 
 @pytest.mark.parametrize("point", POINTS, ids=[p.name for p in POINTS])
 def test_gate(benchmark, point):
+    if benchmark.disabled:  # (--benchmark-disable, or pytest-benchmark's own refusal under xdist)
+        pytest.fail("pytest-benchmark is disabled in this run, so the gate cannot time its rounds; run the gate "
+                    "through `nox -s gate` / `python -m benches.gate` (one pytest process, no xdist)")
     module, batch, step = build_point(point.cfg)
     device = point.device
     cal = Calibration(device)

@@ -112,11 +112,14 @@ def parser() -> argparse.ArgumentParser:
 def run_benchmarks(json_path: Path, options: dict, names: list[str]) -> dict:
     """One pytest-benchmark run of the named points in a fresh process; its JSON."""
     nodes = [f"{BENCH_FILE}::test_gate[{n}]" for n in names]
-    cmd = [sys.executable, "-m", "pytest", *nodes, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+    # (xdist off, and none of an xdist worker's variables inherited: pytest-benchmark disables itself
+    # under xdist, and the gate must time its rounds alone)
+    cmd = [sys.executable, "-m", "pytest", *nodes, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
            "--rootdir", str(ROOT), "--benchmark-json", str(json_path), "--benchmark-disable-gc",
            "--benchmark-timer", "time.process_time",
            "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name"]
-    env = {**os.environ, "TTREC_GATE_OPTIONS": json.dumps(options),
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env = {**inherited, "TTREC_GATE_OPTIONS": json.dumps(options),
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     done = subprocess.run(cmd, cwd=ROOT, env=env)
     if done.returncode != 0 or not json_path.exists():

@@ -87,22 +87,49 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
     return train_step
 
 
+def config_columns(cfg: BenchConfig, experiment: str) -> dict:
+    """The columns of :func:`point_columns` that the config alone gives, for rows measured without a
+    module in this process (the CPU-kernel experiment's memory rows: each built in a child); the
+    columns only a built module or batch gives are None (``backend`` of the TT backend chosen at run
+    time, the TT shapes, the parameter bytes) or left out (the batch's measured ratios)."""
+    impl = cfg.impl.name.value
+    train = cfg.mode.name.value == "train"
+    dense = impl == "dense"
+    return {
+        "experiment": experiment,
+        "impl": impl,
+        "backend": {"tt": None, "t3nsor": "torch", "dense": "aten", "tltorch": "tltorch"}[impl],
+        "device": cfg.device,
+        "table": cfg.table.name,
+        "num_embeddings": cfg.table.num_embeddings,
+        "embedding_dim": cfg.table.embedding_dim,
+        "tt_p_shapes": None,
+        "tt_q_shapes": None,
+        "tt_rank": None if dense else cfg.tt.rank,
+        "tt_d": None,
+        "init": "uniform_dlrm" if dense else cfg.tt.init.value,
+        "param_bytes": cfg.table.num_embeddings * cfg.table.embedding_dim * 4 if dense else None,
+        "compression_ratio": 1.0 if dense else None,
+        **workload_axes(cfg),
+        "mode": cfg.mode.name.value,
+        "optimizer": cfg.mode.optimizer.value if train else None,
+        "lr": cfg.mode.lr if train else None,
+        "fused": train and impl == "tt" and cfg.mode.fused,
+        "sparse": cfg.impl.sparse if train and dense else None,  # nn.EmbeddingBag's gradient
+        "seed": cfg.seed,
+        "timing_warmup": cfg.timing.warmup,  # untimed calls before the timed ones (n: how many were timed)
+        "flush_l2": cfg.timing.flush_l2,
+    }
+
+
 def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:
     """The config values (and measured workload ratios) that identify one measured point."""
     spec = getattr(module, "spec", None)
     is_tt = spec is not None
     impl = cfg.impl.name.value
-    backend = {"tt": module.resolved_backend() if impl == "tt" else None, "t3nsor": "torch", "dense": "aten",
-               "tltorch": "tltorch"}[impl]
-    train = cfg.mode.name.value == "train"
-    cols = {
-        "experiment": experiment,
-        "impl": cfg.impl.name.value,
-        "backend": backend,
-        "device": cfg.device,
-        "table": cfg.table.name,
-        "num_embeddings": cfg.table.num_embeddings,
-        "embedding_dim": cfg.table.embedding_dim,
+    cols = config_columns(cfg, experiment)
+    cols.update({
+        "backend": module.resolved_backend() if impl == "tt" else cols["backend"],
         "tt_p_shapes": "x".join(map(str, spec.tt_p_shapes)) if is_tt else None,
         "tt_q_shapes": "x".join(map(str, spec.tt_q_shapes)) if is_tt else None,
         "tt_rank": cfg.tt.rank if is_tt else None,
@@ -110,16 +137,8 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
         "init": cfg.tt.init.value if is_tt else "uniform_dlrm",
         "param_bytes": spec.param_bytes if is_tt else cfg.table.num_embeddings * cfg.table.embedding_dim * 4,
         "compression_ratio": spec.compression_ratio if is_tt else 1.0,
-        **workload_axes(cfg),
-        "mode": cfg.mode.name.value,
-        "optimizer": cfg.mode.optimizer.value if train else None,
-        "lr": cfg.mode.lr if train else None,
         "fused": bool(getattr(module, "optimizer", None)),
-        "sparse": cfg.impl.sparse if train and impl == "dense" else None,  # nn.EmbeddingBag's gradient
-        "seed": cfg.seed,
-        "timing_warmup": cfg.timing.warmup,  # untimed calls before the timed ones (n: how many were timed)
-        "flush_l2": cfg.timing.flush_l2,
-    }
+    })
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
     cols.update(workload_columns(cfg, module, batch))
     return cols

@@ -23,9 +23,8 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from ttrec.workloads import batch_stats
 
-from .app import build_point, measure_point, step_for_memory_probe
+from .app import build_point, config_columns, measure_point, point_columns, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
 from .environment import capture, thread_round_trip_ns, usable_cpus
@@ -194,12 +193,20 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         "nn.EmbeddingBag sparse + SGD": point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
     }
     log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
-    _, _, native_fwd = build_point(_cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
+    # the config columns of each interleaved step's rows, by (label, lookups per batch)
+    columns: dict[tuple[str, int], dict] = {}
+
+    def built(label: str, cfg: BenchConfig) -> Callable[[], object]:
+        module, batch, step = build_point(cfg)
+        columns[label, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel")
+        return step
+
+    native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
     fwd_rounds = interleaved({"sgemm": sgemm_fn, "native": native_fwd}, scale["rounds"], scale["block_s"], fwd_states)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
-    train_steps = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
-                                           threads=threads, **kw))[2]
+    train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
+                                            threads=threads, **kw))
                    for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
                                            ("native autograd + SGD", "native", {}),
                                            ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
@@ -211,23 +218,23 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         f"{scale['rounds']} interleaved rounds each:")
     by_batch, by_batch_reuse = {}, {}
     for b in scale["train_batches"]:
-        points = {label: build_point(_cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
-                                          threads=threads, **kw))
+        points = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
+                                           threads=threads, **kw))
                   for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
                                           ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
-        module, batch, _ = points["native fused SGD"]
-        by_batch_reuse[b] = batch_stats(batch, module.spec.tt_p_shapes)  # (the same batch for both steps)
-        by_batch[b] = interleaved({label: p[2] for label, p in points.items()}, scale["rounds"], scale["block_s"])
-        del points, module, batch
+        fused = columns["native fused SGD", b]  # (the same batch for both steps)
+        by_batch_reuse[b] = {k: fused[k] for k in ("unique_row_ratio", "unique_prefix_ratio")}
+        by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
+        del points
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
               "forward_states": fwd_states, "train_states": train_states}
     for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
         for label, times in group.items():
-            rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "interleaved_round_time",
-                         "unit": "s", "median": statistics.median(times), "n": len(times), "batch_size": batch,
-                         **by_batch_reuse.get(batch, {}),
+            rows.append({**columns.get((label, batch), {"experiment": "cpu_kernel", "impl": label}), "label": label,
+                         "metric": "interleaved_round_time", "unit": "s", "median": statistics.median(times),
+                         "n": len(times), "batch_size": batch,
                          "note": "per-round medians: " + " ".join(f"{t:.6g}" for t in times), **env})
     for label, probes in (("forward rounds", fwd_states), ("training rounds", train_states)):
         measured = _probed(probes)
@@ -250,8 +257,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         value, note = measure_in_child(step_for_memory_probe, cfg)
         out_bytes = B * scale["table"].embedding_dim * 4
         mem.append({"impl": label, "peak_transient_bytes": value, "output_bytes": out_bytes, "note": note})
-        rows.append({"experiment": "cpu_kernel", "label": label, "impl": label, "metric": "peak_transient_memory",
-                     "unit": "bytes", "median": value, "n": 1, "batch_size": B, "note": note, **env})
+        rows.append({**config_columns(cfg, "cpu_kernel"), "label": label, "metric": "peak_transient_memory",
+                     "unit": "bytes", "median": value, "n": 1, "note": note, **env})
         log(f"  {label}: {value} bytes ({note})")
 
     env["sort_way"] = ", ".join(f"{k} {v}" for k, v in sort_ways.items())

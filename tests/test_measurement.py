@@ -369,3 +369,26 @@ def test_a_busy_machine_puts_a_note_on_the_timed_rows(monkeypatch):
     assert {r["cpu_wait"] for r in rows} == {1.5}
     assert {r["metric"] for r in rows} == {"time_per_batch", "time_per_lookup", "throughput", "gflops"}
     assert all(r["note"].startswith("busy machine: this process's threads waited for a CPU 1.50") for r in rows)
+
+
+@pytest.mark.parametrize("impl", ["impl=tt", "impl=dense", "impl=t3nsor", "mode=train"])
+def test_config_columns_are_point_columns_without_the_module(impl):
+    """config_columns (rows measured without a module here: the CPU-kernel memory probe) gives the
+    same columns, in the same order, as point_columns, and the same values wherever the config alone
+    decides them."""
+    from hydra import compose, initialize_config_dir
+
+    from benches.app import build_point, config_columns, point_columns
+    from benches.config import register, to_objects
+    from tests.test_bench_app import CONF
+
+    register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = to_objects(compose(config_name="bench", overrides=[
+            "table=tiny", "tt.rank=4", "workload.batch_size=64", "timing=quick", impl]))
+    module, batch, _ = build_point(cfg)
+    point, config = point_columns(cfg, module, batch, "x"), config_columns(cfg, "x")
+    assert list(point)[:len(config)] == list(config)
+    decided = {k: v for k, v in config.items() if v is not None}
+    assert decided == {k: point[k] for k in decided}
+    assert {"mode", "distribution", "batch_size", "pooling_factor", "impl"} <= set(decided)

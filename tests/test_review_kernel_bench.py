@@ -390,3 +390,30 @@ def test_phase_table_lists_timers_that_ran_and_names_those_not_on_the_path():
                     "| forward (uniform) | pool | 0.00 |"]  # (a phase that ran, however briefly, keeps its row)
     note = next(x for x in lines if x.startswith("Not on these calls' paths"))
     assert "training backward (Zipf): setup, sort (" in note
+
+
+@pytest.mark.slow
+def test_smoke_round_and_memory_rows_carry_their_points_settings(smoke_run):
+    """The interleaved rounds' and the memory probe's rows name the point they timed (mode,
+    distribution, implementation, rank, fused, the batch's reuse), as the measured points' rows do:
+    results.csv alone tells the uniform forward's rounds from the Zipf training step's."""
+    stored, _ = smoke_run
+    B = SCALES["smoke"]["batch"]
+    rounds = stored[stored["metric"] == "interleaved_round_time"].set_index(["label", "batch_size"])
+    want = {"native": ("tt", "forward", "uniform", False), "native fused SGD": ("tt", "train", "zipf", True),
+            "native autograd + SGD": ("tt", "train", "zipf", False),
+            "nn.EmbeddingBag sparse + SGD": ("dense", "train", "zipf", False)}
+    for label, (impl, mode, dist, fused) in want.items():
+        r = rounds.loc[(label, B)]
+        assert (r["impl"], r["mode"], r["distribution"], bool(r["fused"])) == (impl, mode, dist, fused), label
+        assert r["tt_rank"] == 32 if impl == "tt" else pd.isna(r["tt_rank"])
+        assert 0 < r["unique_row_ratio"] <= 1
+    for b in SCALES["smoke"]["train_batches"]:
+        r = rounds.loc[("native fused SGD", b)]
+        assert (r["mode"], r["distribution"], r["pooling_factor"]) == ("train", "zipf", 1)
+    assert rounds.loc[("sgemm", B), "impl"] == "sgemm"
+    mem = stored[stored["metric"] == "peak_transient_memory"].set_index("label")
+    assert (mem["mode"] == "forward").all() and (mem["distribution"] == "uniform").all()
+    assert (mem["batch_size"] == B).all() and (mem["pooling_factor"] == 1).all()
+    assert mem.loc["native", "impl"] == "tt" and mem.loc["native", "tt_rank"] == 32
+    assert mem.loc["dense", "impl"] == "dense" and pd.isna(mem.loc["dense", "tt_rank"])

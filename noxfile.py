@@ -55,7 +55,7 @@ def bench(session: nox.Session) -> None:
 def figures(session: nox.Session) -> None:
     """Regenerate every figure and REPORT.md from stored results, without measuring anything.
     No arguments: the committed reference run (reports/results -> reports/). Else e.g.
-    `nox -s figures -- --results outputs/default --out outputs/default/report`."""
+    `nox -s figures -- --results outputs/default` (into outputs/default/report; --out DIR elsewhere)."""
     _install(session)
     session.run("python", "-m", "reports.report", *session.posargs)
 

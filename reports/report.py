@@ -4,7 +4,8 @@
 
 ``--results`` holds one aggregated table per experiment, ``<name>/results_all.csv`` (a paper run,
 ``outputs/<scale>``) or ``<name>.csv`` (the committed reference run, ``reports/results``). The
-report goes to ``--out``: ``REPORT.md``, ``figures/`` (PNG + PDF per artifact) and ``results/``
+report goes to ``--out`` (default: ``reports/`` for the committed run, ``DIR/report`` for any
+other ``--results DIR``): ``REPORT.md``, ``figures/`` (PNG + PDF per artifact) and ``results/``
 (a copy of the tables it was made from, so the directory stands alone). Both are the report's own:
 a report built into a used ``--out`` first removes the figures (``*.png``, ``*.pdf``,
 ``*_break_even.csv``; subdirectories stay) and tables (``results/*.csv``, unless ``results/`` is
@@ -270,12 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parent
     parser.add_argument("--results", type=Path, default=here / "results",
                         help="directory of experiment tables (default: the committed reference run)")
-    parser.add_argument("--out", type=Path, default=here, help="where REPORT.md, figures/ and results/ go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where REPORT.md, figures/ and results/ go (default: reports/ for the committed run, "
+                             "else RESULTS/report: another run's report never replaces the committed one "
+                             "unless asked to by --out)")
     args = parser.parse_args(argv)
+    # (the command as it names the input: two reports of the same tables built into two places are the same)
+    default = args.results.resolve() == (here / "results").resolve()
+    out = args.out if args.out is not None else here if default else args.results / "report"
     try:
-        # (the command as it names the input: two reports of the same tables built into two places are the same)
-        default = args.results.resolve() == (here / "results").resolve()
-        path = build(args.results, args.out,
+        path = build(args.results, out,
                      command="python -m reports.report" + ("" if default else f" --results {args.results}"))
     except FileNotFoundError as exc:
         parser.error(str(exc))

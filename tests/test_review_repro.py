@@ -284,3 +284,23 @@ def test_a_computed_experiment_records_the_thread_count_it_was_given(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     df = pd.read_csv(tmp_path / "smoke" / "table2" / "results_all.csv")
     assert len(df) > 0 and set(df["threads"].astype(str)) == {"1"}
+
+
+def test_a_report_of_other_results_never_replaces_the_committed_one_by_default(tmp_path, monkeypatch):
+    """`nox -s figures -- --results DIR` without --out built into reports/, the committed report: it
+    rewrote REPORT.md and removed the committed figures and tables of experiments not in DIR. Now
+    its report goes to DIR/report; the committed run's own default and an explicit --out stand."""
+    import reports.report
+    from reports.report import main
+
+    here = Path(reports.report.__file__).resolve().parent
+    tables = _results_dir(tmp_path / "tables", ("table2",), timings=False)
+    outs = []
+    monkeypatch.setattr(reports.report, "build", lambda results, out, command: outs.append(Path(out)) or out)
+    main(["--results", str(tables)])
+    main([])
+    main(["--results", str(tables), "--out", str(tmp_path / "x")])
+    assert outs == [tables / "report", here, tmp_path / "x"]
+    monkeypatch.undo()
+    main(["--results", str(tables)])  # for real: the report stands in DIR/report
+    assert "## Table 2" in (tables / "report" / "REPORT.md").read_text()

@@ -177,3 +177,28 @@ def test_evidence_resummarise_without_its_inputs_is_a_clear_error(tmp_path):
     (tmp_path / "runs.csv").write_text("iteration\n")
     with pytest.raises(SystemExit, match="no <run>/gate.json of a gate decision"):
         evidence.main(["--resummarise", "--out", str(tmp_path), "--artifacts", str(tmp_path / "empty")])
+
+
+def test_a_missing_baseline_dir_is_a_usage_error_and_the_hints_name_the_users_dir(tmp_path, monkeypatch, capsys,
+                                                                                   no_plant):
+    """--baseline-dir naming no directory (a typo) measured, found no baseline and passed (exit 0);
+    now it is exit 2 before anything runs. An empty directory of the user's is no baseline, and the
+    hint to record one names that directory, not the committed one's default."""
+    measured = []
+    monkeypatch.setattr(run, "run_benchmarks", lambda path, options, names: measured.append(names) or _canned(*names))
+    missing = tmp_path / "nope"
+    with pytest.raises(SystemExit) as exc:
+        run.main(["--points=tt_cpu_forward", "--baseline-dir", str(missing), "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2 and measured == []
+    err = capsys.readouterr().err
+    assert f"--baseline-dir: got {str(missing)!r}, which is not a directory" in err
+    assert f"--update-baseline --baseline-dir {missing}" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = run.main(["--points=tt_cpu_forward", "--baseline-dir", str(empty), "--out", str(tmp_path / "o2")])
+    out = capsys.readouterr().out
+    assert code == run.EXIT_PASS and measured == [["tt_cpu_forward"]]
+    assert f"Record one with `nox -s gate -- --update-baseline --baseline-dir {empty}` and commit it." in out
+    # recording into a new directory stays allowed (it is created)
+    assert run.main(["--points=tt_cpu_forward", "--baseline-dir", str(missing), "--update-baseline",
+                     "--baseline-runs", "1", "--out", str(tmp_path / "o3")]) == 0 and missing.is_dir()

@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if recording and planted != 1.0:
         parser().error(f"{plant.ENV}={os.environ[plant.ENV]} is set: a baseline recorded with a planted slowdown "
                        "would make this machine class's gate that much more lenient; unset it to record")
+    own_dir = args.baseline_dir.resolve() != baselines.DEFAULT_DIR.resolve()
+    if not recording and not args.baseline_dir.is_dir():  # (a typo'd path read as "no baseline" passed the gate)
+        parser().error(f"--baseline-dir: got {str(args.baseline_dir)!r}, which is not a directory; allowed: a "
+                       f"directory of baselines (record one into it with `nox -s gate -- --update-baseline "
+                       f"--baseline-dir {args.baseline_dir}`)")
+    again_with = f" --baseline-dir {args.baseline_dir}" if own_dir else ""  # (the hints below name the user's directory)
     out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for flag, directory in (("--out", out), *((("--baseline-dir", args.baseline_dir),) if recording else ())):
         try:  # before any benchmark runs: a directory that cannot be written is a usage error
@@ -243,11 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"WARNING: no baseline for {missing}: not gated. " + (
                 f"Exit {EXIT_NO_BASELINE} (--require-baseline)." if args.require_baseline else
-                "Record one with `nox -s gate -- --update-baseline` and commit it."))
+                f"Record one with `nox -s gate -- --update-baseline{again_with}` and commit it."))
         gated = {p.name for p in known if p.gated}
         if any(v.verdict == FASTER and v.metric in gated for v in verdicts):  # (reference points drift with torch)
             print("Faster than the baseline: if that is the code's doing, refresh the baseline "
-                  "(`nox -s gate -- --add-to-baseline`) so that a later slowdown is measured from the new speed.")
+                  f"(`nox -s gate -- --add-to-baseline{again_with}`) so that a later slowdown is measured from the new speed.")
         compared = f" ({len(verdicts) - len(missing)} of {len(verdicts)} points compared)" if missing else ""
         print("gate: " + {EXIT_PASS: "PASS", EXIT_REGRESSION: "FAIL (regression)",
                           EXIT_NO_BASELINE: "FAIL (no baseline)"}[code] + compared)

@@ -211,6 +211,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
                                            ("native autograd + SGD", "native", {}),
                                            ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
+    for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
+        log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
     del train_steps
     # smaller batches, as DLRM training feeds a table (per-call costs weigh more there): fused SGD
     # against nn.EmbeddingBag only, in rounds of their own
@@ -537,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"[cpu_kernel] scale={args.scale} threads={args.threads} -> {out}", file=sys.stderr)
     run(args.scale, args.threads, out, log=lambda s: print(s, flush=True))
+    print(f"[cpu_kernel] report: {out / 'report.md'}, rows: {out / RESULTS_FILE}", file=sys.stderr)
 
 
 if __name__ == "__main__":

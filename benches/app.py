@@ -25,7 +25,7 @@ from ttrec.workloads import Batch, batch_stats
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_axes,
                                 workload_columns, workload_stream)
 from . import analytic, paper, training
-from .config import BenchConfig, Task, check_output_dirs, check_override_keys, register, to_objects
+from .config import BenchConfig, Task, check_output_dirs, check_override_keys, check_values, register, to_objects
 from .environment import CpuWait, capture
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
@@ -309,6 +309,9 @@ if __name__ == "__main__":
     if (problem := check_output_dirs(sys.argv[1:])) is not None:  # Hydra creates the run directory first
         print(f"error: ValueError: {problem}", file=sys.stderr)
         sys.exit(1)
+    if (problem := check_values(sys.argv[1:])) is not None:  # a bad value: before any directory or job
+        print(f"error: ValueError: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every finished point is on disk

@@ -141,8 +141,11 @@ class AggregateResults(Callback):
         numbered = OmegaConf.to_container(config.hydra.sweep).get("subdir") == "${hydra.job.num}"
         begin_sweep(sweep_size(config) if numbered else None)
 
-    def _finish(self, root: str, config: DictConfig, jobs: list[str] | None) -> bool:
-        """Aggregate and draw; False if results_all.csv was not written (nothing to aggregate, or kept)."""
+    def _finish(self, root: str, config: DictConfig, jobs: list[str] | None, failed: tuple[str, ...] = ()) -> bool:
+        """Aggregate and draw; False if results_all.csv was not written (nothing to aggregate, or kept).
+        The jobs in ``failed`` (this sweep's failures) are left out: a results file in their directory
+        is an earlier run's, perhaps of another point (a sweep whose every job failed its config check
+        rewrote the table and its figure from the run before)."""
         if config.get("task") in ("paper", "training"):  # its experiments aggregated themselves; report built
             return True
         if jobs is None:
@@ -156,7 +159,7 @@ class AggregateResults(Callback):
                                                                                            else ""), RESULTS_FILE)
             return False
         try:
-            df, others = aggregate(root, jobs)
+            df, others = aggregate(root, [j for j in jobs if j not in failed] if jobs is not None else None)
         except FileNotFoundError as exc:
             log.warning("nothing to aggregate: %s", exc)
             return False
@@ -188,8 +191,8 @@ class AggregateResults(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         root, jobs = config.hydra.sweep.dir, sweep_jobs()
         try:
-            aggregated = self._finish(root, config, jobs)
             failed = failures(root, since=self.start, jobs=jobs)
+            aggregated = self._finish(root, config, jobs, tuple(job for job, _, _ in failed))
         finally:
             end_sweep()
         if failed:

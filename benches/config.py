@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -611,6 +612,49 @@ def _parse_overrides(args: list[str]) -> list:
         return OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
     except Exception:
         return []
+
+
+_PLAIN = re.compile(r"[\w.+\-/:]*")  # a value that reads back the same as an override's text
+
+
+def check_values(args: list[str]) -> str | None:
+    """Why the config that the command line composes is refused by :func:`to_objects` (its range
+    checks: ``tt.rank=0``, ``workload.batch_size=-5``), or None; run before Hydra creates a run or
+    sweep directory, so that a bad value is one message and exit 2 rather than a failed job's
+    directory (a sweep: one per job). Each value of a command-line sweep (``tt.rank=0,4``) is
+    checked, the other sweeps at their first value; the sweeps an experiment preset defines are
+    its own. Anything this check cannot compose (syntax, unknown groups, values that do not read
+    back as plain text) is left to Hydra and the job."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [o for o in _parse_overrides(args) if o.key_or_group.split(".")[0].split("/")[0] != "hydra"]
+    choices: list[list[str]] = []
+    try:
+        for o in overrides:
+            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            if o.is_delete() or not all(isinstance(v, (str, int, float, bool)) and _PLAIN.fullmatch(str(v))
+                                        for v in values):
+                return None
+            prefix = o.input_line.split("=", 1)[0]
+            choices.append([f"{prefix}={v}" for v in values])
+    except Exception:  # (an interval or other sweep without values)
+        return None
+    combos = [[c[0] for c in choices]]
+    combos += [[*combos[0][:i], v, *combos[0][i + 1:]] for i, c in enumerate(choices) for v in c[1:]]
+    register()
+    for combo in combos:
+        try:
+            with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+                cfg = compose(config_name="bench", overrides=combo)
+        except Exception:
+            return None
+        try:
+            to_objects(cfg)
+        except ValueError as exc:
+            return str(exc)
+        except Exception:
+            return None
+    return None
 
 
 # command-line keys naming directories the run creates (Hydra creates the run/sweep directory before

@@ -200,23 +200,26 @@ def test_app_sweep_end_to_end_in_a_subprocess(tmp_path):
 
 @pytest.mark.slow
 def test_app_bad_override_exits_nonzero_with_message(tmp_path):
+    """A value the config's checks refuse is a usage error (exit 2) before Hydra makes any directory
+    (it was a failed job: exit 1 and a run directory holding failed.txt)."""
     done = _run_app(tmp_path, "tt.rank=0", f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode == 1
-    assert "error: ValueError: tt.rank: got 0" in done.stderr and "Traceback" not in done.stderr
-    assert "Traceback" in (tmp_path / "run" / FAILED_FILE).read_text()  # the traceback is kept on disk
-    assert not (tmp_path / "run" / "results.csv").exists()
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: ValueError: tt.rank: got 0; must be >= 1"
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
 def test_a_failed_job_does_not_cost_the_sweep_the_other_jobs_results(tmp_path):
     sweep = tmp_path / "sweep"
-    done = _run_app(tmp_path, "-m", "tt.rank=0,2,4", "table=tiny", "workload.batch_size=8", *QUICK,
-                    f"hydra.sweep.dir={sweep}", f"figures_dir={tmp_path / 'figs'}")
+    # (scale= without an experiment fails in the job: the values themselves pass the check before Hydra)
+    done = _run_app(tmp_path, "-m", "scale=smoke,default", "tt.rank=2,4", "table=tiny", "workload.batch_size=8",
+                    *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={tmp_path / 'figs'}")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
-    df = pd.read_csv(sweep / AGGREGATE_FILE)  # jobs 1 and 2 finished after job 0 failed
-    assert sorted(df["job_dir"].astype(str).unique()) == ["1", "2"] and set(df["tt_rank"]) == {2, 4}
-    assert "tt.rank: got 0" in (sweep / "0" / FAILED_FILE).read_text()
-    assert "1 job(s) of the sweep failed" in done.stdout and "job 0: ValueError: tt.rank: got 0" in done.stdout
+    df = pd.read_csv(sweep / AGGREGATE_FILE)  # jobs 2 and 3 finished after jobs 0 and 1 failed
+    assert sorted(df["job_dir"].astype(str).unique()) == ["2", "3"] and set(df["tt_rank"]) == {2, 4}
+    assert "scale: got 'smoke' without an experiment" in (sweep / "0" / FAILED_FILE).read_text()
+    assert "2 job(s) of the sweep failed" in done.stdout
+    assert "job 1: ValueError: scale: got 'smoke' without an experiment" in done.stdout
 
 
 @pytest.mark.slow

@@ -193,3 +193,30 @@ def test_a_missing_criteo_file_is_named_by_its_config_key(tmp_path, monkeypatch)
     (tmp_path / "day_0").write_text("")
     with pytest.raises(ValueError, match=r"^dlrm\.criteo_eval_path: got 'day_1'; no such file"):
         build_data(_objects("dlrm.source=criteo", "dlrm.criteo_path=day_0", "dlrm.criteo_eval_path=day_1"))
+
+
+def test_bad_values_are_found_before_hydra_makes_a_directory():
+    """check_values composes what the command line asks for and runs to_objects' checks on it: each
+    value of a command-line sweep, the other sweeps at their first value."""
+    from benches.config import check_values
+
+    assert check_values(["tt.rank=0"]) == "tt.rank: got 0; must be >= 1"
+    assert check_values(["-m", "tt.rank=4,8,0", "workload.pooling_factor=1,10"]) == "tt.rank: got 0; must be >= 1"
+    assert check_values(["-m", "tt.rank=4,8", "workload.batch_size=8,-5"]) == "workload.batch_size: got -5; must be >= 1"
+    assert check_values(["experiment=fig11", "scale=smoke", "workload.batch_size=-5"]).startswith(
+        "workload.batch_size: got -5")
+    # what it leaves to Hydra or the job: types, unknown groups, sweeps of quoted text, hydra's own keys,
+    # and settings that are fine here but refused by the job (scale= without an experiment)
+    for args in (["tt.rank=abc"], ["table=nope"], ["-m", "results_root='a b',c"], ["hydra.run.dir=/x"],
+                 ["hydra/launcher=cpu_pool"], ["scale=smoke"], ["-m", "tt.rank=4,8", "impl=dense,tt"], []):
+        assert check_values(args) is None, args
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment")
+                                          .glob("*.yaml")))
+def test_every_preset_passes_the_check_before_hydra(preset):
+    """No preset at any scale is refused by the early check (it would refuse what the job accepts)."""
+    from benches.config import check_values
+
+    for scale in sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "scale").glob("*.yaml")):
+        assert check_values([f"experiment={preset}", f"scale={scale}"]) is None

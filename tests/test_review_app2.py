@@ -67,3 +67,23 @@ def test_learning_rates_must_be_finite(override):
     key = override.split("=")[0]
     with pytest.raises(ValueError, match=rf"{key}: got inf; must be a finite number > 0"):
         _objects("mode=train", override)
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_jobs_all_fail_leaves_the_earlier_table_and_figure_alone(tmp_path):
+    """The same sweep again with a bad setting: every job fails, and the callback
+    aggregated the job directories' earlier results.csv anyway, rewriting results_all.csv and the
+    figure from the run before as if this sweep had measured them. A failed job's directory is not
+    aggregated; with none left nothing is written, and the sweep exits 1 listing the failures."""
+    sweep, figs = tmp_path / "sweep", tmp_path / "figs"
+    first = run_app("-m", "impl=dense", "tt.rank=4", *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    table, written = (sweep / AGGREGATE_FILE).read_bytes(), (sweep / AGGREGATE_FILE).stat().st_mtime_ns
+    # (scale= without an experiment: refused by each job, not by the check before Hydra)
+    second = run_app("-m", "impl=dense", "tt.rank=4", *QUICK, "scale=smoke", f"hydra.sweep.dir={sweep}",
+                     f"figures_dir={figs}")
+    assert second.returncode == 1 and "job 0: ValueError: scale: got 'smoke' without an experiment" in second.stdout, \
+        second.stdout[-3000:]
+    assert f"{AGGREGATE_FILE} not written" in second.stdout
+    assert (sweep / AGGREGATE_FILE).read_bytes() == table
+    assert (sweep / AGGREGATE_FILE).stat().st_mtime_ns == written  # not even rewritten with the same rows

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["IMPL_LABELS", "plot_rank_sweep", "save"]
+__all__ = ["IMPL_LABELS", "busy", "plot_rank_sweep", "save"]
 
 IMPL_LABELS = {"tt": "TT-EmbeddingBag", "t3nsor": "T3nsor-style (decompress)", "dense": "nn.EmbeddingBag"}
 
@@ -45,13 +45,24 @@ def save(fig: plt.Figure, out_dir: str | Path, name: str) -> Path:
     return png
 
 
+def busy(df: pd.DataFrame) -> pd.Series:
+    """Rows timed while their threads waited for a CPU (their note, benches.environment.CpuWait):
+    their times are inflated."""
+    if "note" not in df:
+        return pd.Series(False, index=df.index)
+    return df["note"].astype(str).str.startswith(("busy machine", "oversubscribed"))
+
+
 def _machine(df: pd.DataFrame) -> str:
     """"CPU, N threads" of the rows, every distinct value listed (rows pooled from runs on other
-    machines or thread counts say so)."""
+    machines or thread counts say so), and how many of them ran on a busy machine, if any."""
     cpus = ", ".join(str(c) for c in df["cpu_model"].dropna().drop_duplicates()) if "cpu_model" in df else ""
     threads = (", ".join(_plain(t) for t in df["threads"].dropna().drop_duplicates())
                if "threads" in df else "")
-    return (cpus or "unknown CPU") + (f", {threads} threads" if threads else "")
+    flagged = int(busy(df).sum())
+    return ((cpus or "unknown CPU") + (f", {threads} threads" if threads else "")
+            + (f"\nBUSY MACHINE: {flagged} of {len(df)} rows timed while their threads waited for a CPU "
+               f"(times inflated; see their note)" if flagged else ""))
 
 
 def _plain(v) -> str:

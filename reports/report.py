@@ -140,8 +140,9 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
         out += ["**Smoke scale.** Its sizes are chosen to run in seconds, not to measure: the timing claims' "
                 "verdicts below come from tiny tables and a few calls and say nothing about the paper "
                 "(`experiment=paper` at the default scale measures them).", ""]
-    busy = {name: df for name, df in results.items() if "note" in df.columns
-            and df["note"].astype(str).str.startswith(("busy machine", "oversubscribed")).any()}
+    from reports.figures import busy as flagged
+
+    busy = {name: df for name, df in results.items() if flagged(df).any()}
     if busy:
         waits = pd.concat([pd.to_numeric(df.get("cpu_wait"), errors="coerce") for df in busy.values()
                            if "cpu_wait" in df.columns])

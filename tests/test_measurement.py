@@ -313,7 +313,11 @@ def _spinners(n: int, seconds: float) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(n)]
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="reads schedstat")
+@pytest.mark.skipif(bool(os.environ.get("PYTEST_XDIST_WORKER")),
+                    reason="needs the CPUs to itself: beside another worker's tests both halves wait (nox -s tests runs "
+                           "it after the parallel pass)")
 def test_cpu_wait_sees_threads_kept_off_the_cpus_by_other_processes():
     """This process's OpenMP threads (a matrix product on every usable CPU) against one spinning process
     per usable CPU: they wait about half the time (about 1 thread on 2 CPUs; the bar is lower, the

@@ -71,7 +71,7 @@ def test_on_such_a_cpu_the_module_falls_back_to_torch_and_says_why(monkeypatch):
 def variants():
     if build.expected_unavailable():
         pytest.skip("native kernel switched off or no compiler")
-    with ThreadPoolExecutor(len(VARIANTS)) as pool:  # two compilers at once: about 20 s each
+    with ThreadPoolExecutor(len(VARIANTS)) as pool:  # (the cache directory's build lock makes them take turns)
         paths = dict(zip(VARIANTS, pool.map(lambda m: build.build(march=m), VARIANTS)))
     return paths
 

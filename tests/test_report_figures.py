@@ -115,3 +115,29 @@ def test_machine_label_lists_every_cpu_and_thread_count():
     pooled = pd.DataFrame({"cpu_model": ["AMD EPYC", "Intel Xeon"], "threads": [2, 1]})
     assert _machine(pooled) == "AMD EPYC, Intel Xeon, 2, 1 threads"
     assert _machine(pd.DataFrame({"x": [1]})) == "unknown CPU"
+
+
+def test_a_figure_of_busy_machine_rows_says_so_in_its_title(tmp_path, monkeypatch):
+    """Points timed while their threads waited for a CPU (35-40x inflated in one first-use run) were
+    drawn like any other: the title now counts them, for the notes CpuWait writes."""
+    from benches.environment import CpuWait
+    from reports.figures import _machine, busy, plot_rank_sweep
+
+    wait = CpuWait()
+    wait.threads, wait.waited_s, wait.torch_threads = 1.5, 1.0, 1
+    noted = wait.note()
+    wait.torch_threads = 64
+    over = wait.note()
+    rows = pd.DataFrame({"cpu_model": ["AMD EPYC"] * 4, "threads": [2] * 4, "note": [noted, over, None, "other"]})
+    assert busy(rows).tolist() == [True, True, False, False]
+    assert _machine(rows) == ("AMD EPYC, 2 threads\nBUSY MACHINE: 2 of 4 rows timed while their threads waited for a "
+                              "CPU (times inflated; see their note)")
+    assert _machine(rows.iloc[2:]) == "AMD EPYC, 2 threads"
+    titles = []
+    monkeypatch.setattr("reports.figures.save", lambda fig, out, name: titles.append(fig._suptitle.get_text()))
+    sweep = pd.DataFrame({"metric": "time_per_lookup", "mode": "forward", "impl": "tt", "backend": "cpu",
+                          "tt_rank": [8, 16], "pooling_factor": 1, "median": [1.0, 2.0], "q1": 1.0, "q3": 2.0,
+                          "table": "t", "num_embeddings": 10, "embedding_dim": 4, "batch_size": 8,
+                          "cpu_model": "AMD EPYC", "threads": 2, "note": [noted, None]})
+    plot_rank_sweep(sweep, tmp_path)
+    assert titles and "BUSY MACHINE: 1 of 2 rows" in titles[0]

@@ -315,6 +315,7 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; every finished point is on disk
-        print("\ninterrupted: finished points keep their results.csv; run the same command again to resume",
-              file=sys.stderr)
+        if not os.environ.get(paper.CHILD_ENV):  # (a preset's experiment process: its parent says it, once)
+            print("\ninterrupted: finished points keep their results.csv; run the same command again to resume",
+                  file=sys.stderr)
         sys.exit(130)

@@ -33,7 +33,7 @@ TIMINGS_FILE = "timings.csv"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
-_CHILD = "TTREC_PRESET_CHILD"  # set in the environment of run_all's experiment processes
+CHILD_ENV = "TTREC_PRESET_CHILD"  # set in the environment of run_all's experiment processes
 
 
 def _passthrough(hc) -> list[str]:
@@ -50,15 +50,15 @@ def run_all(cfg: BenchConfig, hc, experiments: tuple[str, ...] = EXPERIMENTS, la
     """Run ``experiments`` in turn (each its own ``benches.app`` process), then the report of every
     experiment found under ``<results_root>/<scale>``. ``label`` (the preset: paper, training) names
     the log lines and the report's command; timings.csv keeps the other presets' experiments."""
-    if os.environ.get(_CHILD):
-        raise RuntimeError(f"task={label} inside an experiment of experiment={os.environ[_CHILD]}: one preset "
+    if os.environ.get(CHILD_ENV):
+        raise RuntimeError(f"task={label} inside an experiment of experiment={os.environ[CHILD_ENV]}: one preset "
                            "of presets cannot run another (it would start processes without end)")
     root = Path(to_absolute_path(cfg.results_root)) / cfg.scale.name
     root.mkdir(parents=True, exist_ok=True)
     extra = [o for o in _passthrough(hc) if not o.startswith("results_root=")]
     extra.append(f"results_root={root.parent}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")])),
-           _CHILD: label}
+           CHILD_ENV: label}
     cwd = get_original_cwd()  # where this run started: relative paths (figures_dir=, criteo_path=) as in a direct run
     start, timings = time.monotonic(), []
     earlier = read_timings(root)  # other presets' experiments in this root stay in the table

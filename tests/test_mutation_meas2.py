@@ -643,7 +643,7 @@ def test_run_all_passes_launcher_settings_replaces_results_root_and_keeps_other_
     monkeypatch.setattr(paper.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(reports.report, "build", lambda *a, **k: tmp_path / "REPORT.md")
     monkeypatch.setattr(paper, "get_original_cwd", lambda: str(tmp_path))
-    monkeypatch.delenv(paper._CHILD, raising=False)
+    monkeypatch.delenv(paper.CHILD_ENV, raising=False)
     root = tmp_path / "smoke"
     root.mkdir()
     pd.DataFrame([{"experiment": "table1", "scale": "smoke", "seconds": 600.0, "status": "ok"},

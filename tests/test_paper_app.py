@@ -229,7 +229,7 @@ def test_run_all_passes_on_no_task_and_runs_experiments_where_it_started(tmp_pat
     monkeypatch.setattr(reports.report, "build", lambda *a, **k: tmp_path / "REPORT.md")
     start = tmp_path / "start"
     monkeypatch.setattr(paper, "get_original_cwd", lambda: str(start))
-    monkeypatch.delenv(paper._CHILD, raising=False)
+    monkeypatch.delenv(paper.CHILD_ENV, raising=False)
     hc = SimpleNamespace(overrides=SimpleNamespace(
         task=["task=paper", "experiment=paper", "tt.rank=8", "figures_dir=rel"],
         hydra=["hydra/launcher=cpu_pool", "hydra.run.dir=elsewhere"]))
@@ -240,10 +240,10 @@ def test_run_all_passes_on_no_task_and_runs_experiments_where_it_started(tmp_pat
     assert [args[3] for args, _, _ in calls] == [f"experiment={name}" for name in EXPERIMENTS]
     for args, cwd, env in calls:
         assert args[4:] == ["tt.rank=8", "figures_dir=rel", "hydra/launcher=cpu_pool", f"results_root={tmp_path}"]
-        assert cwd == str(start) and env[paper._CHILD] == "paper"
+        assert cwd == str(start) and env[paper.CHILD_ENV] == "paper"
     status = dict(zip(*pd.read_csv(tmp_path / "smoke" / "timings.csv")[["experiment", "status"]].T.values))
     assert status == {name: "ok, resumed (finished points kept: 1)" if name == "fig5" else "ok" for name in EXPERIMENTS}
-    monkeypatch.setenv(paper._CHILD, "paper")
+    monkeypatch.setenv(paper.CHILD_ENV, "paper")
     with pytest.raises(RuntimeError, match="task=paper inside an experiment of experiment=paper"):
         paper.run_all(cfg, hc)
 
@@ -257,7 +257,7 @@ def test_run_all_names_the_failed_experiments_when_no_report_can_be_built(tmp_pa
 
     monkeypatch.setattr(paper.subprocess, "run", lambda args, cwd, env: subprocess.CompletedProcess(args, 1))
     monkeypatch.setattr(paper, "get_original_cwd", lambda: str(tmp_path))
-    monkeypatch.delenv(paper._CHILD, raising=False)
+    monkeypatch.delenv(paper.CHILD_ENV, raising=False)
     hc = SimpleNamespace(overrides=SimpleNamespace(task=["experiment=paper"], hydra=[]))
     cfg = to_objects(_compose("experiment=paper", "scale=smoke", f"results_root={tmp_path}"))
     with pytest.raises(RuntimeError, match=r"experiments failed: \['table2', .*'fig9'\] \(their logs are above\); no report: .*no experiment tables"):
@@ -279,3 +279,31 @@ def test_fig12_without_nn_embedding_bag_is_drawn_and_says_there_is_no_break_even
     paths = plot_hit_rate_sweep(tt_only, tmp_path)
     assert [p.suffix for p in paths] == [".png", ".csv"]
     assert list(pd.read_csv(paths[1]).columns) == BREAK_EVEN_COLUMNS
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_reported_once_by_a_preset_not_again_by_its_experiment_process(tmp_path):
+    """Ctrl-C during experiment=paper printed "interrupted: ..." twice: the experiment's process (it
+    gets the terminal's SIGINT too) and the preset's. The experiment's process now leaves it to the
+    preset; a run of its own still says it."""
+    from benches import paper
+
+    def interrupted(child: bool) -> str:
+        run = tmp_path / ("child" if child else "own")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **({paper.CHILD_ENV: "paper"} if child else {})}
+        proc = subprocess.Popen([sys.executable, "-m", "benches.app", "table=tiny", "impl=dense", "timing=quick",
+                                 "timing.target_time_s=60", "timing.min_repeats=100000", "timing.max_repeats=100000",
+                                 f"hydra.run.dir={run}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 120
+        while not run.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.0)  # (in the job: building the point or timing it)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-3000:]
+        return err
+
+    assert interrupted(child=False).count("interrupted: finished points keep their results.csv") == 1
+    assert "interrupted" not in interrupted(child=True)

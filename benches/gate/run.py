@@ -48,14 +48,15 @@ class BenchmarksFailed(RuntimeError):
     pass
 
 
-def _positive_float(name: str, minimum: float = 0.0, exclusive: bool = True):
+def _positive_float(minimum: float = 0.0, exclusive: bool = True):
+    """An argparse type; argparse names the option ("argument --threshold: got '0.5'; ...")."""
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; expected a number") from None
+            raise argparse.ArgumentTypeError(f"got {text!r}; expected a number") from None
         if not (v > minimum if exclusive else v >= minimum) or not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"{name}: got {text!r}; must be a finite number "
+            raise argparse.ArgumentTypeError(f"got {text!r}; must be a finite number "
                                              f"{'>' if exclusive else '>='} {minimum}")
         return v
     return parse
@@ -83,7 +84,7 @@ def parser() -> argparse.ArgumentParser:
                              "(median of all): a baseline that spans hours of the machine's drift")
     p.add_argument("--baseline-runs", type=_positive_int("--baseline-runs"), default=3,
                    help="runs whose per-benchmark median makes a new baseline (default 3)")
-    p.add_argument("--threshold", type=_positive_float("--threshold", 1.0), default=DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=_positive_float(1.0), default=DEFAULT_THRESHOLD,
                    help=f"ratio (normalised current / baseline) above which a point is suspect (default "
                         f"{DEFAULT_THRESHOLD}); a point's own higher threshold (README's table) is kept. A suspect "
                         "gated point is measured again and fails only if the re-run's ratio also exceeds the "
@@ -95,9 +96,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=sorted(SCALES), default="default", help="benchmark sizes (smoke: tests)")
     p.add_argument("--points", default=None,
                    help="comma-separated benchmark names (default: all available here but the optional ones)")
-    p.add_argument("--budget-s", type=_positive_float("--budget-s"), default=1.5,
+    p.add_argument("--budget-s", type=_positive_float(), default=1.5,
                    help="CPU seconds of rounds and calibration per benchmark (default 1.5)")
-    p.add_argument("--round-s", type=_positive_float("--round-s"), default=0.01,
+    p.add_argument("--round-s", type=_positive_float(), default=0.01,
                    help="seconds per round: back-to-back calls of the step (default 0.01)")
     p.add_argument("--min-rounds", type=_positive_int("--min-rounds"), default=30)
     p.add_argument("--max-rounds", type=_positive_int("--max-rounds"), default=400)
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             code = EXIT_NO_BASELINE
         print(f"\n## Performance-regression gate ({slug_line(cls)})\n")
         print(table(verdicts))
+        print("(baseline, current: normalised medians, no unit: a round's CPU time per call over the calibration "
+              "workload's; ratio = current / baseline)")
         print(f"\n{message}")
         if missing:
             print(f"WARNING: no baseline for {missing}: not gated. " + (

@@ -85,6 +85,26 @@ def _series_label(d: pd.DataFrame, label: pd.Series, axes: tuple[str, ...]) -> p
     return out
 
 
+IMPL_COLOURS = {"t3nsor": 0, "tt": 1, "dense": 2, "tltorch": 3}  # colorblind palette slots: one colour per
+# implementation in every figure (a sweep's forward and training figures alike); further series of one
+# implementation (backends, fused or not) take the slots after these
+
+
+def _impl_palette(d: pd.DataFrame) -> dict:
+    """Colour of each ``implementation`` series of ``d``: its implementation's own for the first of its series."""
+    colours = sns.color_palette("colorblind", 10)
+    spare = iter(range(len(IMPL_COLOURS), 10))
+    palette, taken = {}, set()
+    for label, impl in d[["implementation", "impl"]].drop_duplicates("implementation").sort_values(
+            "implementation").itertuples(index=False):
+        slot = IMPL_COLOURS.get(impl)
+        if slot is None or slot in taken:
+            slot = next(spare, 9)
+        taken.add(slot)
+        palette[label] = colours[slot]
+    return palette
+
+
 def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_time_vs_rank",
                     mode: str = "forward") -> Path:
     """Time per lookup (ns, median with IQR bars) against TT rank, one panel per pooling factor.
@@ -105,8 +125,7 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     d["implementation"] = _series_label(d, label, axes=("tt_rank", "pooling_factor", "mode"))
     poolings = sorted(d["pooling_factor"].unique())
     fig, axes = plt.subplots(1, len(poolings), figsize=(4.2 * len(poolings), 3.6), squeeze=False, sharey=False)
-    labels = sorted(d["implementation"].unique())
-    palette = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    palette = _impl_palette(d)
     for ax, pooling in zip(axes[0], poolings):
         part = d[d["pooling_factor"] == pooling]
         ranked = part[part["tt_rank"].notna()]

@@ -141,3 +141,21 @@ def test_a_figure_of_busy_machine_rows_says_so_in_its_title(tmp_path, monkeypatc
                           "cpu_model": "AMD EPYC", "threads": 2, "note": [noted, None]})
     plot_rank_sweep(sweep, tmp_path)
     assert titles and "BUSY MACHINE: 1 of 2 rows" in titles[0]
+
+
+def test_an_implementation_keeps_its_colour_across_figures():
+    """nn.EmbeddingBag was green in a sweep's forward figure and orange in its training figure (the
+    colours went by the sorted labels present): each implementation now has its own, and a second
+    series of one implementation (another backend) another colour."""
+    from reports.figures import _impl_palette
+
+    fwd = pd.DataFrame({"impl": ["tt", "t3nsor", "dense"],
+                        "implementation": ["TT-EmbeddingBag (cpu)", "T3nsor-style (decompress)", "nn.EmbeddingBag"]})
+    train = pd.DataFrame({"impl": ["tt", "dense"], "implementation": ["TT-EmbeddingBag (cpu), fused update",
+                                                                      "nn.EmbeddingBag"]})
+    a, b = _impl_palette(fwd), _impl_palette(train)
+    assert a["nn.EmbeddingBag"] == b["nn.EmbeddingBag"]
+    assert a["TT-EmbeddingBag (cpu)"] == b["TT-EmbeddingBag (cpu), fused update"]
+    two = _impl_palette(pd.DataFrame({"impl": ["tt", "tt", "dense"], "implementation": [
+        "TT-EmbeddingBag (cpu)", "TT-EmbeddingBag (torch)", "nn.EmbeddingBag"]}))
+    assert len(set(two.values())) == 3 and two["nn.EmbeddingBag"] == a["nn.EmbeddingBag"]

@@ -576,16 +576,29 @@ def register() -> None:
 
 def check_override_keys(args: list[str]) -> str | None:
     """Why a command-line override names a key the schema does not have (with the keys allowed
-    there and the closest one), or None. Hydra's own message for a misspelt key (``tt.rnak=16``)
-    names neither, and suggests ``+tt.rnak=16``, which :func:`to_objects` then refuses. Config
-    groups (``table=small``), ``hydra...`` keys, ``+``/``~`` overrides and syntax errors are left to
-    Hydra."""
+    there and the closest one), or an option its config group does not have (``scale=smokee``), or
+    None. Hydra's own message for a misspelt key (``tt.rnak=16``) names neither, and suggests
+    ``+tt.rnak=16``, which :func:`to_objects` then refuses; for a misspelt option it adds its search
+    path and a traceback hint. ``hydra...`` keys, ``+``/``~`` overrides, glob sweeps of options, the
+    options of a user's own config directories and syntax errors are left to Hydra."""
     groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+    # (config directories of the user's own, where group options may lie outside conf/: left to Hydra)
+    elsewhere = any(a.startswith(("--config-dir", "-cd", "--config-path", "-cp")) or "searchpath" in a for a in args)
     for o in _parse_overrides(args):
         key = o.key_or_group
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package or "/" in key or key.split(".")[0] == "hydra":
             continue
-        if key in groups:
+        if key in groups and not elsewhere:  # an option of a config group: conf/<group>/<option>.yaml
+            options = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+            try:
+                values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            except Exception:  # (a glob or interval sweep: Hydra expands or refuses it)
+                continue
+            for value in values:
+                if isinstance(value, str) and value not in options:
+                    close = difflib.get_close_matches(value, options, n=1)
+                    hint = f"; did you mean '{key}={close[0]}'?" if close else ""
+                    return f"{o.input_line}: '{value}' is not an option of '{key}'; allowed: {', '.join(options)}{hint}"
             continue
         schema, parts = BenchConfig, key.split(".")
         for i, part in enumerate(parts):

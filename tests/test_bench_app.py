@@ -82,6 +82,11 @@ def test_bad_config_fails_at_composition_naming_key_and_value(override, needle):
     (["seeed=3"], "'seeed' is not a key of the config (BenchConfig)"),
     (["scale.rowz=3"], "did you mean 'scale.rows'?"),
     (["tt.rank=8", "workload.nonsense=1"], "workload.nonsense=1: 'nonsense' is not a key of 'workload'"),
+    (["scale=smokee"], "scale=smokee: 'smokee' is not an option of 'scale'; allowed: default, paper, smoke; "
+                       "did you mean 'scale=smoke'?"),
+    (["-m", "impl=tt,ttt"], "'ttt' is not an option of 'impl'; allowed: dense, t3nsor, tltorch, tt, tt_cpu, "
+                            "tt_reference; did you mean 'impl=tt'?"),
+    (["experiment=fig99"], "did you mean 'experiment=fig9'?"),
 ])
 def test_misspelt_keys_name_the_allowed_ones(args, needle):
     assert needle in check_override_keys(args)
@@ -89,7 +94,8 @@ def test_misspelt_keys_name_the_allowed_ones(args, needle):
 
 @pytest.mark.parametrize("args", [["tt.rank=8", "table=small", "hydra/launcher=cpu_pool", "hydra.run.dir=x"],
                                   ["+tt.rnak=1"], ["experiment=fig3", "scale=smoke", "tt.p_shapes=[10,10,10]"],
-                                  ["-m", "tt.rank=8,16", "impl=tt,dense"]])
+                                  ["-m", "tt.rank=8,16", "impl=tt,dense"], ["-m", "impl=glob(*)"],
+                                  ["hydra.searchpath=[file:///elsewhere]", "table=my_own"]])
 def test_known_keys_groups_and_additions_pass_the_key_check(args):
     assert check_override_keys(args) is None
 

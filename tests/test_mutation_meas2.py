@@ -662,3 +662,26 @@ def test_run_all_passes_launcher_settings_replaces_results_root_and_keeps_other_
         {"experiment": "table1", "scale": "smoke", "seconds": 600.0, "status": "ok"},
         {"experiment": "fig5", "scale": "smoke", "seconds": 90.0, "status": "ok"},
         {"experiment": "fig3", "scale": "smoke", "seconds": 90.0, "status": "ok"}]
+
+
+def test_the_progress_estimate_leaves_out_the_first_jobs_one_time_costs(monkeypatch, caplog):
+    """The first job of a sweep carries the kernel's first compile (a 47 s sweep of 36 jobs read
+    "left ~0:09:02" at job 2): once other jobs are done, their mean time sets the estimate."""
+    import logging
+
+    from benches import callbacks
+
+    clock = iter([0.0, 40.0, 40.0, 42.0, 42.0, 44.0, 44.0])  # job starts and ends: 40 s, then 2 s, 2 s
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    progress = callbacks.Progress()
+    progress.total, progress.start, progress.done = 10, 0.0, 0
+    cfg = OmegaConf.create({"hydra": {"job": {"num": 0, "override_dirname": "tt.rank=8"}}})
+    with caplog.at_level(logging.INFO, logger="ttrec.bench"):
+        for num in range(3):
+            cfg.hydra.job.num = num
+            progress.on_job_start(cfg)
+            progress.on_job_end(cfg)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].endswith("left ~?") and lines[1].endswith("left ~0:06:00")  # only the first job: 40 s x 9
+    assert lines[2].endswith("elapsed 0:00:42, left ~0:00:16")  # job 2's 2 s x 8, not (42 s / 2) x 8
+    assert progress.seconds == [40.0, 2.0, 2.0]

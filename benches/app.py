@@ -87,6 +87,11 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
     return train_step
 
 
+def _table_bytes(cfg: BenchConfig) -> int:
+    """The uncompressed table's fp32 bytes."""
+    return cfg.table.num_embeddings * cfg.table.embedding_dim * 4
+
+
 def config_columns(cfg: BenchConfig, experiment: str) -> dict:
     """The columns of :func:`point_columns` that the config alone gives, for rows measured without a
     module in this process (the CPU-kernel experiment's memory rows: each built in a child); the
@@ -108,7 +113,7 @@ def config_columns(cfg: BenchConfig, experiment: str) -> dict:
         "tt_rank": None if dense else cfg.tt.rank,
         "tt_d": None,
         "init": "uniform_dlrm" if dense else cfg.tt.init.value,
-        "param_bytes": cfg.table.num_embeddings * cfg.table.embedding_dim * 4 if dense else None,
+        "param_bytes": _table_bytes(cfg) if dense else None,
         "compression_ratio": 1.0 if dense else None,
         **workload_axes(cfg),
         "mode": cfg.mode.name.value,
@@ -128,17 +133,16 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
     is_tt = spec is not None
     impl = cfg.impl.name.value
     cols = config_columns(cfg, experiment)
-    cols.update({
-        "backend": module.resolved_backend() if impl == "tt" else cols["backend"],
-        "tt_p_shapes": "x".join(map(str, spec.tt_p_shapes)) if is_tt else None,
-        "tt_q_shapes": "x".join(map(str, spec.tt_q_shapes)) if is_tt else None,
-        "tt_rank": cfg.tt.rank if is_tt else None,
-        "tt_d": spec.d if is_tt else None,
-        "init": cfg.tt.init.value if is_tt else "uniform_dlrm",
-        "param_bytes": spec.param_bytes if is_tt else cfg.table.num_embeddings * cfg.table.embedding_dim * 4,
-        "compression_ratio": spec.compression_ratio if is_tt else 1.0,
-        "fused": bool(getattr(module, "optimizer", None)),
-    })
+    if impl == "tt":
+        cols["backend"] = module.resolved_backend()
+    cols["fused"] = bool(getattr(module, "optimizer", None))
+    if is_tt:
+        cols.update({"tt_p_shapes": "x".join(map(str, spec.tt_p_shapes)),
+                     "tt_q_shapes": "x".join(map(str, spec.tt_q_shapes)), "tt_rank": cfg.tt.rank, "tt_d": spec.d,
+                     "init": cfg.tt.init.value, "param_bytes": spec.param_bytes,
+                     "compression_ratio": spec.compression_ratio})
+    else:  # (a module without TT cores stores the whole table)
+        cols.update({"tt_rank": None, "init": "uniform_dlrm", "param_bytes": _table_bytes(cfg), "compression_ratio": 1.0})
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
     cols.update(workload_columns(cfg, module, batch))
     return cols

@@ -115,8 +115,7 @@ class Progress(Callback):
             return
         self.job_start = time.monotonic()
         elapsed = self.job_start - self.start
-        per_job = (statistics.mean(self.seconds[1:] or self.seconds) if self.seconds
-                   else elapsed / self.done if self.done else None)
+        per_job = statistics.mean(self.seconds[1:] or self.seconds) if self.seconds else None
         eta = "?" if per_job is None or self.total is None else _clock(per_job * (self.total - self.done))
         num = config.hydra.job.get("num", self.done)
         point = config.hydra.job.get("override_dirname") or "(no overrides)"

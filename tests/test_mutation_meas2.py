@@ -479,7 +479,7 @@ def test_progress_line_counts_jobs_and_estimates_what_is_left(monkeypatch, caplo
 
     assert callbacks._clock(3725.4) == "1:02:05" and callbacks._clock(59.5) == "0:01:00"
     progress = callbacks.Progress()
-    progress.total, progress.start, progress.done = 5, 0.0, 2
+    progress.total, progress.start, progress.done, progress.seconds = 5, 0.0, 2, [50.0, 50.0]
     monkeypatch.setattr(callbacks.time, "monotonic", lambda: 100.0)
     cfg = OmegaConf.create({"hydra": {"job": {"num": 2, "override_dirname": "tt.rank=8"}}})
     with caplog.at_level(logging.INFO, logger="ttrec.bench"):

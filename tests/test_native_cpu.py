@@ -248,7 +248,8 @@ def _sort_way_timing_again():
 
 
 # whole keys of 13, 17, 11, 7 and 13 bits (the backward; the split way makes 1 + 2, 1 + 3, 1 + 2,
-# 1 + 1 and 1 + 2 passes), prefixes of 8, 11, 5, 3 and 9 (the forward: 1 + 1, 1 + 2, 1 + 1, 1 + 1, 1 + 2)
+# 1 + 1 and 1 + 2 passes); the forwards sort on i_2 alone for d = 3 (5 and 6 bits: 1 + 1) and on the
+# prefix otherwise (5, 3 and 9 bits: 1 + 1, 1 + 1, 1 + 2)
 @pytest.mark.parametrize("p,q,r", [((13, 17, 19), (2, 2, 4), (16, 16)), ((40, 50, 60), (2, 2, 4), (32, 32)),
                                    ((30, 40), (4, 4), (8,)), ((8, 16), (4, 4), (8,)),
                                    ((6, 7, 8, 9), (2, 2, 2, 2), (4, 8, 4))])
@@ -323,7 +324,7 @@ def test_bucket_shares_and_segments_give_the_same_bits_for_any_thread_count(n):
 def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
     """The first 4 sorts of a key width with 2+ threads and 16,384+ lookups run both ways; smaller
     or one-thread sorts run "shared" and do not count."""
-    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # forwards: 11 and 5 bits
+    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # forwards: 6 (i_2) and 5 bits
     batches = {}
     for spec in (wide, narrow):
         for n in (16384, 16000):
@@ -395,6 +396,34 @@ def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
     # and the runs' starts, found in slices by several threads (8 at a time with AVX-512), are right
     want = ttrec.tt_embedding_bag([c.double() for c in cores], spec, bags, "sum")
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# d = 3 without a kept plan: lookups bucketed by i_2, prefixes found per bucket (the bucketed forward),
+# except where the packed key would pass 40 bits or p_1 passes 65,536 (kMaxFront): there the plan's sort
+# on the prefix bits and its runs. Shapes: 11 + 11 + 19 packed bits (41; unpacked 21 + 19 = 40); p_1 =
+# 70,000; p_2 = 1 (one bucket, no i_2 bits); R = 8 with D = 16 (P zero-padded to 16 lanes per prefix).
+@pytest.mark.parametrize("p,q,r", [((1025, 1025, 2**19), (1, 2, 2), (2, 2)), ((70_000, 3, 5), (2, 2, 4), (8, 8)),
+                                   ((7, 1, 9), (2, 2, 4), (8, 16)), ((300, 2, 7), (2, 2, 4), (8, 8)),
+                                   ((300, 40, 7), (2, 2, 4), (32, 32))])
+def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
+    """20,000 lookups (uniform, a quarter of them repeats of earlier ones) on 1, 2 and 3 threads:
+    the forward equals the float64 reference per row, bitwise across thread counts, and its prefix
+    count is the number of distinct prefixes."""
+    spec = _spec(p, q, r)
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(4)
+    n = 20000
+    idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+    idx[torch.randperm(n, generator=g)[: n // 4]] = idx[torch.randint(0, n, (n // 4,), generator=g)]
+    bags = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
+    want = ttrec.tt_rows([c.double() for c in cores], spec, idx)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(ops.forward(cores, spec, bags, "sum"))
+        assert ops.last_stats()["unique_prefixes"] == torch.unique(idx // p[2]).numel(), threads
+    torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():

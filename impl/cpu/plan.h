@@ -145,6 +145,9 @@ struct Plan {
     return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
   }
 };
+// The plan-less forward (tt_forward_impl, bucketed) keeps a table of p_1 list heads per thread: up to
+// this many front digits (256 KB)
+constexpr int64_t kMaxFront = (int64_t)1 << 16;
 constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
 // Chunks of fewer lookups than this take one segment: they run on one thread (MIN_LOOKUPS_PER_THREAD
 // in ops.py, the same number; a test checks).
@@ -173,7 +176,7 @@ bool same_shape(const tt_shape_t& a, const tt_shape_t& b) {
 void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads, Plan& pl, std::vector<uint8_t>& marks,
                 bool by_prefix = false) {
   const double t0 = omp_get_wtime();
-  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix);
+  sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix ? kPrefix : kWholeKey);
   pl.sort_seconds = omp_get_wtime() - t0;
   const int lb = last_bits(s->p[2]);
   const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);

@@ -185,28 +185,32 @@ struct SortTuner {
 };
 SortTuner g_sort_tuner;
 
-int key_bits(const tt_shape_t* s) {  // bits of the sort key (<= 40: checked in Python before the call)
+// Bits of the sort key (<= 40: checked in Python before the call). Packed (SortKey kMiddle): the
+// front digits i_1..i_{d-2} and i_{d-1} each in a bit field of its own (at most 2 bits more).
+int key_bits(const tt_shape_t* s, bool packed = false) {
   int64_t front = 1;
-  for (int k = 0; k < s->d - 1; ++k) front *= s->p[k];
-  return last_bits(front) + last_bits(s->p[s->d - 1]);
+  for (int k = 0; k < s->d - 2; ++k) front *= s->p[k];
+  const int64_t plast = s->p[s->d - 2], pd = s->p[s->d - 1];
+  return (packed ? last_bits(front) + last_bits(plast) : last_bits(front * plast)) + last_bits(pd);
 }
 int sort_threads(int64_t n, int threads) {  // slices of at least 4,096 lookups
   return (int)std::max<int64_t>(1, std::min<int64_t>(threads, n / 4096 + 1));
 }
 
 void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-               std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, int low) {
+               std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, int low, bool packed) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
   for (int k = 0; k < d - 2; ++k) pfront *= s->p[k];
+  if (packed) pfront = (int64_t)1 << last_bits(pfront);  // i_{d-1} a bit field above the front digits'
   const int lb = last_bits(pd);
   a.resize(n);
   tmp.resize(n);
   uint64_t* const A = a.data();
   uint64_t* const B = tmp.data();
   const FastDiv by_pd(pd), by_plast(plast);
-  const int bits = key_bits(s) - low;  // the key bits sorted on, above the low ones
+  const int bits = key_bits(s, packed) - low;  // the key bits sorted on, above the low ones
   const int T = sort_threads(n, threads);
   // kShared: passes of at most 12 bits (24-bit keys, e.g. Kaggle's largest table, take two);
   // kSplit: at most 8 bits (a part holds n / T entries: 4,096 buckets would hold a few each)
@@ -336,26 +340,36 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   if (scatters % 2 == 1) a.swap(tmp);  // an odd number of scatters ended in tmp
 }
 
-// Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks. With
-// by_prefix, sorted on the prefix bits only (the key without i_d): equal prefixes still form runs,
-// in lookup order, but equal rows need not be adjacent - enough for a forward that keeps no plan
-// (a repeat not next to its first copy is computed again, to the same bits), and on Kaggle's
-// largest table 16 bits instead of 24: two passes of 8-bit digits instead of 12-bit ones.
+// What a chunk's lookups are sorted on. kWholeKey: the whole key (a backward's plan: the
+// gradients of a row's repeats are summed as one run). kPrefix: the prefix bits only (the key
+// without i_d): equal prefixes still form runs, in lookup order, but equal rows need not be
+// adjacent - enough for a forward that keeps no plan (a repeat not next to its first copy is
+// computed again, to the same bits); on Kaggle's largest table 16 bits instead of 24. kMiddle
+// (d >= 3): i_{d-1} alone, in a packed key (key_bits): e >> (kJBits + lb + fb) is i_{d-1} and
+// (e >> (kJBits + lb)) & (2^fb - 1) the front digits, fb = last_bits(p_1 ... p_{d-2}); each i_{d-1}
+// bucket in lookup order, its prefixes found afterwards (the d = 3 forward without a plan): on
+// Kaggle's largest table one pass of 8 bits instead of two.
+enum SortKey { kWholeKey, kPrefix, kMiddle };
+// Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks.
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-                  std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, bool by_prefix = false) {
+                  std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, SortKey on = kWholeKey) {
+  const bool packed = on == kMiddle;
+  const int lb = last_bits(s->p[s->d - 1]);
   // (at least one bit sorted: a shape whose prefix takes no bits sorts on i_d's)
-  const int low = by_prefix ? std::max(0, std::min(last_bits(s->p[s->d - 1]), key_bits(s) - 1)) : 0;
-  const int bits = key_bits(s) - low;
+  const int low = on == kPrefix   ? std::max(0, std::min(lb, key_bits(s) - 1))
+                  : on == kMiddle ? std::min(key_bits(s, true) - 1, key_bits(s, true) - last_bits(s->p[s->d - 2]))
+                                  : 0;
+  const int bits = key_bits(s, packed) - low;
   SortWay first = kShared;
   const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
   if (way >= 0) {
-    sort_with((SortWay)way, s, idx, n, a, tmp, marks, threads, low);
+    sort_with((SortWay)way, s, idx, n, a, tmp, marks, threads, low, packed);
   } else {  // timing: both ways on this input (same result), the second left in a
     const bool valid = a.capacity() >= (size_t)n && tmp.capacity() >= (size_t)n;  // no fresh pages
     double per_lookup[2];
     for (SortWay w : {first, (SortWay)(1 - first)}) {
       const double t0 = omp_get_wtime();
-      sort_with(w, s, idx, n, a, tmp, marks, threads, low);
+      sort_with(w, s, idx, n, a, tmp, marks, threads, low, packed);
       per_lookup[w] = (omp_get_wtime() - t0) / (double)n;
     }
     g_sort_tuner.record(bits, per_lookup, valid);

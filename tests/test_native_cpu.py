@@ -322,21 +322,28 @@ def test_bucket_shares_and_segments_give_the_same_bits_for_any_thread_count(n):
 
 
 def test_the_sort_way_is_timed_per_key_width_then_kept(_sort_way_timing_again):
-    """The first 4 sorts of a key width with 2+ threads and 16,384+ lookups run both ways; smaller
-    or one-thread sorts run "shared" and do not count."""
-    wide, narrow = _spec((40, 50, 60), (2, 2, 4), (8, 8)), _spec((30, 40), (4, 4), (8,))  # forwards: 6 (i_2) and 5 bits
+    """The first 4 sorts of a key width of more than 8 bits with 2+ threads and 16,384+ lookups run
+    both ways; smaller or one-thread sorts run "shared" and do not count, and widths of up to 8 bits
+    (one shared pass over at most 256 buckets) are sorted "shared" untimed."""
+    wide, narrow = _spec((40, 500, 60), (2, 2, 4), (8, 8)), _spec((600, 40), (4, 4), (8,))  # forwards: 9 (i_2) and 10 bits
+    one_pass = _spec((40, 50, 60), (2, 2, 4), (8, 8))  # 6 bits of i_2
     batches = {}
-    for spec in (wide, narrow):
+    for spec in (wide, narrow, one_pass):
         for n in (16384, 16000):
             idx = torch.randint(0, spec.num_embeddings, (n,))
             batches[spec, n] = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
-    cores = {spec: _cores(spec) for spec in (wide, narrow)}
+    cores = {spec: _cores(spec) for spec in (wide, narrow, one_pass)}
 
     def sort(spec, n):
         ops.forward(cores[spec], spec, batches[spec, n], "sum")
 
     ops.force_sort_way("timing")
+    torch.set_num_threads(2)
+    sort(one_pass, 16384)
+    assert ops.sort_way() == "shared" and ops.last_sort_way() == "shared"
+    sort(wide, 16384)
     assert ops.sort_way() == "timing"
+    ops.force_sort_way("timing")
     torch.set_num_threads(1)
     for _ in range(6):
         sort(wide, 16384)

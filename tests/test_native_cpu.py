@@ -408,10 +408,12 @@ def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
 # d = 3 without a kept plan: lookups bucketed by i_2, prefixes found per bucket (the bucketed forward),
 # except where the packed key would pass 40 bits or p_1 passes 65,536 (kMaxFront): there the plan's sort
 # on the prefix bits and its runs. Shapes: 11 + 11 + 19 packed bits (41; unpacked 21 + 19 = 40); p_1 =
-# 70,000; p_2 = 1 (one bucket, no i_2 bits); R = 8 with D = 16 (P zero-padded to 16 lanes per prefix).
+# 70,000; p_2 = 1 (one bucket, no i_2 bits); R = 8 with D = 16 (P zero-padded to 16 lanes per prefix);
+# p_1 = 65,536 (the most the bucketed forward takes); p_2 = 400,000 (most i_2 buckets empty).
 @pytest.mark.parametrize("p,q,r", [((1025, 1025, 2**19), (1, 2, 2), (2, 2)), ((70_000, 3, 5), (2, 2, 4), (8, 8)),
                                    ((7, 1, 9), (2, 2, 4), (8, 16)), ((300, 2, 7), (2, 2, 4), (8, 8)),
-                                   ((300, 40, 7), (2, 2, 4), (32, 32))])
+                                   ((300, 40, 7), (2, 2, 4), (32, 32)), ((65_536, 2, 3), (2, 2, 4), (8, 8)),
+                                   ((3, 400_000, 5), (4, 1, 4), (2, 2))])
 def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
     """20,000 lookups (uniform, a quarter of them repeats of earlier ones) on 1, 2 and 3 threads:
     the forward equals the float64 reference per row, bitwise across thread counts, and its prefix
@@ -431,6 +433,25 @@ def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
         assert ops.last_stats()["unique_prefixes"] == torch.unique(idx // p[2]).numel(), threads
     torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def test_bucketed_forward_of_a_few_lookups_on_a_table_of_many_middle_digits():
+    """Batches of 1 to 9 lookups on p_2 = 2,000,000 (the plan-less forward's buckets are found per
+    non-empty bucket, not per digit value), alternating with a table of p_1 = 60,000 and p_1 = 50 (its
+    per-thread table of list heads, kept across calls, must be clean again after each): every row
+    equals the float64 reference."""
+    specs = [_spec((3, 2_000_000, 5), (4, 1, 4), (2, 2)), _spec((60_000, 3, 5), (2, 2, 4), (8, 8)),
+             _spec((50, 7, 5), (2, 2, 4), (16, 16))]
+    cores = {spec: _cores(spec) for spec in specs}
+    g = torch.Generator().manual_seed(8)
+    torch.set_num_threads(2)
+    for n in range(1, 10):
+        for spec in specs:
+            idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+            bags = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
+            want = ttrec.tt_rows([c.double() for c in cores[spec]], spec, idx)
+            torch.testing.assert_close(ops.forward(cores[spec], spec, bags, "sum").double(), want, rtol=1e-5,
+                                       atol=1e-6 * want.abs().max().item())
 
 
 def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():

@@ -259,7 +259,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
   static std::vector<uint64_t> sorted_g, tmp;
   static std::vector<int64_t> runs_g;
   static Plan plan_g;
-  static std::vector<int64_t> middle_start;
+  static std::vector<int64_t> middle_start, middle_digit;
   std::lock_guard<std::mutex> lock(mutex);
   // d == 3 and no plan kept: lookups bucketed by i2 (one radix pass on Kaggle's largest table, with
   // a packed key: SortKey kMiddle), each bucket's prefixes found by a table of i1 (see below).
@@ -291,12 +291,25 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       const double sort_seconds = planned ? pl->sort_seconds : omp_get_wtime() - t0;  // the radix sort alone
       const std::vector<uint64_t>& sorted = planned ? pl->sorted : sorted_g;
       const std::vector<int64_t>& runs = planned ? pl->runs : runs_g;
-      if (bucketed) {  // where each i2 bucket starts: 2 + log2(cn) reads per digit value
+      if (bucketed) {  // the non-empty i2 buckets and where each starts, then cn: each end found by a
+        // galloping search from its start (work per non-empty bucket, whatever p_2 is)
         const uint64_t* const e = sorted_g.data();
         const int sh = kJBits + lb + fb;
-        middle_start.resize(s->p[1] + 1);
-        for (int64_t v = 0; v <= s->p[1]; ++v)
-          middle_start[v] = std::lower_bound(e, e + cn, v, [&](uint64_t x, int64_t w) { return (int64_t)(x >> sh) < w; }) - e;
+        middle_start.clear();
+        middle_digit.clear();
+        for (int64_t x = 0; x < cn;) {
+          const uint64_t v = e[x] >> sh;
+          int64_t lo = x, step = 1;  // e[lo] is in the bucket; find the first entry past it
+          while (lo + step < cn && (e[lo + step] >> sh) == v) {
+            lo += step;
+            step *= 2;
+          }
+          const int64_t hi = std::min(cn, lo + step);
+          middle_start.push_back(x);
+          middle_digit.push_back((int64_t)v);
+          x = std::upper_bound(e + lo, e + hi, v, [&](uint64_t w, uint64_t y) { return w < (y >> sh); }) - e;
+        }
+        middle_start.push_back(cn);
       }
       ctx.prepare_last(cn, threads);
       // (bucketed: its prefixes are counted per bucket, in the loop below)
@@ -415,7 +428,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           // = G_1[i1] @ G_2[:, i2] (one GEMM) and each one's rows. (On Kaggle's largest table, 65,536
           // uniform lookups, 2 threads, Zen 2 VM: forward 0.87x of the plan's two-pass sort and runs,
           // 12 alternating rounds: sort phase 0.74 -> 0.35 ms, the lists 0.07 ms.)
-          const int64_t nb = s->p[1];
+          const int64_t nb = (int64_t)middle_digit.size();
           const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
           const int64_t w1 = (int64_t)q1 * R1, MR = (int64_t)M * R;
           const int th = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -424,7 +437,11 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                              middle_start.begin());
           };
           const int64_t b0 = th == 0 ? 0 : first_bucket(th), b1 = th + 1 == nt ? nb : first_bucket(th + 1);
-          std::vector<int32_t> head(s->p[0], -1), nxt, heads;
+          // head[i1]: -1 between buckets (each bucket sets back what it used), kept by each pool thread
+          // across calls, so no call fills p_1 entries
+          static thread_local std::vector<int32_t> head;
+          if ((int64_t)head.size() < s->p[0]) head.resize(s->p[0], -1);
+          std::vector<int32_t> nxt, heads;
           std::vector<int64_t> front;
           std::vector<const float*> Ap;
           std::vector<float> Pl((size_t)kPiece * MR);
@@ -461,7 +478,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
               head[front[u]] = -1;
             }
             int64_t ld;
-            const float* S = tt_slice(s, cores[1], 1, b, &ld);
+            const float* S = tt_slice(s, cores[1], 1, middle_digit[b], &ld);
             double c1 = c0;
             for (int64_t u0 = 0; u0 < nu; u0 += kPiece) {
               const int64_t u1 = std::min(nu, u0 + kPiece);

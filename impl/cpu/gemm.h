@@ -64,6 +64,18 @@ inline void store_cols(float* p, v16 v) {
   if constexpr (NV == 0) store8(p, v);
   else store16(p, v);
 }
+// c + a b as one fused multiply-add per lane, written out rather than left to GCC's contraction of
+// c += a * b, which it applied in some tiles and not in others (on the AVX2 build, nn_tile<0, 1>
+// multiplied and added, rounding twice, while the wider tiles fused): a row of C then had other bits
+// when a different tile computed it, and the forward's two paths, which stack a bucket's prefixes
+// in different orders, differed in the last bit. With AVX2 and NV = 0 only the low half is live.
+template <int NV>
+inline v16 fma_cols(v16 a, v16 b, v16 c) {
+#ifndef __AVX512F__
+  if constexpr (NV == 0) return {fma8(a.lo, b.lo, c.lo), c.hi};
+#endif
+  return fma16(a, b, c);
+}
 
 // Where A's rows are: Strided, row m at a + m * lda; Gathered, row m at row[m] (the stacked G_1
 // slices of a piece, read in place instead of copied into a stacked matrix first).
@@ -100,7 +112,7 @@ TILE_ATTR void nn_tile(int K, Rows A, const float* B, int64_t ldb, float* C, int
     for (int m = 0; m < MR; ++m) {
       const v16 am = splat16(a[m][k]);
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) c[m][v] += am * b[v];
+      for (int v = 0; v < V; ++v) c[m][v] = fma_cols<NV>(am, b[v], c[m][v]);
     }
   }
 #pragma GCC unroll 16
@@ -300,7 +312,7 @@ TILE_ATTR void tn_tile(int M, const float* A, int64_t lda, const float* B, int64
     for (int kk = 0; kk < KR; ++kk) {
       const v16 x = splat16(a[kk]);
 #pragma GCC unroll 4
-      for (int v = 0; v < V; ++v) acc[kk][v] += x * b[v];
+      for (int v = 0; v < V; ++v) acc[kk][v] = fma_cols<NV>(x, b[v], acc[kk][v]);
     }
   }
 #pragma GCC unroll 16

@@ -29,6 +29,7 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 inline v16 load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 inline v16 splat16(float x) { return (v16)_mm512_set1_ps(x); }  // a broadcast (0 + x would be an add)
+inline v16 fma16(v16 a, v16 b, v16 c) { return (v16)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }  // a b + c
 inline void stream16(float* p, v16 v) { _mm512_stream_ps(p, (__m512)v); }  // p: 64-byte aligned
 inline v16 lane_bcast(v16 v, int i) { return __builtin_shuffle(v, v16i{} + i); }  // every lane = lane i
 // the 8 floats at p in the low lanes, zeros above; the low 8 lanes of v to p (8-float rows). 32-byte
@@ -97,6 +98,14 @@ inline v16 splat16(float x) {
   const v8 h = (v8)_mm256_set1_ps(x);
   return {h, h};
 }
+inline v8 fma8(v8 a, v8 b, v8 c) {  // a b + c, rounded once
+#ifdef __FMA__
+  return (v8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline v16 fma16(v16 a, v16 b, v16 c) { return {fma8(a.lo, b.lo, c.lo), fma8(a.hi, b.hi, c.hi)}; }
 inline void stream16(float* p, v16 v) {  // p: 64-byte aligned
 #ifdef __AVX__
   _mm256_stream_ps(p, (__m256)v.lo);

@@ -361,10 +361,11 @@ void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vecto
   const bool packed = on == kMiddle;
   const int lb = last_bits(s->p[s->d - 1]);
   // (at least one bit sorted: a shape whose prefix takes no bits sorts on i_d's)
-  const int low = on == kPrefix   ? std::max(0, std::min(lb, key_bits(s) - 1))
-                  : on == kMiddle ? std::min(key_bits(s, true) - 1, key_bits(s, true) - last_bits(s->p[s->d - 2]))
-                                  : 0;
-  const int bits = key_bits(s, packed) - low;
+  const int kb = key_bits(s, packed);
+  const int low = std::max(0, on == kPrefix   ? std::min(lb, kb - 1)
+                              : on == kMiddle ? std::min(kb - 1, kb - last_bits(s->p[s->d - 2]))
+                                              : 0);
+  const int bits = kb - low;
   SortWay first = kShared;
   const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
   if (way >= 0) {

@@ -329,7 +329,9 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
         f"{last_rate:.1f} GFLOP/s per thread (**{100 * last_rate / per_thread:.0f}%**), "
         f"{1e9 * t_last * kt / lookups:.1f} ns per row and thread;",
         f"- sort phase {1e3 * phases['seconds_sort']:.2f} ms (radix passes {1e3 * phases['seconds_sort_radix']:.2f}; "
-        f"the rest: runs, digits, buckets and last-core slices); pooling {1e3 * phases['seconds_pool']:.2f} ms;",
+        f"the rest: the search for runs or middle-digit buckets, and the last-core slices; a forward that keeps no plan "
+        f"finds each bucket's prefixes in the chains-and-last-core phase, outside its two parts); "
+        f"pooling {1e3 * phases['seconds_pool']:.2f} ms;",
         f"- the whole call {1e3 * t_forward:.2f} ms (median of the same calls), of which the kernel's phases "
         f"{1e3 * (phases['seconds_sort'] + phases['seconds_chains_and_last_core'] + phases['seconds_pool']):.2f} ms; "
         "the rest is the Python call and the bag checks.",

@@ -453,7 +453,6 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           for (int64_t b = b0; b < b1; ++b) {
             const int64_t x0 = middle_start[b], bn = middle_start[b + 1] - x0;
             if (bn == 0) continue;
-            const double c0 = profile ? omp_get_wtime() : 0;
             nxt.resize(bn);
             front.resize(std::min<int64_t>(s->p[0], bn) + 1);
             heads.resize(front.size());
@@ -479,7 +478,6 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             }
             int64_t ld;
             const float* S = tt_slice(s, cores[1], 1, middle_digit[b], &ld);
-            double c1 = c0;
             for (int64_t u0 = 0; u0 < nu; u0 += kPiece) {
               const int64_t u1 = std::min(nu, u0 + kPiece);
               const double g0 = profile ? omp_get_wtime() : 0;
@@ -489,13 +487,11 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
               gemm_nn_impl<false>((int)((u1 - u0) * q1), N, R1, Gathered{Ap.data()}, S, ld, Pl.data(), N);
               const double g1 = profile ? omp_get_wtime() : 0;
               finish_piece(Pl.data(), u0, u1, nullptr, 0, heads.data(), nxt.data(), x0);
-              if (profile) {
+              if (profile) {  // (the lists above lie in the phase, outside both of its parts)
                 in_chains += g1 - g0;
                 in_last += omp_get_wtime() - g1;
-                if (u0 == 0) c1 = g0;
               }
             }
-            if (profile) in_chains += c1 - c0;  // the lists count with the chains
           }
           if (stats && rep == 0) {
 #pragma omp atomic

@@ -253,17 +253,23 @@ void transpose_to(const float* S, int64_t ld, int rows, int cols, float* T) {
     for (int c = 0; c < cols; ++c) T[(int64_t)c * rows + r0] = S[r0 * ld + c];
 }
 
-// P of prefixes [t0, t1) of one bucket: stacked G_1[i1] rows (q1 x R1 each) @ the G_2 slice
-// (R1 x q2 R2, rows ldb apart); both read in place, the G_1 rows through pointers (Gathered; a copy
-// into a stacked matrix made the forward 1.05x as long on an Intel Xeon VM).
-void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
-                 std::vector<const float*>& Ap, const float* B, int64_t ldb, float* P) {
+// P of np prefixes of one bucket, whose first digits are i1[0], i1[step], ...: stacked G_1[i1] rows
+// (q1 x R1 each) @ the G_2 slice (R1 x q2 R2, rows ldb apart); both read in place, the G_1 rows
+// through pointers (Gathered; a copy into a stacked matrix made the forward 1.05x as long on an Intel
+// Xeon VM).
+void chain_rows(const tt_shape_t* s, const float* const* cores, const int64_t* i1, int64_t step, int64_t np,
+                std::vector<const float*>& Ap, const float* B, int64_t ldb, float* P) {
   const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
   const int64_t w1 = (int64_t)q1 * R1;
-  Ap.resize((size_t)(t1 - t0) * q1);
-  for (int64_t t = t0; t < t1; ++t)
-    for (int a = 0; a < q1; ++a) Ap[(t - t0) * q1 + a] = cores[0] + pl.digits[2 * t] * w1 + a * R1;
-  gemm_nn_impl<false>((int)((t1 - t0) * q1), N, R1, Gathered{Ap.data()}, B, ldb, P, N);
+  Ap.resize((size_t)np * q1);
+  for (int64_t t = 0; t < np; ++t)
+    for (int a = 0; a < q1; ++a) Ap[t * q1 + a] = cores[0] + i1[t * step] * w1 + a * R1;
+  gemm_nn_impl<false>((int)(np * q1), N, R1, Gathered{Ap.data()}, B, ldb, P, N);
+}
+// P of a plan's prefixes [t0, t1) of one bucket (its digits: i1, i2 per prefix)
+void piece_chain(const tt_shape_t* s, const float* const* cores, const Plan& pl, int64_t t0, int64_t t1,
+                 std::vector<const float*>& Ap, const float* B, int64_t ldb, float* P) {
+  chain_rows(s, cores, pl.digits.data() + 2 * t0, 2, t1 - t0, Ap, B, ldb, P);
 }
 
 // Which thread works on which i2 buckets: thread t of nt takes the buckets from bucket_share(t) to

@@ -429,8 +429,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           // uniform lookups, 2 threads, Zen 2 VM: forward 0.91x of the plan's two-pass sort and runs,
           // 16 alternating rounds; sort phase 0.68 -> 0.33 ms, the lists 0.07 ms; 0.90x at 4,096.)
           const int64_t nb = (int64_t)middle_digit.size();
-          const int q1 = s->q[0], R1 = s->r[1], N = s->q[1] * s->r[2];
-          const int64_t w1 = (int64_t)q1 * R1, MR = (int64_t)M * R;
+          const int64_t MR = (int64_t)M * R;
           const int th = omp_get_thread_num(), nt = omp_get_num_threads();
           auto first_bucket = [&](int u) {  // the first bucket starting at or after cn u / nt
             return (int64_t)(std::lower_bound(middle_start.begin(), middle_start.end() - 1, cn * u / nt) -
@@ -481,10 +480,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             for (int64_t u0 = 0; u0 < nu; u0 += kPiece) {
               const int64_t u1 = std::min(nu, u0 + kPiece);
               const double g0 = profile ? omp_get_wtime() : 0;
-              Ap.resize((size_t)(u1 - u0) * q1);
-              for (int64_t u = u0; u < u1; ++u)
-                for (int a = 0; a < q1; ++a) Ap[(u - u0) * q1 + a] = cores[0] + front[u] * w1 + a * R1;
-              gemm_nn_impl<false>((int)((u1 - u0) * q1), N, R1, Gathered{Ap.data()}, S, ld, Pl.data(), N);
+              chain_rows(s, cores, front.data() + u0, 1, u1 - u0, Ap, S, ld, Pl.data());
               const double g1 = profile ? omp_get_wtime() : 0;
               finish_piece(Pl.data(), u0, u1, nullptr, 0, heads.data(), nxt.data(), x0);
               if (profile) {  // (the lists above lie in the phase, outside both of its parts)

@@ -435,25 +435,6 @@ def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
-def test_bucketed_forward_of_a_few_lookups_on_a_table_of_many_middle_digits():
-    """Batches of 1 to 9 lookups on p_2 = 2,000,000 (the plan-less forward's buckets are found per
-    non-empty bucket, not per digit value), alternating with a table of p_1 = 60,000 and p_1 = 50 (its
-    per-thread table of list heads, kept across calls, must be clean again after each): every row
-    equals the float64 reference."""
-    specs = [_spec((3, 2_000_000, 5), (4, 1, 4), (2, 2)), _spec((60_000, 3, 5), (2, 2, 4), (8, 8)),
-             _spec((50, 7, 5), (2, 2, 4), (16, 16))]
-    cores = {spec: _cores(spec) for spec in specs}
-    g = torch.Generator().manual_seed(8)
-    torch.set_num_threads(2)
-    for n in range(1, 10):
-        for spec in specs:
-            idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
-            bags = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
-            want = ttrec.tt_rows([c.double() for c in cores[spec]], spec, idx)
-            torch.testing.assert_close(ops.forward(cores[spec], spec, bags, "sum").double(), want, rtol=1e-5,
-                                       atol=1e-6 * want.abs().max().item())
-
-
 def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():
     """Row -> digits divides by p_3 and p_2 through a floating-point reciprocal (4 lanes at a time
     on AVX2), then corrects the quotient by its remainder: for p = 49, floor(k * 49 * (1 / 49.0))

@@ -435,6 +435,36 @@ def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
+# The D = 16, M = q_d = 4 last step (row44) of a d = 3 forward. Without a kept plan, q_1 <= 2 and
+# R % 4 == 0 it runs flat: P from a chain on a column-permuted G_2 slice (q_1 = 1: one row per
+# prefix, q_1 = 2: two), rows in one loop per bucket, the bucket's lookups grouped by piece when it
+# holds more than kPiece = 192 prefixes (p_1 = 900 and 20,000 lookups in 5 buckets); otherwise (q_1 =
+# 4, R % 4 != 0) its prefixes' P are packed one at a time, as a forward that keeps its plan does. R =
+# 8, 16, 32, 64 run unrolled, 20 and 36 at run time, 6 with a zero-padded tail. 600 lookups stay in
+# cache, 20,000 are streamed out.
+@pytest.mark.parametrize("q", [(1, 4, 4), (2, 2, 4), (4, 1, 4)])
+@pytest.mark.parametrize("R", [6, 8, 16, 20, 32, 36, 64])
+def test_row44_forwards_equal_bitwise_with_and_without_a_kept_plan(q, R):
+    spec = _spec((900, 5, 11), q, (12, R))
+    cores = _cores(spec, seed=R)
+    g = torch.Generator().manual_seed(R)
+    torch.set_num_threads(2)
+    for n in (600, 20000):
+        idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+        idx[torch.randperm(n, generator=g)[: n // 4]] = idx[torch.randint(0, n, (n // 4,), generator=g)]
+        bags = make_bags(idx, torch.arange(n), None, num_embeddings=spec.num_embeddings, mode="sum")
+        leaves = [c.clone().requires_grad_() for c in cores]
+        live = ops.live_saved_forwards()
+        kept = ops.tt_bag_cpu(leaves, spec, bags, "sum")
+        assert ops.live_saved_forwards() == live + 1  # this one kept its plan
+        out = ops.forward(cores, spec, bags, "sum")
+        assert torch.equal(out, kept.detach()), (n, q, R)
+        assert ops.last_stats()["unique_prefixes"] == torch.unique(idx // 11).numel()
+        want = ttrec.tt_rows([c.double() for c in cores], spec, idx)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+        del kept  # (its plan)
+
+
 def test_every_row_of_a_table_whose_digits_need_the_quotient_correction():
     """Row -> digits divides by p_3 and p_2 through a floating-point reciprocal (4 lanes at a time
     on AVX2), then corrects the quotient by its remainder: for p = 49, floor(k * 49 * (1 / 49.0))

@@ -1,4 +1,4 @@
-// The small GEMMs of the chains (register tiles) and the last chain step of a lookup (Last44, last_stage16).
+// The small GEMMs of the chains (register tiles) and the last chain step of a lookup (row44, last_stage16).
 // Part of the native CPU kernel: included once, in order, by tt_cpu.cpp (one translation unit).
 #pragma once
 
@@ -236,52 +236,83 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
   }
 }
 
-// The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), for the
-// rows of one prefix: out[a q_d + c] = sum_r P[a][r] St[c][r]. Lane (a, s) of vector k holds
-// P[a][4k + s] (built once per prefix by two levels of 128-bit block shuffles; kept in registers
-// with AVX-512, reloaded from L1 per row with AVX2),
-// and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so each row is
-// Rp FMAs (4 outputs c x Rp / 4 steps k; every lane useful) and two levels of in-block shuffles
-// that sum over s.
-template <int RV>  // Rp = 16 RV
-struct Last44 {
-  v16 pk[4 * RV];
-  Last44(const float* P, int64_t ldp) {  // P: 4 rows ldp apart, Rp floats each (zero-padded)
-    for (int h = 0; h < RV; ++h) {
-      const v16 p0 = load16(P + 16 * h), p1 = load16(P + ldp + 16 * h),
-                   p2 = load16(P + 2 * ldp + 16 * h), p3 = load16(P + 3 * ldp + 16 * h);
-      const v16 t0 = shuffle_blocks<0x44>(p0, p1), t1 = shuffle_blocks<0xEE>(p0, p1),
-                   t2 = shuffle_blocks<0x44>(p2, p3), t3 = shuffle_blocks<0xEE>(p2, p3);
-      pk[4 * h + 0] = shuffle_blocks<0x88>(t0, t2);  // blocks: P[0..3][16h + 4j ..], j = 0..3
-      pk[4 * h + 1] = shuffle_blocks<0xDD>(t0, t2);
-      pk[4 * h + 2] = shuffle_blocks<0x88>(t1, t3);
-      pk[4 * h + 3] = shuffle_blocks<0xDD>(t1, t3);
-    }
+// The last chain step when M = q_1 ... q_{d-1} = 4 and q_d = 4 (D = 16, e.g. q = (2, 2, 4)), one row:
+// out[a q_d + c] = sum_r P_a[r] St[c][r] (P_a: row a of the prefix's P, St: the transposed last-core
+// slice, rows Rp apart, zero past R). Lane (a, s) of vector k holds P_a[4k + s] (vec(k), k < k4 =
+// ceil(R / 4)), and St[c][4k .. 4k + 3] is broadcast to the four blocks by the load itself, so a row
+// is 4 k4 FMAs of 16 lanes (every lane useful) and two levels of in-block shuffles that sum over s.
+// Each vector is read from memory once per row and kept in a register for its four FMAs (GCC would
+// fold it into all four as memory operands, two loads per FMA, which with AVX2 made the loads the
+// bottleneck). Explicit FMAs: every caller computes a row with the same roundings (a forward that
+// keeps its plan and one that does not give the same bits), whichever layout its vectors come from
+// (P44Rows). K4 = k4 unrolled (with_k4), or 0: k4 at run time.
+template <int K4, class Vec>
+inline v16 row44(const Vec& vec, const float* St, int64_t Rp, int k4) {
+  if constexpr (K4 > 0) k4 = K4;
+  auto at = [&](int k) __attribute__((always_inline)) {
+    v16 v = vec(k);
+    keep_in_registers(v);
+    return v;
+  };
+  v16 acc[4];
+  {
+    const v16 p = at(0);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) acc[c] = p * bcast4(St + c * Rp);
   }
-  // one row from the transposed last-core slice St (4 x Rp, rows Rp apart)
-  v16 row(const float* St) const {
-    constexpr int Rp = 16 * RV;
-    v16 acc[4];
-#ifdef __AVX512F__
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      acc[c] = pk[0] * bcast4(St + c * Rp);
 #pragma GCC unroll 16
-      for (int k = 1; k < 4 * RV; ++k) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
-    }
-#else  // 16 registers: k outer, so only pk[k] (2), the four broadcasts and the accumulators (8) are live
-    for (int c = 0; c < 4; ++c) acc[c] = pk[0] * bcast4(St + c * Rp);
-#pragma GCC unroll 16
-    for (int k = 1; k < 4 * RV; ++k)
+  for (int k = 1; k < k4; ++k) {
+    const v16 p = at(k);
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) acc[c] += pk[k] * bcast4(St + c * Rp + 4 * k);
-#endif
-    // block a of acc[c] holds the four partial sums over s of out[a][c]
-    const v16 u0 = shuffle_in_blocks<0x44>(acc[0], acc[1]) + shuffle_in_blocks<0xEE>(acc[0], acc[1]);
-    const v16 u1 = shuffle_in_blocks<0x44>(acc[2], acc[3]) + shuffle_in_blocks<0xEE>(acc[2], acc[3]);
-    return shuffle_in_blocks<0x88>(u0, u1) + shuffle_in_blocks<0xDD>(u0, u1);
+    for (int c = 0; c < 4; ++c) acc[c] = fma16(p, bcast4(St + c * Rp + 4 * k), acc[c]);
+  }
+  // block a of acc[c] holds the four partial sums over s of out[a][c]
+  const v16 u0 = shuffle_in_blocks<0x44>(acc[0], acc[1]) + shuffle_in_blocks<0xEE>(acc[0], acc[1]);
+  const v16 u1 = shuffle_in_blocks<0x44>(acc[2], acc[3]) + shuffle_in_blocks<0xEE>(acc[2], acc[3]);
+  return shuffle_in_blocks<0x88>(u0, u1) + shuffle_in_blocks<0xDD>(u0, u1);
+}
+
+// row44's vectors from a prefix's P in its three layouts:
+//  - P44Rows<4>: P as the chain GEMM leaves it, 4 rows ld apart (ld >= 4 ceil(R / 4), zero past R):
+//    vector k gathered from four 16-byte pieces (per row: on a forward's plan path a prefix has
+//    few rows, and packing each prefix's vectors first took longer);
+//  - P44Rows<1>, P44Rows<2>: P from a chain GEMM on a G_2 slice with permuted columns (permute44),
+//    q_1 = 1: vector k is the 16 floats at p + 16 k; q_1 = 2: lanes 0-7 (a = 0, 1) at p + 8 k,
+//    lanes 8-15 (a = 2, 3) at p + ld + 8 k (P's second row).
+template <int Rows>
+struct P44Rows {
+  const float* p;
+  int64_t ld;
+  v16 operator()(int k) const {
+    if constexpr (Rows == 1) return load16(p + 16 * k);
+    else if constexpr (Rows == 2) return load_halves(p + 8 * k, p + ld + 8 * k);
+    else return load_blocks(p + 4 * k, p + ld + 4 * k, p + 2 * ld + 4 * k, p + 3 * ld + 4 * k);
   }
 };
+
+// f(std::integral_constant<int, K4>{}): K4 = k4 for the widths unrolled (R = 8, 16, 32, 64), else 0
+template <class F>
+inline void with_k4(int k4, F&& f) {
+  switch (k4) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// The G_2 slice S (R_1 x q_2 R_2, rows ld apart; R_2 % 4 == 0) with each row's columns reordered for
+// row44: column j2 R_2 + 4k + s moves to k (4 q_2) + 4 j2 + s (out: rows q_2 R_2 apart). A chain GEMM
+// on it (P = G_1[i1] @ out) leaves P in row44's vectors (P44Rows<q_1> with ld = q_2 R_2, for q_1 = 1
+// or 2). Its entries are those of the GEMM on S, moved (the same sums).
+inline void permute44(const float* S, int64_t ld, int R1, int q2, int R2, float* out) {
+  const int64_t N = (int64_t)q2 * R2;
+  for (int r = 0; r < R1; ++r)
+    for (int j2 = 0; j2 < q2; ++j2)
+      for (int k = 0; k < R2 / 4; ++k)
+        _mm_storeu_ps(out + r * N + 4 * (k * q2 + j2), _mm_loadu_ps(S + r * ld + j2 * R2 + 4 * k));
+}
 
 // C (M x N) (+)= A (M x K, lda) @ B^T, B is (N x K, ldb): dot-product form, K contiguous.
 void gemm_nt(int M, int N, int K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,

@@ -61,18 +61,22 @@ inline v16 hsum16_bitrev(const v16* acc) {
   return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
 }
 
-// Last44's block (128-bit) operations, written without _mm512_undefined_ps (GCC 12 reports the
-// intrinsics' undefined pass-through operand as maybe-uninitialized; the full mask never reads it).
+// row44's operations. The block broadcast is written without _mm512_undefined_ps (GCC 12 reports the
+// intrinsic's undefined pass-through operand as maybe-uninitialized; the full mask never reads it).
 inline v16 bcast4(const float* p) {  // the 4 floats at p in every block
   return (v16)__builtin_ia32_broadcastf32x4_512((__v4sf)_mm_loadu_ps(p), (__v16sf)_mm512_setzero_ps(),
                                                 (__mmask16)-1);
 }
-// blocks [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshuff32x4)
-template <int IMM>
-inline v16 shuffle_blocks(v16 a, v16 b) {
-  return (v16)__builtin_ia32_shuf_f32x4_mask((__v16sf)a, (__v16sf)b, IMM, (__v16sf)_mm512_setzero_ps(),
-                                             (__mmask16)-1);
+inline v16 load_halves(const float* lo, const float* hi) {  // lanes 0-7 from lo, 8-15 from hi
+  return __builtin_shufflevector(*reinterpret_cast<const v8h*>(lo), *reinterpret_cast<const v8h*>(hi), 0, 1, 2, 3, 4,
+                                 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 }
+inline v16 load_blocks(const float* a, const float* b, const float* c, const float* d) {  // 4 floats each
+  return __builtin_shufflevector((v8h)_mm256_loadu2_m128(b, a), (v8h)_mm256_loadu2_m128(d, c), 0, 1, 2, 3, 4, 5, 6, 7,
+                                 8, 9, 10, 11, 12, 13, 14, 15);
+}
+// v from here on in a register: its uses do not load it again (an empty asm that may change it)
+inline void keep_in_registers(v16& v) { asm("" : "+v"(v)); }
 // within every block: [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshufps)
 template <int IMM>
 inline v16 shuffle_in_blocks(v16 a, v16 b) {
@@ -142,17 +146,13 @@ inline v16 bcast4(const float* p) {  // vbroadcastf128 from memory: a load, no s
   const v8 h = (v8)_mm256_broadcast_ps(reinterpret_cast<const __m128*>(p));
   return {h, h};
 }
-// block j (0..3) of a: half j / 2, lanes 4 (j % 2) ..
-template <int J0, int J1>
-inline v8 two_blocks(v16 a) {
-  return __builtin_shufflevector(J0 < 2 ? a.lo : a.hi, J1 < 2 ? a.lo : a.hi, 4 * (J0 & 1), 4 * (J0 & 1) + 1,
-                                 4 * (J0 & 1) + 2, 4 * (J0 & 1) + 3, 8 + 4 * (J1 & 1), 9 + 4 * (J1 & 1),
-                                 10 + 4 * (J1 & 1), 11 + 4 * (J1 & 1));
+inline v16 load_halves(const float* lo, const float* hi) {  // lanes 0-7 from lo, 8-15 from hi
+  return {*reinterpret_cast<const v8*>(lo), *reinterpret_cast<const v8*>(hi)};
 }
-template <int IMM>
-inline v16 shuffle_blocks(v16 a, v16 b) {
-  return {two_blocks<(IMM & 3), (IMM >> 2 & 3)>(a), two_blocks<(IMM >> 4 & 3), (IMM >> 6 & 3)>(b)};
+inline v16 load_blocks(const float* a, const float* b, const float* c, const float* d) {  // 4 floats each
+  return {(v8)_mm256_loadu2_m128(b, a), (v8)_mm256_loadu2_m128(d, c)};
 }
+inline void keep_in_registers(v16& v) { asm("" : "+x"(v.lo), "+x"(v.hi)); }  // (see the AVX-512 one)
 template <int IMM>
 inline v16 shuffle_in_blocks(v16 a, v16 b) {
   return {(v8)_mm256_shuffle_ps((__m256)a.lo, (__m256)b.lo, IMM), (v8)_mm256_shuffle_ps((__m256)a.hi, (__m256)b.hi, IMM)};

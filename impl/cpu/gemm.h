@@ -248,7 +248,10 @@ inline void last_stage16(int D, int Rp, const float* P, const float* St, const i
 // (P44Rows). K4 = k4 unrolled (with_k4), or 0: k4 at run time.
 template <int K4, class Vec>
 inline v16 row44(const Vec& vec, const float* St, int64_t Rp, int k4) {
-  if constexpr (K4 > 0) k4 = K4;
+  if constexpr (K4 > 0) {  // (Rp = R rounded up to 16, known too: with Rp at run time the St offsets took
+    k4 = K4;               // address arithmetic, and the plan path's rows 1.15x as long)
+    Rp = (4 * K4 + 15) / 16 * 16;
+  }
   auto at = [&](int k) __attribute__((always_inline)) {
     v16 v = vec(k);
     keep_in_registers(v);

@@ -252,11 +252,7 @@ inline v16 row44(const Vec& vec, const float* St, int64_t Rp, int k4) {
     k4 = K4;               // address arithmetic, and the plan path's rows 1.15x as long)
     Rp = (4 * K4 + 15) / 16 * 16;
   }
-  auto at = [&](int k) __attribute__((always_inline)) {
-    v16 v = vec(k);
-    keep_in_registers(v);
-    return v;
-  };
+  auto at = [&](int k) __attribute__((always_inline)) { return in_registers(vec(k)); };
   v16 acc[4];
   {
     const v16 p = at(0);

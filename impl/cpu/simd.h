@@ -75,8 +75,11 @@ inline v16 load_blocks(const float* a, const float* b, const float* c, const flo
   return __builtin_shufflevector((v8h)_mm256_loadu2_m128(b, a), (v8h)_mm256_loadu2_m128(d, c), 0, 1, 2, 3, 4, 5, 6, 7,
                                  8, 9, 10, 11, 12, 13, 14, 15);
 }
-// v from here on in a register: its uses do not load it again (an empty asm that may change it)
-inline void keep_in_registers(v16& v) { asm("" : "+v"(v)); }
+// v in a register: its uses do not load it again (an empty asm that may change it)
+inline v16 in_registers(v16 v) {
+  asm("" : "+v"(v));
+  return v;
+}
 // within every block: [a[IMM & 3], a[IMM >> 2 & 3], b[IMM >> 4 & 3], b[IMM >> 6 & 3]] (vshufps)
 template <int IMM>
 inline v16 shuffle_in_blocks(v16 a, v16 b) {
@@ -152,7 +155,11 @@ inline v16 load_halves(const float* lo, const float* hi) {  // lanes 0-7 from lo
 inline v16 load_blocks(const float* a, const float* b, const float* c, const float* d) {  // 4 floats each
   return {(v8)_mm256_loadu2_m128(b, a), (v8)_mm256_loadu2_m128(d, c)};
 }
-inline void keep_in_registers(v16& v) { asm("" : "+x"(v.lo), "+x"(v.hi)); }  // (see the AVX-512 one)
+inline v16 in_registers(v16 v) {  // (see the AVX-512 one; on the halves as values: through the pair, GCC
+  v8 lo = v.lo, hi = v.hi;          // stored both to the stack at every use)
+  asm("" : "+x"(lo), "+x"(hi));
+  return {lo, hi};
+}
 template <int IMM>
 inline v16 shuffle_in_blocks(v16 a, v16 b) {
   return {(v8)_mm256_shuffle_ps((__m256)a.lo, (__m256)b.lo, IMM), (v8)_mm256_shuffle_ps((__m256)a.hi, (__m256)b.hi, IMM)};

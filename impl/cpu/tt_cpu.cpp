@@ -6,7 +6,7 @@
 //   1. the lookups are radix-sorted by row index with the digit i_{d-1} moved to the front, so
 //      lookups sharing a prefix (i_1..i_{d-1}) form runs and runs sharing G_{d-1}'s slice are
 //      adjacent; repeats of a row are adjacent too (d = 3 forward that keeps no plan for a
-//      backward: sorted on i_2 alone, and each i_2 bucket's prefixes found through lists per i_1);
+//      backward: sorted on i_2 alone, and each i_2 bucket's prefixes numbered in one pass);
 //   2. forward, threads over prefixes: the prefix's partial product G_1[i_1] ... G_{d-1}[i_{d-1}]
 //      once, in a thread-local scratch (the reuse of EL-Rec/EcoRec), then each distinct row of
 //      the run with the last core into a row buffer at its lookup's position, or straight into the
@@ -435,10 +435,11 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         };
         if (bucketed) {
           // Thread th takes the i2 buckets whose lookups start in [cn th / nt, cn (th + 1) / nt). Per
-          // bucket: a list per i1 (head[i1], then nxt; entries in reverse lookup order, found in one
-          // pass without a branch on "first seen", which would be a coin flip through most of a
-          // bucket), the i1 in order of first sight (front); then per piece of kPiece of them their P
-          // = G_1[i1] @ G_2[:, i2] (one GEMM) and each one's rows. (On Kaggle's largest table, 65,536
+          // bucket, with row44 on permuted P (flat, below): each lookup's prefix numbered; otherwise a
+          // list per i1 (head[i1], then nxt; entries in reverse lookup order, found in one pass
+          // without a branch on "first seen", which would be a coin flip through most of a bucket).
+          // Either way the i1 in order of first sight (front); then per piece of kPiece of them their
+          // P = G_1[i1] @ G_2[:, i2] (one GEMM) and each one's rows. (On Kaggle's largest table, 65,536
           // uniform lookups, 2 threads, Zen 2 VM: forward 0.91x of the plan's two-pass sort and runs,
           // 16 alternating rounds; sort phase 0.68 -> 0.33 ms, the lists 0.07 ms; 0.90x at 4,096.)
           const int64_t nb = (int64_t)middle_digit.size();

@@ -56,11 +56,14 @@ def _reference(cores, spec, idx, sizes=None, weights=None, mode="sum"):
     return want, bound
 
 
-def _assert_close(got, want, bound):
+def _assert_close(got, want, bound, longest_bag=1):
+    """Within float32 rounding: a row's chain (2e-6 of the sum of |terms|) and the bag's pooling, a
+    sequential float32 sum whose error grows with its length (at most about length x 2^-24 of it)."""
     assert got.shape == want.shape
     err = (got.double() - want).abs()
-    ok = err <= 2e-6 * bound + 1e-30
-    assert bool(ok.all()), (f"{int((~ok).sum())} entries off; max excess {(err - 2e-6 * bound).max().item()}, "
+    tol = (2e-6 + longest_bag * 6e-8) * bound + 1e-30
+    ok = err <= tol
+    assert bool(ok.all()), (f"{int((~ok).sum())} entries off; max excess {(err - tol).max().item()}, "
                             f"first bad at {tuple(int(i) for i in (~ok).nonzero()[0])}")
 
 
@@ -107,7 +110,7 @@ def _check_all(spec, cores, idx, sizes=None, weights=None, mode="sum", threads=(
     bags = _bags(spec, idx, sizes, weights, mode)
     outs, stats = _on_threads(cores, spec, bags, mode, threads, **kw)
     want, bound = _reference(cores, spec, idx, sizes, weights, mode)
-    _assert_close(outs[0], want, bound)
+    _assert_close(outs[0], want, bound, max(sizes) if sizes else 1)
     for t, o in zip(threads[1:], outs[1:]):
         assert torch.equal(o, outs[0]), (t, (o - outs[0]).abs().max().item())
     chunk = 1024 if kw.get("chunk_bytes") == 1 else None

@@ -439,9 +439,9 @@ def test_forwards_without_a_plan_match_the_reference_on_either_path(p, q, r):
 # R % 4 == 0 it runs flat: P from a chain on a column-permuted G_2 slice (q_1 = 1: one row per
 # prefix, q_1 = 2: two), rows in one loop per bucket, the bucket's lookups grouped by piece when it
 # holds more than kPiece = 192 prefixes (p_1 = 900 and 20,000 lookups in 5 buckets); otherwise (q_1 =
-# 4, R % 4 != 0) its prefixes' P are packed one at a time, as a forward that keeps its plan does. R =
-# 8, 16, 32, 64 run unrolled, 20 and 36 at run time, 6 with a zero-padded tail. 600 lookups stay in
-# cache, 20,000 are streamed out.
+# 4, R % 4 != 0) each row gathers its vectors from P's four rows, as a forward that keeps its plan
+# does. R = 8, 16, 32, 64 run unrolled, 20 and 36 at run time, 6 from P zero-padded to 16. 600 lookups
+# stay in cache, 20,000 are streamed out.
 @pytest.mark.parametrize("q", [(1, 4, 4), (2, 2, 4), (4, 1, 4)])
 @pytest.mark.parametrize("R", [6, 8, 16, 20, 32, 36, 64])
 def test_row44_forwards_equal_bitwise_with_and_without_a_kept_plan(q, R):

@@ -107,7 +107,7 @@ def test_three_lookups_no_grad_forward_equals_kept_plan_forward_bitwise():
     ((9, 9, 9), (3, 5, 7), (3, 3)),    # gemm_nt last core, q_2 R_2 = 15 (8-column block + tail), q_1 = 3
     ((9, 9, 9), (1, 1, 4), (8, 8)),    # q_2 R_2 = 8
     ((9, 9, 9), (3, 5, 4), (16, 8)),   # D = 60: gemm_nt, q_2 R_2 = 40 (32 + the 8-column block)
-    ((9, 9, 9), (2, 2, 4), (16, 16)),  # Last44, R 16 (no 8-column block)
+    ((9, 9, 9), (2, 2, 4), (16, 16)),  # row44, R 16 (no 8-column block)
     ((9, 9, 9), (2, 2, 4), (8, 8)),    # R = 8, D = 16: P zero-padded
     ((9, 9, 9), (2, 2, 4), (32, 32)),
     ((9, 9, 9), (2, 2, 4), (64, 64)),
@@ -130,7 +130,7 @@ def test_no_grad_forward_equals_kept_plan_forward_bitwise(p, q, r):
 # --------------------------------------------------------------------------------------------------
 # 2. Results against the float64 reference, bitwise across thread counts, prefix statistics.
 
-# (q, r) per last-core path: Last44 with R 16 / 32 / 64; last_stage16 (D % 16 == 0, other q); gemm_nt
+# (q, r) per last-core path: row44 with R 16 / 32 / 64; last_stage16 (D % 16 == 0, other q); gemm_nt
 # (D % 16 != 0); R = 8 with D = 16 (P zero-padded); rank 1
 QR = [((2, 2, 4), (16, 16)), ((2, 2, 4), (32, 32)), ((2, 2, 4), (64, 64)), ((1, 4, 4), (8, 16)),
       ((2, 2, 8), (16, 8)), ((2, 3, 5), (3, 7)), ((1, 1, 16), (5, 8)), ((2, 2, 4), (8, 8)), ((1, 2, 1), (1, 1))]

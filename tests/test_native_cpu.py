@@ -730,3 +730,43 @@ def test_small_batches_run_on_one_thread(monkeypatch):
     assert [ops.threads_for(n) for n in (0, 64, 4095, 4096, 65536)] == [1, 1, 1, 2, 2]
     torch.set_num_threads(1)
     assert ops.threads_for(65536) == 1
+
+
+# A plan's whole-key sort (a forward that keeps its plan, a backward without one) runs in two levels from
+# kTwoLevelFrom = 32,768 lookups (plan.h): one pass on i2, then each i2 bucket sorted on i1 and i3 where it
+# is (insertion sort up to 32 entries, else LSD passes of up to 8 bits); i2 over 12 bits keeps one level.
+@pytest.mark.parametrize("p", [(40, 50, 60), (7, 300, 13), (300, 5, 200), (3, 4000, 5), (2, 5000, 3)])
+@pytest.mark.parametrize("batch", ["uniform", "hot"])
+def test_plans_of_32768_lookups_and_more_find_every_prefix_once(p, batch):
+    """40,000 lookups: the forward that keeps its plan and the backward without one count exactly the
+    distinct prefixes (a prefix split over two runs would be counted twice, and its gradient still sum
+    right), give the same bits on 1, 2 and 3 threads and through autograd, and match the float64
+    reference. "hot": half the lookups on 20 rows (long buckets, long runs of repeats). Uniform, the
+    buckets hold about 800, 130, 8,000, 10 (insertion sort) and 8 lookups; (300, 5, 200): 17 low bits,
+    three local passes; (2, 5000, 3): 13 bits of i2, one level."""
+    spec = _spec(p, (2, 2, 4), (8, 8))
+    cores = _cores(spec)
+    g = torch.Generator().manual_seed(8)
+    n = 40000
+    idx = torch.randint(0, spec.num_embeddings, (n,), generator=g)
+    if batch == "hot":
+        hot = torch.randint(0, spec.num_embeddings, (20,), generator=g)
+        idx[torch.randperm(n, generator=g)[: n // 2]] = hot[torch.randint(0, 20, (n // 2,), generator=g)]
+    bags = make_bags(idx, torch.arange(0, n, 2), None, num_embeddings=spec.num_embeddings, mode="sum")
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=g)
+    distinct = torch.unique(idx // p[2]).numel()
+    runs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out, saved = ops._forward(cores, spec, bags, "sum", keep=True)
+        assert saved is not None and ops.last_stats()["unique_prefixes"] == distinct, threads
+        saved.release()
+        grads = ops.backward(cores, spec, bags, "sum", grad_out)
+        assert ops.last_stats("backward")["unique_prefixes"] == distinct, threads
+        leaves = [c.clone().requires_grad_() for c in cores]
+        ops.tt_bag_cpu(leaves, spec, bags, "sum").backward(grad_out)
+        assert all(torch.equal(a.grad, b) for a, b in zip(leaves, grads)), threads
+        runs.append((out, grads))
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
+    assert_matches_reference(cores, spec, bags, grad_out)

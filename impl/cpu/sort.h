@@ -203,7 +203,8 @@ int sort_threads(int64_t n, int threads) {  // slices of at least 4,096 lookups
 }
 
 void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
-               std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, int low, bool packed) {
+               std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, int low, bool packed,
+               bool then_low = false) {
   const int d = s->d;
   const int64_t pd = s->p[d - 1], plast = s->p[d - 2];
   int64_t pfront = 1;
@@ -230,6 +231,10 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
   marks.assign((size_t)T * pd, 0);  // row t: the last digits in thread t's slice (see Ctx::prepare_last)
   const uint64_t last_mask = ((uint64_t)1 << lb) - 1;
   int scatters = 0;  // how many times the entries moved (odd: they end in tmp)
+  // then_low (one kShared pass on the top field): each top-digit bucket then sorted on the low bits in place
+  // (see SortKey kTwoLevel); the buckets' starts from the pass's offsets
+  const bool local = then_low && way == kShared && passes == 1 && low > 0;
+  std::vector<int64_t> bstart(local ? nbk + 1 : 0);
   // one parallel region for keys and every pass (fewer fork/joins); the same order for any thread count
 #pragma omp parallel num_threads(T)
   {
@@ -275,12 +280,15 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
 #pragma omp single
         {
           int64_t sum = 0;
-          for (int64_t bucket = 0; bucket < nbk; ++bucket)
+          for (int64_t bucket = 0; bucket < nbk; ++bucket) {
+            if (local) bstart[bucket] = sum;
             for (int u = 0; u < nt; ++u) {
               const int64_t v = cnt[(size_t)u * nbk + bucket];
               cnt[(size_t)u * nbk + bucket] = sum;
               sum += v;
             }
+          }
+          if (local) bstart[nbk] = n;
         }  // implicit barrier
         for (int64_t x = lo; x < hi; ++x) dst[c[(src[x] >> shift) & mask]++] = src[x];
         cur ^= 1;
@@ -289,6 +297,39 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
         }
       }
       if (t == 0) scatters = passes;
+      if (local) {  // the pass's result is in bufs[1]; each thread its buckets (by start, balanced by count)
+#pragma omp barrier
+        const int64_t* const bs = bstart.data();
+        const int64_t k0 = std::lower_bound(bs, bs + nbk, lo) - bs, k1 = std::lower_bound(bs, bs + nbk, hi) - bs;
+        const int lpasses = (low + 7) / 8, lwidth = (low + lpasses - 1) / lpasses;
+        const uint64_t lmask = ((uint64_t)1 << lwidth) - 1;
+        int32_t lc[256];
+        for (int64_t k = t == 0 ? 0 : k0; k < (t + 1 == nt ? nbk : k1); ++k) {
+          const int64_t b0 = bs[k], b1 = bs[k + 1], m = b1 - b0;
+          uint64_t* x = bufs[1] + b0;
+          uint64_t* y = bufs[0] + b0;
+          if (m < 2) continue;
+          if (m <= 32) {  // insertion sort on the key (stable: an entry passes only greater keys)
+            for (int64_t i = 1; i < m; ++i) {
+              const uint64_t v = x[i], kv = v >> kJBits;
+              int64_t j = i;
+              for (; j > 0 && (x[j - 1] >> kJBits) > kv; --j) x[j] = x[j - 1];
+              x[j] = v;
+            }
+            continue;
+          }
+          for (int lp = 0; lp < lpasses; ++lp) {  // LSD passes, x -> y, then swapped
+            const int sh = kJBits + lp * lwidth;
+            std::fill(lc, lc + (1 << lwidth), 0);
+            for (int64_t i = 0; i < m; ++i) lc[(x[i] >> sh) & lmask]++;
+            int32_t sum = 0;
+            for (int v = 0; v < (1 << lwidth); ++v) { const int32_t c = lc[v]; lc[v] = sum; sum += c; }
+            for (int64_t i = 0; i < m; ++i) y[lc[(x[i] >> sh) & lmask]++] = x[i];
+            std::swap(x, y);
+          }
+          if (lpasses % 2 == 1) std::memcpy(bufs[1] + b0, x, sizeof(uint64_t) * m);
+        }
+      }
     } else {  // (the top digit's histogram was counted with the keys)
 #pragma omp barrier
 #pragma omp single
@@ -353,29 +394,33 @@ void sort_with(SortWay way, const tt_shape_t* s, const int64_t* idx, int64_t n, 
 // (d >= 3): i_{d-1} alone, in a packed key (key_bits): e >> (kJBits + lb + fb) is i_{d-1} and
 // (e >> (kJBits + lb)) & (2^fb - 1) the front digits, fb = last_bits(p_1 ... p_{d-2}); each i_{d-1}
 // bucket in lookup order, its prefixes found afterwards (the d = 3 forward without a plan): on
-// Kaggle's largest table one pass of 8 bits instead of two.
-enum SortKey { kWholeKey, kPrefix, kMiddle };
+// Kaggle's largest table one pass of 8 bits instead of two. kTwoLevel (d >= 3, a plan's sort, see
+// plan_chunk): kMiddle's pass, always kShared, then each i_{d-1} bucket sorted on the rest of the packed key
+// by its owner thread while the bucket is in cache (insertion sort up to 32 entries, else LSD passes of up
+// to 8 bits between the two buffers): kWholeKey's order, in packed keys.
+enum SortKey { kWholeKey, kPrefix, kMiddle, kTwoLevel };
 // Sorted entries of a chunk (see above) in a, tmp as scratch: by the way SortTuner picks.
 void sort_lookups(const tt_shape_t* s, const int64_t* idx, int64_t n, std::vector<uint64_t>& a,
                   std::vector<uint64_t>& tmp, std::vector<uint8_t>& marks, int threads, SortKey on = kWholeKey) {
-  const bool packed = on == kMiddle;
+  const bool packed = on == kMiddle || on == kTwoLevel;
   const int lb = last_bits(s->p[s->d - 1]);
   // (at least one bit sorted: a shape whose prefix takes no bits sorts on i_d's)
   const int kb = key_bits(s, packed);
   const int low = std::max(0, on == kPrefix   ? std::min(lb, kb - 1)
-                              : on == kMiddle ? std::min(kb - 1, kb - last_bits(s->p[s->d - 2]))
+                              : packed ? std::min(kb - 1, kb - last_bits(s->p[s->d - 2]))
                                               : 0);
   const int bits = kb - low;
   SortWay first = kShared;
-  const int way = g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
+  // (kTwoLevel: always kShared, its one pass on the top field being what the buckets' local sorts need)
+  const int way = on == kTwoLevel ? kShared : g_sort_tuner.pick(bits, n, sort_threads(n, threads), &first);
   if (way >= 0) {
-    sort_with((SortWay)way, s, idx, n, a, tmp, marks, threads, low, packed);
+    sort_with((SortWay)way, s, idx, n, a, tmp, marks, threads, low, packed, on == kTwoLevel);
   } else {  // timing: both ways on this input (same result), the second left in a
     const bool valid = a.capacity() >= (size_t)n && tmp.capacity() >= (size_t)n;  // no fresh pages
     double per_lookup[2];
     for (SortWay w : {first, (SortWay)(1 - first)}) {
       const double t0 = omp_get_wtime();
-      sort_with(w, s, idx, n, a, tmp, marks, threads, low, packed);
+      sort_with(w, s, idx, n, a, tmp, marks, threads, low, packed, on == kTwoLevel);
       per_lookup[w] = (omp_get_wtime() - t0) / (double)n;
     }
     g_sort_tuner.record(bits, per_lookup, valid);

@@ -189,12 +189,11 @@ void plan_chunk(const tt_shape_t* s, const int64_t* idx, int64_t cn, int threads
   // The whole key in two levels (SortKey kTwoLevel: one pass on i2, then each i2 bucket on i1 and i3 while
   // it is in cache; packed key, prefix = i2 2^fb + i1) where i2 takes at most 12 bits, the rest at most 24,
   // and the chunk at least kTwoLevelFrom lookups: below, the two global passes run in L2 anyway.
-  const int fb = last_bits(s->p[0]), lb3 = last_bits(s->p[2]);
+  const int fb = last_bits(s->p[0]), lb = last_bits(s->p[2]);
   const bool two = !by_prefix && cn >= kTwoLevelFrom && key_bits(s, true) <= 40 && last_bits(s->p[1]) <= 12 &&
-                   fb + lb3 <= 24;
+                   fb + lb <= 24;
   sort_lookups(s, idx, cn, pl.sorted, pl.tmp, marks, threads, by_prefix ? kPrefix : two ? kTwoLevel : kWholeKey);
   pl.sort_seconds = omp_get_wtime() - t0;
-  const int lb = last_bits(s->p[2]);
   const int64_t U = find_runs(pl.sorted, cn, lb, pl.runs, nullptr, threads);
   const int64_t p0 = s->p[0];
   const FastDiv by_p0(p0);

@@ -499,8 +499,9 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                 int64_t lead_j = 0;
                 if (i0 >= i1) return;
                 // a row's entry and the addresses of its vectors are found one row ahead, and its last-core
-                // slice is fetched into L1 then (unless they all fit there): the three dependent loads behind the addresses issue before
-                // the row before's FMAs, not after them (which had left them in the way of each row's start)
+                // slice is fetched into L1 then (unless they all fit there): the three dependent loads behind
+                // the addresses issue before the row before's FMAs, not after them (which had left them in
+                // the way of each row's start)
                 auto at = [&](int64_t i, uint64_t* e, const float** St, const float** Pp) __attribute__((always_inline)) {
                   const int64_t y = order_of ? order_of[i] : i;
                   *e = entries[y];

@@ -21,7 +21,7 @@ def normal_cores(spec, seed: int = 0) -> list[torch.Tensor]:
     return ttrec.init_tt_cores(spec, "normal", generator=torch.Generator().manual_seed(seed))
 
 
-def _reference(cores, spec, bags, grad_out, mode: str):
+def reference_with_grads(cores, spec, bags, grad_out, mode: str):
     """The float64 reference forward and its core gradients for grad_out (autograd)."""
     ref_cores = [c.double().requires_grad_() for c in cores]
     want = ttrec.tt_embedding_bag(ref_cores, spec, bags, mode)
@@ -31,7 +31,7 @@ def _reference(cores, spec, bags, grad_out, mode: str):
 def assert_matches_reference(cores, spec, bags, grad_out, mode: str = "sum") -> None:
     """ops.forward and ops.backward equal the float64 reference and its autograd (fp32 tolerances
     scaled by the largest reference value)."""
-    want, want_grads = _reference(cores, spec, bags, grad_out, mode)
+    want, want_grads = reference_with_grads(cores, spec, bags, grad_out, mode)
     got = ops.forward(cores, spec, bags, mode)
     torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-5)
     grads = ops.backward(cores, spec, bags, mode, grad_out)
@@ -42,7 +42,7 @@ def assert_matches_reference(cores, spec, bags, grad_out, mode: str = "sum") -> 
 def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 0.1, mode: str = "sum") -> None:
     """One fused SGD step (ops.sparse_update) moves every core by -lr x the float64 reference
     gradient, and leaves its gradient scratch zero."""
-    ref_grads = _reference(cores, spec, bags, grad_out, mode)[1]
+    ref_grads = reference_with_grads(cores, spec, bags, grad_out, mode)[1]
     new = [c.clone() for c in cores]
     scratch = [torch.zeros_like(c) for c in cores]
     ops.sparse_update(new, spec, bags, mode, grad_out, "sgd", lr, 0.0, scratch, None)
@@ -51,3 +51,28 @@ def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 
         torch.testing.assert_close((c_new.double() - c_old.double()), step,
                                    atol=1e-5 * step.abs().max().item() + 1e-6 * c_old.abs().max().item(), rtol=1e-4)
     assert all(not s.any() for s in scratch)
+
+
+def assert_fused_module_steps_match_torch(optimizer: str, idx, offsets, grad_out, each_step=None):
+    """Two fused steps of a native TTEmbeddingBag (15,000 x 16, p = (30, 20, 25), q = (2, 2, 4), R = 16,
+    lr 0.05) equal the same steps of torch's SGD / Adagrad on a float64 reference module with the same
+    cores; ``each_step()`` runs after each fused step. Returns the fused module."""
+    p, q, r = (30, 20, 25), (2, 2, 4), (16, 16)
+    lr = 0.05
+    fused = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="cpu", seed=1, optimizer=optimizer, learning_rate=lr)
+    ref = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="torch", seed=1, dtype=torch.float64)
+    with torch.no_grad():
+        for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
+            c_ref.copy_(c.double())
+    opt = (torch.optim.SGD(ref.parameters(), lr=lr) if optimizer == "sgd"
+           else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10))
+    for _ in range(2):
+        fused(idx, offsets).backward(grad_out.float())
+        if each_step is not None:
+            each_step()
+        opt.zero_grad()
+        ref(idx, offsets).backward(grad_out)
+        opt.step()
+    for c_fused, c_ref in zip(fused.tt_cores, ref.tt_cores):
+        torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
+    return fused

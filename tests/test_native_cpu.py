@@ -13,7 +13,8 @@ from ttrec.bags import Bags, make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
+from .native_reference import (assert_fused_module_steps_match_torch, assert_fused_sgd_matches_reference,
+                               assert_matches_reference)
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
               pytest.mark.usefixtures("threads_at_any_size")]
@@ -534,27 +535,12 @@ def test_fused_update_in_the_backward_and_as_a_scratch_pass_match_torch(optimize
     update pass. Both must equal torch's optimizer on float64 and leave the scratch zero."""
     if chunked:
         monkeypatch.setattr(ops, "DEFAULT_CHUNK_BYTES", 1)  # the backward's chunks: 1,024 lookups
-    p, q, r = (30, 20, 25), (2, 2, 4), (16, 16)
-    lr = 0.05
-    fused = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="cpu", seed=1, optimizer=optimizer, learning_rate=lr)
-    ref = ttrec.TTEmbeddingBag(15000, 16, r, p, q, backend="torch", seed=1, dtype=torch.float64)
-    with torch.no_grad():
-        for c_ref, c in zip(ref.tt_cores, fused.tt_cores):
-            c_ref.copy_(c.double())
-    opt = (torch.optim.SGD(ref.parameters(), lr=lr) if optimizer == "sgd"
-           else torch.optim.Adagrad(ref.parameters(), lr=lr, eps=1e-10))
     g = torch.Generator().manual_seed(9)
     idx = torch.randint(0, 15000, (2600,), generator=g)  # > 2 chunks of 1,024 when chunked
     offsets = torch.arange(0, 2600, 2)
     grad_out = torch.randn(1300, 16, generator=g, dtype=torch.float64)
-    for _ in range(2):
-        fused(idx, offsets).backward(grad_out.float())
-        opt.zero_grad()
-        ref(idx, offsets).backward(grad_out)
-        opt.step()
+    fused = assert_fused_module_steps_match_torch(optimizer, idx, offsets, grad_out)
     assert ops.last_stats("backward")["chunks"] == (3 if chunked else 1)
-    for c_fused, c_ref in zip(fused.tt_cores, ref.tt_cores):
-        torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
     assert all(not s.any() for s in fused._scratch)
 
 

@@ -22,7 +22,7 @@ from ttrec.bags import make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-from .native_reference import _reference
+from .native_reference import reference_with_grads
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
 
@@ -156,7 +156,7 @@ def _bags(idx, offsets, w=None, rows=210):
 
 
 def _assert_reference_grads(grads, cores, spec, bags, grad_out):
-    for got, want in zip(grads, _reference(cores, spec, bags, grad_out, "sum")[1]):
+    for got, want in zip(grads, reference_with_grads(cores, spec, bags, grad_out, "sum")[1]):
         torch.testing.assert_close(got.double(), want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
 
 

@@ -638,9 +638,10 @@ def test_int64_indices_above_2_to_the_31():
 
 @pytest.mark.parametrize("p", [(200, 220, 250), (6007, 7919, 9973), (8192, 8192, 16384), (3, 5, 7)])
 def test_sort_keys_at_digit_boundaries(p):
-    """The sort keys are computed 8 lookups at a time with floating-point quotients (corrected to the
-    exact ones): lookups on both sides of many digit boundaries, up to 40-bit keys, give the rows of
-    a per-row float64 reference."""
+    """The sort keys are computed 4 (AVX2) or 8 (AVX-512) lookups at a time with floating-point
+    quotients (AVX2: by the reciprocal rounded up, exact without a correction; AVX-512: corrected by
+    the remainder): lookups on both sides of many digit boundaries, up to 40-bit keys, give the rows
+    of a per-row float64 reference."""
     spec = ttrec.TTSpec(math.prod(p), 4, p, (1, 2, 2), (2, 2))
     cores = _cores(spec)
     n = spec.num_embeddings

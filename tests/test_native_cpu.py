@@ -636,17 +636,21 @@ def test_int64_indices_above_2_to_the_31():
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("p", [(200, 220, 250), (6007, 7919, 9973), (8192, 8192, 16384), (3, 5, 7)])
+@pytest.mark.parametrize("p", [(200, 220, 250), (6007, 7919, 9973), (8192, 8192, 16384), (3, 5, 7),
+                               (786433, 700001), (1024, 1 << 20), (509, 521, 523, 1021), (61, 67, 71, 73)])
 def test_sort_keys_at_digit_boundaries(p):
     """The sort keys are computed 4 (AVX2) or 8 (AVX-512) lookups at a time with floating-point
     quotients (AVX2: by the reciprocal rounded up, exact without a correction; AVX-512: corrected by
-    the remainder): lookups on both sides of many digit boundaries, up to 40-bit keys, give the rows
-    of a per-row float64 reference."""
-    spec = ttrec.TTSpec(math.prod(p), 4, p, (1, 2, 2), (2, 2))
+    the remainder): lookups on both sides of many digit boundaries (multiples of each trailing product
+    p_k ... p_d), with d = 2, 3 and 4 and keys of up to 40 bits, give the rows of a per-row float64
+    reference."""
+    d = len(p)
+    spec = ttrec.TTSpec(math.prod(p), 4, p, (1,) * (d - 2) + (2, 2), (2,) * (d - 1))
     cores = _cores(spec)
     n = spec.num_embeddings
     g = torch.Generator().manual_seed(3)
-    multiples = [m * k for m in (p[2], p[2] * p[1]) for k in torch.randint(1, n // m, (300,), generator=g).tolist()]
+    trailing = [math.prod(p[k:]) for k in range(1, d)]
+    multiples = [m * k for m in trailing for k in torch.randint(1, n // m, (300,), generator=g).tolist()]
     idx = torch.tensor([0, n - 1] + [x + dx for x in multiples for dx in (-1, 0, 1) if 0 <= x + dx < n])
     bags = make_bags(idx, torch.arange(idx.numel()), None, num_embeddings=n, mode="sum")
     want = ttrec.tt_rows([c.double() for c in cores], spec, idx)

@@ -26,7 +26,7 @@ from .cache_experiments import (build_cached, comparison_configs, stability_rows
                                 workload_columns, workload_stream)
 from . import analytic, paper, training
 from .config import BenchConfig, Task, check_output_dirs, check_override_keys, check_values, register, to_objects
-from .environment import CpuWait, capture
+from .environment import CpuWait, capture, steady_heap
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
 from .callbacks import drop_job_log, own_job_log
@@ -155,6 +155,7 @@ def _metric(name: str, unit: str, stats: Stats, note: str | None = None) -> dict
 
 def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
     """Workload batch, module and the step to time for one point (seeded: the same every time)."""
+    steady_heap()  # before anything is timed: see benches.environment.steady_heap
     torch.set_num_threads(cfg.timing.threads)  # (cfg.device was checked with the config)
     torch.manual_seed(cfg.seed)
     stream = workload_stream(cfg)

@@ -27,7 +27,7 @@ import torch
 from .app import build_point, config_columns, measure_point, point_columns, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
-from .environment import capture, thread_round_trip_ns, usable_cpus
+from .environment import capture, steady_heap, thread_round_trip_ns, usable_cpus
 from .memory import measure_in_child
 from .results import RESULTS_FILE, write_rows
 from .timing import Stats, measure
@@ -145,6 +145,7 @@ def run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame
 def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFrame:
     scale = SCALES[scale_name]
     torch.set_num_threads(threads)
+    steady_heap()  # (build_point does it too; here first, so that env records it)
     rows: list[dict] = []
     env = capture()
 

@@ -52,7 +52,7 @@ from ttrec.tt import TTEmbeddingBag
 
 from .callbacks import _clock
 from .config import BenchConfig, existing_file
-from .environment import CpuWait, capture
+from .environment import CpuWait, capture, steady_heap
 from .timing import Stats
 
 __all__ = ["build_data", "build_model", "Trainer", "train_rows"]
@@ -287,6 +287,7 @@ def train_rows(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                      note=((r.get("note") or "") + "; reused: same model as an earlier job (0 TT tables)").lstrip("; "))
                 for r in _SAME_POINT[key]]
     d = cfg.dlrm
+    steady_heap()  # before anything is timed: see benches.environment.steady_heap
     torch.set_num_threads(cfg.timing.threads)
     torch.manual_seed(cfg.seed)
     t_setup = time.monotonic()

@@ -269,6 +269,58 @@ def test_environment_columns_record_the_openmp_wait_policy(monkeypatch):
     assert capture()["omp_wait_policy"] is None and capture()["threads"] == str(torch.get_num_threads())
 
 
+# A step's pattern that glibc's moving thresholds punish: three 8 MiB blocks taken, written and given
+# back, then again. The first cycle maps them (above the 128 KiB start threshold), which moves the mmap
+# threshold to 8 MiB and the trim threshold to 16 MiB; from then on the blocks come from the heap and
+# the 24 MiB freed at its top exceeds the trim threshold, so glibc gives it back and the next cycle
+# faults it in again. Prints each cycle's minor page faults.
+_HEAP_CYCLES = """
+import ctypes, resource, sys
+from benches.environment import steady_heap
+setting = steady_heap() if sys.argv[1] == "steady" else "default"
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+n = 8 << 20
+faults = []
+for _ in range(5):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(n) for _ in range(3)]
+    for b in blocks:
+        ctypes.memset(b, 1, n)
+    for b in reversed(blocks):
+        libc.free(b)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(setting, *faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="steady_heap sets glibc's malloc thresholds; this libc is not glibc")
+def test_steady_heap_gives_a_step_its_freed_memory_back_without_page_faults():
+    """After steady_heap, blocks freed at the heap's top stay there: the second and later cycles of
+    the same allocations fault in nothing. The control (the same cycles with glibc's defaults, in a
+    fresh process too) faults in about 16 MiB every cycle, so the check can fail."""
+    root = Path(__file__).resolve().parents[1]
+
+    def cycles(mode):
+        done = subprocess.run([sys.executable, "-c", _HEAP_CYCLES, mode], cwd=root, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+        assert done.returncode == 0, done.stderr[-2000:]
+        *setting, a, b, c, d, e = done.stdout.split()
+        return " ".join(setting), [int(x) for x in (a, b, c, d, e)]
+
+    setting, steady = cycles("steady")
+    assert setting == "glibc mmap_threshold=33554432 trim_threshold=1073741824"
+    assert steady[0] >= 3 * 2048 * 0.9  # the first cycle writes 24 MiB of fresh pages (4 KiB each)
+    assert max(steady[1:]) < 64, steady
+    setting, default = cycles("default")
+    assert setting == "default" and min(default[2:]) >= 2048, default  # the control: 8+ MiB each cycle
+    from benches.environment import capture, steady_heap
+
+    assert steady_heap() == steady_heap() == capture()["malloc"]  # once per process, recorded in rows
+
+
 def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monkeypatch):
     """CpuWait: the per-thread growth of the run delay, summed, over wall seconds, kept to 3 decimals
     (the note reads the recorded value). A thread that ends takes only its own share along, one that

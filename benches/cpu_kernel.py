@@ -393,6 +393,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
         f"torch {env['torch']}, commit {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] == 'True' else ''}.",
         "Medians of repeated calls in one process; ratios are of medians.",
+        f"Heap: {env.get('malloc', 'not recorded')} (benches.environment.steady_heap; README, Configuration).",
         f"The native kernel's sort ways: {env.get('sort_way', 'not recorded')} "
         "(chosen per key width by timing both on its first calls; README, native CPU kernel).",
         "",

@@ -153,9 +153,15 @@ def _metric(name: str, unit: str, stats: Stats, note: str | None = None) -> dict
             "iqr": stats.iqr, "n": stats.n, "note": note}
 
 
-def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
-    """Workload batch, module and the step to time for one point (seeded: the same every time)."""
-    steady_heap()  # before anything is timed: see benches.environment.steady_heap
+def build_point(cfg: BenchConfig, timed: bool = True) -> tuple[torch.nn.Module, Batch, Callable[[], object]]:
+    """Workload batch, module and the step to time for one point (seeded: the same every time).
+
+    ``timed``: the heap is fixed first (benches.environment.steady_heap). The memory probe's child
+    passes False: its protocol (the rise of the resident high-water mark) needs glibc's default heap,
+    which gives large freed blocks back to the system; the fixed one keeps what setup freed resident,
+    so the probed call would reuse it and look free (the native forward read 5.0 MiB instead of 10.1)."""
+    if timed:
+        steady_heap()
     torch.set_num_threads(cfg.timing.threads)  # (cfg.device was checked with the config)
     torch.manual_seed(cfg.seed)
     stream = workload_stream(cfg)
@@ -167,8 +173,9 @@ def build_point(cfg: BenchConfig) -> tuple[torch.nn.Module, Batch, Callable[[], 
 
 
 def step_for_memory_probe(cfg: BenchConfig) -> Callable[[], object]:
-    """Module-level setup for :func:`benches.memory.measure_in_child` (runs in the child)."""
-    return build_point(cfg)[2]
+    """Module-level setup for :func:`benches.memory.measure_in_child` (runs in the child, on glibc's
+    default heap: see build_point)."""
+    return build_point(cfg, timed=False)[2]
 
 
 def _memory_row(cfg: BenchConfig, step: Callable[[], object]) -> dict:

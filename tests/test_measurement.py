@@ -321,6 +321,29 @@ def test_steady_heap_gives_a_step_its_freed_memory_back_without_page_faults():
     assert steady_heap() == steady_heap() == capture()["malloc"]  # once per process, recorded in rows
 
 
+def test_memory_probe_builds_its_point_on_the_default_heap_and_timed_points_on_the_steady_one():
+    """The memory probe's child keeps glibc's default heap (its RSS-rise protocol needs freed blocks
+    given back), a timed point's process gets steady_heap: checked in a fresh process, in that order."""
+    code = """
+from benches.app import build_point, step_for_memory_probe
+from benches.cpu_kernel import SCALES, _cfg
+from benches.environment import capture
+cfg = _cfg(SCALES["smoke"], "native", 8, 1, 256)
+step_for_memory_probe(cfg)
+print(capture()["malloc"])
+build_point(cfg)
+print(capture()["malloc"])
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe, timed = done.stdout.split("\n")[-3:-1]
+    assert probe == "default"
+    if __import__("platform").libc_ver()[0] == "glibc":
+        assert timed.startswith("glibc mmap_threshold=")
+
+
 def test_cpu_wait_is_the_growth_of_the_threads_run_delay_over_the_wall_time(monkeypatch):
     """CpuWait: the per-thread growth of the run delay, summed, over wall seconds, kept to 3 decimals
     (the note reads the recorded value). A thread that ends takes only its own share along, one that

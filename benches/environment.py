@@ -140,7 +140,7 @@ def steady_heap() -> str:
     page faults and 0.4-1.5 ms more per step of about 6.6 ms (Kaggle's largest table, 65,536 lookups,
     Zen 2 VM: the heap's top given back to the system and taken again each step); with the thresholds
     fixed, in none of 22. Every measuring process calls this before its first timed point (benches.app.build_point,
-    benches.cpu_kernel), for every implementation alike; rows record it in ``malloc``. Returns that
+    benches.cpu_kernel, DLRM training, the gate), for every implementation alike; rows record it in ``malloc``. Returns that
     setting: "glibc mmap_threshold=... trim_threshold=..." or why it left the heap alone (another
     libc, or mallopt refused)."""
     global _heap_setting

@@ -28,7 +28,7 @@ import torch
 
 from ttrec.cpu import plant
 
-from ..environment import capture
+from ..environment import capture, steady_heap
 from . import baselines
 from .calibration import IDENTITY
 from .decision import (DEFAULT_THRESHOLD, FASTER, NO_BASELINE, Measurement, confirm, confirmation_bar, decide,
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"scale": args.scale, "threads": args.threads, "budget_s": args.budget_s, "round_s": args.round_s,
                "min_rounds": args.min_rounds, "max_rounds": args.max_rounds}
     torch.set_num_threads(args.threads)
+    steady_heap()  # as in the pytest process that times the points (benches.app.build_point): env records it
     env = capture()
     cls = baselines.machine_class(env, args.threads, args.scale, cuda_present())
     artifact = {"method": METHOD, "machine_class": cls, "environment": env, "options": options,

@@ -960,7 +960,24 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           const float* a = acc3.data() + ((size_t)sg * n3 + v) * w3;
           for (int64_t c = 0; c < w3; ++c) sum[c] += a[c];
         }
-        for (int r = 0; r < R2; ++r) {
+        int r = 0;
+        // q_d = 4: four rows at a time, transposed in registers, each written to row whole. Written a float at
+        // a time, row was read back as one 16-byte load, which cannot take its value from four pending
+        // stores and waited for them (fused SGD step, Kaggle's largest table, Zen 2 VM, alternating rounds:
+        // this phase 0.065 -> 0.034 ms and the step 0.970x at 512 lookups, 0.944x at 2,048, 0.990x at 8,192,
+        // 1.003x at 65,536; the CI gate's training point 0.982x)
+        if (fused && qd == 4)
+          for (; r + 4 <= R2; r += 4) {
+            __m128 a0 = _mm_loadu_ps(sum.data() + r), a1 = _mm_loadu_ps(sum.data() + R2 + r),
+                   a2 = _mm_loadu_ps(sum.data() + 2 * R2 + r), a3 = _mm_loadu_ps(sum.data() + 3 * R2 + r);
+            _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+            const __m128 rows4[4] = {a0, a1, a2, a3};
+            for (int k = 0; k < 4; ++k) {
+              _mm_storeu_ps(row.data(), rows4[k]);
+              up.row(2, ((int64_t)(r + k) * pd + i) * qd, row.data(), qd);
+            }
+          }
+        for (; r < R2; ++r) {
           if (fused) {  // (fused) applied to G_d's slice row by row, else added into the scratch
             for (int c = 0; c < qd; ++c) row[c] = sum[(size_t)c * R2 + r];
             up.row(2, ((int64_t)r * pd + i) * qd, row.data(), qd);

@@ -2,6 +2,7 @@
 threads' round-trip probe."""
 
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -295,7 +296,7 @@ print(setting, *faults)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="steady_heap sets glibc's malloc thresholds; this libc is not glibc")
 def test_steady_heap_gives_a_step_its_freed_memory_back_without_page_faults():
     """After steady_heap, blocks freed at the heap's top stay there: the second and later cycles of
@@ -340,7 +341,7 @@ print(capture()["malloc"])
     assert done.returncode == 0, done.stderr[-2000:]
     probe, timed = done.stdout.split("\n")[-3:-1]
     assert probe == "default"
-    if __import__("platform").libc_ver()[0] == "glibc":
+    if platform.libc_ver()[0] == "glibc":
         assert timed.startswith("glibc mmap_threshold=")
 
 

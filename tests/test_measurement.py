@@ -21,6 +21,18 @@ from benches import timing
 from benches.timing import Stats, measure
 
 
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fresh_python(code: str, *args: str, env: dict | None = None, timeout: float = 120) -> list[str]:
+    """The stdout lines of ``code`` run in a new interpreter at the repository root (PYTHONPATH set to
+    it, ``env`` added to this environment); fails the test if it exits with an error."""
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=_ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(_ROOT), **(env or {})})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()
+
+
 def test_stats_quantiles_are_the_closed_form_ones():
     s = Stats.of([5.0, 1.0, 3.0, 2.0, 4.0])
     assert (s.q1, s.median, s.q3, s.n) == (2.0, 3.0, 4.0, 5)
@@ -134,10 +146,7 @@ def test_thread_round_trip_probe_says_none_when_openmp_grants_one_thread():
     """With one OpenMP thread there is no partner to answer: the kernel returns -1 at once (no
     spin without end) and the probe None."""
     code = "from benches.environment import thread_round_trip_ns; print(thread_round_trip_ns())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_THREAD_LIMIT": "1"}, cwd=Path(__file__).resolve().parents[1])
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "None"
+    assert _fresh_python(code, env={"OMP_THREAD_LIMIT": "1"})[-1] == "None"
 
 
 # Every setting of a timed point (task=time), by where it shows in the result rows. RECORDED: the
@@ -302,13 +311,8 @@ def test_steady_heap_gives_a_step_its_freed_memory_back_without_page_faults():
     """After steady_heap, blocks freed at the heap's top stay there: the second and later cycles of
     the same allocations fault in nothing. The control (the same cycles with glibc's defaults, in a
     fresh process too) faults in about 16 MiB every cycle, so the check can fail."""
-    root = Path(__file__).resolve().parents[1]
-
     def cycles(mode):
-        done = subprocess.run([sys.executable, "-c", _HEAP_CYCLES, mode], cwd=root, capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
-        assert done.returncode == 0, done.stderr[-2000:]
-        *setting, a, b, c, d, e = done.stdout.split()
+        *setting, a, b, c, d, e = _fresh_python(_HEAP_CYCLES, mode)[-1].split()
         return " ".join(setting), [int(x) for x in (a, b, c, d, e)]
 
     setting, steady = cycles("steady")
@@ -335,11 +339,7 @@ print(capture()["malloc"])
 build_point(cfg)
 print(capture()["malloc"])
 """
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    probe, timed = done.stdout.split("\n")[-3:-1]
+    probe, timed = _fresh_python(code, timeout=300)[-2:]
     assert probe == "default"
     if platform.libc_ver()[0] == "glibc":
         assert timed.startswith("glibc mmap_threshold=")

@@ -82,7 +82,7 @@ def _spec(p, q, r):
 
 # the shapes whose code differs by vector ISA: row44 (q_1 q_2 = q_3 = 4, R padded or not), the
 # dot-product last step and the D = 16 register backward (R_2 = 8 in half vectors: (17, 8)), the
-# pooling-1 streamed output, d = 2 and 4, the sort keys' quotient correction (p = 49, see
+# pooling-1 streamed output, d = 2 and 4, the sort keys' quotients (p = 49, see
 # test_native_cpu), and the backward's 8 x 8 block transpose of G_2's slice with leftover rows and
 # columns (R_1 = 12, q_2 R_2 = 15)
 CASES = [((6, 7, 8), (2, 3, 2), (12, 5), 2), ((6, 7, 8), (2, 2, 4), (32, 32), 1), ((6, 7, 8), (2, 2, 4), (17, 8), 3),

@@ -640,10 +640,10 @@ def test_int64_indices_above_2_to_the_31():
                                (786433, 700001), (1024, 1 << 20), (509, 521, 523, 1021), (61, 67, 71, 73)])
 def test_sort_keys_at_digit_boundaries(p):
     """The sort keys are computed 4 (AVX2) or 8 (AVX-512) lookups at a time with floating-point
-    quotients (AVX2: by the reciprocal rounded up, exact without a correction; AVX-512: corrected by
-    the remainder): lookups on both sides of many digit boundaries (multiples of each trailing product
-    p_k ... p_d), with d = 2, 3 and 4 and keys of up to 40 bits, give the rows of a per-row float64
-    reference."""
+    quotients (by the reciprocal rounded up, exact without a correction): lookups on both sides of many
+    digit boundaries (multiples of each trailing product p_k ... p_d), with d = 2, 3 and 4 and keys of
+    up to 40 bits, give the rows of a per-row float64 reference. (The reciprocal rounded to nearest
+    instead crashes the d = 2 case, with AVX2 and with AVX-512: a digit one past its range.)"""
     d = len(p)
     spec = ttrec.TTSpec(math.prod(p), 4, p, (1,) * (d - 2) + (2, 2), (2,) * (d - 1))
     cores = _cores(spec)

@@ -96,30 +96,25 @@ int64_t sort_keys4(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64
 
 #ifdef __AVX512DQ__
 // The same with AVX-512, 8 at a time, all in doubles too (every value is below 2^52, so exact):
-// one int64 -> double conversion in and one out; quotients are floors of the product with the
-// reciprocal, corrected by their remainder (FMAs: exact). A scan of dividends up to 2^41 with the
-// paper's and prime divisors found no floor to correct; the corrections are kept as a guarantee.
-// The int64 form of this loop (vpmullq, conversions per digit) took 5.4-5.6 ns per lookup on an
-// Intel Xeon VM, this one 1.2 (forward sort phase 0.89x). The maskz forms of the intrinsics: GCC
-// 12's plain ones trip -Wmaybe-uninitialized.
+// one int64 -> double conversion in and one out; each quotient is floor(x * up_inverse(d)), exact
+// without a correction as in the AVX2 loop. The int64 form of this loop (vpmullq, conversions per
+// digit) took 5.4-5.6 ns per lookup on an Intel Xeon VM, the corrected double form 1.2. The maskz
+// forms of the intrinsics: GCC 12's plain ones trip -Wmaybe-uninitialized.
 typedef int64_t v8q __attribute__((vector_size(64), aligned(8)));
 typedef uint64_t v8u __attribute__((vector_size(64), aligned(8)));
-inline __m512d floor_div8(__m512d x, __m512d d, __m512d inv) {
-  __m512d q = _mm512_maskz_roundscale_pd(0xff, _mm512_mul_pd(x, inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512d r = _mm512_fnmadd_pd(q, d, x), one = _mm512_set1_pd(1.0);  // x - q d
-  q = _mm512_mask_add_pd(q, _mm512_cmp_pd_mask(r, d, _CMP_GE_OQ), q, one);
-  return _mm512_mask_sub_pd(q, _mm512_cmp_pd_mask(r, _mm512_setzero_pd(), _CMP_LT_OQ), q, one);
+inline __m512d floor_div8(__m512d x, __m512d inv) {
+  return _mm512_maskz_roundscale_pd(0xff, _mm512_mul_pd(x, inv), _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 }
 int64_t sort_keys8(const int64_t* idx, int64_t lo, int64_t hi, int64_t pd, int64_t plast, int64_t pfront, int lb,
                    uint64_t* A) {
   const __m512d vpd = _mm512_set1_pd((double)pd), vplast = _mm512_set1_pd((double)plast);
   const __m512d vpfront = _mm512_set1_pd((double)pfront), vlb = _mm512_set1_pd((double)((int64_t)1 << lb));
-  const __m512d inv_pd = _mm512_set1_pd(1.0 / (double)pd), inv_plast = _mm512_set1_pd(1.0 / (double)plast);
+  const __m512d inv_pd = _mm512_set1_pd(up_inverse(pd)), inv_plast = _mm512_set1_pd(up_inverse(plast));
   const v8q lanes = {0, 1, 2, 3, 4, 5, 6, 7};
   int64_t j = lo;
   for (; j + 8 <= hi; j += 8) {
     const __m512d x = _mm512_maskz_cvtepi64_pd(0xff, _mm512_loadu_si512(idx + j));
-    const __m512d pre = floor_div8(x, vpd, inv_pd), front = floor_div8(pre, vplast, inv_plast);
+    const __m512d pre = floor_div8(x, inv_pd), front = floor_div8(pre, inv_plast);
     const __m512d mid = _mm512_fnmadd_pd(front, vplast, pre);  // i_{d-1}
     const __m512d key = _mm512_fmadd_pd(_mm512_fmadd_pd(mid, vpfront, front), vlb, _mm512_fnmadd_pd(pre, vpd, x));
     const v8u e = (v8u)_mm512_maskz_cvtpd_epi64(0xff, key) << kJBits;  // unsigned: keys reach bit 63

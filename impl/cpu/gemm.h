@@ -289,6 +289,13 @@ struct P44Rows {
   }
 };
 
+// row44's vectors already in registers (a prefix's, held across its rows)
+template <int K4>
+struct HeldRows {
+  const v16* v;
+  v16 operator()(int k) const { return v[k]; }
+};
+
 // f(std::integral_constant<int, K4>{}): K4 = k4 for the widths unrolled (R = 8, 16, 32, 64), else 0
 template <class F>
 inline void with_k4(int k4, F&& f) {

@@ -154,6 +154,7 @@ struct Plan {
 // The plan-less forward (tt_forward_impl, bucketed) keeps a table of p_1 list heads per thread: up to
 // this many front digits (256 KB)
 constexpr int64_t kMaxFront = (int64_t)1 << 16;
+constexpr int64_t kGroupedRows = 3;  // lookups per prefix from which a bucket is grouped by prefix (see by_prefix)
 constexpr int64_t kPiece = 192;  // prefixes per GEMM piece (bounds per-thread scratch; 192: forward 0.96x of 96 on an Intel Xeon VM)
 // Chunks of fewer lookups than this take one segment: they run on one thread (MIN_LOOKUPS_PER_THREAD
 // in ops.py, the same number; a test checks).

@@ -290,7 +290,6 @@ struct P44Rows {
 };
 
 // row44's vectors already in registers (a prefix's, held across its rows)
-template <int K4>
 struct HeldRows {
   const v16* v;
   v16 operator()(int k) const { return v[k]; }

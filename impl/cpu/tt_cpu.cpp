@@ -515,7 +515,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                   *Pp = P0 + (prefix[y] - first) * p_floats;
                 };
                 constexpr bool kHold = decltype(hold_c)::value;
-                v16 held[kHold ? K4 : 1] = {};
+                v16 held[kHold ? K4 : 1] = {};  // (zeroed: GCC cannot see that the first row loads it)
                 const float* held_p = nullptr;
                 uint64_t e;
                 const float *St, *Pp;
@@ -541,7 +541,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
 #pragma GCC unroll 8
                         for (int k = 0; k < K4; ++k) held[k] = vec(k);
                       }
-                      v = row44<K4>(HeldRows<kHold ? K4 : 1>{held}, St, Rp, k4);
+                      v = row44<K4>(HeldRows{held}, St, Rp, k4);
                     } else {
                       v = row44<K4>(vec, St, Rp, k4);
                     }

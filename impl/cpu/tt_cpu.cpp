@@ -558,14 +558,12 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                 }
               };
               using std::integral_constant;
-              if (kCanHold && grouped) {
-                if (s->q[0] == 1) run(integral_constant<int, 1>{}, integral_constant<bool, kCanHold>{});
-                else run(integral_constant<int, 2>{}, integral_constant<bool, kCanHold>{});
-              } else if (s->q[0] == 1) {
-                run(integral_constant<int, 1>{}, integral_constant<bool, false>{});
-              } else {
-                run(integral_constant<int, 2>{}, integral_constant<bool, false>{});
-              }
+              auto by_rows = [&](auto hold_c) {
+                if (s->q[0] == 1) run(integral_constant<int, 1>{}, hold_c);
+                else run(integral_constant<int, 2>{}, hold_c);
+              };
+              if (kCanHold && grouped) by_rows(integral_constant<bool, kCanHold>{});
+              else by_rows(integral_constant<bool, false>{});
             });
           };
           const uint64_t fmask = ((uint64_t)1 << fb) - 1;

@@ -20,7 +20,8 @@ import ttrec
 from ttrec.bags import make_bags
 from ttrec.cpu import build, ops
 
-from .native_reference import assert_fused_sgd_matches_reference, assert_matches_reference
+from .native_reference import (assert_few_prefix_update_has_gemm_bits, assert_fused_sgd_matches_reference,
+                               assert_matches_reference)
 
 pytestmark = pytest.mark.usefixtures("threads_at_any_size")  # the threaded paths on small batches too
 
@@ -115,6 +116,20 @@ def test_each_vector_variant_equals_reference(variants, march, p, q, r, pooling,
     torch.set_num_threads(2)
     assert_matches_reference(cores, spec, bags, grad_out)
     assert_fused_sgd_matches_reference(cores, spec, bags, grad_out)  # the update inside the backward (d = 3)
+
+
+@x86
+@pytest.mark.parametrize("march", sorted(VARIANTS))
+def test_each_vector_variant_gives_few_prefix_updates_the_gemm_paths_bits(variants, march, monkeypatch):
+    """The one-pass SGD update of a small bucket's G_2 slice and the GEMM's have the same bits in each
+    vector variant (see assert_few_prefix_update_has_gemm_bits): 2 R_2 = 16, 32 and 64 floats a row."""
+    missing = VARIANTS[march] - build.cpu_flags()
+    if missing:
+        pytest.skip(f"-march={march} built; this CPU cannot run it (no {', '.join(sorted(missing))})")
+    lib = build.bind(variants[march])
+    monkeypatch.setattr(ops, "library", lambda: lib)
+    for r in ((16, 8), (32, 16), (32, 32)):
+        assert_few_prefix_update_has_gemm_bits(r)
 
 
 def test_the_backward_takes_one_segment_exactly_where_a_call_runs_one_thread():

@@ -13,8 +13,8 @@ from ttrec.bags import Bags, make_bags
 from ttrec.cpu import ops
 from ttrec.cpu.build import unavailable_reason
 
-from .native_reference import (assert_fused_module_steps_match_torch, assert_fused_sgd_matches_reference,
-                               assert_matches_reference)
+from .native_reference import (assert_few_prefix_update_has_gemm_bits, assert_fused_module_steps_match_torch,
+                               assert_fused_sgd_matches_reference, assert_matches_reference)
 
 pytestmark = [pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}"),
               pytest.mark.usefixtures("threads_at_any_size")]
@@ -171,6 +171,14 @@ def test_fused_sgd_on_buckets_of_few_prefixes_matches_the_reference(q2):
     for threads in (1, 2):
         torch.set_num_threads(threads)
         assert_fused_sgd_matches_reference(cores, spec, bags, grad_out)
+
+
+@pytest.mark.parametrize("r", [(16, 8), (32, 16), (32, 32)])
+def test_few_prefix_slice_update_has_the_gemm_paths_bits(r):
+    """SGD updates the G_2 slice of a bucket of at most kFewPrefixes prefixes in one pass over it and a
+    bigger bucket's by the GEMM: the same bits (see assert_few_prefix_update_has_gemm_bits; each vector
+    variant: test_native_build)."""
+    assert_few_prefix_update_has_gemm_bits(r)
 
 
 @pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])

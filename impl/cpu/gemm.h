@@ -387,7 +387,9 @@ void gemm_tn_acc(int M, int N, int K, const float* A, int64_t lda, const float* 
 // S += A^T @ dP, A (M x R1) being -lr times the stacked G_1 rows. The transposed copy of the slice
 // and two GEMMs of a few rows become dot products of whole rows, summed 16 rows at a time by a
 // transpose-add tree, and one update per row. The slice's sums run in the order gemm_tn_acc's do
-// (the row, then m = 0, 1, ...). R1: a multiple of 16. At 512 lookups on Kaggle's largest table
+// (the row, then m = 0, 1, ...), as fused multiply-adds written out (fma16), as the tiles' are, so the
+// two paths give a slice the same bits whatever GCC contracts (tests: the few-prefix slice update has the
+// GEMM path's bits). R1: a multiple of 16. At 512 lookups on Kaggle's largest table
 // (R = 32; buckets of 2-3 prefixes) the backward's bucket phase took 0.79x as long, the fused step
 // 0.93x (Zen 4 VM, alternating rounds); at 2,048 lookups (90% of the buckets this small) 0.95x and
 // 1.00x; at 8,192 (1% of them) 0.99x; at 65,536 none is.
@@ -404,7 +406,7 @@ void slice_sgd_dp1(int M, int R1, const float* A, const float* dP, float* S, int
         const float* row = S + (s0 + kBitrev4[k]) * lds;
         acc[k] = p[0] * load16(row);
 #pragma GCC unroll 4
-        for (int v = 1; v < NV; ++v) acc[k] += p[v] * load16(row + 16 * v);
+        for (int v = 1; v < NV; ++v) acc[k] = fma16(p[v], load16(row + 16 * v), acc[k]);
       }
       store16(dP1 + m * R1 + s0, hsum16_bitrev(acc));
     }
@@ -416,7 +418,7 @@ void slice_sgd_dp1(int M, int R1, const float* A, const float* dP, float* S, int
     for (int m = 0; m < M; ++m) {
       const v16 a = splat16(A[m * R1 + r]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) c[v] += a * load16(dP + m * N + 16 * v);
+      for (int v = 0; v < NV; ++v) c[v] = fma16(a, load16(dP + m * N + 16 * v), c[v]);
     }
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) store16(row + 16 * v, c[v]);

@@ -109,8 +109,8 @@ void piece_grads16(int64_t t0, int64_t t1, int64_t t_end, const int64_t* runs, c
             const v16 b = lane_bcast(gv, m * QD + c);
 #pragma GCC unroll 4
             for (int v = 0; v < CV; ++v) {
-              acc[m][v] += b * sc[v];
-              cc[v] += b * load_cols<NV>(P + m * R + col + 16 * v);
+              acc[m][v] = fma16(b, sc[v], acc[m][v]);  // (fused as written, not left to GCC: see fma_cols)
+              cc[v] = fma_cols<NV>(b, load_cols<NV>(P + m * R + col + 16 * v), cc[v]);
             }
           }
 #pragma GCC unroll 4

@@ -4,11 +4,12 @@ and the small TT specs and seeded cores they are run on."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 import ttrec
-from ttrec.cpu import ops
+from ttrec.cpu import build, ops
 
 
 def spec_of(p, q, r, rows=None) -> ttrec.TTSpec:
@@ -54,20 +55,22 @@ def assert_fused_sgd_matches_reference(cores, spec, bags, grad_out, lr: float = 
 
 
 def assert_few_prefix_update_has_gemm_bits(r) -> None:
-    """With SGD a bucket of at most kFewPrefixes (8, plan.h) prefixes updates G_2's slice in one pass over
+    """With SGD a bucket of at most kFewPrefixes (plan.h; 8) prefixes updates G_2's slice in one pass over
     it (slice_sgd_dp1), a bigger one by the GEMM (gemm_tn_acc): both add the same fused multiply-adds in
-    the same order, whatever the compiler contracts. One fused step on 8 lookups of one i_2 bucket
-    (i_1 = 0..7), then on the same 8 and a ninth (i_1 = 8, the same i_2) whose upstream gradient row is
-    zero: its terms add nothing, so G_2 after the step is bitwise the same. (G_1 may differ: the
-    one-pass path sums dP_1 in another order.) r = (R_1, R_2): R_1 a multiple of 16, 2 R_2 <= 64."""
-    p, q = (12, 5, 7), (2, 2, 4)
+    the same order, whatever the compiler contracts. One fused step on kFewPrefixes lookups of one i_2
+    bucket (i_1 = 0, 1, ...), then on the same and one more (the next i_1, the same i_2) whose upstream
+    gradient row is zero: its terms add nothing, so G_2 after the step is bitwise the same. (G_1 may
+    differ: the one-pass path sums dP_1 in another order.) r = (R_1, R_2): R_1 a multiple of 16,
+    2 R_2 <= 64."""
+    few = int(re.search(r"constexpr int64_t kFewPrefixes = (\d+);", (build.HERE / "plan.h").read_text()).group(1))
+    p, q = (few + 4, 5, 7), (2, 2, 4)
     g = torch.Generator().manual_seed(sum(r))
-    i1, i2, i3 = torch.arange(9), 2, torch.randint(0, p[2], (9,), generator=g)
+    i1, i2, i3 = torch.arange(few + 1), 2, torch.randint(0, p[2], (few + 1,), generator=g)
     idx = (i1 * p[1] + i2) * p[2] + i3
-    grad_out = torch.randn(9, 16, generator=g)
-    grad_out[8] = 0
+    grad_out = torch.randn(few + 1, 16, generator=g)
+    grad_out[few] = 0
     slices = []
-    for n in (8, 9):  # 8 prefixes: the one-pass path; 9: the GEMM
+    for n in (few, few + 1):  # kFewPrefixes prefixes: the one-pass path; one more: the GEMM
         m = ttrec.TTEmbeddingBag(math.prod(p), 16, r, p, q, backend="cpu", seed=5, optimizer="sgd", learning_rate=0.5)
         before = m.tt_cores[1].detach()[:, i2].clone()
         m(idx[:n], torch.arange(n)).backward(grad_out[:n])

@@ -6,10 +6,10 @@ plan, ``tt_backward`` with the SGD update) through the kernel library's function
 checked by ``make_bags``, and nothing else: none of the guards of ``ttrec.cpu.ops._TTBagCPU`` (cores or
 batch changed between forward and backward, a second backward, the kept plan's epoch, the module's lock,
 stats, the CI gate's planted slowdown), so it must not be used for training. It first checks that three of
-its steps leave the cores bitwise equal to three steps of the module, then times both steps in alternating
-order in one process.
+its steps leave the cores bitwise equal to three steps of the module, then times both steps in the suite's
+interleaved rounds (benches.cpu_kernel.interleaved: blocks of about 0.15 s taking turns, each round probed).
 
-    PYTHONPATH=. python reports/cpu_kernel/cxx_node_prototype.py --batches 65536 8192 2048 512
+    PYTHONPATH=. python reports/cpu_kernel/cxx_node_prototype.py --batches 65536 8192 2048 512 --rounds 30
 
 Builds the extension with torch.utils.cpp_extension (about a minute) into
 ``$TTREC_CACHE_DIR/cxx_node_prototype`` (default ``~/.cache/ttrec``). Kaggle's largest table, R = 32,
@@ -101,8 +101,7 @@ def build_extension():
 def measure(ext, kernel: tuple[int, int, int], batch_size: int, rounds: int) -> str:
     """One batch size: the cores' bitwise check, then alternating rounds of the two steps."""
     from benches.app import build_point
-    from benches.cpu_kernel import SCALES, _cfg
-    from benches.environment import thread_round_trip_ns
+    from benches.cpu_kernel import SCALES, _cfg, interleaved, round_states
     from ttrec.bags import make_bags
     from ttrec.cpu import ops
 
@@ -134,28 +133,23 @@ def measure(ext, kernel: tuple[int, int, int], batch_size: int, rounds: int) -> 
     if not all(torch.equal(a, b) for a, b in zip(module.tt_cores, twin.tt_cores)):
         raise SystemExit(f"batch {batch_size}: the C++ node's steps left other cores than the module's")
     grad_out = torch.randn(batch_size, spec.embedding_dim, generator=torch.Generator().manual_seed(9))
-    for _ in range(30):
-        python_step(grad_out)
-        cxx_step(grad_out)
-    times = {"python": [], "cxx": []}
-    order = (("python", python_step), ("cxx", cxx_step))
-    for r in range(rounds):
-        for name, step in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            step(grad_out)
-            times[name].append(time.perf_counter() - t0)
+    states: list = []  # the suite's interleaved rounds: blocks of calls taking turns, each round probed
+    times = interleaved({"python": lambda: python_step(grad_out), "cxx": lambda: cxx_step(grad_out)}, rounds,
+                        SCALES["paper"]["block_s"], states)
     ratios = [c / p for c, p in zip(times["cxx"], times["python"])]
     q = statistics.quantiles(ratios, n=4)
+    by_state = {k: [r for r, st in zip(ratios, round_states(states)) if st == k] for k in ("near", "far")}
     return (f"batch {batch_size:,}: module step {1e3 * statistics.median(times['python']):.3f} ms, C++ node step "
             f"{1e3 * statistics.median(times['cxx']):.3f} ms, time ratio {statistics.median(ratios):.3f} "
-            f"[{q[0]:.3f}-{q[2]:.3f}] over {rounds} alternating rounds (cores bitwise equal after 3 steps; "
-            f"probe {thread_round_trip_ns():.0f} ns)")
+            f"[{q[0]:.3f}-{q[2]:.3f}] over {rounds} interleaved rounds ("
+            + ", ".join(f"{k} {statistics.median(v):.3f} in {len(v)}" for k, v in by_state.items() if v)
+            + "; cores bitwise equal after 3 steps)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[65536, 512], help="lookups per batch (pooling 1)")
-    parser.add_argument("--rounds", type=int, default=300, help="alternating rounds per batch size (one step each)")
+    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds per batch size (benches.cpu_kernel)")
     args = parser.parse_args()
 
     from benches.environment import steady_heap

@@ -474,7 +474,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           const bool last_in_l1 = (int64_t)ctx.last.digit.size() * st_bytes <= (48 << 10);
           const int64_t N2 = (int64_t)s->q[1] * R;  // P's row length (q_2 R_2)
           std::vector<float> S44(flat ? (size_t)s->r[1] * N2 : 0);
-          std::vector<int32_t> prefix_of, order, group_start, piece_start;
+          std::vector<int32_t> prefix_of, order, group_start;
           // the rows of lookups eb[y], y = ord[i] (or i) for i in [i0, i1), whose prefixes' P are in
           // P0 (prefix u at (u - u0) MR): row44 straight from P; a repeat of the row before copies it
           auto flat_rows = [&](const float* P0, int64_t u0, const uint64_t* eb, const int32_t* ord, int64_t i0,
@@ -628,18 +628,15 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
               };
               if (by_prefix) group(nu, std::integral_constant<int32_t, 1>{});
               else if (np > 1) group(np, std::integral_constant<int32_t, (int32_t)kPiece>{});
-              if (by_prefix || np > 1) {  // where each piece's lookups start in order
-                piece_start.resize(np + 1);
-                for (int64_t q = 0; q <= np; ++q)
-                  piece_start[q] = group_start[by_prefix ? std::min(nu, q * kPiece) : q];
-              }
+              // where piece q's lookups start in order (a group's start: grouped by prefix, the piece's first)
+              auto piece_begin = [&](int64_t q) { return group_start[by_prefix ? std::min(nu, q * kPiece) : q]; };
               for (int64_t q = 0; q < np; ++q) {
                 const int64_t u0 = q * kPiece, u1 = std::min(nu, u0 + kPiece);
                 const double g0 = profile ? omp_get_wtime() : 0;
                 chain_rows(s, cores, front.data() + u0, 1, u1 - u0, Ap, S44.data(), N2, Pl.data());
                 const double g1 = profile ? omp_get_wtime() : 0;
                 if (np > 1 || by_prefix)
-                  flat_rows(Pl.data(), u0, srt + x0, order.data(), piece_start[q], piece_start[q + 1], by_prefix);
+                  flat_rows(Pl.data(), u0, srt + x0, order.data(), piece_begin(q), piece_begin(q + 1), by_prefix);
                 else
                   flat_rows(Pl.data(), u0, srt + x0, nullptr, 0, bn, false);
                 if (profile) {

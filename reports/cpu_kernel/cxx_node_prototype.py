@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -89,7 +87,9 @@ torch::Tensor fused_bag(torch::Tensor anchor, torch::Tensor idx, torch::Tensor o
 def build_extension():
     from torch.utils.cpp_extension import load_inline
 
-    directory = Path(os.environ.get("TTREC_CACHE_DIR") or Path.home() / ".cache" / "ttrec") / "cxx_node_prototype"
+    from ttrec.cpu.build import _cache_dir  # the kernel's cache directory ($TTREC_CACHE_DIR)
+
+    directory = _cache_dir() / "cxx_node_prototype"
     directory.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ext = load_inline(name="ttrec_cxx_node_prototype", cpp_sources=SOURCE, functions=["fused_bag"],

@@ -7,11 +7,12 @@ the :mod:`benches.callbacks` callback aggregates a run or sweep and draws its fi
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import hydra
 import torch
@@ -61,19 +62,26 @@ def _fused_optimizer(cfg: BenchConfig) -> str | None:
     return m.optimizer.value
 
 
-def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Callable[[], object]:
-    """The timed callable: a forward (no autograd), or forward + backward + optimizer step."""
-    args = (batch.indices, batch.offsets, batch.per_sample_weights)
+def build_step(module: torch.nn.Module, batch: Batch | Sequence[Batch], cfg: BenchConfig) -> Callable[[], object]:
+    """The timed callable: a forward (no autograd), or forward + backward + optimizer step. Given a
+    sequence of batches (a stream: :func:`timed_batches`), each call takes the next one, in turn."""
+    batches = [batch] if isinstance(batch, Batch) else list(batch)
+    calls = itertools.cycle([(b.indices, b.offsets, b.per_sample_weights) for b in batches])
     if cfg.mode.name.value == "forward":
         def forward():
             with torch.no_grad():
-                return module(*args)
+                return module(*next(calls))
         return forward
+    # one upstream gradient for every batch of the stream (a training step's comes from the layers above,
+    # in cache either way); seeded, so the same for every implementation
     gen = torch.Generator().manual_seed(cfg.seed)
-    grad_out = torch.randn(batch.offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batch.indices.device)
+    grad_out = torch.randn(batches[0].offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batches[0].indices.device)
+    if any(b.offsets.numel() != grad_out.shape[0] for b in batches):
+        raise ValueError(f"timing.stream_lookups: the timed batches hold different numbers of bags "
+                         f"({sorted({b.offsets.numel() for b in batches})}); a stream needs batches of one size")
     if getattr(module, "optimizer", None) is not None:  # fused: the update runs inside backward
         def fused_step():
-            module(*args).backward(grad_out)
+            module(*next(calls)).backward(grad_out)
         return fused_step
     opt_cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad}[cfg.mode.optimizer.value]
     opt = opt_cls(module.parameters(), lr=cfg.mode.lr)
@@ -82,9 +90,27 @@ def build_step(module: torch.nn.Module, batch: Batch, cfg: BenchConfig) -> Calla
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        module(*args).backward(grad_out)
+        module(*next(calls)).backward(grad_out)
         opt.step()
     return train_step
+
+
+def stream_length(cfg: BenchConfig, first: Batch) -> int:
+    """How many distinct batches the timed calls take in turn: 1 (batch 0 replayed) unless
+    ``timing.stream_lookups`` asks for a stream, then as many as hold that many lookups at batch 0's
+    count (ceil; a batch without lookups is replayed alone)."""
+    n, per_batch = cfg.timing.stream_lookups, first.num_lookups
+    return 1 if n == 0 or per_batch == 0 else -(-n // per_batch)
+
+
+def timed_batches(stream: Iterator[Batch], cfg: BenchConfig) -> list[Batch]:
+    """Batches 0, 1, ... of the workload stream that the timed calls take (:func:`stream_length`)."""
+    first = next(stream)
+    k = stream_length(cfg, first)
+    if k > 1:
+        log.info("drawing %d batches (%s lookups) for the timed stream (timing.stream_lookups=%d)", k,
+                 f"{k * first.num_lookups:,}", cfg.timing.stream_lookups)
+    return [first, *itertools.islice(stream, k - 1)]
 
 
 def _table_bytes(cfg: BenchConfig) -> int:
@@ -124,6 +150,7 @@ def config_columns(cfg: BenchConfig, experiment: str) -> dict:
         "seed": cfg.seed,
         "timing_warmup": cfg.timing.warmup,  # untimed calls before the timed ones (n: how many were timed)
         "flush_l2": cfg.timing.flush_l2,
+        "stream_lookups": cfg.timing.stream_lookups,
     }
 
 
@@ -144,6 +171,7 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
     else:  # (a module without TT cores stores the whole table)
         cols.update({"tt_rank": None, "init": "uniform_dlrm", "param_bytes": _table_bytes(cfg), "compression_ratio": 1.0})
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
+    cols["timed_batches"] = stream_length(cfg, batch)  # (the ratios above: of batch 0)
     cols.update(workload_columns(cfg, module, batch))
     return cols
 
@@ -165,11 +193,13 @@ def build_point(cfg: BenchConfig, timed: bool = True) -> tuple[torch.nn.Module, 
     torch.set_num_threads(cfg.timing.threads)  # (cfg.device was checked with the config)
     torch.manual_seed(cfg.seed)
     stream = workload_stream(cfg)
-    batch = next(stream)  # batch 0 is timed; a cache warms up on the batches after it
+    # batch 0 is timed (with timing.stream_lookups, batches 0..k-1 in turn; not in the memory probe's
+    # child, whose one call needs one batch); a cache warms up on the batches after them
+    batches = timed_batches(stream, cfg) if timed else [next(stream)]
     module = build_module(cfg)
     if cfg.cache.enabled:
         module.bench_columns = warm_up(module, stream, cfg, build_step)
-    return module, batch, build_step(module, batch, cfg)
+    return module, batches[0], build_step(module, batches, cfg)
 
 
 def step_for_memory_probe(cfg: BenchConfig) -> Callable[[], object]:

@@ -226,7 +226,8 @@ class WorkloadConfig:
     pooling: Pooling = Pooling.sum
     seed: int = 0
     # spread of bag sizes, a controlled hit rate and reuse between batches (ttrec.workloads.Workload);
-    # reuse acts on batches 1, 2, ...: a timed point (batch 0) refuses it without a cache (to_objects)
+    # reuse acts on batches 1, 2, ...: a timed point (batch 0) refuses it without a cache or a stream of
+    # timed batches (to_objects)
     pooling_sigma: float = 0.0
     pooling_distribution: PoolingDistribution = PoolingDistribution.fixed
     hit_rate: float = 0.9
@@ -278,6 +279,9 @@ class WorkloadConfig:
                         reuse_fraction=self.reuse_fraction)
 
 
+MAX_STREAM_LOOKUPS = 1 << 28  # timing.stream_lookups' bound: 268M lookups, about 4 GiB of batches
+
+
 @dataclass
 class TimingConfig:
     """Timing protocol (benches.timing.measure) and the fixed intra-op thread count."""
@@ -289,9 +293,21 @@ class TimingConfig:
     threads: int = 2
     flush_l2: bool = False   # GPU only: overwrite the L2 before every timed call
     memory: bool = False     # also measure peak transient memory (CPU: a fresh child process)
+    # 0: every timed call replays the workload's batch 0. N > 0: the timed calls take distinct batches in
+    # turn, batches 0, 1, ... of the workload stream, as many as hold N lookups (ceil(N / lookups of batch
+    # 0)), all drawn before timing (benches.app.stream_length): a training run's steps each see a new batch.
+    # A replayed batch keeps the rows it touches in the CPU's caches from one call to the next, which flatters
+    # an uncompressed table (nn.EmbeddingBag's rows) and not the TT cores (cached either way); the batches
+    # cost about 16 bytes per lookup of memory (indices and offsets at pooling 1).
+    stream_lookups: int = 0
 
     def __post_init__(self) -> None:
         _positive("timing", warmup=self.warmup, min_repeats=self.min_repeats, threads=self.threads)
+        if isinstance(self.stream_lookups, bool) or not isinstance(self.stream_lookups, int) or not (
+                0 <= self.stream_lookups <= MAX_STREAM_LOOKUPS):
+            raise ValueError(f"timing.stream_lookups: got {self.stream_lookups!r}; must be an int in [0, "
+                             f"{MAX_STREAM_LOOKUPS:,}] (0: replay batch 0; N: a stream of distinct batches holding N "
+                             "lookups, about 16 bytes each)")
         if self.max_repeats < self.min_repeats:
             raise ValueError(f"timing.max_repeats: got {self.max_repeats}; must be >= min_repeats={self.min_repeats}")
         if not self.target_time_s >= 0:
@@ -712,15 +728,17 @@ def _reject_unknown_keys(node: DictConfig, path: str = "") -> None:
 def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
     """Settings of the command line a timed point would never act on. A timed point times batch 0
     of its workload stream, which has no batch before it: ``workload.reuse_fraction`` changes the
-    batches after it only (a cache's warm-up and held-out batches, task=topk_stability's stream).
+    batches after it only (a cache's warm-up and held-out batches, task=topk_stability's stream, the
+    timed batches of ``timing.stream_lookups``).
     Checked here, not in ``__post_init__``: cache.compare's comparison points (the same stream
     without the cache, built from the cached point's config) do keep it."""
     w = cfg.workload
-    if cfg.task == Task.time and not cfg.cache.enabled and w.reuse_fraction != 0:
+    if cfg.task == Task.time and not cfg.cache.enabled and cfg.timing.stream_lookups == 0 and w.reuse_fraction != 0:
         raise ValueError(f"workload.reuse_fraction: got {w.reuse_fraction} with cache.enabled=false; a timed point "
                          f"times batch 0 of the workload stream, which has no batch before it to repeat lookups of, so "
                          f"the measurement would not change: reuse acts on the batches after it (a cache's warm-up, "
-                         f"cache=lfu; task=topk_stability): leave workload.reuse_fraction at 0.0")
+                         f"cache=lfu; task=topk_stability; a stream of timed batches, timing.stream_lookups > 0): leave "
+                         f"workload.reuse_fraction at 0.0")
 
 
 def to_objects(cfg: DictConfig) -> BenchConfig:

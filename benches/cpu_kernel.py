@@ -35,10 +35,22 @@ from .timing import Stats, measure
 SCALES = {
     # rows, batch (lookups per batch at pooling 1), ranks, poolings
     "paper": dict(table=TableConfig("kaggle_largest", 10_131_227, 16), batch=65_536, ranks=(8, 16, 32, 64),
-                  poolings=(1, 10, 100), target_time_s=2.0, rounds=15, block_s=0.25, train_batches=(512, 2048, 8192)),
+                  poolings=(1, 10, 100), target_time_s=2.0, rounds=15, block_s=0.25, train_batches=(512, 2048, 8192),
+                  stream_lookups=1 << 23),
     "smoke": dict(table=TableConfig("small", 100_000, 16), batch=512, ranks=(8,), poolings=(1, 10),
-                  target_time_s=0.05, rounds=3, block_s=0.01, train_batches=(64, 256)),
+                  target_time_s=0.05, rounds=3, block_s=0.01, train_batches=(64, 256), stream_lookups=2048),
 }
+# The training steps are timed twice: replaying one batch (the suite's default) and on a stream of distinct
+# batches holding the scale's stream_lookups lookups (timing.stream_lookups; 8.4 million at paper scale, 128
+# batches of 65,536), as a training run feeds the table. A replayed batch keeps nn.EmbeddingBag's touched rows in
+# the caches between steps; the TT cores stay cached either way.
+STREAM = " (batch stream)"  # the label suffix of a step timed on the stream
+DENSE = "nn.EmbeddingBag sparse + SGD"
+
+
+def dense_of(label: str) -> str:
+    """The nn.EmbeddingBag step a training step's label is compared with: the one timed the same way."""
+    return DENSE + STREAM if label.endswith(STREAM) else DENSE
 IMPLS = {  # label -> impl config
     "native": ImplConfig(Impl.tt, Backend.cpu),
     "reference": ImplConfig(Impl.tt, Backend.torch),
@@ -49,10 +61,13 @@ IMPLS = {  # label -> impl config
 
 
 def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str = "forward", fused: bool = False,
-         distribution: str = "uniform", threads: int = 2, slow: bool = False) -> BenchConfig:
+         distribution: str = "uniform", threads: int = 2, slow: bool = False, stream: bool = False) -> BenchConfig:
     target = scale["target_time_s"]
-    timing = (TimingConfig(warmup=1, min_repeats=3, max_repeats=5, target_time_s=target / 2, threads=threads) if slow
-              else TimingConfig(warmup=2, min_repeats=10, max_repeats=100, target_time_s=target, threads=threads))
+    stream_lookups = scale["stream_lookups"] if stream else 0
+    timing = (TimingConfig(warmup=1, min_repeats=3, max_repeats=5, target_time_s=target / 2, threads=threads,
+                           stream_lookups=stream_lookups) if slow
+              else TimingConfig(warmup=2, min_repeats=10, max_repeats=100, target_time_s=target, threads=threads,
+                                stream_lookups=stream_lookups))
     return BenchConfig(
         impl=dataclasses.replace(IMPLS[label]), table=dataclasses.replace(scale["table"]),
         tt=TTConfig(rank=rank), timing=timing,
@@ -191,7 +206,10 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     phases["training backward (Zipf)"] = ops.last_stats("backward")
     train |= {
         "native autograd + SGD": point("native", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
-        "nn.EmbeddingBag sparse + SGD": point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
+        DENSE: point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
+        "native fused SGD" + STREAM: point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
+                                           distribution="zipf", stream=True),
+        DENSE + STREAM: point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf", stream=True),
     }
     log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
     # the config columns of each interleaved step's rows, by (label, lookups per batch)
@@ -202,15 +220,20 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         columns[label, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel")
         return step
 
+    # the training steps of the interleaved rounds: label -> (impl, config keywords); each replayed and on a stream
+    train_kinds = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
+                   for suffix in ("", STREAM)
+                   for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
+                                           ("native autograd + SGD", "native", {}), (DENSE, "dense", {}))
+                   if not (suffix and label == "native autograd + SGD")]
+
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
     fwd_rounds = interleaved({"sgemm": sgemm_fn, "native": native_fwd}, scale["rounds"], scale["block_s"], fwd_states)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
     train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                             threads=threads, **kw))
-                   for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
-                                           ("native autograd + SGD", "native", {}),
-                                           ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
+                   for label, impl, kw in train_kinds}
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
     for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
         log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
@@ -223,8 +246,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     for b in scale["train_batches"]:
         points = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
                                            threads=threads, **kw))
-                  for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
-                                          ("nn.EmbeddingBag sparse + SGD", "dense", {}))}
+                  for label, impl, kw in train_kinds if not label.startswith("native autograd")}
         fused = columns["native fused SGD", b]  # (the same batch for both steps)
         by_batch_reuse[b] = {k: fused[k] for k in ("unique_row_ratio", "unique_prefix_ratio")}
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
@@ -429,30 +451,42 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         "| implementation | time per step (ms) | lookups/s | vs nn.EmbeddingBag |",
         "| --- | ---: | ---: | ---: |",
     ]
-    dense_tp = _median(train["nn.EmbeddingBag sparse + SGD"], "throughput")
     tr = rounds["train"]
-    dense_rounds = tr["nn.EmbeddingBag sparse + SGD"]
-    for k, v in train.items():
+    for k, v in train.items():  # (each against nn.EmbeddingBag timed the same way: replayed, or on the stream)
         lines.append(f"| {k} | {_median(v, 'time_per_batch'):.2f} | {_median(v, 'throughput'):,.0f} | "
-                     f"{_median(v, 'throughput') / dense_tp:.2f}x |")
-    lines += ["", f"Interleaved ({rounds['n']} rounds, the three steps taking turns; throughput vs nn.EmbeddingBag, "
-              "per-round ratios, median [quartiles]): " + "; ".join(
-                  "{}: **{:.2f}x** [{:.2f}–{:.2f}]".format(k, *_round_ratios(dense_rounds, tr[k]))
-                  for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
+                     f"{_median(v, 'throughput') / _median(train[dense_of(k)], 'throughput'):.2f}x |")
+    replayed = [k for k in tr if not k.endswith(STREAM) and k != DENSE]
+    streamed = [k for k in tr if k.endswith(STREAM) and k != DENSE + STREAM]
+    k_stream = int(train["native fused SGD" + STREAM][0]["timed_batches"])  # (benches.app.stream_length)
+
+    def ratios(keys: list[str], picked: list[int] | None = None) -> str:
+        return "; ".join("{}: **{:.2f}x** [{:.2f}–{:.2f}]".format(
+            k, *_round_ratios([tr[dense_of(k)][r] for r in picked or range(len(tr[k]))],
+                              [tr[k][r] for r in picked or range(len(tr[k]))])) for k in keys)
+    lines += ["", f"Interleaved ({rounds['n']} rounds, the {len(tr)} steps taking turns; throughput vs nn.EmbeddingBag "
+              "timed the same way, per-round ratios, median [quartiles]): " + ratios(replayed) + ".",
+              "", f"The steps marked \"{STREAM.strip()}\" take {k_stream:,} distinct batches of the workload in turn "
+              f"({k_stream * lookups:,} lookups; timing.stream_lookups), as a training run feeds the table; the others "
+              f"replay one batch, which keeps the rows it touches in the caches from step to step (nn.EmbeddingBag's "
+              f"table rows; the TT cores stay cached either way). On the stream: " + ratios(streamed) + "."]
 
     def by_state(picked: list[int]) -> str:
-        dense, fused = [dense_rounds[r] for r in picked], [tr["native fused SGD"][r] for r in picked]
-        return ("fused SGD **{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused))
-                + f" (steps {1e3 * statistics.median(fused):.2f} against {1e3 * statistics.median(dense):.2f} ms)")
+        parts = []
+        for fused_key, name in (("native fused SGD", "fused SGD"), ("native fused SGD" + STREAM, "on the stream")):
+            dense, fused = [tr[dense_of(fused_key)][r] for r in picked], [tr[fused_key][r] for r in picked]
+            parts.append(f"{name} " + "**{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused))
+                         + f" (steps {1e3 * statistics.median(fused):.2f} against {1e3 * statistics.median(dense):.2f} ms)")
+        return ", ".join(parts)
     lines += ["", _split_line("Training step vs nn.EmbeddingBag", by_state, train_states)]
     # each step in its quickest round: on a VM whose state swings (where the vCPUs sit, see
     # round_states; nn.EmbeddingBag's step swings most), the ratio when both run in its quickest state
     best = {k: min(v) for k, v in tr.items()}
     lines += ["", f"Each step in its fastest round of the {rounds['n']} (the machine's quietest state for it): " + "; ".join(
         f"{k} {1e3 * best[k]:.2f} ms" for k in tr) + ". Throughput vs nn.EmbeddingBag, fastest rounds: " + "; ".join(
-        f"{k}: **{best['nn.EmbeddingBag sparse + SGD'] / best[k]:.2f}x**" for k in tr if k != "nn.EmbeddingBag sparse + SGD") + "."]
+        f"{k}: **{best[dense_of(k)] / best[k]:.2f}x**" for k in replayed + streamed) + "."]
     # the least time the step's arithmetic takes at the sgemm's rate: against nn.EmbeddingBag's step,
     # the most any kernel doing this arithmetic could reach on this machine
+    dense_rounds = tr[DENSE]
     sgemm_rate = rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"])  # FLOP/s, interleaved
     fused_row = train["native fused SGD"][0]
     step_flops = train_step_flops(t, 32, lookups, fused_row)
@@ -464,23 +498,27 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. At the sgemm's "
               f"interleaved rate ({sgemm_rate / 1e9:.1f} GFLOP/s) that arithmetic alone takes **{1e3 * floor:.2f} ms**, "
               f"so against nn.EmbeddingBag's step ({1e3 * statistics.median(dense_rounds):.2f} ms round median, "
-              f"{1e3 * best['nn.EmbeddingBag sparse + SGD']:.2f} ms fastest) no kernel doing it can pass "
-              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best['nn.EmbeddingBag sparse + SGD'] / floor:.2f}x** "
+              f"{1e3 * best[DENSE]:.2f} ms fastest; on the stream {1e3 * statistics.median(tr[DENSE + STREAM]):.2f} and "
+              f"{1e3 * best[DENSE + STREAM]:.2f} ms) no kernel doing it can pass "
+              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best[DENSE] / floor:.2f}x** "
               f"in the fastest rounds). The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
               f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
-              "(the two steps taking turns), medians of the per-round times and of the per-round ratios [quartiles]. "
-              "Arithmetic floor: the step's FLOPs as above, at the sgemm's interleaved rate.", "",
+              "(the four steps taking turns: each replaying one batch and on a stream of distinct batches holding "
+              f"{scale['stream_lookups']:,} lookups), medians of the per-round times and of the per-round ratios "
+              "[quartiles]. Arithmetic floor: the step's FLOPs as above, at the sgemm's interleaved rate.", "",
               "| lookups per batch | native fused SGD (ms) | nn.EmbeddingBag (ms) | throughput vs nn.EmbeddingBag | "
-              "arithmetic floor (ms) |",
-              "| ---: | ---: | ---: | ---: | ---: |"]
+              "on the stream: fused (ms) | nn.EmbeddingBag (ms) | throughput | arithmetic floor (ms) |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b, r in rounds["train_by_batch"].items():
-        dense = r["nn.EmbeddingBag sparse + SGD"]
         b_floor = train_step_flops(t, 32, b, rounds["train_by_batch_reuse"][b]) / sgemm_rate
-        lines.append(f"| {b:,} | {1e3 * statistics.median(r['native fused SGD']):.3f} | {1e3 * statistics.median(dense):.3f} | "
-                     "**{:.2f}x** [{:.2f}–{:.2f}] | ".format(*_round_ratios(dense, r["native fused SGD"]))
-                     + f"{1e3 * b_floor:.3f} |")
+        cells = []
+        for fused_key in ("native fused SGD", "native fused SGD" + STREAM):
+            dense, fused = r[dense_of(fused_key)], r[fused_key]
+            cells.append(f"{1e3 * statistics.median(fused):.3f} | {1e3 * statistics.median(dense):.3f} | "
+                         + "**{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused)))
+        lines.append(f"| {b:,} | " + " | ".join(cells) + f" | {1e3 * b_floor:.3f} |")
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]
     lines += ["", "## Lookups/s by rank and pooling factor (forward; batch = lookups / pooling)", "",

@@ -37,7 +37,15 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     # the headline ratios again, from rounds in which the steps took turns (one time per round each)
     rounds = stored[stored["metric"] == "interleaved_round_time"]
     assert set(rounds["label"]) == {"sgemm", "native", "native fused SGD", "native autograd + SGD",
-                                    "nn.EmbeddingBag sparse + SGD"}
+                                    "nn.EmbeddingBag sparse + SGD", "native fused SGD (batch stream)",
+                                    "nn.EmbeddingBag sparse + SGD (batch stream)"}
+    # the stream's steps took ceil(2,048 stream lookups / lookups per batch) distinct batches, the others one
+    streamed = rounds["label"].str.endswith("(batch stream)")
+    assert (rounds.loc[streamed, "stream_lookups"] == 2048).all() and (rounds.loc[~streamed & (rounds["impl"] != "sgemm"),
+                                                                                   "stream_lookups"] == 0).all()
+    assert {(b, k) for b, k in zip(rounds.loc[streamed, "batch_size"], rounds.loc[streamed, "timed_batches"])} == {
+        (512, 4), (256, 8), (64, 32)}
+    assert (rounds.loc[~streamed & (rounds["impl"] != "sgemm"), "timed_batches"] == 1).all()
     assert (rounds["n"] == 3).all() and (rounds["median"] > 0).all()
     assert report.count("Interleaved (3 rounds") == 2
     # the gap section's rates come from the kernel's own per-thread timers (d = 3: nonzero)
@@ -49,17 +57,25 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     want = min(per_round["nn.EmbeddingBag sparse + SGD", 512]) / min(per_round["native fused SGD", 512])
     assert f"native fused SGD: **{want:.2f}x**" in report.split("fastest rounds:")[1]
 
-    def ratio(batch, picked=None):  # median over the rounds (all, or those picked) of dense / fused
-        dense, fused = per_round["nn.EmbeddingBag sparse + SGD", batch], per_round["native fused SGD", batch]
+    def ratio(batch, picked=None, suffix=""):  # median over the rounds (all, or those picked) of dense / fused
+        dense = per_round["nn.EmbeddingBag sparse + SGD" + suffix, batch]
+        fused = per_round["native fused SGD" + suffix, batch]
         return statistics.median(dense[r] / fused[r] for r in (picked if picked is not None else range(len(dense))))
+
+    stream = " (batch stream)"
+    assert f"On the stream: native fused SGD{stream}: **{ratio(512, suffix=stream):.2f}x**" in report
+    want = min(per_round["nn.EmbeddingBag sparse + SGD" + stream, 512]) / min(per_round["native fused SGD" + stream, 512])
+    assert f"native fused SGD{stream}: **{want:.2f}x**" in report.split("fastest rounds:")[1]
 
     # the training step at smaller batches: its own rounds per batch size, the ratio's median in the report
     small = rounds[rounds["batch_size"] != 512]
     assert set(zip(small["label"], small["batch_size"])) == {
-        (label, b) for label in ("native fused SGD", "nn.EmbeddingBag sparse + SGD") for b in (64, 256)}
+        (label + suffix, b) for label in ("native fused SGD", "nn.EmbeddingBag sparse + SGD") for b in (64, 256)
+        for suffix in ("", stream)}
     table = report.split("### Training step by batch size")[1].split("## Lookups/s")[0]
-    for b in (64, 256):
-        assert f"**{ratio(b):.2f}x**" in table_row(table, b)
+    for b in (64, 256):  # replayed, then on the stream
+        cells = table_row(table, b).split(" | ")
+        assert cells[3].startswith(f"**{ratio(b):.2f}x**") and cells[6].startswith(f"**{ratio(b, suffix=stream):.2f}x**")
     # the arithmetic floor, recomputed from the stored reuse ratios and the sgemm's stored rounds: the
     # chain once per distinct prefix and the last core once per distinct row, forward once and backward twice
     smoke_table = SCALES["smoke"]["table"]
@@ -90,6 +106,7 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
         part = line.split(f"{state} ({len(picked)} rounds): ")[1]
         if picked:
             assert part.startswith(f"fused SGD **{ratio(512, picked):.2f}x**"), line
+            assert f"on the stream **{ratio(512, picked, stream):.2f}x**" in part.split(";")[0], line
         else:
             assert part.startswith("none"), line
 

@@ -183,6 +183,7 @@ RECORDED = {
     "workload.criteo_mapping": (_CRITEO, "workload.criteo_mapping=dictionary", "criteo_mapping"),
     "timing.warmup": ([], "timing.warmup=3", "timing_warmup"),
     "timing.flush_l2": (["device=cuda"], "timing.flush_l2=true", "flush_l2"),
+    "timing.stream_lookups": ([], "timing.stream_lookups=4096", "stream_lookups"),
     "mode.name": ([], "mode=train", "mode"),
     "mode.optimizer": (["mode=train"], "mode.optimizer=adagrad", "optimizer"),
     "mode.lr": (["mode=train"], "mode.lr=0.1", "lr"),

@@ -126,13 +126,16 @@ def _fake_run(batch_indices: list[int], spec: TTSpec, reuse: dict, train_reuse: 
     cols = {"tt_p_shapes": "x".join(map(str, spec.tt_p_shapes)), "tt_q_shapes": "x".join(map(str, spec.tt_q_shapes))}
     fwd_ms = {"native": 1e-6, "reference": 3.0, "t3nsor": 9.0, "tltorch": 4.0, "dense": 0.25}
     fwd = {k: _rows(k, ms, B, **cols, **reuse) for k, ms in fwd_ms.items()}
-    train_ms = {"native fused SGD": 2.0, "native autograd + SGD": 2.5, "nn.EmbeddingBag sparse + SGD": 3.0}
-    train = {k: _rows(k, ms, B, **cols, **train_reuse) for k, ms in train_ms.items()}
+    train_ms = {"native fused SGD": 2.0, "native autograd + SGD": 2.5, "nn.EmbeddingBag sparse + SGD": 3.0,
+                "native fused SGD (batch stream)": 2.1, "nn.EmbeddingBag sparse + SGD (batch stream)": 3.5}
+    train = {k: _rows(k, ms, B, **cols, **train_reuse, timed_batches=4 if k.endswith("stream)") else 1)
+             for k, ms in train_ms.items()}
     rng = np.random.default_rng(7)
     n = 6
     fwd_rounds = {"sgemm": rng.uniform(1e-3, 2e-3, n).tolist(), "native": rng.uniform(1e-4, 2e-4, n).tolist()}
     train_rounds = {k: rng.uniform(1e-3, 4e-3, n).tolist() for k in train_ms}
-    by_batch = {64: {k: rng.uniform(1e-4, 3e-4, n).tolist() for k in ("native fused SGD", "nn.EmbeddingBag sparse + SGD")}}
+    by_batch = {64: {k + suffix: rng.uniform(1e-4, 3e-4, n).tolist() for k in ("native fused SGD", "nn.EmbeddingBag sparse + SGD")
+                     for suffix in ("", " (batch stream)")}}
     # forward: rounds 0, 1 near; 2, 3, 4 far; 5 mixed. Training: 0-3 far (one at the bound's edge), 4 near, 5 unprobed
     fwd_states = [(60.0, 70.0), (NEAR_NS, 80.0), (400.0, 500.0), (151.0, 900.0), (300.0, 200.0), (60.0, 500.0)]
     train_states = [(400.0, 500.0), (151.0, 152.0), (300.0, 200.0), (999.0, 151.0), (55.0, 65.0), (None, 60.0)]
@@ -205,9 +208,21 @@ def test_report_numbers_match_independent_computations():
     rate = 2 * 512**3 / np.median(r["forward"]["sgemm"])
     assert f"= {step / 1e6:.0f} MFLOP per step" in report and f"**{1e3 * step / rate:.2f} ms**" in report
     assert f"pass **{np.median(dense) / (step / rate):.2f}x**" in report
+    # on the stream: each stream step against nn.EmbeddingBag on the stream, never against a replayed step
+    st = " (batch stream)"
+    dense_s, fused_s = (np.array(r["train"][k + st]) for k in ("nn.EmbeddingBag sparse + SGD", "native fused SGD"))
+    assert any(x.startswith(f"| native fused SGD{st} | 2.10 |") and x.endswith(f"| {3.5 / 2.1:.2f}x |") for x in lines)
+    assert f"On the stream: native fused SGD{st}: {_bracket(*_np_quartiles(dense_s / fused_s))}." in report
+    assert f"take 4 distinct batches of the workload in turn ({4 * B:,} lookups" in report
+    assert (f"on the stream {_bracket(*_np_quartiles(dense_s[far] / fused_s[far]))} (steps "
+            f"{1e3 * np.median(fused_s[far]):.2f} against {1e3 * np.median(dense_s[far]):.2f} ms)") in split
+    assert f"native fused SGD{st}: **{dense_s.min() / fused_s.min():.2f}x**" in report.split("fastest rounds:")[1]
     row64 = next(x for x in lines if x.startswith("| 64 | "))
-    d64, f64 = (np.array(r["train_by_batch"][64][k]) for k in ("nn.EmbeddingBag sparse + SGD", "native fused SGD"))
-    assert f"| {_bracket(*_np_quartiles(d64 / f64))} |" in row64
+    d64, f64, d64s, f64s = (np.array(r["train_by_batch"][64][k]) for k in (
+        "nn.EmbeddingBag sparse + SGD", "native fused SGD", "nn.EmbeddingBag sparse + SGD" + st, "native fused SGD" + st))
+    assert row64.startswith(f"| 64 | {1e3 * np.median(f64):.3f} | {1e3 * np.median(d64):.3f} | "
+                            f"{_bracket(*_np_quartiles(d64 / f64))} | {1e3 * np.median(f64s):.3f} | "
+                            f"{1e3 * np.median(d64s):.3f} | {_bracket(*_np_quartiles(d64s / f64s))} |"), row64
     assert row64.endswith(f"| {1e3 * 3 * 64 * (0.5 * chain + 0.75 * last) / rate:.3f} |")
 
     # lookups/s grid: every cell where its rank, pooling and implementation say

@@ -522,6 +522,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]
     lines += ["", "## Lookups/s by rank and pooling factor (forward; batch = lookups / pooling)", "",
+              "Each point replays one batch (the suite's default): nn.EmbeddingBag's rows stay in the caches from call "
+              "to call, the TT cores do either way (see the training step's stream above).", "",
               "| rank | pooling | " + " | ".join(g.columns) + " |", "| --- | --- |" + " ---: |" * len(g.columns)]
     for (rank, pooling), row in g.iterrows():
         lines.append(f"| {rank} | {pooling} | " + " | ".join(f"{v:,.0f}" for v in row.values) + " |")

@@ -769,3 +769,38 @@ def test_plans_of_32768_lookups_and_more_find_every_prefix_once(p, batch):
     for out, grads in runs[1:]:
         assert torch.equal(out, runs[0][0]) and all(torch.equal(a, b) for a, b in zip(grads, runs[0][1]))
     assert_matches_reference(cores, spec, bags, grad_out)
+
+
+def _forward_in_forked_child(module, idx, off, conn):
+    torch.set_num_threads(1)  # (as DataLoader workers do: GNU OpenMP's 2-thread teams hang after a fork)
+    with torch.no_grad():
+        conn.send(module(idx, off).numpy().tobytes())  # (bytes: no shared-memory handles across the fork)
+    conn.close()
+
+
+def test_a_forked_child_on_one_thread_gets_the_parents_bits():
+    """After the parent ran the kernel with 2 threads, a forked child that sets 1 thread (as DataLoader
+    workers do) computes the same forward, bitwise; it must finish, not hang (30 s bound)."""
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork start method on this platform")
+    module = ttrec.TTEmbeddingBag(1_000_000, 16, tt_ranks=16, backend="cpu", seed=0)
+    idx = torch.randint(0, 1_000_000, (20_000,), generator=torch.Generator().manual_seed(1))
+    off = torch.arange(20_000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            want = module(idx, off)  # 2 threads: the child's OpenMP state comes from here
+    finally:
+        torch.set_num_threads(threads)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_forward_in_forked_child, args=(module, idx, off, child))
+    proc.start()
+    got = parent.recv() if parent.poll(30) else None
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+    assert got is not None, "the forked child did not answer within 30 s"
+    assert got == want.numpy().tobytes()

@@ -64,8 +64,15 @@ def _fused_optimizer(cfg: BenchConfig) -> str | None:
 
 def build_step(module: torch.nn.Module, batch: Batch | Sequence[Batch], cfg: BenchConfig) -> Callable[[], object]:
     """The timed callable: a forward (no autograd), or forward + backward + optimizer step. Given a
-    sequence of batches (a stream: :func:`timed_batches`), each call takes the next one, in turn."""
+    sequence of batches (a stream: :func:`timed_batches`), each call takes the next one, in turn
+    (warm-up calls included); the callable's ``batches`` attribute is that sequence."""
     batches = [batch] if isinstance(batch, Batch) else list(batch)
+    step = _step(module, batches, cfg)
+    step.batches = batches
+    return step
+
+
+def _step(module: torch.nn.Module, batches: list[Batch], cfg: BenchConfig) -> Callable[[], object]:
     calls = itertools.cycle([(b.indices, b.offsets, b.per_sample_weights) for b in batches])
     if cfg.mode.name.value == "forward":
         def forward():
@@ -96,7 +103,7 @@ def build_step(module: torch.nn.Module, batch: Batch | Sequence[Batch], cfg: Ben
 
 
 def stream_length(cfg: BenchConfig, first: Batch) -> int:
-    """How many distinct batches the timed calls take in turn: 1 (batch 0 replayed) unless
+    """How many distinct batches the calls take in turn: 1 (batch 0 replayed) unless
     ``timing.stream_lookups`` asks for a stream, then as many as hold that many lookups at batch 0's
     count (ceil; a batch without lookups is replayed alone)."""
     n, per_batch = cfg.timing.stream_lookups, first.num_lookups
@@ -104,7 +111,7 @@ def stream_length(cfg: BenchConfig, first: Batch) -> int:
 
 
 def timed_batches(stream: Iterator[Batch], cfg: BenchConfig) -> list[Batch]:
-    """Batches 0, 1, ... of the workload stream that the timed calls take (:func:`stream_length`)."""
+    """Batches 0, 1, ... of the workload stream that the calls take in turn (:func:`stream_length`)."""
     first = next(stream)
     k = stream_length(cfg, first)
     if k > 1:
@@ -154,8 +161,10 @@ def config_columns(cfg: BenchConfig, experiment: str) -> dict:
     }
 
 
-def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str) -> dict:
-    """The config values (and measured workload ratios) that identify one measured point."""
+def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, experiment: str,
+                  timed_batches: int = 1) -> dict:
+    """The config values (and measured workload ratios) that identify one measured point;
+    ``timed_batches``: how many distinct batches its calls took in turn (``len(step.batches)``)."""
     spec = getattr(module, "spec", None)
     is_tt = spec is not None
     impl = cfg.impl.name.value
@@ -171,7 +180,7 @@ def point_columns(cfg: BenchConfig, module: torch.nn.Module, batch: Batch, exper
     else:  # (a module without TT cores stores the whole table)
         cols.update({"tt_rank": None, "init": "uniform_dlrm", "param_bytes": _table_bytes(cfg), "compression_ratio": 1.0})
     cols.update(batch_stats(batch, spec.tt_p_shapes if is_tt else None))
-    cols["timed_batches"] = stream_length(cfg, batch)  # (the ratios above: of batch 0)
+    cols["timed_batches"] = timed_batches  # (the ratios above: of batch 0)
     cols.update(workload_columns(cfg, module, batch))
     return cols
 
@@ -226,7 +235,8 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
                         target_time_s=t.target_time_s, device=cfg.device, flush_l2=t.flush_l2)
     if (busy := wait.note()) is not None:
         log.warning("%s", busy)
-    lookups = max(1, batch.num_lookups)
+    # (a stream: the mean lookups of its batches, which differ with a spread of bag sizes)
+    lookups = max(1, sum(b.num_lookups for b in step.batches) / len(step.batches))
     metrics = [
         _metric("time_per_batch", "ms", stats.map(lambda s: s * 1e3), busy),
         _metric("time_per_lookup", "ns", stats.map(lambda s: s * 1e9 / lookups), busy),
@@ -239,7 +249,7 @@ def measure_point(cfg: BenchConfig, experiment: str = "none") -> list[dict]:
         metrics.append(_metric("gflops", "GFLOP/s", stats.map(lambda s: flops / s / 1e9), busy))
     if t.memory or cfg.device.startswith("cuda"):
         metrics.append(_memory_row(cfg, step))
-    point = point_columns(cfg, module, batch, experiment)
+    point = point_columns(cfg, module, batch, experiment, len(step.batches))
     env = {**capture(), "cpu_wait": wait.threads,
            **nvml_telemetry(cfg.device)}
     rows = [{**point, **m, **env} for m in metrics]

@@ -279,7 +279,8 @@ class WorkloadConfig:
                         reuse_fraction=self.reuse_fraction)
 
 
-MAX_STREAM_LOOKUPS = 1 << 28  # timing.stream_lookups' bound: 268M lookups, about 4 GiB of batches
+MAX_STREAM_LOOKUPS = 1 << 28  # timing.stream_lookups' bound: 268M lookups, about 4 GiB of batches at pooling 1
+MAX_STREAM_BATCHES = 1 << 17  # and the most batches it may take (at the workload's nominal lookups per batch)
 
 
 @dataclass
@@ -293,12 +294,12 @@ class TimingConfig:
     threads: int = 2
     flush_l2: bool = False   # GPU only: overwrite the L2 before every timed call
     memory: bool = False     # also measure peak transient memory (CPU: a fresh child process)
-    # 0: every timed call replays the workload's batch 0. N > 0: the timed calls take distinct batches in
-    # turn, batches 0, 1, ... of the workload stream, as many as hold N lookups (ceil(N / lookups of batch
-    # 0)), all drawn before timing (benches.app.stream_length): a training run's steps each see a new batch.
-    # A replayed batch keeps the rows it touches in the CPU's caches from one call to the next, which flatters
-    # an uncompressed table (nn.EmbeddingBag's rows) and not the TT cores (cached either way); the batches
-    # cost about 16 bytes per lookup of memory (indices and offsets at pooling 1).
+    # 0: every call (warm-up and timed) replays the workload's batch 0. N > 0: the calls take distinct
+    # batches in turn, batches 0, 1, ... of the workload stream, as many as hold N lookups (ceil(N / lookups
+    # of batch 0)), all drawn before the warm-up (benches.app.timed_batches): a training run's steps each see a
+    # new batch. A replayed batch keeps the rows it touches in the CPU's caches from one call to the next,
+    # which can flatter an uncompressed table (nn.EmbeddingBag's rows) and not the TT cores (cached either
+    # way). Memory: about 16 bytes per lookup at pooling 1 (indices, offsets), plus each batch's own tensors.
     stream_lookups: int = 0
 
     def __post_init__(self) -> None:
@@ -554,6 +555,27 @@ class BenchConfig:
         if self.timing.flush_l2 and not self.device.startswith("cuda"):
             raise ValueError(f"timing.flush_l2: got true with device={self.device}; it flushes a GPU's L2 cache "
                              f"(device=cuda), the CPU protocol flushes nothing")
+        if self.timing.stream_lookups:
+            self._check_stream()
+
+    def _check_stream(self) -> None:
+        """timing.stream_lookups > 0: where a stream of timed batches is measured as it says."""
+        n, w = self.timing.stream_lookups, self.workload
+        why = None
+        if self.task != Task.time:
+            why = f"with task={self.task.value}; only a timed point (task=time) takes a stream of batches"
+        elif self.cache.enabled:
+            why = ("with cache.enabled=true; a cached point records the hit ratio of batch 0 and warms its cache on the "
+                   "batches after it, so a stream of timed batches is not supported with a cache")
+        elif w.distribution == Distribution.criteo:
+            why = ("with workload.distribution=criteo; a Criteo file is read again from its start when it ends, without "
+                   "notice, so a stream longer than the file would time repeated batches as distinct ones")
+        elif -(-n // (w.batch_size * w.pooling_factor)) > MAX_STREAM_BATCHES:
+            why = (f"with workload.batch_size={w.batch_size} x pooling_factor={w.pooling_factor}: that is "
+                   f"{-(-n // (w.batch_size * w.pooling_factor)):,} batches, more than {MAX_STREAM_BATCHES:,} (each batch "
+                   f"costs its own tensors and drawing time)")
+        if why is not None:
+            raise ValueError(f"timing.stream_lookups: got {n} {why}: set timing.stream_lookups=0")
 
 
     def _check_timed_cache(self) -> None:
@@ -733,12 +755,15 @@ def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
     Checked here, not in ``__post_init__``: cache.compare's comparison points (the same stream
     without the cache, built from the cached point's config) do keep it."""
     w = cfg.workload
-    if cfg.task == Task.time and not cfg.cache.enabled and cfg.timing.stream_lookups == 0 and w.reuse_fraction != 0:
-        raise ValueError(f"workload.reuse_fraction: got {w.reuse_fraction} with cache.enabled=false; a timed point "
-                         f"times batch 0 of the workload stream, which has no batch before it to repeat lookups of, so "
-                         f"the measurement would not change: reuse acts on the batches after it (a cache's warm-up, "
-                         f"cache=lfu; task=topk_stability; a stream of timed batches, timing.stream_lookups > 0): leave "
-                         f"workload.reuse_fraction at 0.0")
+    per_batch = w.batch_size * w.pooling_factor  # (nominal: a spread of bag sizes moves batch 0's count)
+    stream = cfg.timing.stream_lookups > per_batch  # two timed batches or more
+    if cfg.task == Task.time and not cfg.cache.enabled and not stream and w.reuse_fraction != 0:
+        raise ValueError(f"workload.reuse_fraction: got {w.reuse_fraction} with cache.enabled=false and "
+                         f"timing.stream_lookups={cfg.timing.stream_lookups}; a timed point times batch 0 of the workload "
+                         f"stream, which has no batch before it to repeat lookups of, so the measurement would not "
+                         f"change: reuse acts on the batches after it (a cache's warm-up, cache=lfu; task=topk_stability; "
+                         f"a stream of two timed batches or more, timing.stream_lookups > batch_size x pooling_factor = "
+                         f"{per_batch}): leave workload.reuse_fraction at 0.0")
 
 
 def to_objects(cfg: DictConfig) -> BenchConfig:

@@ -48,6 +48,15 @@ STREAM = " (batch stream)"  # the label suffix of a step timed on the stream
 DENSE = "nn.EmbeddingBag sparse + SGD"
 
 
+# The training steps (label, implementation, config keywords), each replayed and the fused one and
+# nn.EmbeddingBag also on the stream: the sequential points and the interleaved rounds alike
+TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
+               for suffix in ("", STREAM)
+               for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
+                                       ("native autograd + SGD", "native", {}), (DENSE, "dense", {}))
+               if not (suffix and label == "native autograd + SGD")]
+
+
 def dense_of(label: str) -> str:
     """The nn.EmbeddingBag step a training step's label is compared with: the one timed the same way."""
     return DENSE + STREAM if label.endswith(STREAM) else DENSE
@@ -63,11 +72,9 @@ IMPLS = {  # label -> impl config
 def _cfg(scale: dict, label: str, rank: int, pooling: int, batch: int, mode: str = "forward", fused: bool = False,
          distribution: str = "uniform", threads: int = 2, slow: bool = False, stream: bool = False) -> BenchConfig:
     target = scale["target_time_s"]
-    stream_lookups = scale["stream_lookups"] if stream else 0
-    timing = (TimingConfig(warmup=1, min_repeats=3, max_repeats=5, target_time_s=target / 2, threads=threads,
-                           stream_lookups=stream_lookups) if slow
-              else TimingConfig(warmup=2, min_repeats=10, max_repeats=100, target_time_s=target, threads=threads,
-                                stream_lookups=stream_lookups))
+    calls = (dict(warmup=1, min_repeats=3, max_repeats=5, target_time_s=target / 2) if slow
+             else dict(warmup=2, min_repeats=10, max_repeats=100, target_time_s=target))
+    timing = TimingConfig(**calls, threads=threads, stream_lookups=scale["stream_lookups"] if stream else 0)
     return BenchConfig(
         impl=dataclasses.replace(IMPLS[label]), table=dataclasses.replace(scale["table"]),
         tt=TTConfig(rank=rank), timing=timing,
@@ -199,33 +206,22 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     sort_ways = {"inference forward": ops.sort_way()}  # per key width: prefix bits here, the whole key in training
     fwd.update({label: point(label, rank=32, pooling=1, batch=B) for label in IMPLS if label != "native"})
     log("training step, R=32, Zipf(1.05) permuted, pooling 1:")
-    train = {"native fused SGD": point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
-                                       distribution="zipf")}
-    phases["training forward (Zipf)"] = _unprofiled(ops.last_stats("forward"))
-    sort_ways["training"] = ops.sort_way()
-    phases["training backward (Zipf)"] = ops.last_stats("backward")
-    train |= {
-        "native autograd + SGD": point("native", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
-        DENSE: point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf"),
-        "native fused SGD" + STREAM: point("native", rank=32, pooling=1, batch=B, mode="train", fused=True,
-                                           distribution="zipf", stream=True),
-        DENSE + STREAM: point("dense", rank=32, pooling=1, batch=B, mode="train", distribution="zipf", stream=True),
-    }
+    train = {}
+    for label, impl, kw in TRAIN_KINDS:
+        train[label] = point(impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf", **kw)
+        if label == "native fused SGD":  # (its phases: the last call's, right after its timed calls)
+            phases["training forward (Zipf)"] = _unprofiled(ops.last_stats("forward"))
+            sort_ways["training"] = ops.sort_way()
+            phases["training backward (Zipf)"] = ops.last_stats("backward")
     log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
     # the config columns of each interleaved step's rows, by (label, lookups per batch)
     columns: dict[tuple[str, int], dict] = {}
 
     def built(label: str, cfg: BenchConfig) -> Callable[[], object]:
         module, batch, step = build_point(cfg)
-        columns[label, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel")
+        columns[label, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel", len(step.batches))
         return step
 
-    # the training steps of the interleaved rounds: label -> (impl, config keywords); each replayed and on a stream
-    train_kinds = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
-                   for suffix in ("", STREAM)
-                   for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
-                                           ("native autograd + SGD", "native", {}), (DENSE, "dense", {}))
-                   if not (suffix and label == "native autograd + SGD")]
 
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
@@ -233,7 +229,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
     train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                             threads=threads, **kw))
-                   for label, impl, kw in train_kinds}
+                   for label, impl, kw in TRAIN_KINDS}
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
     for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
         log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
@@ -246,7 +242,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     for b in scale["train_batches"]:
         points = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=b, mode="train", distribution="zipf",
                                            threads=threads, **kw))
-                  for label, impl, kw in train_kinds if not label.startswith("native autograd")}
+                  for label, impl, kw in TRAIN_KINDS if not label.startswith("native autograd")}
         fused = columns["native fused SGD", b]  # (the same batch for both steps)
         by_batch_reuse[b] = {k: fused[k] for k in ("unique_row_ratio", "unique_prefix_ratio")}
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
@@ -394,6 +390,18 @@ def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, flo
     return s.median, s.q1, s.q3
 
 
+def _vs_dense(times: dict[str, list[float]], key: str, picked: list[int] | None = None, with_times: bool = False) -> str:
+    """Step ``key``'s throughput against nn.EmbeddingBag timed the same way (:func:`dense_of`), from
+    per-round times: "**median x** [quartiles]" of the per-round ratios over the rounds picked (all by
+    default), with ``with_times`` also both steps' median times."""
+    rounds = range(len(times[key])) if picked is None else picked
+    dense, step = [times[dense_of(key)][r] for r in rounds], [times[key][r] for r in rounds]
+    out = "**{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, step))
+    if with_times:
+        out += f" (steps {1e3 * statistics.median(step):.2f} against {1e3 * statistics.median(dense):.2f} ms)"
+    return out
+
+
 def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, mem, env, phases, rounds) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     sgemm = gflops[sgemm_name]
@@ -459,10 +467,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     streamed = [k for k in tr if k.endswith(STREAM) and k != DENSE + STREAM]
     k_stream = int(train["native fused SGD" + STREAM][0]["timed_batches"])  # (benches.app.stream_length)
 
-    def ratios(keys: list[str], picked: list[int] | None = None) -> str:
-        return "; ".join("{}: **{:.2f}x** [{:.2f}–{:.2f}]".format(
-            k, *_round_ratios([tr[dense_of(k)][r] for r in picked or range(len(tr[k]))],
-                              [tr[k][r] for r in picked or range(len(tr[k]))])) for k in keys)
+    def ratios(keys: list[str]) -> str:
+        return "; ".join(f"{k}: " + _vs_dense(tr, k) for k in keys)
     lines += ["", f"Interleaved ({rounds['n']} rounds, the {len(tr)} steps taking turns; throughput vs nn.EmbeddingBag "
               "timed the same way, per-round ratios, median [quartiles]): " + ratios(replayed) + ".",
               "", f"The steps marked \"{STREAM.strip()}\" take {k_stream:,} distinct batches of the workload in turn "
@@ -471,12 +477,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"table rows; the TT cores stay cached either way). On the stream: " + ratios(streamed) + "."]
 
     def by_state(picked: list[int]) -> str:
-        parts = []
-        for fused_key, name in (("native fused SGD", "fused SGD"), ("native fused SGD" + STREAM, "on the stream")):
-            dense, fused = [tr[dense_of(fused_key)][r] for r in picked], [tr[fused_key][r] for r in picked]
-            parts.append(f"{name} " + "**{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused))
-                         + f" (steps {1e3 * statistics.median(fused):.2f} against {1e3 * statistics.median(dense):.2f} ms)")
-        return ", ".join(parts)
+        return ", ".join(f"{name} " + _vs_dense(tr, key, picked, with_times=True)
+                         for key, name in (("native fused SGD", "fused SGD"), ("native fused SGD" + STREAM, "on the stream")))
     lines += ["", _split_line("Training step vs nn.EmbeddingBag", by_state, train_states)]
     # each step in its quickest round: on a VM whose state swings (where the vCPUs sit, see
     # round_states; nn.EmbeddingBag's step swings most), the ratio when both run in its quickest state
@@ -497,11 +499,12 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"of the batch's lookups: the prefix chains once per distinct prefix and the last core once per distinct row "
               f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. At the sgemm's "
               f"interleaved rate ({sgemm_rate / 1e9:.1f} GFLOP/s) that arithmetic alone takes **{1e3 * floor:.2f} ms**, "
-              f"so against nn.EmbeddingBag's step ({1e3 * statistics.median(dense_rounds):.2f} ms round median, "
-              f"{1e3 * best[DENSE]:.2f} ms fastest; on the stream {1e3 * statistics.median(tr[DENSE + STREAM]):.2f} and "
-              f"{1e3 * best[DENSE + STREAM]:.2f} ms) no kernel doing it can pass "
-              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best[DENSE] / floor:.2f}x** "
-              f"in the fastest rounds). The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
+              f"so against nn.EmbeddingBag's step replaying its batch ({1e3 * statistics.median(dense_rounds):.2f} ms "
+              f"round median, {1e3 * best[DENSE]:.2f} ms fastest) no kernel doing it can pass "
+              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best[DENSE] / floor:.2f}x** in the fastest rounds); "
+              f"against its step on the stream ({1e3 * statistics.median(tr[DENSE + STREAM]):.2f} and "
+              f"{1e3 * best[DENSE + STREAM]:.2f} ms) **{statistics.median(tr[DENSE + STREAM]) / floor:.2f}x** and "
+              f"**{best[DENSE + STREAM] / floor:.2f}x**. The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
               f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
@@ -513,11 +516,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b, r in rounds["train_by_batch"].items():
         b_floor = train_step_flops(t, 32, b, rounds["train_by_batch_reuse"][b]) / sgemm_rate
-        cells = []
-        for fused_key in ("native fused SGD", "native fused SGD" + STREAM):
-            dense, fused = r[dense_of(fused_key)], r[fused_key]
-            cells.append(f"{1e3 * statistics.median(fused):.3f} | {1e3 * statistics.median(dense):.3f} | "
-                         + "**{:.2f}x** [{:.2f}–{:.2f}]".format(*_round_ratios(dense, fused)))
+        cells = [f"{1e3 * statistics.median(r[key]):.3f} | {1e3 * statistics.median(r[dense_of(key)]):.3f} | "
+                 + _vs_dense(r, key) for key in ("native fused SGD", "native fused SGD" + STREAM)]
         lines.append(f"| {b:,} | " + " | ".join(cells) + f" | {1e3 * b_floor:.3f} |")
     g = pd.DataFrame(grid).pivot_table(index=["rank", "pooling"], columns="impl", values="lookups/s")
     g = g[[c for c in IMPLS if c in g.columns]]

@@ -26,7 +26,8 @@ SERIES_COLUMNS = ("table", "num_embeddings", "embedding_dim", "tt_p_shapes", "tt
                   "mode", "pooling_factor",
                   "batch_size", "pooling", "distribution", "zipf_alpha", "permute", "weighted", "pooling_sigma",
                   "pooling_distribution", "hit_rate", "hot_fraction", "reuse_fraction", "criteo_feature",
-                  "optimizer", "lr", "sparse", "device", "threads", "flush_l2", "cache_enabled", "cache_fraction")
+                  "optimizer", "lr", "sparse", "device", "threads", "flush_l2", "stream_lookups", "cache_enabled",
+                  "cache_fraction")
 
 
 def _style() -> None:

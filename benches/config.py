@@ -570,10 +570,10 @@ class BenchConfig:
         elif w.distribution == Distribution.criteo:
             why = ("with workload.distribution=criteo; a Criteo file is read again from its start when it ends, without "
                    "notice, so a stream longer than the file would time repeated batches as distinct ones")
-        elif -(-n // (w.batch_size * w.pooling_factor)) > MAX_STREAM_BATCHES:
+        elif _stream_batches(self) > MAX_STREAM_BATCHES:
             why = (f"with workload.batch_size={w.batch_size} x pooling_factor={w.pooling_factor}: that is "
-                   f"{-(-n // (w.batch_size * w.pooling_factor)):,} batches, more than {MAX_STREAM_BATCHES:,} (each batch "
-                   f"costs its own tensors and drawing time)")
+                   f"{_stream_batches(self):,} batches, more than {MAX_STREAM_BATCHES:,} (each batch costs its own "
+                   f"tensors and drawing time)")
         if why is not None:
             raise ValueError(f"timing.stream_lookups: got {n} {why}: set timing.stream_lookups=0")
 
@@ -755,15 +755,19 @@ def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
     Checked here, not in ``__post_init__``: cache.compare's comparison points (the same stream
     without the cache, built from the cached point's config) do keep it."""
     w = cfg.workload
-    per_batch = w.batch_size * w.pooling_factor  # (nominal: a spread of bag sizes moves batch 0's count)
-    stream = cfg.timing.stream_lookups > per_batch  # two timed batches or more
-    if cfg.task == Task.time and not cfg.cache.enabled and not stream and w.reuse_fraction != 0:
+    if cfg.task == Task.time and not cfg.cache.enabled and _stream_batches(cfg) < 2 and w.reuse_fraction != 0:
         raise ValueError(f"workload.reuse_fraction: got {w.reuse_fraction} with cache.enabled=false and "
                          f"timing.stream_lookups={cfg.timing.stream_lookups}; a timed point times batch 0 of the workload "
                          f"stream, which has no batch before it to repeat lookups of, so the measurement would not "
                          f"change: reuse acts on the batches after it (a cache's warm-up, cache=lfu; task=topk_stability; "
                          f"a stream of two timed batches or more, timing.stream_lookups > batch_size x pooling_factor = "
-                         f"{per_batch}): leave workload.reuse_fraction at 0.0")
+                         f"{w.batch_size * w.pooling_factor}): leave workload.reuse_fraction at 0.0")
+
+
+def _stream_batches(cfg: BenchConfig) -> int:
+    """How many batches ``timing.stream_lookups`` takes at the workload's nominal batch_size x pooling_factor
+    lookups per batch (benches.app.stream_length counts batch 0's, which a spread of bag sizes moves)."""
+    return max(1, -(-cfg.timing.stream_lookups // (cfg.workload.batch_size * cfg.workload.pooling_factor)))
 
 
 def to_objects(cfg: DictConfig) -> BenchConfig:

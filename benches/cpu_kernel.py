@@ -46,8 +46,6 @@ SCALES = {
 # the caches between steps; the TT cores stay cached either way.
 STREAM = " (batch stream)"  # the label suffix of a step timed on the stream
 DENSE = "nn.EmbeddingBag sparse + SGD"
-
-
 # The training steps (label, implementation, config keywords), each replayed and the fused one and
 # nn.EmbeddingBag also on the stream: the sequential points and the interleaved rounds alike
 TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
@@ -60,6 +58,8 @@ TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
 def dense_of(label: str) -> str:
     """The nn.EmbeddingBag step a training step's label is compared with: the one timed the same way."""
     return DENSE + STREAM if label.endswith(STREAM) else DENSE
+
+
 IMPLS = {  # label -> impl config
     "native": ImplConfig(Impl.tt, Backend.cpu),
     "reference": ImplConfig(Impl.tt, Backend.torch),
@@ -221,7 +221,6 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         module, batch, step = build_point(cfg)
         columns[label, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel", len(step.batches))
         return step
-
 
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)

@@ -143,7 +143,7 @@ def _fake_run(batch_indices: list[int], spec: TTSpec, reuse: dict, train_reuse: 
               "train_by_batch": by_batch, "train_by_batch_reuse": {64: {"unique_prefix_ratio": 0.5, "unique_row_ratio": 0.75}},
               "forward_states": fwd_states, "train_states": train_states}
     grid = [{"rank": r, "pooling": p, "impl": k, "lookups/s": 1000.0 * r + p + i}
-            for r in (8, 16) for p in (1, 10) for i, k in enumerate(IMPLS)]
+            for r in (8, 16) for p in (1, 10) for i, k in enumerate([*IMPLS, "native (batch stream)", "dense (batch stream)"])]
     mem = [{"impl": k, "peak_transient_bytes": (i + 1) * 3 * 2**20, "output_bytes": B * 16 * 4, "note": "fake"}
            for i, k in enumerate(IMPLS)]
     env = {"cpu_model": "cpu", "cpu_count": "2", "cpu_isa": "avx2", "torch": "x", "git_sha": "0" * 40, "git_dirty": "False"}
@@ -225,11 +225,13 @@ def test_report_numbers_match_independent_computations():
                             f"{1e3 * np.median(d64s):.3f} | {_bracket(*_np_quartiles(d64s / f64s))} |"), row64
     assert row64.endswith(f"| {1e3 * 3 * 64 * (0.5 * chain + 0.75 * last) / rate:.3f} |")
 
-    # lookups/s grid: every cell where its rank, pooling and implementation say
+    # lookups/s grid: every cell where its rank, pooling and implementation say (the stream's columns last)
+    columns = [*IMPLS, "native (batch stream)", "dense (batch stream)"]
+    assert next(x for x in lines if x.startswith("| rank | pooling | ")) == "| rank | pooling | " + " | ".join(columns) + " |"
     for g in a["grid"]:
         row = next(x for x in lines if x.startswith(f"| {g['rank']} | {g['pooling']} | "))
         cells = [c.strip() for c in row.strip("|").split("|")][2:]
-        assert cells[list(IMPLS).index(g["impl"])] == f"{g['lookups/s']:,.0f}"
+        assert cells[columns.index(g["impl"])] == f"{g['lookups/s']:,.0f}"
 
 
 def test_report_memory_table_against_the_batch_output():
@@ -330,6 +332,11 @@ def test_smoke_report_tables_match_its_results(smoke_run):
                          & (stored["batch_size"] == max(1, B // pooling)) & (stored["mode"] == "forward")]
             native = sel[(sel["label"] == "native") & (sel["tt_rank"] == rank)]["median"]
             assert f"{native.iloc[-1]:,.0f}" == cells[0]
+            # the stream's columns, last: the points timed on the stream (stream_lookups recorded)
+            for col, label in ((5, "native (batch stream)"), (6, "dense (batch stream)")):
+                streamed = sel[(sel["label"] == label) & ((sel["tt_rank"] == rank) | sel["tt_rank"].isna())]
+                assert (streamed["stream_lookups"] == scale["stream_lookups"]).all() and len(streamed)
+                assert f"{streamed['median'].iloc[-1]:,.0f}" == cells[col]
     # peak transient memory against the batch output: bags x D x 4 bytes
     mem = stored[stored["metric"] == "peak_transient_memory"]
     for _, m in mem.iterrows():

@@ -45,6 +45,7 @@ SCALES = {
 # batches of 65,536), as a training run feeds the table. A replayed batch keeps nn.EmbeddingBag's touched rows in
 # the caches between steps; the TT cores stay cached either way.
 STREAM = " (batch stream)"  # the label suffix of a step timed on the stream
+GRID_STREAMED = ("native", "dense")  # the rank x pooling grid's implementations also timed on the stream
 DENSE = "nn.EmbeddingBag sparse + SGD"
 # The training steps (label, implementation, config keywords), each replayed and the fused one and
 # nn.EmbeddingBag also on the stream: the sequential points and the interleaved rounds alike
@@ -53,9 +54,6 @@ TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
                for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
                                        ("native autograd + SGD", "native", {}), (DENSE, "dense", {}))
                if not (suffix and label == "native autograd + SGD")]
-
-
-GRID_STREAMED = ("native", "dense")  # the rank x pooling grid's implementations also timed on the stream
 
 
 def dense_of(label: str) -> str:

@@ -152,16 +152,26 @@ def test_per_lookup_metrics_divide_by_the_streams_mean_lookups():
 
 
 @pytest.mark.parametrize("overrides,why", [
-    (["cache=lfu"], "with cache.enabled=true"),
-    (["workload.distribution=criteo", "workload.criteo_path=day_0"], "with workload.distribution=criteo"),
-    (["task=topk_stability"], "with task=topk_stability"),
-    (["workload.batch_size=1", "timing.stream_lookups=200000"],
+    (["timing.stream_lookups=4096", "cache=lfu"], "with cache.enabled=true"),
+    (["timing.stream_lookups=4096", "workload.distribution=criteo", "workload.criteo_path=day_0"],
+     "with workload.distribution=criteo"),
+    (["timing.stream_lookups=4096", "task=topk_stability"], "with task=topk_stability"),
+    (["timing.stream_lookups=200000", "workload.batch_size=1"],
      "with workload.batch_size=1 x pooling_factor=1: that is 200,000 batches, more than 131,072"),
 ])
 def test_a_stream_is_refused_where_it_would_not_be_measured_as_it_says(overrides, why):
-    args = ["timing.stream_lookups=4096", *overrides] if not any("stream" in o for o in overrides) else overrides
     with pytest.raises(ValueError, match=r"timing.stream_lookups: got [0-9]+ " + why.replace(".", r"\.")):
-        _cfg(*args)
+        _cfg(*overrides)
+
+
+def test_a_stream_of_batches_of_different_sizes_is_refused_by_name():
+    """One upstream gradient serves the whole stream, so its batches must hold one number of bags."""
+    from benches.app import build_step
+    from ttrec.workloads import Workload, generate_batch
+    cfg = _cfg("mode=train", "impl=dense")
+    batches = [generate_batch(Workload(batch_size=n), 1000) for n in (8, 9)]
+    with pytest.raises(ValueError, match=r"timing.stream_lookups: the timed batches hold different numbers of bags"):
+        build_step(build_module(cfg), batches, cfg)
 
 
 def test_reuse_needs_two_timed_batches_or_more():

@@ -211,10 +211,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     train = {}
     for label, impl, kw in TRAIN_KINDS:
         train[label] = point(impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf", **kw)
-        if label == "native fused SGD":  # (its phases: the last call's, right after its timed calls)
-            phases["training forward (Zipf)"] = _unprofiled(ops.last_stats("forward"))
+        if label == "native fused SGD":
             sort_ways["training"] = ops.sort_way()
-            phases["training backward (Zipf)"] = ops.last_stats("backward")
     log(f"headline ratios in {scale['rounds']} interleaved rounds (sgemm / native forward; training steps):")
     # the config columns of each interleaved step's rows, by (label, lookups per batch)
     columns: dict[tuple[str, int], dict] = {}
@@ -232,6 +230,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
                                             threads=threads, **kw))
                    for label, impl, kw in TRAIN_KINDS}
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
+    step_profile = _median_step_phases(train_steps["native fused SGD"], PROFILE_CALLS)
+    phases["training forward (Zipf)"], phases["training backward (Zipf)"] = step_profile["forward"], step_profile["backward"]
     for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
         log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
     del train_steps
@@ -249,7 +249,11 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
         del points
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
+    rows += [{**columns["native fused SGD", B], "label": "native fused SGD", "metric": "step_phase_time", "unit": "s",
+              "median": seconds, "n": PROFILE_CALLS, "batch_size": B, "note": f"{call} {name}", **env}
+             for call, name, seconds in _step_profile_rows(step_profile)]
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
+              "step_profile": step_profile,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
               "forward_states": fwd_states, "train_states": train_states}
     for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
@@ -291,7 +295,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-PROFILE_CALLS = 30  # native forwards whose phase timers give the profile (medians per phase)
+PROFILE_CALLS = 30  # native forwards, and fused training steps, whose phase timers give the profiles (medians per phase)
 PROFILED_PHASES = ("seconds_chains", "seconds_last_core")  # timed only with ops.set_profile(True)
 
 
@@ -317,6 +321,41 @@ def _median_phases(step: Callable[[], object], calls: int) -> dict[str, float]:
     finally:
         ops.set_profile(False)
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
+# The kernel's top-level phases, whose timers follow one another within a call (the forward's chains,
+# last_core and sort_radix lie within chains_and_last_core and sort; every backward phase is top-level)
+FORWARD_TOP_PHASES = ("sort", "chains_and_last_core", "pool")
+
+
+def _median_step_phases(step: Callable[[], object], calls: int) -> dict:
+    """Where a native fused training step's time goes, over ``calls`` calls of ``step`` (its
+    per-thread profile off, as in the timed steps): ``forward`` and ``backward``, the medians of the two
+    native calls' phase timers; ``step``, the median time of the steps, timed around ``step``; and
+    ``outside``, the median over the steps of each one's time outside the two calls' top-level phases
+    (the Python path: module, bag checks, autograd, the update's checks; and each call's entry and exit)."""
+    from ttrec.cpu import ops
+
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        step()
+        t = time.perf_counter() - t0
+        f, b = _unprofiled(ops.last_stats("forward")), ops.last_stats("backward")
+        inside = (sum(f[f"seconds_{p}"] for p in FORWARD_TOP_PHASES)
+                  + sum(v for k, v in b.items() if k.startswith("seconds_")))
+        samples.append((f, b, t, t - inside))
+    med = {which: {k: statistics.median(s[i][k] for s in samples) for k in samples[0][i]}
+           for i, which in ((0, "forward"), (1, "backward"))}
+    return {**med, "step": statistics.median(s[2] for s in samples), "outside": statistics.median(s[3] for s in samples)}
+
+
+def _step_profile_rows(profile: dict) -> list[tuple[str, str, float]]:
+    """(call, phase, seconds) of a step profile (_median_step_phases): its top-level phases that ran
+    (a timer reading 0 s is off the call's path), then the step and the time outside the phases."""
+    out = [("forward", p, profile["forward"][f"seconds_{p}"]) for p in FORWARD_TOP_PHASES]
+    out += [("backward", k[len("seconds_"):], v) for k, v in profile["backward"].items() if k.startswith("seconds_")]
+    return [r for r in out if r[2] > 0] + [("step", "total", profile["step"]), ("step", "outside_phases", profile["outside"])]
 
 
 def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops: float, last_flops: float,
@@ -507,6 +546,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"{1e3 * best[DENSE + STREAM]:.2f} ms) **{statistics.median(tr[DENSE + STREAM]) / floor:.2f}x** and "
               f"**{best[DENSE + STREAM] / floor:.2f}x**. The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
               f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
+    lines += ["", *_step_lines(rounds["step_profile"], floor, statistics.median(dense_rounds))]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
               "(the four steps taking turns: each replaying one batch and on a stream of distinct batches holding "
@@ -536,8 +576,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         v, ob = m["peak_transient_bytes"], m["output_bytes"]
         ratio = "n/a" if v is None else f"{v / ob:.1f}x"
         lines.append(f"| {m['impl']} | {'n/a' if v is None else _mib(v)} | {_mib(ob)} | {ratio} | {m['note']} |")
-    lines += ["", f"## Where the native kernel's time goes (its own phase timers: the uniform forward's median over "
-              f"{PROFILE_CALLS} calls, the training calls' last timed call)", "",
+    lines += ["", f"## Where the native kernel's time goes (its own phase timers: medians over {PROFILE_CALLS} calls of the "
+              "uniform forward and of the fused training step)", "",
               "Forward parts: chains and last_core lie within chains_and_last_core (per thread: the mean over the "
               "threads; timed only in the profiled uniform forward), sort_radix within sort.", "",
               "| call | phase | ms |", "| --- | --- | ---: |"]
@@ -554,6 +594,24 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
             f"{call}: {', '.join(names)}" for call, names in not_run.items()) + " (the d = 3 backward reuses the "
             "sort and prefix chains its forward kept, and has no per-core phases of its own before the i2 buckets)."]
     return "\n".join(lines) + "\n"
+
+
+def _step_lines(profile: dict, floor: float, dense: float) -> list[str]:
+    """The fused step's time by phase (a step profile, see _median_step_phases) against its arithmetic
+    floor (seconds at the sgemm's rate) and nn.EmbeddingBag's step (its round median, seconds)."""
+    step, outside = profile["step"], profile["outside"]
+    phases = [(call, name, v) for call, name, v in _step_profile_rows(profile) if call != "step"]
+    small = [v for *_, v in phases if v < 0.005 * step]  # (listed in the phase table below)
+    parts = "; ".join(f"{call} {name.replace('_', ' ')} {1e3 * v:.2f}" for call, name, v in phases if v >= 0.005 * step)
+    if small:
+        parts += f"; {len(small)} more below 0.5% of the step each, {1e3 * sum(small):.2f} together"
+    return ["### Where the fused step's time goes", "",
+            f"Medians over {PROFILE_CALLS} fused steps right after the rounds (replaying the batch): the step took "
+            f"**{1e3 * step:.2f} ms**, of which the native calls' phases (ms): {parts}; outside them "
+            f"**{1e3 * outside:.2f} ms** ({100 * outside / step:.0f}% of the step; the median of each step's time less its "
+            "phases): the Python path (the module, the bag checks, autograd's Function and engine, the update's checks) "
+            "and the calls' entry and exit. The step's arithmetic at the sgemm's rate takes "
+            f"{1e3 * floor:.2f} ms of it; nn.EmbeddingBag's step took {1e3 * dense:.2f} ms (round median)."]
 
 
 def _mib(n_bytes: float) -> str:

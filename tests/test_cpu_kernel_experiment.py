@@ -51,6 +51,17 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     # the gap section's rates come from the kernel's own per-thread timers (d = 3: nonzero)
     gap = report.split("### Where the gap to the sgemm goes")[1].split("## Training step")[0]
     assert "- chain GEMMs:" in gap and "- last core:" in gap and "the kernel ran 1 thread:" in gap
+    # where the fused step's time goes: its phases' medians over 30 steps after the rounds, stored, as reported
+    prof = stored[stored["metric"] == "step_phase_time"]
+    got = dict(zip(prof["note"], prof["median"]))
+    assert {"forward sort", "forward chains_and_last_core", "backward i2_buckets", "step total",
+            "step outside_phases"} <= set(got)
+    assert (prof["n"] == 30).all() and (prof["label"] == "native fused SGD").all()
+    assert 0 < got["step outside_phases"] < got["step total"]
+    steps = report.split("### Where the fused step's time goes")[1].split("###")[0]
+    assert f"the step took **{1e3 * got['step total']:.2f} ms**" in steps
+    assert f"outside them **{1e3 * got['step outside_phases']:.2f} ms**" in steps
+    assert f"backward i2 buckets {1e3 * got['backward i2_buckets']:.2f}" in steps
     # the fastest-round ratio, recomputed from the stored rounds
     per_round = {(r["label"], r["batch_size"]): [float(x) for x in r["note"].split(":")[1].split()]
                  for _, r in rounds.iterrows()}
@@ -124,3 +135,33 @@ def test_round_states_use_an_absolute_round_trip_bound():
     assert round_states([(60.0, 70.0), (400.0, 500.0), (60.0, 500.0), (None, 60.0), (150.0, 150.1)]) == [
         "near", "far", None, None, None]
     assert round_states([(329.1, 348.6), (335.4, 338.3)]) == ["far", "far"]
+
+
+def test_step_profile_counts_each_top_level_phase_once(monkeypatch):
+    """The fused step's time outside the kernel's phases: the step's time less the forward's top-level
+    phases (its chains, last_core and sort_radix lie within them) and every backward phase, per step,
+    then the median; and the rows the report and results.csv take from it."""
+    from benches import cpu_kernel
+    from ttrec.cpu import ops
+
+    clock = iter(range(100))  # perf_counter: each step takes 1 s (readings 0, 1; 2, 3; ...)
+    monkeypatch.setattr(cpu_kernel.time, "perf_counter", lambda: float(next(clock)))
+    fwd = {"lookups": 8, "seconds_sort": 0.1, "seconds_chains_and_last_core": 0.3, "seconds_pool": 0.0,
+           "seconds_chains": 0.2, "seconds_last_core": 0.05, "seconds_sort_radix": 0.08}
+    bwd = [{"seconds_setup": 0.01, "seconds_sort": 0.0, "seconds_i2_buckets": b, "seconds_first_core": 0.04}
+           for b in (0.2, 0.4, 0.3)]
+    calls = iter(bwd)
+    last = {}
+    monkeypatch.setattr(ops, "last_stats", lambda which="forward": fwd if which == "forward" else last["b"])
+    profile = cpu_kernel._median_step_phases(lambda: last.update(b=next(calls)), 3)
+    # outside per step: 1 - (0.1 + 0.3 + 0.0) - (0.01 + b + 0.04) = 0.35, 0.15, 0.25 -> median 0.25
+    assert profile["step"] == 1.0 and profile["outside"] == pytest.approx(0.25)
+    assert "seconds_chains" not in profile["forward"] and profile["forward"]["seconds_sort_radix"] == 0.08
+    assert profile["backward"]["seconds_i2_buckets"] == pytest.approx(0.3)
+    rows = cpu_kernel._step_profile_rows(profile)
+    assert [(c, n) for c, n, _ in rows] == [("forward", "sort"), ("forward", "chains_and_last_core"),
+                                            ("backward", "setup"), ("backward", "i2_buckets"),
+                                            ("backward", "first_core"), ("step", "total"), ("step", "outside_phases")]
+    text = cpu_kernel._step_lines(profile, floor=0.2, dense=0.8)[2]
+    assert "the step took **1000.00 ms**" in text and "outside them **250.00 ms** (25% of the step" in text
+    assert "backward i2 buckets 300.00" in text and "sort radix" not in text

@@ -141,7 +141,12 @@ def _fake_run(batch_indices: list[int], spec: TTSpec, reuse: dict, train_reuse: 
     train_states = [(400.0, 500.0), (151.0, 152.0), (300.0, 200.0), (999.0, 151.0), (55.0, 65.0), (None, 60.0)]
     rounds = {"n": n, "sgemm_flops": 2 * 512**3, "forward": fwd_rounds, "train": train_rounds,
               "train_by_batch": by_batch, "train_by_batch_reuse": {64: {"unique_prefix_ratio": 0.5, "unique_row_ratio": 0.75}},
-              "forward_states": fwd_states, "train_states": train_states}
+              "forward_states": fwd_states, "train_states": train_states,
+              # the fused step's profile (benches.cpu_kernel._median_step_phases): 2 ms, 0.4 outside the phases
+              "step_profile": {"forward": {"seconds_sort": 2e-4, "seconds_chains_and_last_core": 5e-4, "seconds_pool": 0.0,
+                                           "seconds_sort_radix": 1e-4},
+                               "backward": {"seconds_setup": 1e-6, "seconds_i2_buckets": 8.5e-4, "seconds_first_core": 4.9e-5},
+                               "step": 2e-3, "outside": 4e-4}}
     grid = [{"rank": r, "pooling": p, "impl": k, "lookups/s": 1000.0 * r + p + i}
             for r in (8, 16) for p in (1, 10) for i, k in enumerate([*IMPLS, "native (batch stream)", "dense (batch stream)"])]
     mem = [{"impl": k, "peak_transient_bytes": (i + 1) * 3 * 2**20, "output_bytes": B * 16 * 4, "note": "fake"}
@@ -439,3 +444,14 @@ def test_smoke_round_and_memory_rows_carry_their_points_settings(smoke_run):
     assert (mem["batch_size"] == B).all() and (mem["pooling_factor"] == 1).all()
     assert mem.loc["native", "impl"] == "tt" and mem.loc["native", "tt_rank"] == 32
     assert mem.loc["dense", "impl"] == "dense" and pd.isna(mem.loc["dense", "tt_rank"])
+
+
+def test_fake_report_gives_the_fused_steps_time_by_phase():
+    """The step's phases that ran, the small ones summed, and the time outside them with its share."""
+    a = _fake_run(list(range(512)), TTSpec.suggest(100_000, 16, 32), {"unique_prefix_ratio": 0.5, "unique_row_ratio": 1.0},
+                  {"unique_prefix_ratio": 0.25, "unique_row_ratio": 0.5})
+    text = _report(**a).split("### Where the fused step's time goes")[1].split("###")[0]
+    assert "the step took **2.00 ms**" in text and "outside them **0.40 ms** (20% of the step" in text
+    assert ("forward sort 0.20; forward chains and last core 0.50; backward i2 buckets 0.85; backward first core 0.05; "
+            "1 more below 0.5% of the step each, 0.00 together;") in text
+    assert "sort radix" not in text and "pool" not in text

@@ -412,6 +412,25 @@ def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[st
     return 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last)
 
 
+# The interleaved sgemm's rate against its sequential calibration, outside which a run is flagged: the
+# stored runs on the Zen 4, Zen 5, Zen 2 and Intel VMs read 0.91-1.10 (67 runs to 2026-12-07g), run
+# 2026-12-07f 0.47 (a slow stretch of the host during its forward rounds)
+SPEED_CHANGE = (0.8, 1.25)
+
+
+def _speed_change_lines(sequential: float, interleaved: float) -> list[str]:
+    """A warning when the sgemm's interleaved rate (GFLOP/s) strays from its sequential calibration by more
+    than SPEED_CHANGE allows: the machine's speed changed during the run; else nothing."""
+    ratio = interleaved / sequential
+    if SPEED_CHANGE[0] <= ratio <= SPEED_CHANGE[1]:
+        return []
+    return ["", f"**Warning: the machine's speed changed during this run.** The sgemm ran at {interleaved:.1f} GFLOP/s in "
+            f"the interleaved rounds against {sequential:.1f} in its calibration before them ({ratio:.2f}x; runs read "
+            f"{SPEED_CHANGE[0]}-{SPEED_CHANGE[1]}x when the machine holds its speed): a slow stretch of a VM's host, "
+            "another load, or a change of clock. Its forward shares do not show the kernel's usual standing (the "
+            "kernel and the sgemm need not slow alike); run the experiment again."]
+
+
 def _probe_intro(fastest: float | None) -> str:
     if fastest is None:
         return "(The rounds were not probed for the threads' round trip: fewer than two CPUs or no native kernel.)"
@@ -486,6 +505,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         "median [quartiles]): useful FLOPs = **{:.0f}%** [{:.0f}–{:.0f}%] of the sgemm's GFLOP/s.".format(
             *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
                                               [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
+        *_speed_change_lines(sgemm, rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9),
         "",
         _probe_intro(fastest),
         _split_line("Useful FLOPs / sgemm", lambda picked: "**{:.0f}%** [{:.0f}–{:.0f}%]".format(*(100 * x for x in _round_ratios(

@@ -5,6 +5,7 @@ the command line, and the timing protocol's quantiles (numpy)."""
 
 import dataclasses
 import math
+import statistics
 
 import numpy as np
 import pandas as pd
@@ -455,3 +456,18 @@ def test_fake_report_gives_the_fused_steps_time_by_phase():
     assert ("forward sort 0.20; forward chains and last core 0.50; backward i2 buckets 0.85; backward first core 0.05; "
             "1 more below 0.5% of the step each, 0.00 together;") in text
     assert "sort radix" not in text and "pool" not in text
+
+
+def test_report_warns_when_the_sgemm_ran_at_another_speed_in_the_rounds():
+    """A run whose interleaved sgemm strays from its calibration (a slow stretch of the host, as in run
+    2026-12-07f) is flagged in its report with both readings; a run that held its speed is not."""
+    a = _fake_run(list(range(512)), TTSpec.suggest(100_000, 16, 32), {"unique_prefix_ratio": 0.5, "unique_row_ratio": 1.0},
+                  {"unique_prefix_ratio": 0.25, "unique_row_ratio": 0.5})
+    interleaved = a["rounds"]["sgemm_flops"] / statistics.median(a["rounds"]["forward"]["sgemm"]) / 1e9
+    for calibration, flagged in ((interleaved / 0.79, True), (interleaved / 0.81, False), (interleaved, False),
+                                 (interleaved / 1.24, False), (interleaved / 1.26, True)):
+        a["gflops"] = {"torch.mm (a)": 1.0, "numpy.matmul (b)": calibration}
+        report = _report(**a)
+        assert ("Warning: the machine's speed changed during this run" in report) == flagged, calibration
+        if flagged:
+            assert f"{interleaved:.1f} GFLOP/s in the interleaved rounds against {calibration:.1f}" in report

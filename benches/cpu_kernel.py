@@ -413,8 +413,8 @@ def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[st
 
 
 # The interleaved sgemm's rate against its sequential calibration, outside which a run is flagged: the
-# stored runs on the Zen 4, Zen 5, Zen 2 and Intel VMs read 0.91-1.10 (67 runs to 2026-12-07g), run
-# 2026-12-07f 0.47 (a slow stretch of the host during its forward rounds)
+# 43 stored runs whose reports give both (AMD EPYC and Intel Xeon VMs, to 2026-12-07g) read 0.91-1.10 but
+# run 2026-12-07f, 0.47 (a slow stretch of the host during its forward rounds)
 SPEED_CHANGE = (0.8, 1.25)
 
 
@@ -630,8 +630,8 @@ def _step_lines(profile: dict, floor: float, dense: float) -> list[str]:
             f"**{1e3 * step:.2f} ms**, of which the native calls' phases (ms): {parts}; outside them "
             f"**{1e3 * outside:.2f} ms** ({100 * outside / step:.0f}% of the step; the median of each step's time less its "
             "phases): the Python path (the module, the bag checks, autograd's Function and engine, the update's checks) "
-            "and the calls' entry and exit. The step's arithmetic at the sgemm's rate takes "
-            f"{1e3 * floor:.2f} ms of it; nn.EmbeddingBag's step took {1e3 * dense:.2f} ms (round median)."]
+            "and the calls' entry and exit. The step's arithmetic would take "
+            f"{1e3 * floor:.2f} ms at the sgemm's rate; nn.EmbeddingBag's step took {1e3 * dense:.2f} ms (round median)."]
 
 
 def _mib(n_bytes: float) -> str:

@@ -232,6 +232,9 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
     step_profile = _median_step_phases(train_steps["native fused SGD"], PROFILE_CALLS)
     phases["training forward (Zipf)"], phases["training backward (Zipf)"] = step_profile["forward"], step_profile["backward"]
+    rows += [{**columns["native fused SGD", B], "label": "native fused SGD", "metric": "step_phase_time", "unit": "s",
+              "median": seconds, "n": PROFILE_CALLS, "batch_size": B, "note": f"{call} {name}", **env}
+             for call, name, seconds in _step_profile_rows(step_profile)]
     for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
         log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
     del train_steps
@@ -249,9 +252,6 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
         del points
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
-    rows += [{**columns["native fused SGD", B], "label": "native fused SGD", "metric": "step_phase_time", "unit": "s",
-              "median": seconds, "n": PROFILE_CALLS, "batch_size": B, "note": f"{call} {name}", **env}
-             for call, name, seconds in _step_profile_rows(step_profile)]
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
               "step_profile": step_profile,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
@@ -304,23 +304,34 @@ def _unprofiled(stats: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in stats.items() if k not in PROFILED_PHASES}
 
 
+def _timed_calls(step: Callable[[], object], calls: int, read: Callable[[], dict]) -> list[dict]:
+    """``calls`` calls of ``step``, each timed around it: per call, ``read()`` right after it (the native
+    calls' phase timers) with ``seconds_call``, the call's time."""
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        step()
+        t = time.perf_counter() - t0
+        samples.append({**read(), "seconds_call": t})
+    return samples
+
+
+def _medians(samples: list[dict]) -> dict[str, float]:
+    """The median of each key over the samples."""
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+
+
 def _median_phases(step: Callable[[], object], calls: int) -> dict[str, float]:
     """The native forward's own phase timers with its per-thread profile on (ops.set_profile), median
     per phase over ``calls`` calls of ``step``, and ``seconds_call``: the median time of those calls,
     timed around ``step``."""
     from ttrec.cpu import ops
 
-    samples = []
     ops.set_profile(True)
     try:
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            step()
-            t = time.perf_counter() - t0
-            samples.append({**ops.last_stats("forward"), "seconds_call": t})
+        return _medians(_timed_calls(step, calls, lambda: ops.last_stats("forward")))
     finally:
         ops.set_profile(False)
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
 # The kernel's top-level phases, whose timers follow one another within a call (the forward's chains,
@@ -336,18 +347,12 @@ def _median_step_phases(step: Callable[[], object], calls: int) -> dict:
     (the Python path: module, bag checks, autograd, the update's checks; and each call's entry and exit)."""
     from ttrec.cpu import ops
 
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        step()
-        t = time.perf_counter() - t0
-        f, b = _unprofiled(ops.last_stats("forward")), ops.last_stats("backward")
-        inside = (sum(f[f"seconds_{p}"] for p in FORWARD_TOP_PHASES)
-                  + sum(v for k, v in b.items() if k.startswith("seconds_")))
-        samples.append((f, b, t, t - inside))
-    med = {which: {k: statistics.median(s[i][k] for s in samples) for k in samples[0][i]}
-           for i, which in ((0, "forward"), (1, "backward"))}
-    return {**med, "step": statistics.median(s[2] for s in samples), "outside": statistics.median(s[3] for s in samples)}
+    samples = _timed_calls(step, calls, lambda: {"forward": _unprofiled(ops.last_stats("forward")),
+                                                 "backward": ops.last_stats("backward")})
+    outside = [s["seconds_call"] - sum(s["forward"][f"seconds_{p}"] for p in FORWARD_TOP_PHASES)
+               - sum(v for k, v in s["backward"].items() if k.startswith("seconds_")) for s in samples]
+    return {"forward": _medians([s["forward"] for s in samples]), "backward": _medians([s["backward"] for s in samples]),
+            "step": statistics.median(s["seconds_call"] for s in samples), "outside": statistics.median(outside)}
 
 
 def _step_profile_rows(profile: dict) -> list[tuple[str, str, float]]:

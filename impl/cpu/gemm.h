@@ -166,6 +166,13 @@ inline void copy_floats(float* dst, const float* src, int64_t n) {
   for (; i < n; ++i) dst[i] = src[i];
 }
 
+// dst[0, n) += src[0, n)
+inline void add_floats(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(dst + i, load16(dst + i) + load16(src + i));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
 // dst[0, n) = a * src[0, n)
 inline void scale_floats(float* dst, const float* src, float a, int64_t n) {
   int64_t i = 0;

@@ -52,7 +52,7 @@ struct Ctx {
   int32_t width[TT_MAX_D];   // columns of the partial product after core k (q_1..q_k)
   int Rp;                     // R_{d-1} rounded up to a multiple of 16
   UsedDigits last;            // last-core digits of the current chunk
-  std::vector<float> last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
+  fvec last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
   std::vector<uint8_t> marks;  // per sorting thread: which last digits its slice of lookups uses (sort_with)
 
   Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
@@ -144,7 +144,7 @@ struct Plan {
   // (kept by a forward for its backward, with P) the forward's used last digits and their
   // transposed slices (Ctx::prepare_last), and whether every bag held one unweighted lookup
   UsedDigits last;
-  std::vector<float> last_t;
+  fvec last_t;
   bool one_per_bag = false;
   void resize_P(size_t n) { P.resize(n + 16); }
   float* Pa() {  // P's first 64-byte boundary: the forward streams P here (stream_floats)

@@ -9,11 +9,29 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <new>
 #include <type_traits>
 #include <vector>
 
 
 namespace {
+
+// Scratch arrays on 64-byte boundaries: a 16-float vector at a 64-byte offset of one is one cache
+// line (at malloc's 16-byte alignment most of them straddle two, and each load or store touches both).
+template <class T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <class U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+using fvec = std::vector<float, Aligned64<float>>;
 
 // ---- 16-float vectors, per vector ISA ----
 // The kernel computes in 16-float vectors (one embedding row of D = 16, one output line). With

@@ -571,7 +571,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"{1e3 * best[DENSE + STREAM]:.2f} ms) **{statistics.median(tr[DENSE + STREAM]) / floor:.2f}x** and "
               f"**{best[DENSE + STREAM] / floor:.2f}x**. The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
               f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
-    lines += ["", *_step_lines(rounds["step_profile"], floor, statistics.median(dense_rounds))]
+    lines += ["", *_step_lines(rounds["step_profile"], floor, statistics.median(dense_rounds), fused_med)]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
               "(the four steps taking turns: each replaying one batch and on a stream of distinct batches holding "
@@ -621,9 +621,10 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     return "\n".join(lines) + "\n"
 
 
-def _step_lines(profile: dict, floor: float, dense: float) -> list[str]:
+def _step_lines(profile: dict, floor: float, dense: float, fused: float) -> list[str]:
     """The fused step's time by phase (a step profile, see _median_step_phases) against its arithmetic
-    floor (seconds at the sgemm's rate) and nn.EmbeddingBag's step (its round median, seconds)."""
+    floor (seconds at the sgemm's rate), nn.EmbeddingBag's step and the fused step in the rounds (their
+    round medians, seconds: the profile's steps run after the rounds, in whatever state the machine is then)."""
     step, outside = profile["step"], profile["outside"]
     phases = [(call, name, v) for call, name, v in _step_profile_rows(profile) if call != "step"]
     small = [v for *_, v in phases if v < 0.005 * step]  # (listed in the phase table below)
@@ -632,7 +633,8 @@ def _step_lines(profile: dict, floor: float, dense: float) -> list[str]:
         parts += f"; {len(small)} more below 0.5% of the step each, {1e3 * sum(small):.2f} together"
     return ["### Where the fused step's time goes", "",
             f"Medians over {PROFILE_CALLS} fused steps right after the rounds (replaying the batch): the step took "
-            f"**{1e3 * step:.2f} ms**, of which the native calls' phases (ms): {parts}; outside them "
+            f"**{1e3 * step:.2f} ms** (in the rounds above {1e3 * fused:.2f} ms: these steps ran after them, in the "
+            f"machine's state then), of which the native calls' phases (ms): {parts}; outside them "
             f"**{1e3 * outside:.2f} ms** ({100 * outside / step:.0f}% of the step; the median of each step's time less its "
             "phases): the Python path (the module, the bag checks, autograd's Function and engine, the update's checks) "
             "and the calls' entry and exit. The step's arithmetic would take "

@@ -162,6 +162,7 @@ def test_step_profile_counts_each_top_level_phase_once(monkeypatch):
     assert [(c, n) for c, n, _ in rows] == [("forward", "sort"), ("forward", "chains_and_last_core"),
                                             ("backward", "setup"), ("backward", "i2_buckets"),
                                             ("backward", "first_core"), ("step", "total"), ("step", "outside_phases")]
-    text = cpu_kernel._step_lines(profile, floor=0.2, dense=0.8)[2]
-    assert "the step took **1000.00 ms**" in text and "outside them **250.00 ms** (25% of the step" in text
+    text = cpu_kernel._step_lines(profile, floor=0.2, dense=0.8, fused=0.9)[2]
+    assert "the step took **1000.00 ms** (in the rounds above 900.00 ms" in text
+    assert "outside them **250.00 ms** (25% of the step" in text
     assert "backward i2 buckets 300.00" in text and "sort radix" not in text

@@ -453,6 +453,9 @@ def test_fake_report_gives_the_fused_steps_time_by_phase():
                   {"unique_prefix_ratio": 0.25, "unique_row_ratio": 0.5})
     text = _report(**a).split("### Where the fused step's time goes")[1].split("###")[0]
     assert "the step took **2.00 ms**" in text and "outside them **0.40 ms** (20% of the step" in text
+    # beside the profile's steps (run after the rounds), the fused step's round median, not nn.EmbeddingBag's
+    fused = 1e3 * statistics.median(a["rounds"]["train"]["native fused SGD"])
+    assert f"(in the rounds above {fused:.2f} ms: these steps ran after them" in text
     assert ("forward sort 0.20; forward chains and last core 0.50; backward i2 buckets 0.85; backward first core 0.05; "
             "1 more below 0.5% of the step each, 0.00 together;") in text
     assert "sort radix" not in text and "pool" not in text

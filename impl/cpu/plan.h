@@ -52,7 +52,7 @@ struct Ctx {
   int32_t width[TT_MAX_D];   // columns of the partial product after core k (q_1..q_k)
   int Rp;                     // R_{d-1} rounded up to a multiple of 16
   UsedDigits last;            // last-core digits of the current chunk
-  fvec last_t;  // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
+  fvec last_t;                // their slices of G_d transposed to (q_d, Rp), zero-padded: dot-friendly
   std::vector<uint8_t> marks;  // per sorting thread: which last digits its slice of lookups uses (sort_with)
 
   Ctx(const tt_shape_t* shape, const float* const* c) : s(shape), cores(c), d(shape->d) {
@@ -138,7 +138,7 @@ struct Plan {
   std::vector<int64_t> digits;   // U x 2: i1, i2
   std::vector<int64_t> buckets;  // first prefix of each i2 bucket, then U
   std::vector<int64_t> pieces;   // buckets cut into pieces of at most kPiece prefixes: starts, then U
-  std::vector<float> P;           // see Pa()
+  fvec P;                        // partial products, M x R per prefix (see Pa)
   bool has_P = false;
   double sort_seconds = 0;  // plan_chunk's radix sort (the forward's phase timers)
   // (kept by a forward for its backward, with P) the forward's used last digits and their
@@ -146,10 +146,8 @@ struct Plan {
   UsedDigits last;
   fvec last_t;
   bool one_per_bag = false;
-  void resize_P(size_t n) { P.resize(n + 16); }
-  float* Pa() {  // P's first 64-byte boundary: the forward streams P here (stream_floats)
-    return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(P.data()) + 63) & ~(uintptr_t)63);
-  }
+  void resize_P(size_t n) { P.resize(n); }
+  float* Pa() { return P.data(); }  // on a 64-byte boundary (fvec): the forward streams P here (stream_floats)
 };
 // The plan-less forward (tt_forward_impl, bucketed) keeps a table of p_1 list heads per thread: up to
 // this many front digits (256 KB)

@@ -255,7 +255,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
   } release{keep};
   // buffers persist across calls (no fresh pages each call); one call at a time uses them
   static std::mutex mutex;
-  static std::vector<float> rows;
+  static fvec rows;
   static std::vector<uint64_t> sorted_g, tmp;
   static std::vector<int64_t> runs_g;
   static Plan plan_g;
@@ -325,8 +325,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
       // alternating rounds.) A 16-float row goes out as one streamed line once the chunk's rows pass
       // kStreamRows bytes; below that they stay in cache (at 4,096 lookups streaming took 1.04x as
       // long, at 8,192 0.92x).
-      rows.resize((size_t)cn * D + 16);
-      float* const rbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(rows.data()) + 63) & ~(uintptr_t)63);
+      rows.resize((size_t)cn * D);
+      float* const rbuf = rows.data();
       float* const base = direct ? out : rbuf;
       const bool stream_rows = direct ? stream_out : D == 16 && cn * D * (int64_t)sizeof(float) >= kStreamRows;
       if (keep) keep->resize_P((size_t)U * M * R);

@@ -363,10 +363,12 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
         // a row with the same machine code: a forward that keeps a plan and one that does not give
         // the same bits (with a loop of its own for each, GCC contracted the products of
         // last_stage16 differently in the two).
+        // keep_out (a kept plan): where prefix t0's P goes, each prefix's streamed out after its rows.
         // (bounds and arrays in locals: the non-temporal stores below may alias anything, so the
         // compiler would reload captured vectors' pointers after each one)
         auto finish_piece = [&](const float* P0, int64_t t0, int64_t t1, const int64_t* start, int64_t i_end,
-                                const int32_t* first, const int32_t* next, int64_t x0) __attribute__((noinline)) {
+                                const int32_t* first, const int32_t* next, int64_t x0,
+                                float* keep_out) __attribute__((noinline)) {
           const bool list = next != nullptr;
           auto rows = [&](int64_t t, auto&& compute) {
             int64_t lead = -1;
@@ -418,6 +420,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                 ldp = Rp;
               }
               compute_rows(t, P, ldp);
+              if (keep_out) stream_floats(keep_out + (t - t0) * (int64_t)M * R, P0 + (t - t0) * (int64_t)M * R, (int64_t)M * R);
             }
           };
           if (quad)
@@ -674,7 +677,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
               const double g0 = profile ? omp_get_wtime() : 0;
               chain_rows(s, cores, front.data() + u0, 1, u1 - u0, Ap, S, ld, Pl.data());
               const double g1 = profile ? omp_get_wtime() : 0;
-              finish_piece(Pl.data(), u0, u1, nullptr, 0, heads.data(), nxt.data(), x0);
+              finish_piece(Pl.data(), u0, u1, nullptr, 0, heads.data(), nxt.data(), x0, nullptr);
               if (profile) {  // (the lists above lie in the phase, outside both of its parts)
                 in_chains += g1 - g0;
                 in_last += omp_get_wtime() - g1;
@@ -705,13 +708,17 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             int64_t ld;
             const float* S = tt_slice(s, cores[1], 1, pl->digits[2 * ta + 1], &ld);
             // P in a cache-resident scratch; kept for the backward by streaming stores (written
-            // past the cache: no read of the megabytes of plan it lands in)
+            // past the cache: no read of the megabytes of plan it lands in), each prefix's right after
+            // its rows (finish_piece's keep_out). Streamed as one burst after the piece's rows, its 10 MB
+            // cost the forward 0.2 ms of 1.42 (Kaggle's largest table, 65,536 Zipf lookups, 2 threads,
+            // Zen 4 VM: 1.22 without it); spread out so, the forward 0.94x and the fused step 0.977x and
+            // 0.972x (alternating rounds). Spread further, a few lines after each tile of the next
+            // piece's chain GEMM: 1.006x of this.
             float* const P = Pl.data();
             const double c0 = profile ? omp_get_wtime() : 0;
             piece_chain(s, cores, *pl, ta, tb, Ap, S, ld, P);
             const double c1 = profile ? omp_get_wtime() : 0;
-            finish_piece(P, ta, tb, run_start, cn, nullptr, nullptr, 0);
-            if (keep) stream_floats(keep->Pa() + ta * (int64_t)M * R, P, (tb - ta) * (int64_t)M * R);
+            finish_piece(P, ta, tb, run_start, cn, nullptr, nullptr, 0, keep ? keep->Pa() + ta * (int64_t)M * R : nullptr);
             if (profile) {
               in_chains += c1 - c0;
               in_last += omp_get_wtime() - c1;
@@ -737,7 +744,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                       (int64_t)s->q[k] * s->r[k + 1]);
               P = scratch[k].data();
             }
-            finish_piece(P, t, t + 1, run_start, cn, nullptr, nullptr, 0);
+            finish_piece(P, t, t + 1, run_start, cn, nullptr, nullptr, 0, nullptr);
           }
         }
         if (stream_rows || keep) _mm_sfence();  // this thread's streamed rows (and kept P) are out before the barrier

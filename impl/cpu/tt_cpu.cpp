@@ -410,8 +410,10 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
           // and its spilled captures took longer than a row)
           const bool pad = fast && Rp != R && !(quad && R % 4 == 0);
           auto each_prefix = [&](auto&& compute_rows) {
+            const int64_t MR = (int64_t)M * R;
             for (int64_t t = t0; t < t1; ++t) {
-              const float* P = P0 + (t - t0) * (int64_t)M * R;
+              const int64_t at = (t - t0) * MR;  // prefix t's P in P0 (and in keep_out)
+              const float* P = P0 + at;
               int64_t ldp = R;
               if (pad) {
                 for (int m = 0; m < M; ++m)
@@ -420,7 +422,7 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
                 ldp = Rp;
               }
               compute_rows(t, P, ldp);
-              if (keep_out) stream_floats(keep_out + (t - t0) * (int64_t)M * R, P0 + (t - t0) * (int64_t)M * R, (int64_t)M * R);
+              if (keep_out) stream_floats(keep_out + at, P0 + at, MR);  // (P0's, not the padded copy)
             }
           };
           if (quad)
@@ -718,7 +720,8 @@ static int tt_forward_impl(const tt_shape_t* s, const float* const* cores, const
             const double c0 = profile ? omp_get_wtime() : 0;
             piece_chain(s, cores, *pl, ta, tb, Ap, S, ld, P);
             const double c1 = profile ? omp_get_wtime() : 0;
-            finish_piece(P, ta, tb, run_start, cn, nullptr, nullptr, 0, keep ? keep->Pa() + ta * (int64_t)M * R : nullptr);
+            float* const kept = keep ? keep->Pa() + ta * (int64_t)M * R : nullptr;
+            finish_piece(P, ta, tb, run_start, cn, nullptr, nullptr, 0, kept);
             if (profile) {
               in_chains += c1 - c0;
               in_last += omp_get_wtime() - c1;

@@ -5,7 +5,8 @@ all in one process, reported as ratios (timings on shared machines are noisy: co
     nox -s kernel -- --scale paper
 
 Every point is measured by the bench app's own ``measure_point`` (same timing protocol, same tidy
-rows); sgemm calibration and peak transient memory add rows of their own. Writes ``results.csv``
+rows); sgemm calibration, the cores' FMA peak (timed in the forward's interleaved rounds: the ceiling
+under the sgemm, see benches.environment.fma_peak) and peak transient memory add rows of their own. Writes ``results.csv``
 and ``report.md`` into the output directory (default ``outputs/cpu_kernel/<time>``) and prints the
 report. Units: time in ms, throughput in lookups/s, GFLOP/s, memory in bytes/MiB.
 """
@@ -27,7 +28,7 @@ import torch
 from .app import build_point, config_columns, measure_point, point_columns, step_for_memory_probe
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
-from .environment import capture, steady_heap, thread_round_trip_ns, usable_cpus
+from .environment import capture, fma_peak, steady_heap, thread_round_trip_ns, usable_cpus
 from .memory import measure_in_child
 from .results import RESULTS_FILE, write_rows
 from .timing import Stats, measure
@@ -47,6 +48,7 @@ SCALES = {
 STREAM = " (batch stream)"  # the label suffix of a step timed on the stream
 GRID_STREAMED = ("native", "dense")  # the rank x pooling grid's implementations also timed on the stream
 DENSE = "nn.EmbeddingBag sparse + SGD"
+FMA_PEAK = "fma peak"  # the cores' FMA loop in the forward's rounds (benches.environment.fma_peak)
 # The training steps (label, implementation, config keywords), each replayed and the fused one and
 # nn.EmbeddingBag also on the stream: the sequential points and the interleaved rounds alike
 TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
@@ -224,7 +226,10 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
 
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
-    fwd_rounds = interleaved({"sgemm": sgemm_fn, "native": native_fwd}, scale["rounds"], scale["block_s"], fwd_states)
+    # the cores' FMA peak (benches.environment.fma_peak) taking turns with them: the ceiling under the sgemm
+    peak = fma_peak(threads)
+    fwd_steps = {"sgemm": sgemm_fn, "native": native_fwd, **({} if peak is None else {FMA_PEAK: peak[0]})}
+    fwd_rounds = interleaved(fwd_steps, scale["rounds"], scale["block_s"], fwd_states)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
     train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                             threads=threads, **kw))
@@ -252,7 +257,15 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
         del points
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
+    if peak is not None:
+        rate = peak[1] / statistics.median(fwd_rounds[FMA_PEAK]) / 1e9
+        rows.append({"experiment": "cpu_kernel", "label": FMA_PEAK, "impl": FMA_PEAK, "metric": "gflops",
+                     "unit": "GFLOP/s", "median": rate, "n": len(fwd_rounds[FMA_PEAK]), "batch_size": B,
+                     "note": f"median of {len(fwd_rounds[FMA_PEAK])} interleaved rounds; {peak[1]:.6g} FLOPs per call",
+                     **env})
+        log(f"FMA peak (interleaved): {rate:.1f} GFLOP/s")
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
+              "fma_flops": None if peak is None else peak[1],
               "step_profile": step_profile,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
               "forward_states": fwd_states, "train_states": train_states}
@@ -445,6 +458,28 @@ def _probe_intro(fastest: float | None) -> str:
             f"probes exceed {NEAR_NS:.0f} ns, near when neither does.")
 
 
+def _peak_rate(rounds: dict) -> float | None:
+    """The cores' FMA peak in FLOP/s over the forward's interleaved rounds (median), None if not timed."""
+    times = rounds["forward"].get(FMA_PEAK)
+    return rounds["fma_flops"] / statistics.median(times) if times and rounds.get("fma_flops") else None
+
+
+def _peak_lines(rounds: dict, useful: float, threads: int) -> list[str]:
+    """The forward's rounds against the cores' FMA peak timed in them (nothing when it was not)."""
+    peak = _peak_rate(rounds)
+    if peak is None:
+        return []
+    fwd, flops = rounds["forward"], rounds["fma_flops"]
+    sgemm_share = _round_ratios([rounds["sgemm_flops"] / t for t in fwd["sgemm"]], [flops / t for t in fwd[FMA_PEAK]])
+    native_share = _round_ratios([useful / t for t in fwd["native"]], [flops / t for t in fwd[FMA_PEAK]])
+    return ["", f"The cores' FMA peak, timed in the same rounds (the native kernel's 16-float fused multiply-adds on "
+            f"independent accumulators in registers, {threads} threads together, no memory traffic; "
+            f"benches.environment.fma_peak): **{peak / 1e9:.1f} GFLOP/s**, the ceiling of any GEMM here. Per-round "
+            "ratios, median [quartiles]: the sgemm ran at **{:.0f}%** [{:.0f}–{:.0f}%] of it, ".format(
+                *(100 * x for x in sgemm_share))
+            + "the native forward's useful FLOPs at **{:.0f}%** [{:.0f}–{:.0f}%].".format(*(100 * x for x in native_share))]
+
+
 def _round_ratios(num: list[float], den: list[float]) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratios num[r] / den[r], as every quartile of the suite
     (benches.timing.Stats: linear interpolation between order statistics, numpy's default), so they
@@ -511,6 +546,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
             *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
                                               [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
         *_speed_change_lines(sgemm, rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9),
+        *_peak_lines(rounds, useful, threads),
         "",
         _probe_intro(fastest),
         _split_line("Useful FLOPs / sgemm", lambda picked: "**{:.0f}%** [{:.0f}–{:.0f}%]".format(*(100 * x for x in _round_ratios(
@@ -559,18 +595,30 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     step_flops = train_step_flops(t, 32, lookups, fused_row)
     floor = step_flops / sgemm_rate
     fused_med = statistics.median(tr["native fused SGD"])
+    peak = _peak_rate(rounds)
+
+    def bounds(at: float, bold: bool) -> str:
+        """nn.EmbeddingBag's steps (round median, fastest round; replayed, then on the stream) over ``at`` seconds."""
+        b = "**" if bold else ""
+        return (f"{b}{statistics.median(dense_rounds) / at:.2f}x{b} and {b}{best[DENSE] / at:.2f}x{b} replayed, "
+                f"{b}{statistics.median(tr[DENSE + STREAM]) / at:.2f}x{b} and {b}{best[DENSE + STREAM] / at:.2f}x{b} "
+                "on the stream")
+
     lines += ["", "### The training step's arithmetic against the sgemm", "",
               f"Distinct prefixes {fused_row['unique_prefix_ratio']:.3f} and distinct rows {fused_row['unique_row_ratio']:.3f} "
               f"of the batch's lookups: the prefix chains once per distinct prefix and the last core once per distinct row "
-              f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. At the sgemm's "
-              f"interleaved rate ({sgemm_rate / 1e9:.1f} GFLOP/s) that arithmetic alone takes **{1e3 * floor:.2f} ms**, "
-              f"so against nn.EmbeddingBag's step replaying its batch ({1e3 * statistics.median(dense_rounds):.2f} ms "
-              f"round median, {1e3 * best[DENSE]:.2f} ms fastest) no kernel doing it can pass "
-              f"**{statistics.median(dense_rounds) / floor:.2f}x** (**{best[DENSE] / floor:.2f}x** in the fastest rounds); "
-              f"against its step on the stream ({1e3 * statistics.median(tr[DENSE + STREAM]):.2f} and "
-              f"{1e3 * best[DENSE + STREAM]:.2f} ms) **{statistics.median(tr[DENSE + STREAM]) / floor:.2f}x** and "
-              f"**{best[DENSE + STREAM] / floor:.2f}x**. The fused step ({1e3 * fused_med:.2f} ms round median) ran it at "
-              f"{step_flops / fused_med / 1e9:.1f} GFLOP/s, **{100 * floor / fused_med:.0f}%** of the sgemm's rate."]
+              f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. nn.EmbeddingBag's step "
+              f"took {1e3 * statistics.median(dense_rounds):.2f} ms replaying its batch (round median; "
+              f"{1e3 * best[DENSE]:.2f} ms in its fastest round) and {1e3 * statistics.median(tr[DENSE + STREAM]):.2f} ms "
+              f"on the stream ({1e3 * best[DENSE + STREAM]:.2f} ms)."
+              + ("" if peak is None else
+                 f" At the cores' FMA peak ({peak / 1e9:.1f} GFLOP/s, in the forward's rounds) that arithmetic alone takes "
+                 f"**{1e3 * step_flops / peak:.2f} ms**: no kernel doing it can pass {bounds(step_flops / peak, True)}.")
+              + f" At the sgemm's interleaved rate ({sgemm_rate / 1e9:.1f} GFLOP/s) it takes **{1e3 * floor:.2f} ms**: a "
+              f"kernel running it at the sgemm's rate and doing nothing else would reach {bounds(floor, peak is None)}. "
+              f"The fused step ({1e3 * fused_med:.2f} ms round median) ran it at {step_flops / fused_med / 1e9:.1f} GFLOP/s, "
+              f"**{100 * floor / fused_med:.0f}%** of the sgemm's rate"
+              + ("." if peak is None else f" and **{100 * step_flops / peak / fused_med:.0f}%** of the peak.")]
     lines += ["", *_step_lines(rounds["step_profile"], floor, statistics.median(dense_rounds), fused_med)]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "

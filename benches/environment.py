@@ -9,10 +9,11 @@ import platform
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-__all__ = ["CpuWait", "capture", "steady_heap", "thread_round_trip_ns", "usable_cpus"]
+__all__ = ["CpuWait", "capture", "fma_peak", "steady_heap", "thread_round_trip_ns", "usable_cpus"]
 
 _ROOT = Path(__file__).resolve().parents[1]
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")  # platform.machine() of the CPUs that have "flags" to read
@@ -178,6 +179,32 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
         return None
     ns = library().tt_thread_round_trip_ns(trips, budget_s)
     return ns if ns > 0 else None
+
+
+def fma_peak(threads: int, iterations: int = 1 << 21) -> tuple[Callable[[], float], float] | None:
+    """The cores' peak FP32 rate as a timed step: a callable that runs the native kernel's loop of
+    fused multiply-adds on its own 16-float vectors, in registers only (tt_fma_peak_gflops: independent
+    accumulators per thread, ``threads`` threads together, ``iterations`` each), and the FLOPs one call
+    does (time it, e.g. interleaved with the sgemm: FLOPs / seconds is the peak in that state). No GEMM
+    can pass it; the sgemm's rate is not such a ceiling (the kernel's chain GEMMs have run above it).
+    None without the native kernel, or when OpenMP grants fewer threads."""
+    from ttrec.cpu.build import library, unavailable_reason
+
+    if unavailable_reason() is not None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads: got {threads!r}; allowed: an int >= 1")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= 1 << 40:
+        raise ValueError(f"iterations: got {iterations!r}; allowed: an int in [1, 2**40]")
+    lib = library()
+    flops, checksum = ctypes.c_double(), ctypes.c_double()
+
+    def run() -> float:
+        return lib.tt_fma_peak_gflops(threads, iterations, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
+
+    if run() < 0:
+        return None
+    return run, flops.value
 
 
 # threads of this process waiting for a CPU, on average over a measurement, from which its rows carry

@@ -36,16 +36,24 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
         assert heading in report
     # the headline ratios again, from rounds in which the steps took turns (one time per round each)
     rounds = stored[stored["metric"] == "interleaved_round_time"]
-    assert set(rounds["label"]) == {"sgemm", "native", "native fused SGD", "native autograd + SGD",
+    assert set(rounds["label"]) == {"sgemm", "fma peak", "native", "native fused SGD", "native autograd + SGD",
                                     "nn.EmbeddingBag sparse + SGD", "native fused SGD (batch stream)",
                                     "nn.EmbeddingBag sparse + SGD (batch stream)"}
     # the stream's steps took ceil(2,048 stream lookups / lookups per batch) distinct batches, the others one
     streamed = rounds["label"].str.endswith("(batch stream)")
-    assert (rounds.loc[streamed, "stream_lookups"] == 2048).all() and (rounds.loc[~streamed & (rounds["impl"] != "sgemm"),
-                                                                                   "stream_lookups"] == 0).all()
+    steps = ~streamed & ~rounds["impl"].isin(["sgemm", "fma peak"])  # (the rates' calibrations have no batches)
+    assert (rounds.loc[streamed, "stream_lookups"] == 2048).all() and (rounds.loc[steps, "stream_lookups"] == 0).all()
     assert {(b, k) for b, k in zip(rounds.loc[streamed, "batch_size"], rounds.loc[streamed, "timed_batches"])} == {
         (512, 4), (256, 8), (64, 32)}
-    assert (rounds.loc[~streamed & (rounds["impl"] != "sgemm"), "timed_batches"] == 1).all()
+    assert (rounds.loc[steps, "timed_batches"] == 1).all()
+    # the cores' FMA peak, timed in the forward's rounds: its rate row is its FLOPs per call over the rounds'
+    # median time, and the report's peak lines and the training step's hard bound are that rate
+    peak = stored[(stored["impl"] == "fma peak") & (stored["metric"] == "gflops")].iloc[0]
+    peak_times = [float(x) for x in rounds.loc[rounds["label"] == "fma peak", "note"].iloc[0].split(":")[1].split()]
+    flops = float(peak["note"].split("; ")[1].split()[0])
+    assert peak["median"] == pytest.approx(flops / statistics.median(peak_times) / 1e9, rel=1e-5)
+    assert f"benches.environment.fma_peak): **{peak['median']:.1f} GFLOP/s**" in report
+    assert f"At the cores' FMA peak ({peak['median']:.1f} GFLOP/s, in the forward's rounds)" in report
     assert (rounds["n"] == 3).all() and (rounds["median"] > 0).all()
     assert report.count("Interleaved (3 rounds") == 2
     # the gap section's rates come from the kernel's own per-thread timers (d = 3: nonzero)

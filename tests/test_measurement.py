@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benches.environment import thread_round_trip_ns, usable_cpus
+from benches.environment import fma_peak, thread_round_trip_ns, usable_cpus
 from benches.gpu import nvml_telemetry
 from benches.memory import measure_in_child
 from benches import timing
@@ -146,6 +146,52 @@ def test_thread_round_trip_probe_says_none_when_openmp_grants_one_thread():
     """With one OpenMP thread there is no partner to answer: the kernel returns -1 at once (no
     spin without end) and the probe None."""
     code = "from benches.environment import thread_round_trip_ns; print(thread_round_trip_ns())"
+    assert _fresh_python(code, env={"OMP_THREAD_LIMIT": "1"})[-1] == "None"
+
+
+def _kernel_builds() -> bool:
+    from ttrec.cpu import build
+
+    return build.unavailable_reason() is None
+
+
+@pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fma_peak_loop_does_the_multiply_adds_it_counts(threads):
+    """The FMA-peak loop's FLOP count is the work it did: every accumulator of every thread starts at
+    its chain number k and gains x * a + y - a = 1 per iteration (x = y = 1, exact below 2^24), so after
+    n iterations the lanes sum to threads * 16 * sum(k + n), with the chain count read off the FLOPs
+    (threads * n * 2 * 16 per chain). A loop that skipped iterations, or counted more than it ran,
+    breaks the sum."""
+    import ctypes
+
+    from ttrec.cpu import build
+
+    lib = build.library()
+    for n in (1, 1000, 5000):  # (5000 crosses the loop's blocks of 4,096)
+        flops, checksum = ctypes.c_double(), ctypes.c_double()
+        rate = lib.tt_fma_peak_gflops(threads, n, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
+        chains = flops.value / (threads * n * 2 * 16)
+        assert rate > 0 and chains in (6, 12)  # the build's: 12 zmm with AVX-512, 6 pairs of ymm with AVX2
+        assert checksum.value == threads * 16 * sum(k + n for k in range(int(chains)))
+    # the time budget ends a loop asked for 2^40 iterations (hours) after about 20 ms
+    t0 = time.perf_counter()
+    lib.tt_fma_peak_gflops(threads, 1 << 40, 0.02, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
+    assert time.perf_counter() - t0 < 5.0 and 0 < flops.value < 1e13
+
+
+@pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
+def test_fma_peak_step_and_its_arguments():
+    """benches.environment.fma_peak: a timed callable and the FLOPs of one call (closed form for the
+    build's chain count); bad arguments name themselves; with one OpenMP thread granted, asking for two
+    gives None (the kernel says -1), not a rate of one core presented as two."""
+    run, flops = fma_peak(1, iterations=1000)
+    assert flops in (1000 * 2 * 16 * 6, 1000 * 2 * 16 * 12) and run() > 0
+    for bad in ({"threads": 0}, {"threads": True}, {"threads": 1, "iterations": 0}, {"threads": 1, "iterations": 2.5}):
+        name = "threads" if "iterations" not in bad else "iterations"
+        with pytest.raises(ValueError, match=name):
+            fma_peak(**bad)
+    code = "from benches.environment import fma_peak; print(fma_peak(2, iterations=100))"
     assert _fresh_python(code, env={"OMP_THREAD_LIMIT": "1"})[-1] == "None"
 
 

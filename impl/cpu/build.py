@@ -291,9 +291,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tt_set_profile.restype = None
     lib.tt_thread_round_trip_ns.argtypes = [I64, ctypes.c_double]
     lib.tt_thread_round_trip_ns.restype = ctypes.c_double
+    lib.tt_fma_peak_gflops.argtypes = [I32, I64, ctypes.c_double, F32, F32, ctypes.POINTER(ctypes.c_double),
+                                       ctypes.POINTER(ctypes.c_double)]
+    lib.tt_fma_peak_gflops.restype = ctypes.c_double
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 8:
+    if lib.tt_abi_version() != 9:
         raise RuntimeError("native library ABI mismatch")
 
 

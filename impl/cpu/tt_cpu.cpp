@@ -1477,7 +1477,62 @@ double tt_thread_round_trip_ns(int64_t max_trips, double budget_s) {
   return ns;
 }
 
-int tt_abi_version(void) { return 8; }
+// The cores' peak rate of fused multiply-adds, the ceiling under any GEMM (the sgemm's rate is not
+// one: the chain GEMMs have run at 102% of it): each of `threads` threads (in one parallel region, so
+// the cores run together, as the sgemm's) updates kFmaChains independent accumulators of the kernel's
+// own 16-float vector, a = a x + y, in registers, with no memory traffic, for max_iters iterations or
+// about budget_s seconds. kFmaChains covers the FMA latency times the pipes (4 x 2 on Zen 4 and
+// Skylake, 5 x 2 on Zen 2, in 256-bit halves) within the registers: 12 zmm with AVX-512, 6 pairs of ymm
+// with AVX2. Returns the sum of the threads' rates in GFLOP/s (2 FLOPs per lane and FMA); *flops = the
+// FLOPs done, *checksum = the sum of every accumulator's lanes at the end (each starts at its chain
+// number: with x = y = 1 and fewer than 2^24 iterations, exactly sum(chain + iterations)), -1 when
+// OpenMP grants fewer threads.
+#ifdef __AVX512F__
+constexpr int kFmaChains = 12;
+#else
+constexpr int kFmaChains = 6;
+#endif
+double tt_fma_peak_gflops(int threads, int64_t max_iters, double budget_s, float x, float y, double* flops,
+                          double* checksum) {
+  double rate = 0, done = 0, sum = 0;
+  bool short_of_threads = false;
+#pragma omp parallel num_threads(threads) reduction(+ : rate, done, sum)
+  {
+    if (omp_get_num_threads() != threads) {
+#pragma omp atomic write
+      short_of_threads = true;
+    }
+    v16 a[kFmaChains];
+    for (int k = 0; k < kFmaChains; ++k) a[k] = splat16((float)k);
+    const v16 vx = splat16(x), vy = splat16(y);
+    const double t0 = omp_get_wtime();
+    int64_t it = 0;
+    double t = 0;
+    while (it < max_iters) {
+      const int64_t block = std::min<int64_t>(4096, max_iters - it);
+      for (int64_t i = 0; i < block; ++i) {
+#pragma GCC unroll 12
+        for (int k = 0; k < kFmaChains; ++k) a[k] = fma16(a[k], vx, vy);
+      }
+      it += block;
+      t = omp_get_wtime() - t0;
+      if (t > budget_s) break;
+    }
+    float lanes[16];
+    for (int k = 0; k < kFmaChains; ++k) {
+      store16(lanes, a[k]);
+      for (float v : lanes) sum += v;
+    }
+    const double f = 2.0 * 16 * kFmaChains * (double)it;
+    done += f;
+    rate += t > 0 ? f / t / 1e9 : 0;
+  }
+  *flops = done;
+  *checksum = sum;
+  return short_of_threads ? -1 : rate;
+}
+
+int tt_abi_version(void) { return 9; }
 
 // Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]): a
 // clock read per GEMM piece and part, about 3% of the chains-and-last-core phase of a 16,384-lookup

@@ -377,9 +377,10 @@ def _step_profile_rows(profile: dict) -> list[tuple[str, str, float]]:
 
 
 def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops: float, last_flops: float,
-               lookups: int) -> list[str]:
+               lookups: int, peak: float | None = None) -> list[str]:
     """Where a forward's time goes against the 60% target: the chains' and the last core's rates per
-    thread (their own timers) against the sgemm's rate per thread, and the time budget."""
+    thread (their own timers) against the sgemm's rate per thread (and the cores' FMA peak per thread,
+    ``peak`` GFLOP/s on ``threads`` threads, when timed), and the time budget."""
     from ttrec.cpu import ops
 
     per_thread = sgemm / threads
@@ -392,6 +393,9 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
     last_rate = last_flops / kt / t_last / 1e9
     budget = (chain_flops + last_flops) / (0.6 * sgemm * 1e9)
     chains_at_sgemm = chain_flops / (sgemm * 1e9)
+
+    def of_peak(rate: float) -> str:
+        return "" if peak is None else f" and {100 * rate / (peak / threads):.0f}% of the FMA peak's"
     return [
         "", "### Where the gap to the sgemm goes",
         "",
@@ -401,9 +405,9 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
         f"thread); the kernel ran {kt} thread{'s' if kt > 1 else ''}:",
         "",
         f"- chain GEMMs: {chain_flops / 1e6:.0f} MFLOP in {1e3 * t_chain:.2f} ms per thread = {chain_rate:.1f} GFLOP/s "
-        f"per thread, **{100 * chain_rate / per_thread:.0f}%** of the sgemm's rate per thread;",
+        f"per thread, **{100 * chain_rate / per_thread:.0f}%** of the sgemm's rate per thread{of_peak(chain_rate)};",
         f"- last core: {last_flops / 1e6:.0f} MFLOP ({lookups:,} rows) in {1e3 * t_last:.2f} ms per thread = "
-        f"{last_rate:.1f} GFLOP/s per thread (**{100 * last_rate / per_thread:.0f}%**), "
+        f"{last_rate:.1f} GFLOP/s per thread (**{100 * last_rate / per_thread:.0f}%**{of_peak(last_rate)}), "
         f"{1e9 * t_last * kt / lookups:.1f} ns per row and thread;",
         f"- sort phase {1e3 * phases['seconds_sort']:.2f} ms (radix passes {1e3 * phases['seconds_sort_radix']:.2f}; "
         f"the rest: the search for runs or middle-digit buckets, and the last-core slices; a forward that keeps no plan "
@@ -553,7 +557,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
             [useful / rounds["forward"]["native"][r] for r in picked],
             [rounds["sgemm_flops"] / rounds["forward"]["sgemm"][r] for r in picked]))), fwd_states),
         *_gap_lines(phases["forward (uniform)"], rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9,
-                    threads, chain_flops, last_flops, lookups),
+                    threads, chain_flops, last_flops, lookups,
+                    None if _peak_rate(rounds) is None else _peak_rate(rounds) / 1e9),
         "",
         "## Training step (forward + backward + SGD), R = 32, Zipf(1.05) scattered by a permutation, pooling 1",
         "",

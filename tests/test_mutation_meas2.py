@@ -121,6 +121,12 @@ def test_gap_lines_rates_budget_and_times_by_hand(monkeypatch):
     monkeypatch.setattr(ops, "threads_for", lambda lookups: 1)
     one = "\n".join(cpu_kernel._gap_lines(phases, 100.0, 2, 200e6, 60e6, 1000))
     assert "the kernel ran 1 thread:" in one and "= 50.0 GFLOP/s per thread, **100%**" in one
+    # with the cores' FMA peak timed (125 GFLOP/s on 2 threads: 62.5 per thread), each rate's share of it too
+    monkeypatch.setattr(ops, "threads_for", lambda lookups: 2)
+    peak = "\n".join(cpu_kernel._gap_lines(phases, 100.0, 2, 200e6, 60e6, 1000, peak=125.0))
+    assert "**50%** of the sgemm's rate per thread and 40% of the FMA peak's;" in peak
+    assert "30.0 GFLOP/s per thread (**60%** and 48% of the FMA peak's)" in peak
+    assert "FMA peak" not in text
 
 
 @pytest.mark.parametrize("chains,last", [(0.0, 0.001), (0.004, 0.0), (0.0, 0.0)])

@@ -227,7 +227,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
     fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
     # the cores' FMA peak (benches.environment.fma_peak) taking turns with them: the ceiling under the sgemm
-    peak = fma_peak(threads)
+    # (not with more threads than CPUs: that would time their contention)
+    peak = fma_peak(threads) if threads <= usable_cpus() else None
     fwd_steps = {"sgemm": sgemm_fn, "native": native_fwd, **({} if peak is None else {FMA_PEAK: peak[0]})}
     fwd_rounds = interleaved(fwd_steps, scale["rounds"], scale["block_s"], fwd_states)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
@@ -592,8 +593,9 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     lines += ["", f"Each step in its fastest round of the {rounds['n']} (the machine's quietest state for it): " + "; ".join(
         f"{k} {1e3 * best[k]:.2f} ms" for k in tr) + ". Throughput vs nn.EmbeddingBag, fastest rounds: " + "; ".join(
         f"{k}: **{best[dense_of(k)] / best[k]:.2f}x**" for k in replayed + streamed) + "."]
-    # the least time the step's arithmetic takes at the sgemm's rate: against nn.EmbeddingBag's step,
-    # the most any kernel doing this arithmetic could reach on this machine
+    # the step's arithmetic at the cores' FMA peak (the least time any kernel doing it needs: against
+    # nn.EmbeddingBag's step, the most such a kernel could reach here) and at the sgemm's rate (what a
+    # kernel whose GEMMs ran at the sgemm's speed, and which did nothing else, would reach)
     dense_rounds = tr[DENSE]
     sgemm_rate = rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"])  # FLOP/s, interleaved
     fused_row = train["native fused SGD"][0]
@@ -609,7 +611,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
                 f"{b}{statistics.median(tr[DENSE + STREAM]) / at:.2f}x{b} and {b}{best[DENSE + STREAM] / at:.2f}x{b} "
                 "on the stream")
 
-    lines += ["", "### The training step's arithmetic against the sgemm", "",
+    lines += ["", "### The training step's arithmetic against the " + ("sgemm" if peak is None else "FMA peak and the sgemm"), "",
               f"Distinct prefixes {fused_row['unique_prefix_ratio']:.3f} and distinct rows {fused_row['unique_row_ratio']:.3f} "
               f"of the batch's lookups: the prefix chains once per distinct prefix and the last core once per distinct row "
               f"in the forward, twice each in the backward = {step_flops / 1e6:.0f} MFLOP per step. nn.EmbeddingBag's step "
@@ -629,9 +631,9 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
               "(the four steps taking turns: each replaying one batch and on a stream of distinct batches holding "
               f"{scale['stream_lookups']:,} lookups), medians of the per-round times and of the per-round ratios "
-              "[quartiles]. Arithmetic floor: the step's FLOPs as above, at the sgemm's interleaved rate.", "",
+              "[quartiles]. Arithmetic at the sgemm's rate: the step's FLOPs as above, at the sgemm's interleaved rate.", "",
               "| lookups per batch | native fused SGD (ms) | nn.EmbeddingBag (ms) | throughput vs nn.EmbeddingBag | "
-              "on the stream: fused (ms) | nn.EmbeddingBag (ms) | throughput | arithmetic floor (ms) |",
+              "on the stream: fused (ms) | nn.EmbeddingBag (ms) | throughput | arithmetic at the sgemm's rate (ms) |",
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for b, r in rounds["train_by_batch"].items():
         b_floor = train_step_flops(t, 32, b, rounds["train_by_batch_reuse"][b]) / sgemm_rate
@@ -676,7 +678,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
 
 def _step_lines(profile: dict, floor: float, dense: float, fused: float) -> list[str]:
     """The fused step's time by phase (a step profile, see _median_step_phases) against its arithmetic
-    floor (seconds at the sgemm's rate), nn.EmbeddingBag's step and the fused step in the rounds (their
+    at the sgemm's rate (``floor``, seconds), nn.EmbeddingBag's step and the fused step in the rounds (their
     round medians, seconds: the profile's steps run after the rounds, in whatever state the machine is then)."""
     step, outside = profile["step"], profile["outside"]
     phases = [(call, name, v) for call, name, v in _step_profile_rows(profile) if call != "step"]

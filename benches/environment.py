@@ -184,25 +184,35 @@ def thread_round_trip_ns(trips: int = 20_000, budget_s: float = 0.005) -> float 
 def fma_peak(threads: int, iterations: int = 1 << 21) -> tuple[Callable[[], float], float] | None:
     """The cores' peak FP32 rate as a timed step: a callable that runs the native kernel's loop of
     fused multiply-adds on its own 16-float vectors, in registers only (tt_fma_peak_gflops: independent
-    accumulators per thread, ``threads`` threads together, ``iterations`` each), and the FLOPs one call
-    does (time it, e.g. interleaved with the sgemm: FLOPs / seconds is the peak in that state). No GEMM
-    can pass it; the sgemm's rate is not such a ceiling (the kernel's chain GEMMs have run above it).
-    None without the native kernel, or when OpenMP grants fewer threads."""
+    accumulators per thread, ``threads`` threads together, ``iterations`` each: 2^21 take about 7 ms on
+    the Zen 4 VM), and the FLOPs one call does (time it, e.g. interleaved with the sgemm: FLOPs / seconds
+    is the peak in that state). No GEMM can pass it; the sgemm's rate is not such a ceiling (the
+    kernel's chain GEMMs have run above it). ``threads``: 1 to the CPUs this process may run on (more
+    would time their contention, not a peak); ``iterations``: 1 to 2^32 (about 15 s). None without the
+    native kernel, or when OpenMP grants fewer threads; a later call that is granted fewer raises
+    RuntimeError (its FLOPs per call would no longer hold)."""
+    cpus = usable_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise ValueError(f"threads: got {threads!r}; allowed: an int in [1, {cpus}], the CPUs this process may run on")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= 1 << 32:
+        raise ValueError(f"iterations: got {iterations!r}; allowed: an int in [1, 2**32]")
     from ttrec.cpu.build import library, unavailable_reason
 
     if unavailable_reason() is not None:
         return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads: got {threads!r}; allowed: an int >= 1")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= 1 << 40:
-        raise ValueError(f"iterations: got {iterations!r}; allowed: an int in [1, 2**40]")
     lib = library()
     flops, checksum = ctypes.c_double(), ctypes.c_double()
 
-    def run() -> float:
+    def call() -> float:
         return lib.tt_fma_peak_gflops(threads, iterations, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
 
-    if run() < 0:
+    def run() -> float:
+        rate = call()
+        if rate < 0:
+            raise RuntimeError(f"fma_peak: OpenMP granted fewer than the {threads} threads asked for")
+        return rate
+
+    if call() < 0:
         return None
     return run, flops.value
 

@@ -105,7 +105,7 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
         return 1e3 * 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last) / sgemm_rate
 
     fused = stored[(stored["mode"] == "train") & stored["fused"].astype(bool) & (stored["metric"] == "throughput")].iloc[0]
-    section = report.split("### The training step's arithmetic against the sgemm")[1].split("###")[0]
+    section = report.split("### The training step's arithmetic against the FMA peak and the sgemm")[1].split("###")[0]
     assert f"**{floor_ms(512, fused):.2f} ms**" in section
     assert 0 < fused["unique_prefix_ratio"] <= fused["unique_row_ratio"] <= 1
     for b in (64, 256):

@@ -3,6 +3,7 @@ threads' round-trip probe."""
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -155,44 +156,75 @@ def _kernel_builds() -> bool:
     return build.unavailable_reason() is None
 
 
-@pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
-@pytest.mark.parametrize("threads", [1, 2])
-def test_fma_peak_loop_does_the_multiply_adds_it_counts(threads):
-    """The FMA-peak loop's FLOP count is the work it did: every accumulator of every thread starts at
-    its chain number k and gains x * a + y - a = 1 per iteration (x = y = 1, exact below 2^24), so after
-    n iterations the lanes sum to threads * 16 * sum(k + n), with the chain count read off the FLOPs
-    (threads * n * 2 * 16 per chain). A loop that skipped iterations, or counted more than it ran,
-    breaks the sum."""
-    import ctypes
-
+def fma_chains_of_build() -> int:
+    """The accumulators per thread of the -march=native kernel's FMA loop: 12 zmm with AVX-512, 6 ymm pairs with AVX2."""
     from ttrec.cpu import build
 
-    lib = build.library()
+    return 12 if "avx512f" in build.cpu_flags() else 6
+
+
+def assert_fma_loop_does_what_it_counts(lib, threads: int, chains: int) -> None:
+    """The FMA-peak loop's FLOP count is the work it did: every accumulator of every thread starts at
+    its chain number k and gains x * a + y - a = 1 per iteration (x = y = 1, exact below 2^24), so after
+    n iterations the lanes sum to threads * 16 * sum(k + n), and the FLOPs are threads * n * 2 * 16 *
+    chains. A loop that skipped iterations, ran fewer chains than its build's, or counted more than it
+    ran, breaks one of them."""
+    import ctypes
+
     for n in (1, 1000, 5000):  # (5000 crosses the loop's blocks of 4,096)
         flops, checksum = ctypes.c_double(), ctypes.c_double()
         rate = lib.tt_fma_peak_gflops(threads, n, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
-        chains = flops.value / (threads * n * 2 * 16)
-        assert rate > 0 and chains in (6, 12)  # the build's: 12 zmm with AVX-512, 6 pairs of ymm with AVX2
-        assert checksum.value == threads * 16 * sum(k + n for k in range(int(chains)))
-    # the time budget ends a loop asked for 2^40 iterations (hours) after about 20 ms
-    t0 = time.perf_counter()
-    lib.tt_fma_peak_gflops(threads, 1 << 40, 0.02, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
-    assert time.perf_counter() - t0 < 5.0 and 0 < flops.value < 1e13
+        assert rate > 0 and flops.value == threads * n * 2 * 16 * chains
+        assert checksum.value == threads * 16 * sum(k + n for k in range(chains))
+
+
+@pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fma_peak_loop_does_the_multiply_adds_it_counts(threads):
+    from ttrec.cpu import build
+
+    assert_fma_loop_does_what_it_counts(build.library(), threads, fma_chains_of_build())
+    # no threads: nothing run, -1
+    import ctypes
+
+    flops, checksum = ctypes.c_double(7.0), ctypes.c_double(7.0)
+    assert build.library().tt_fma_peak_gflops(0, 100, 1.0, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum)) == -1
+    assert flops.value == checksum.value == 0
+
+
+@pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
+def test_fma_peak_loop_stops_at_its_time_budget():
+    """Asked for 2^40 iterations (hours), with a 20 ms budget it returns at once (5 s allowed for a
+    loaded machine); in a child process with a timeout, so a broken budget fails instead of hanging."""
+    code = ("import ctypes, time; from ttrec.cpu import build; f, c = ctypes.c_double(), ctypes.c_double(); "
+            "t = time.perf_counter(); build.library().tt_fma_peak_gflops(2, 1 << 40, 0.02, 1.0, 1.0, ctypes.byref(f), "
+            "ctypes.byref(c)); print(time.perf_counter() - t, f.value)")
+    seconds, flops = map(float, _fresh_python(code, timeout=60)[-1].split())
+    assert seconds < 5.0 and 0 < flops < 1e13
 
 
 @pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")
 def test_fma_peak_step_and_its_arguments():
     """benches.environment.fma_peak: a timed callable and the FLOPs of one call (closed form for the
-    build's chain count); bad arguments name themselves; with one OpenMP thread granted, asking for two
-    gives None (the kernel says -1), not a rate of one core presented as two."""
+    build's chain count); bad arguments name themselves, their value and what is allowed; with one
+    OpenMP thread granted, asking for two gives None (the kernel says -1), not a rate of one core
+    presented as two."""
     run, flops = fma_peak(1, iterations=1000)
-    assert flops in (1000 * 2 * 16 * 6, 1000 * 2 * 16 * 12) and run() > 0
-    for bad in ({"threads": 0}, {"threads": True}, {"threads": 1, "iterations": 0}, {"threads": 1, "iterations": 2.5}):
-        name = "threads" if "iterations" not in bad else "iterations"
-        with pytest.raises(ValueError, match=name):
-            fma_peak(**bad)
-    code = "from benches.environment import fma_peak; print(fma_peak(2, iterations=100))"
-    assert _fresh_python(code, env={"OMP_THREAD_LIMIT": "1"})[-1] == "None"
+    assert flops == 1000 * 2 * 16 * fma_chains_of_build() and run() > 0
+    cpus = usable_cpus()
+    for kw, message in (({"threads": 0}, f"threads: got 0; allowed: an int in [1, {cpus}]"),
+                        ({"threads": True}, f"threads: got True; allowed: an int in [1, {cpus}]"),
+                        ({"threads": 1.0}, f"threads: got 1.0; allowed: an int in [1, {cpus}]"),
+                        ({"threads": 2**32 + 1}, f"threads: got {2**32 + 1}; allowed: an int in [1, {cpus}]"),
+                        ({"threads": cpus + 1}, f"threads: got {cpus + 1}; allowed: an int in [1, {cpus}]"),
+                        ({"threads": 1, "iterations": 0}, "iterations: got 0; allowed: an int in [1, 2**32]"),
+                        ({"threads": 1, "iterations": 2**32 + 1}, f"iterations: got {2**32 + 1}; allowed: an int in [1, 2**32]"),
+                        ({"threads": 1, "iterations": 2.5}, "iterations: got 2.5; allowed: an int in [1, 2**32]")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            fma_peak(**kw)
+    if cpus >= 2:
+        code = "from benches.environment import fma_peak; print(fma_peak(2, iterations=100))"
+        assert _fresh_python(code, env={"OMP_THREAD_LIMIT": "1"})[-1] == "None"
 
 
 # Every setting of a timed point (task=time), by where it shows in the result rows. RECORDED: the

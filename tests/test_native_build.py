@@ -132,6 +132,21 @@ def test_each_vector_variant_gives_few_prefix_updates_the_gemm_paths_bits(varian
         assert_few_prefix_update_has_gemm_bits(r)
 
 
+@x86
+@pytest.mark.parametrize("march", sorted(VARIANTS))
+def test_each_vector_variant_runs_its_fma_peak_loop_in_full(variants, march):
+    """The FMA-peak probe (benches.environment.fma_peak) of each variant keeps its own number of
+    accumulators, 6 pairs of ymm with AVX2 and 12 zmm with AVX-512, and does every multiply-add it counts
+    (see test_measurement.assert_fma_loop_does_what_it_counts): a variant that ran fewer chains than
+    the latency of its FMAs needs would read a peak too low, and every share of it too high."""
+    from .test_measurement import assert_fma_loop_does_what_it_counts
+
+    missing = VARIANTS[march] - build.cpu_flags()
+    if missing:
+        pytest.skip(f"-march={march} built; this CPU cannot run it (no {', '.join(sorted(missing))})")
+    assert_fma_loop_does_what_it_counts(build.bind(variants[march]), 2, 12 if march == "x86-64-v4" else 6)
+
+
 def test_the_backward_takes_one_segment_exactly_where_a_call_runs_one_thread():
     """kSmallBackward (plan.h) and MIN_LOOKUPS_PER_THREAD (ops.py) are one number: below it a call
     runs on one thread, and one backward segment spares the others' accumulators to zero and sum; at

@@ -123,3 +123,39 @@ def test_zen4_sgemm_share_count_matches_the_runs():
     named = {f"{day or '2026-12-04'}{run}": int(share)
              for share, day, run in re.findall(r"([0-9]+)%\s+in\s+run\s+(2026-12-[0-9]{2})?([a-z])\b", m.group(5))}
     assert named == {r: s for r, s in shares.items() if s < 60}
+
+
+def test_zen4_row_interleaved_range_is_the_runs():
+    """The Status table's Zen 4 row gives the useful-FLOPs share as "**lo-hi%**": the lowest and highest
+    interleaved share over the runs the row names (the same runs as the count above)."""
+    row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
+    lo, hi = map(int, re.search(r"\| \*\*([0-9]+)-([0-9]+)%\*\* \(", row).groups())
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-j")
+    shares = [_interleaved_share(r) for r in runs]
+    assert (lo, hi) == (min(shares), max(shares))
+
+
+def test_hard_bound_of_the_training_step_is_run_js():
+    """'takes T ms at the cores' FMA peak (P GFLOP/s ..., timed in run 2026-12-07j's rounds; its sgemm ran at
+    S% of it): no kernel doing it can pass Ax nn.EmbeddingBag's ... (D ms, run i ...), Bx its fastest round
+    in run j (F ms)': P, S and T as run j's report gives them, A = D / T and B = F / T, D run i's near
+    round median of nn.EmbeddingBag's step and F run j's fastest round."""
+    text = README.replace("\n", " ")
+    m = re.search(r"takes ([0-9.]+) ms at the cores' FMA peak \(([0-9.]+) GFLOP/s on 2 threads, timed in run "
+                  r"2026-12-07j's rounds; its sgemm ran at ([0-9]+)% of it\): no kernel doing it can pass ([0-9.]+)x "
+                  r"nn.EmbeddingBag's fastest near round median on this VM \(([0-9.]+) ms, run i; at run j's peak\), "
+                  r"([0-9.]+)x its fastest round in run j \(([0-9.]+) ms\)", text)
+    assert m, "the bound's sentence"
+    t, peak, share, a, d, b, f = (float(x) for x in m.groups())
+    j = _kernel_report("2026-12-07j")
+    assert peak == float(re.search(r"fma_peak\): \*\*([0-9.]+) GFLOP/s\*\*", j).group(1))
+    assert share == float(re.search(r"the sgemm ran at \*\*([0-9]+)%\*\*", j).group(1))
+    assert t == float(re.search(r"At the cores' FMA peak \([0-9.]+ GFLOP/s, in the forward's rounds\) that arithmetic "
+                                r"alone takes \*\*([0-9.]+) ms\*\*", j).group(1))
+    i = _kernel_report("2026-12-07i")
+    assert d == float(re.search(r"near \([0-9]+ rounds\): fused SGD \*\*[0-9.]+x\*\* \[[^]]*\] \(steps [0-9.]+ against "
+                                r"([0-9.]+) ms\)", i).group(1))
+    assert f == float(re.search(r"nn.EmbeddingBag sparse \+ SGD ([0-9.]+) ms;", j).group(1))
+    # B as run j's report gives it (from unrounded times); A from the rounded times, within their rounding
+    assert b == float(re.search(r"no kernel doing it can pass \*\*[0-9.]+x\*\* and \*\*([0-9.]+)x\*\* replayed", j).group(1))
+    assert b == pytest.approx(f / t, abs=0.011) and a == pytest.approx(d / t, abs=0.011)

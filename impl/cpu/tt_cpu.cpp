@@ -1481,12 +1481,14 @@ double tt_thread_round_trip_ns(int64_t max_trips, double budget_s) {
 // one: the chain GEMMs have run at 102% of it): each of `threads` threads (in one parallel region, so
 // the cores run together, as the sgemm's) updates kFmaChains independent accumulators of the kernel's
 // own 16-float vector, a = a x + y, in registers, with no memory traffic, for max_iters iterations or
-// about budget_s seconds. kFmaChains covers the FMA latency times the pipes (4 x 2 on Zen 4 and
-// Skylake, 5 x 2 on Zen 2, in 256-bit halves) within the registers: 12 zmm with AVX-512, 6 pairs of ymm
-// with AVX2. Returns the sum of the threads' rates in GFLOP/s (2 FLOPs per lane and FMA); *flops = the
-// FLOPs done, *checksum = the sum of every accumulator's lanes at the end (each starts at its chain
-// number: with x = y = 1 and fewer than 2^24 iterations, exactly sum(chain + iterations)), -1 when
-// OpenMP grants fewer threads.
+// about budget_s seconds. kFmaChains covers the FMA latency times the FMAs in flight per cycle within
+// the registers: 12 zmm with AVX-512 (Zen 4 needs 4 x 2 ymm halves, Skylake-SP and later Xeons 4 x 2
+// zmm), 6 pairs of ymm with AVX2 (Zen 2 needs 5 x 2 ymm, Haswell 5 x 2, Skylake client 4 x 2). Returns
+// the sum of the threads' rates in GFLOP/s, each over its own time (2 FLOPs per lane and FMA; callers
+// time the call: benches.environment.fma_peak); *flops = the FLOPs done, *checksum = the sum of every
+// accumulator's lanes at the end (each starts at its chain number k: with x = y = 1 and n <= 2^24 -
+// kFmaChains + 1 iterations, exactly threads x 16 x sum over k of (k + n)); -1 when OpenMP grants fewer
+// threads, or for threads < 1 (then *flops = *checksum = 0).
 #ifdef __AVX512F__
 constexpr int kFmaChains = 12;
 #else
@@ -1494,6 +1496,10 @@ constexpr int kFmaChains = 6;
 #endif
 double tt_fma_peak_gflops(int threads, int64_t max_iters, double budget_s, float x, float y, double* flops,
                           double* checksum) {
+  if (threads < 1) {
+    *flops = *checksum = 0;
+    return -1;
+  }
   double rate = 0, done = 0, sum = 0;
   bool short_of_threads = false;
 #pragma omp parallel num_threads(threads) reduction(+ : rate, done, sum)

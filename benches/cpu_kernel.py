@@ -469,9 +469,9 @@ def _peak_rate(rounds: dict) -> float | None:
     return rounds["fma_flops"] / statistics.median(times) if times and rounds.get("fma_flops") else None
 
 
-def _peak_lines(rounds: dict, useful: float, threads: int) -> list[str]:
-    """The forward's rounds against the cores' FMA peak timed in them (nothing when it was not)."""
-    peak = _peak_rate(rounds)
+def _peak_lines(rounds: dict, peak: float | None, useful: float, threads: int) -> list[str]:
+    """The forward's rounds against the cores' FMA peak timed in them (``peak``, FLOP/s: _peak_rate;
+    nothing when it was not timed)."""
     if peak is None:
         return []
     fwd, flops = rounds["forward"], rounds["fma_flops"]
@@ -519,6 +519,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     useful = chain_flops + last_flops
     t_native = _median(fwd["native"], "time_per_batch") / 1e3
     useful_gflops = useful / t_native / 1e9
+    peak = _peak_rate(rounds)  # FLOP/s, or None: the run timed no FMA peak
     t = scale["table"]
     lines = [
         f"# CPU kernel experiment ({scale_name} scale)",
@@ -551,15 +552,14 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
             *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
                                               [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
         *_speed_change_lines(sgemm, rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9),
-        *_peak_lines(rounds, useful, threads),
+        *_peak_lines(rounds, peak, useful, threads),
         "",
         _probe_intro(fastest),
         _split_line("Useful FLOPs / sgemm", lambda picked: "**{:.0f}%** [{:.0f}–{:.0f}%]".format(*(100 * x for x in _round_ratios(
             [useful / rounds["forward"]["native"][r] for r in picked],
             [rounds["sgemm_flops"] / rounds["forward"]["sgemm"][r] for r in picked]))), fwd_states),
         *_gap_lines(phases["forward (uniform)"], rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9,
-                    threads, chain_flops, last_flops, lookups,
-                    None if _peak_rate(rounds) is None else _peak_rate(rounds) / 1e9),
+                    threads, chain_flops, last_flops, lookups, None if peak is None else peak / 1e9),
         "",
         "## Training step (forward + backward + SGD), R = 32, Zipf(1.05) scattered by a permutation, pooling 1",
         "",
@@ -602,7 +602,6 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     step_flops = train_step_flops(t, 32, lookups, fused_row)
     floor = step_flops / sgemm_rate
     fused_med = statistics.median(tr["native fused SGD"])
-    peak = _peak_rate(rounds)
 
     def bounds(at: float, bold: bool) -> str:
         """nn.EmbeddingBag's steps (round median, fastest round; replayed, then on the stream) over ``at`` seconds."""

@@ -258,18 +258,18 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         by_batch[b] = interleaved(points, scale["rounds"], scale["block_s"])
         del points
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
-    if peak is not None:
-        rate = peak[1] / statistics.median(fwd_rounds[FMA_PEAK]) / 1e9
-        rows.append({"experiment": "cpu_kernel", "label": FMA_PEAK, "impl": FMA_PEAK, "metric": "gflops",
-                     "unit": "GFLOP/s", "median": rate, "n": len(fwd_rounds[FMA_PEAK]), "batch_size": B,
-                     "note": f"median of {len(fwd_rounds[FMA_PEAK])} interleaved rounds; {peak[1]:.6g} FLOPs per call",
-                     **env})
-        log(f"FMA peak (interleaved): {rate:.1f} GFLOP/s")
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
               "fma_flops": None if peak is None else peak[1],
               "step_profile": step_profile,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
               "forward_states": fwd_states, "train_states": train_states}
+    if peak is not None:
+        rate = _peak_rate(rounds) / 1e9
+        rows.append({"experiment": "cpu_kernel", "label": FMA_PEAK, "impl": FMA_PEAK, "metric": "gflops",
+                     "unit": "GFLOP/s", "median": rate, "n": len(fwd_rounds[FMA_PEAK]), "batch_size": B,
+                     "note": f"median of {len(fwd_rounds[FMA_PEAK])} interleaved rounds; {peak[1]:.6g} FLOPs per call",
+                     **env})
+        log(f"FMA peak (interleaved): {rate:.1f} GFLOP/s")
     for batch, group in [(B, {**fwd_rounds, **train_rounds}), *by_batch.items()]:
         for label, times in group.items():
             rows.append({**columns.get((label, batch), {"experiment": "cpu_kernel", "impl": label}), "label": label,
@@ -474,9 +474,10 @@ def _peak_lines(rounds: dict, peak: float | None, useful: float, threads: int) -
     nothing when it was not timed)."""
     if peak is None:
         return []
-    fwd, flops = rounds["forward"], rounds["fma_flops"]
-    sgemm_share = _round_ratios([rounds["sgemm_flops"] / t for t in fwd["sgemm"]], [flops / t for t in fwd[FMA_PEAK]])
-    native_share = _round_ratios([useful / t for t in fwd["native"]], [flops / t for t in fwd[FMA_PEAK]])
+    fwd = rounds["forward"]
+    peaks = [rounds["fma_flops"] / t for t in fwd[FMA_PEAK]]  # per round, FLOP/s
+    sgemm_share = _round_ratios([rounds["sgemm_flops"] / t for t in fwd["sgemm"]], peaks)
+    native_share = _round_ratios([useful / t for t in fwd["native"]], peaks)
     return ["", f"The cores' FMA peak, timed in the same rounds (the native kernel's 16-float fused multiply-adds on "
             f"independent accumulators in registers, {threads} threads together, no memory traffic; "
             f"benches.environment.fma_peak): **{peak / 1e9:.1f} GFLOP/s**, the ceiling of any GEMM here. Per-round "
@@ -520,6 +521,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     t_native = _median(fwd["native"], "time_per_batch") / 1e3
     useful_gflops = useful / t_native / 1e9
     peak = _peak_rate(rounds)  # FLOP/s, or None: the run timed no FMA peak
+    sgemm_rate = rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"])  # FLOP/s, interleaved
     t = scale["table"]
     lines = [
         f"# CPU kernel experiment ({scale_name} scale)",
@@ -551,14 +553,14 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         "median [quartiles]): useful FLOPs = **{:.0f}%** [{:.0f}–{:.0f}%] of the sgemm's GFLOP/s.".format(
             *(100 * x for x in _round_ratios([useful / t for t in rounds["forward"]["native"]],
                                               [rounds["sgemm_flops"] / t for t in rounds["forward"]["sgemm"]]))),
-        *_speed_change_lines(sgemm, rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9),
+        *_speed_change_lines(sgemm, sgemm_rate / 1e9),
         *_peak_lines(rounds, peak, useful, threads),
         "",
         _probe_intro(fastest),
         _split_line("Useful FLOPs / sgemm", lambda picked: "**{:.0f}%** [{:.0f}–{:.0f}%]".format(*(100 * x for x in _round_ratios(
             [useful / rounds["forward"]["native"][r] for r in picked],
             [rounds["sgemm_flops"] / rounds["forward"]["sgemm"][r] for r in picked]))), fwd_states),
-        *_gap_lines(phases["forward (uniform)"], rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"]) / 1e9,
+        *_gap_lines(phases["forward (uniform)"], sgemm_rate / 1e9,
                     threads, chain_flops, last_flops, lookups, None if peak is None else peak / 1e9),
         "",
         "## Training step (forward + backward + SGD), R = 32, Zipf(1.05) scattered by a permutation, pooling 1",
@@ -597,7 +599,6 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     # nn.EmbeddingBag's step, the most such a kernel could reach here) and at the sgemm's rate (what a
     # kernel whose GEMMs ran at the sgemm's speed, and which did nothing else, would reach)
     dense_rounds = tr[DENSE]
-    sgemm_rate = rounds["sgemm_flops"] / statistics.median(rounds["forward"]["sgemm"])  # FLOP/s, interleaved
     fused_row = train["native fused SGD"][0]
     step_flops = train_step_flops(t, 32, lookups, fused_row)
     floor = step_flops / sgemm_rate

@@ -3,6 +3,7 @@ and the small TT specs and seeded cores they are run on."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import re
 
@@ -102,3 +103,16 @@ def assert_fused_module_steps_match_torch(optimizer: str, idx, offsets, grad_out
     for c_fused, c_ref in zip(fused.tt_cores, ref.tt_cores):
         torch.testing.assert_close(c_fused.detach().double(), c_ref.detach(), rtol=2e-4, atol=1e-6)
     return fused
+
+
+def assert_fma_loop_does_what_it_counts(lib, threads: int, chains: int) -> None:
+    """The FMA-peak loop's FLOP count is the work it did: every accumulator of every thread starts at
+    its chain number k and gains x * a + y - a = 1 per iteration (x = y = 1, exact below 2^24), so after
+    n iterations the lanes sum to threads * 16 * sum(k + n), and the FLOPs are threads * n * 2 * 16 *
+    chains. A loop that skipped iterations, ran fewer chains than its build's, or counted more than it
+    ran, breaks one of them."""
+    for n in (1, 1000, 5000):  # (5000 crosses the loop's blocks of 4,096)
+        flops, checksum = ctypes.c_double(), ctypes.c_double()
+        rate = lib.tt_fma_peak_gflops(threads, n, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
+        assert rate > 0 and flops.value == threads * n * 2 * 16 * chains
+        assert checksum.value == threads * 16 * sum(k + n for k in range(chains))

@@ -21,6 +21,8 @@ from benches.memory import measure_in_child
 from benches import timing
 from benches.timing import Stats, measure
 
+from .native_reference import assert_fma_loop_does_what_it_counts
+
 
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,21 +163,6 @@ def fma_chains_of_build() -> int:
     from ttrec.cpu import build
 
     return 12 if "avx512f" in build.cpu_flags() else 6
-
-
-def assert_fma_loop_does_what_it_counts(lib, threads: int, chains: int) -> None:
-    """The FMA-peak loop's FLOP count is the work it did: every accumulator of every thread starts at
-    its chain number k and gains x * a + y - a = 1 per iteration (x = y = 1, exact below 2^24), so after
-    n iterations the lanes sum to threads * 16 * sum(k + n), and the FLOPs are threads * n * 2 * 16 *
-    chains. A loop that skipped iterations, ran fewer chains than its build's, or counted more than it
-    ran, breaks one of them."""
-    import ctypes
-
-    for n in (1, 1000, 5000):  # (5000 crosses the loop's blocks of 4,096)
-        flops, checksum = ctypes.c_double(), ctypes.c_double()
-        rate = lib.tt_fma_peak_gflops(threads, n, 1e9, 1.0, 1.0, ctypes.byref(flops), ctypes.byref(checksum))
-        assert rate > 0 and flops.value == threads * n * 2 * 16 * chains
-        assert checksum.value == threads * 16 * sum(k + n for k in range(chains))
 
 
 @pytest.mark.skipif(not _kernel_builds(), reason="needs the native kernel")

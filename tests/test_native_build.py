@@ -20,8 +20,8 @@ import ttrec
 from ttrec.bags import make_bags
 from ttrec.cpu import build, ops
 
-from .native_reference import (assert_few_prefix_update_has_gemm_bits, assert_fused_sgd_matches_reference,
-                               assert_matches_reference)
+from .native_reference import (assert_few_prefix_update_has_gemm_bits, assert_fma_loop_does_what_it_counts,
+                               assert_fused_sgd_matches_reference, assert_matches_reference)
 
 pytestmark = pytest.mark.usefixtures("threads_at_any_size")  # the threaded paths on small batches too
 
@@ -137,10 +137,8 @@ def test_each_vector_variant_gives_few_prefix_updates_the_gemm_paths_bits(varian
 def test_each_vector_variant_runs_its_fma_peak_loop_in_full(variants, march):
     """The FMA-peak probe (benches.environment.fma_peak) of each variant keeps its own number of
     accumulators, 6 pairs of ymm with AVX2 and 12 zmm with AVX-512, and does every multiply-add it counts
-    (see test_measurement.assert_fma_loop_does_what_it_counts): a variant that ran fewer chains than
+    (see native_reference.assert_fma_loop_does_what_it_counts): a variant that ran fewer chains than
     the latency of its FMAs needs would read a peak too low, and every share of it too high."""
-    from .test_measurement import assert_fma_loop_does_what_it_counts
-
     missing = VARIANTS[march] - build.cpu_flags()
     if missing:
         pytest.skip(f"-march={march} built; this CPU cannot run it (no {', '.join(sorted(missing))})")

@@ -217,7 +217,8 @@ def test_report_numbers_match_independent_computations():
     # the hard bound at the cores' FMA peak (its FLOPs per call over its rounds' median time), nn.EmbeddingBag's
     # round median and fastest round over it; then the same at the sgemm's rate, a kernel's practical ceiling
     peak = 6e8 / np.median(r["forward"]["fma peak"])
-    dense_s, fused_s = (np.array(r["train"][k + " (batch stream)"]) for k in ("nn.EmbeddingBag sparse + SGD", "native fused SGD"))
+    st = " (batch stream)"
+    dense_s, fused_s = (np.array(r["train"][k + st]) for k in ("nn.EmbeddingBag sparse + SGD", "native fused SGD"))
     assert (f"**{1e3 * step / peak:.2f} ms**: no kernel doing it can pass **{np.median(dense) / (step / peak):.2f}x** and "
             f"**{dense.min() / (step / peak):.2f}x** replayed, **{np.median(dense_s) / (step / peak):.2f}x** and "
             f"**{dense_s.min() / (step / peak):.2f}x** on the stream.") in report
@@ -232,8 +233,6 @@ def test_report_numbers_match_independent_computations():
     assert (f"the sgemm ran at {_bracket(*_np_quartiles(sg / fma), pct=True)} of it, the native forward's useful "
             f"FLOPs at {_bracket(*_np_quartiles(nat / fma), pct=True)}.") in report
     # on the stream: each stream step against nn.EmbeddingBag on the stream, never against a replayed step
-    st = " (batch stream)"
-    dense_s, fused_s = (np.array(r["train"][k + st]) for k in ("nn.EmbeddingBag sparse + SGD", "native fused SGD"))
     assert any(x.startswith(f"| native fused SGD{st} | 2.10 |") and x.endswith(f"| {3.5 / 2.1:.2f}x |") for x in lines)
     assert f"On the stream: native fused SGD{st}: {_bracket(*_np_quartiles(dense_s / fused_s))}." in report
     assert f"take 4 distinct batches of the workload in turn ({4 * B:,} lookups" in report

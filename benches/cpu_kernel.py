@@ -238,9 +238,14 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
     step_profile = _median_step_phases(train_steps["native fused SGD"], PROFILE_CALLS)
     phases["training forward (Zipf)"], phases["training backward (Zipf)"] = step_profile["forward"], step_profile["backward"]
+    step_parts = _median_step_parts(train_steps["native fused SGD"], PROFILE_CALLS)
     rows += [{**columns["native fused SGD", B], "label": "native fused SGD", "metric": "step_phase_time", "unit": "s",
               "median": seconds, "n": PROFILE_CALLS, "batch_size": B, "note": f"{call} {name}", **env}
              for call, name, seconds in _step_profile_rows(step_profile)]
+    rows += [{**columns["native fused SGD", B], "label": "native fused SGD", "metric": "step_part_time", "unit": "s",
+              "median": seconds, "n": PROFILE_CALLS, "batch_size": B,
+              "note": f"{part} ({'the step, profiled' if part == 'step' else 'per thread' if 'i2_buckets' not in part else 'wall'})",
+              **env} for part, seconds in step_parts.items()]
     for group in (fwd_rounds, train_rounds):  # (the ratios themselves: the report, printed at the end)
         log("  round medians: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in group.items()))
     del train_steps
@@ -260,7 +265,7 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         log(f"  {b:,}: " + ", ".join(f"{k} {1e3 * statistics.median(v):.3f} ms" for k, v in by_batch[b].items()))
     rounds = {"n": scale["rounds"], "sgemm_flops": sgemm_flops, "forward": fwd_rounds, "train": train_rounds,
               "fma_flops": None if peak is None else peak[1],
-              "step_profile": step_profile,
+              "step_profile": step_profile, "step_parts": step_parts,
               "train_by_batch": by_batch, "train_by_batch_reuse": by_batch_reuse,
               "forward_states": fwd_states, "train_states": train_states}
     if peak is not None:
@@ -310,11 +315,14 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
 
 
 PROFILE_CALLS = 30  # native forwards, and fused training steps, whose phase timers give the profiles (medians per phase)
-PROFILED_PHASES = ("seconds_chains", "seconds_last_core")  # timed only with ops.set_profile(True)
+# timed only with ops.set_profile(True), per thread: the forward's chains and last core, the backward's
+# parts of its i2 buckets
+PROFILED_PHASES = ("seconds_chains", "seconds_last_core", "seconds_buckets_gather", "seconds_buckets_rows",
+                   "seconds_buckets_gemms")
 
 
 def _unprofiled(stats: dict[str, float]) -> dict[str, float]:
-    """A forward's phase timers without those its profile was off for (they read 0 s, not the time taken)."""
+    """A native call's phase timers without those its profile was off for (they read 0 s, not the time taken)."""
     return {k: v for k, v in stats.items() if k not in PROFILED_PHASES}
 
 
@@ -362,11 +370,36 @@ def _median_step_phases(step: Callable[[], object], calls: int) -> dict:
     from ttrec.cpu import ops
 
     samples = _timed_calls(step, calls, lambda: {"forward": _unprofiled(ops.last_stats("forward")),
-                                                 "backward": ops.last_stats("backward")})
+                                                 "backward": _unprofiled(ops.last_stats("backward"))})
     outside = [s["seconds_call"] - sum(s["forward"][f"seconds_{p}"] for p in FORWARD_TOP_PHASES)
                - sum(v for k, v in s["backward"].items() if k.startswith("seconds_")) for s in samples]
     return {"forward": _medians([s["forward"] for s in samples]), "backward": _medians([s["backward"] for s in samples]),
             "step": statistics.median(s["seconds_call"] for s in samples), "outside": statistics.median(outside)}
+
+
+# The parts of a fused step that the kernel's per-thread profile times (d = 3): (call, phase)
+STEP_PARTS = (("forward", "chains"), ("forward", "last_core"), ("backward", "i2_buckets"), ("backward", "buckets_gather"),
+              ("backward", "buckets_rows"), ("backward", "buckets_gemms"))
+
+
+def _median_step_parts(step: Callable[[], object], calls: int) -> dict[str, float]:
+    """The fused step's parts per thread with the kernel's profile on (ops.set_profile; its clock reads make
+    the step a little longer): over ``calls`` calls of ``step``, the median of each STEP_PARTS timer, keyed
+    "<call> <phase>" (the chains, the last core and the bucket parts per thread, the mean over the threads;
+    the i2 buckets' phase as a whole, wall time), and "step", the median step time."""
+    from ttrec.cpu import ops
+
+    def read() -> dict[str, float]:
+        stats = {call: ops.last_stats(call) for call in ("forward", "backward")}
+        return {f"{call} {phase}": stats[call][f"seconds_{phase}"] for call, phase in STEP_PARTS}
+
+    ops.set_profile(True)
+    try:
+        parts = _medians(_timed_calls(step, calls, read))
+    finally:
+        ops.set_profile(False)
+    parts["step"] = parts.pop("seconds_call")
+    return parts
 
 
 def _step_profile_rows(profile: dict) -> list[tuple[str, str, float]]:
@@ -627,6 +660,10 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
               f"**{100 * floor / fused_med:.0f}%** of the sgemm's rate"
               + ("." if peak is None else f" and **{100 * step_flops / peak / fused_med:.0f}%** of the peak.")]
     lines += ["", *_step_lines(rounds["step_profile"], floor, statistics.median(dense_rounds), fused_med)]
+    if rounds.get("step_parts"):
+        lines += ["", *_step_part_lines(rounds["step_parts"], t, lookups, fused_row,
+                                        (peak, "the FMA peak's") if peak is not None else (sgemm_rate, "the sgemm's"),
+                                        threads)]
     lines += ["", "### Training step by batch size (fused SGD vs nn.EmbeddingBag sparse + SGD)", "",
               f"Smaller batches, as DLRM training feeds one table; {rounds['n']} interleaved rounds per batch size "
               "(the four steps taking turns: each replaying one batch and on a stream of distinct batches holding "
@@ -694,6 +731,41 @@ def _step_lines(profile: dict, floor: float, dense: float, fused: float) -> list
             "phases): the Python path (the module, the bag checks, autograd's Function and engine, the update's checks) "
             "and the calls' entry and exit. The step's arithmetic would take "
             f"{1e3 * floor:.2f} ms at the sgemm's rate; nn.EmbeddingBag's step took {1e3 * dense:.2f} ms (round median)."]
+
+
+def _step_part_lines(parts: dict[str, float], table: TableConfig, lookups: int, reuse: dict[str, float],
+                     ref: tuple[float, str], threads: int) -> list[str]:
+    """The fused step's parts per thread (a _median_step_parts profile) with their arithmetic's rate against
+    ``ref`` (FLOP/s on ``threads`` threads, and its name): the forward's chains once per distinct prefix and its
+    last core once per distinct row, the backward's per-row products (dP and dG_d) twice the last core's and its
+    chain GEMMs (dG_2 and dP_1) twice the chains' (the counts of train_step_flops), split evenly over the
+    threads the kernel ran; and what the i2 buckets spent outside their three timed parts."""
+    from ttrec.cpu import ops
+
+    kt = ops.threads_for(lookups)
+    chain, last = _chain_flops(table, 32)
+    prefixes, rows = reuse["unique_prefix_ratio"] * lookups, reuse["unique_row_ratio"] * lookups
+    ref_rate, ref_name = ref
+    per_ref = ref_rate / threads
+
+    def part(key: str, flops: float | None = None) -> str:
+        t = parts[key]
+        if flops is None:
+            return f"{1e3 * t:.2f} ms"
+        rate = flops / kt / t if t > 0 else 0.0
+        return f"{1e3 * t:.2f} ms ({flops / kt / 1e6:.0f} MFLOP per thread: {rate / 1e9:.1f} GFLOP/s, **{100 * rate / per_ref:.0f}%** of {ref_name} per thread)"
+
+    timed = sum(parts[f"backward buckets_{k}"] for k in ("gather", "rows", "gemms"))
+    return ["Per thread, from " + f"{PROFILE_CALLS} more fused steps with the kernel's per-thread timers on (ops.set_profile; "
+            f"{1e3 * parts['step']:.2f} ms a step; the kernel ran {kt} thread{'s' if kt > 1 else ''}; each part the mean over them):",
+            "",
+            f"- forward: chain GEMMs {part('forward chains', prefixes * chain)}; last core "
+            f"{part('forward last_core', rows * last)};",
+            f"- backward, its i2 buckets ({1e3 * parts['backward i2_buckets']:.2f} ms wall): the upstream gradient rows' gather "
+            f"{part('backward buckets_gather')}; the per-row products (dP and dG_3) {part('backward buckets_rows', 2 * rows * last)}; "
+            f"the chain GEMMs (dG_2 and dP_1) {part('backward buckets_gemms', 2 * prefixes * chain)}; the rest "
+            f"{1e3 * (parts['backward i2_buckets'] - timed):.2f} ms (the G_2 slices, the stacked G_1 rows, the dG_1 sums, "
+            "the threads' wait for each other at the end)."]
 
 
 def _mib(n_bytes: float) -> str:

@@ -70,6 +70,26 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     assert f"the step took **{1e3 * got['step total']:.2f} ms**" in steps
     assert f"outside them **{1e3 * got['step outside_phases']:.2f} ms**" in steps
     assert f"backward i2 buckets {1e3 * got['backward i2_buckets']:.2f}" in steps
+    # and per thread, from 30 more steps with the kernel's profile on: stored, and in the report with the
+    # FLOPs per thread of each part (the counts of the arithmetic bound, over the 1 thread the kernel ran)
+    parts = stored[stored["metric"] == "step_part_time"]
+    part = dict(zip(parts["note"].str.split(" [(]").str[0], parts["median"]))
+    assert set(part) == {"forward chains", "forward last_core", "backward i2_buckets", "backward buckets_gather",
+                         "backward buckets_rows", "backward buckets_gemms", "step"}
+    assert (parts["n"] == 30).all() and all(v > 0 for v in part.values())
+    assert part["backward buckets_gather"] + part["backward buckets_rows"] + part["backward buckets_gemms"] <= part[
+        "backward i2_buckets"]
+    smoke = SCALES["smoke"]["table"]
+    chain, last = TTSpec.suggest(smoke.num_embeddings, smoke.embedding_dim, 32).chain_flops()
+    fused_row = stored[(stored["mode"] == "train") & stored["fused"].astype(bool) & (stored["metric"] == "throughput")
+                       & (stored["batch_size"] == 512)].iloc[0]
+    prefixes, distinct = 512 * fused_row["unique_prefix_ratio"], 512 * fused_row["unique_row_ratio"]
+    assert (f"chain GEMMs {1e3 * part['forward chains']:.2f} ms ({prefixes * chain / 1e6:.0f} MFLOP per thread: "
+            f"{prefixes * chain / part['forward chains'] / 1e9:.1f} GFLOP/s") in steps
+    assert (f"the chain GEMMs (dG_2 and dP_1) {1e3 * part['backward buckets_gemms']:.2f} ms "
+            f"({2 * prefixes * chain / 1e6:.0f} MFLOP per thread") in steps
+    assert (f"the per-row products (dP and dG_3) {1e3 * part['backward buckets_rows']:.2f} ms "
+            f"({2 * distinct * last / 1e6:.0f} MFLOP per thread") in steps
     # the fastest-round ratio, recomputed from the stored rounds
     per_round = {(r["label"], r["batch_size"]): [float(x) for x in r["note"].split(":")[1].split()]
                  for _, r in rounds.iterrows()}
@@ -143,6 +163,41 @@ def test_round_states_use_an_absolute_round_trip_bound():
     assert round_states([(60.0, 70.0), (400.0, 500.0), (60.0, 500.0), (None, 60.0), (150.0, 150.1)]) == [
         "near", "far", None, None, None]
     assert round_states([(329.1, 348.6), (335.4, 338.3)]) == ["far", "far"]
+
+
+def test_step_parts_are_the_medians_of_the_profiled_steps_and_the_profile_ends_off(monkeypatch):
+    """_median_step_parts: per part, the median over the steps of the kernel's own timer, read with the
+    profile on; the profile is off again afterwards, also when a step raises."""
+    from benches import cpu_kernel
+    from ttrec.cpu import ops
+
+    clock = iter(range(100))  # each step takes 1 s
+    monkeypatch.setattr(cpu_kernel.time, "perf_counter", lambda: float(next(clock)))
+    switched = []
+    monkeypatch.setattr(ops, "set_profile", switched.append)
+    calls = iter(range(3))
+    last = {}
+
+    def stats(which="forward"):
+        k = last["k"]
+        if which == "forward":
+            return {"seconds_chains": 0.1 * (k + 1), "seconds_last_core": 0.05, "seconds_sort": 9.0}
+        return {"seconds_i2_buckets": [0.9, 0.5, 0.7][k], "seconds_buckets_gather": 0.01, "seconds_buckets_rows": 0.2,
+                "seconds_buckets_gemms": [0.3, 0.1, 0.2][k], "seconds_first_core": 9.0}
+
+    monkeypatch.setattr(ops, "last_stats", stats)
+    parts = cpu_kernel._median_step_parts(lambda: last.update(k=next(calls)), 3)
+    assert parts == pytest.approx({"forward chains": 0.2, "forward last_core": 0.05, "backward i2_buckets": 0.7,
+                                   "backward buckets_gather": 0.01, "backward buckets_rows": 0.2,
+                                   "backward buckets_gemms": 0.2, "step": 1.0})
+    assert switched == [True, False]
+
+    def failing():
+        raise RuntimeError("step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        cpu_kernel._median_step_parts(failing, 3)
+    assert switched == [True, False, True, False]
 
 
 def test_step_profile_counts_each_top_level_phase_once(monkeypatch):

@@ -399,6 +399,33 @@ def test_forward_phase_timers_nest(p, d3):
         assert st["seconds_chains"] == 0 and st["seconds_last_core"] == 0
 
 
+@pytest.mark.parametrize("q,threads", [((2, 2, 4), 1), ((2, 2, 4), 2), ((2, 2, 2), 2)])
+def test_backward_bucket_parts_nest_in_their_phase(q, threads):
+    """d = 3 backward with the profile on: its three timed parts of the i2 buckets (the upstream gradient
+    rows' gather, the per-row products, the chain GEMMs; per thread, the mean over the threads) each read
+    time and together lie within the buckets' phase; the gather only for 16-float rows (the only rows it
+    runs for); with the profile off they read 0 and the phase still runs."""
+    spec = _spec((40, 50, 60), q, (8, 16))
+    cores = _cores(spec)
+    idx = torch.randint(0, spec.num_embeddings, (20000,), generator=torch.Generator().manual_seed(2))
+    bags = make_bags(idx, torch.arange(20000), None, num_embeddings=spec.num_embeddings, mode="sum")
+    grad = torch.randn(20000, spec.embedding_dim, generator=torch.Generator().manual_seed(3))
+    torch.set_num_threads(threads)
+    parts = ("seconds_buckets_gather", "seconds_buckets_rows", "seconds_buckets_gemms")
+    ops.backward(cores, spec, bags, "sum", grad)
+    st = ops.last_stats("backward")
+    assert st["seconds_i2_buckets"] > 0 and all(st[k] == 0 for k in parts)  # profile off
+    ops.set_profile(True)
+    try:
+        ops.backward(cores, spec, bags, "sum", grad)
+    finally:
+        ops.set_profile(False)
+    st = ops.last_stats("backward")
+    assert st["seconds_buckets_rows"] > 0 and st["seconds_buckets_gemms"] > 0
+    assert (st["seconds_buckets_gather"] > 0) == (spec.embedding_dim == 16)
+    assert sum(st[k] for k in parts) <= st["seconds_i2_buckets"]
+
+
 def test_unique_prefix_count_is_the_closed_form_count_and_the_runs_are_right():
     spec = _spec((40, 50, 60), (2, 2, 4), (8, 8))
     cores = _cores(spec)

@@ -115,7 +115,7 @@ def _damage(kind: str, path: Path, tmp_path: Path) -> None:
         path.write_bytes(data[:18] + (183).to_bytes(2, "little") + data[20:])
     elif kind == "other_library":  # a complete library without the kernel's symbols
         src = tmp_path / "other.c"
-        src.write_text("int tt_abi_version(void) { return 9; }\n")
+        src.write_text("int tt_abi_version(void) { return 10; }\n")
         subprocess.run(["gcc", "-shared", "-fPIC", str(src), "-o", str(path)], check=True)
 
 

@@ -148,7 +148,11 @@ def _fake_run(batch_indices: list[int], spec: TTSpec, reuse: dict, train_reuse: 
               "step_profile": {"forward": {"seconds_sort": 2e-4, "seconds_chains_and_last_core": 5e-4, "seconds_pool": 0.0,
                                            "seconds_sort_radix": 1e-4},
                                "backward": {"seconds_setup": 1e-6, "seconds_i2_buckets": 8.5e-4, "seconds_first_core": 4.9e-5},
-                               "step": 2e-3, "outside": 4e-4}}
+                               "step": 2e-3, "outside": 4e-4},
+              # its parts per thread (benches.cpu_kernel._median_step_parts)
+              "step_parts": {"forward chains": 1e-4, "forward last_core": 5e-5, "backward i2_buckets": 8e-4,
+                             "backward buckets_gather": 1e-5, "backward buckets_rows": 2e-4,
+                             "backward buckets_gemms": 4e-4, "step": 2.1e-3}}
     grid = [{"rank": r, "pooling": p, "impl": k, "lookups/s": 1000.0 * r + p + i}
             for r in (8, 16) for p in (1, 10) for i, k in enumerate([*IMPLS, "native (batch stream)", "dense (batch stream)"])]
     mem = [{"impl": k, "peak_transient_bytes": (i + 1) * 3 * 2**20, "output_bytes": B * 16 * 4, "note": "fake"}
@@ -225,6 +229,24 @@ def test_report_numbers_match_independent_computations():
     assert (f"**{1e3 * step / rate:.2f} ms**: a kernel running it at the sgemm's rate and doing nothing else would reach "
             f"{np.median(dense) / (step / rate):.2f}x and {dense.min() / (step / rate):.2f}x replayed") in report
     assert f"**{100 * step / peak / np.median(fused):.0f}%** of the peak." in report
+    # the step's parts per thread: each part's FLOPs (forward: chains per distinct prefix, last core per distinct
+    # row; backward twice each) over the threads the kernel ran, and their rate against the peak per thread (2 threads)
+    from ttrec.cpu import ops
+
+    kt = ops.threads_for(B)
+    per_thread = peak / 2
+
+    def part(ms, flops):
+        rate = flops / kt / (ms / 1e3)
+        return f"{ms:.2f} ms ({flops / kt / 1e6:.0f} MFLOP per thread: {rate / 1e9:.1f} GFLOP/s, **{100 * rate / per_thread:.0f}%**"
+
+    parts = report.split("Per thread, from 30 more fused steps")[1].split("###")[0]
+    assert f"{2.1:.2f} ms a step; the kernel ran {kt} thread" in parts
+    assert f"chain GEMMs {part(0.1, B * 0.25 * chain)}" in parts
+    assert f"last core {part(0.05, B * 0.5 * last)}" in parts
+    assert f"the per-row products (dP and dG_3) {part(0.2, 2 * B * 0.5 * last)}" in parts
+    assert f"the chain GEMMs (dG_2 and dP_1) {part(0.4, 2 * B * 0.25 * chain)}" in parts
+    assert "(0.80 ms wall): the upstream gradient rows' gather 0.01 ms" in parts and "the rest 0.19 ms" in parts
     # the forward's rounds against the peak: per-round ratios of the sgemm's and the native forward's rates to it
     fma = 6e8 / np.array(r["forward"]["fma peak"])
     sg = 2 * 512**3 / np.array(r["forward"]["sgemm"])
@@ -270,6 +292,11 @@ def test_report_without_the_fma_peak_bounds_at_the_sgemm():
     step = 3 * 512 * (0.25 * 2 * 2 * 32 * 2 * 32 + 0.5 * 2 * 4 * 32 * 4)
     assert f"doing nothing else would reach **{np.median(dense) / (step / rate):.2f}x**" in report
     assert report.split("of the sgemm's rate")[1].startswith(".")
+    # the step's parts per thread against the sgemm's rate per thread (2 threads)
+    from ttrec.cpu import ops
+
+    chains = 512 * 0.25 * 2 * 2 * 32 * 2 * 32 / ops.threads_for(512) / 1e-4
+    assert f"GFLOP/s, **{100 * chains / (rate / 2):.0f}%** of the sgemm's per thread); last core" in report
 
 
 def test_report_memory_table_against_the_batch_output():

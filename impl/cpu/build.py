@@ -52,16 +52,19 @@ class TTShape(ctypes.Structure):
 
 class TTStats(ctypes.Structure):
     _fields_ = [("lookups", ctypes.c_int64), ("unique_prefixes", ctypes.c_int64), ("chunks", ctypes.c_int64),
-                ("seconds", ctypes.c_double * 8)]
+                ("seconds", ctypes.c_double * 11)]
 
     # forward: chains and last_core are parts of chains_and_last_core (d = 3 with ops.set_profile(True)
     # only: per thread, the mean over the threads; 0 otherwise), sort_radix is the radix sort within sort
     FORWARD_PHASES = ("sort", "chains_and_last_core", "pool", "chains", "last_core", "sort_radix")
     # d == 3 backward: sort (skipped when the forward kept its plan), chains_and_dP (the prefix chains,
     # skipped likewise), i2_buckets (per-lookup dP and dG_3, dG_2 and dP_1 per bucket) and first_core
-    # (the segment sums of dG_1 and dG_3); the other phases are those of d = 2 and 4.
+    # (the segment sums of dG_1 and dG_3); the other phases are those of d = 2 and 4. Parts of i2_buckets
+    # (d = 3 with ops.set_profile(True) only: per thread, the mean over the threads; 0 otherwise):
+    # buckets_gather (the upstream gradient rows, 16-float rows only), buckets_rows (the per-row products,
+    # dP and dG_3) and buckets_gemms (dG_2 and dP_1, per piece of a bucket).
     BACKWARD_PHASES = ("setup", "sort", "gather_grad", "chains_and_dP", "last_core", "middle_cores", "first_core",
-                       "i2_buckets")
+                       "i2_buckets", "buckets_gather", "buckets_rows", "buckets_gemms")
 
     def as_dict(self, phases: tuple[str, ...]) -> dict:
         out = {"lookups": self.lookups, "unique_prefixes": self.unique_prefixes, "chunks": self.chunks}
@@ -296,7 +299,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.tt_fma_peak_gflops.restype = ctypes.c_double
     for f in (lib.tt_forward, lib.tt_backward):
         f.restype = ctypes.c_int
-    if lib.tt_abi_version() != 9:
+    if lib.tt_abi_version() != 10:
         raise RuntimeError("native library ABI mismatch")
 
 

@@ -299,9 +299,10 @@ def force_sort_way(way: str) -> None:
 
 def set_profile(on: bool) -> None:
     """Whether native forwards also time their chain GEMMs and last core per thread
-    (``last_stats()["seconds_chains"]``, ``["seconds_last_core"]``; d = 3). Off by default: a clock read
-    per GEMM piece and part cost about 3% of the chains-and-last-core phase of a 16,384-lookup
-    forward on one thread."""
+    (``last_stats()["seconds_chains"]``, ``["seconds_last_core"]``; d = 3), and backwards the parts of
+    their i2 buckets (``last_stats("backward")["seconds_buckets_gather"]``, ``["seconds_buckets_rows"]``,
+    ``["seconds_buckets_gemms"]``; d = 3). Off by default: a clock read per GEMM piece and part cost
+    about 3% of the chains-and-last-core phase of a 16,384-lookup forward on one thread."""
     library().tt_set_profile(int(bool(on)))
 
 

@@ -212,8 +212,10 @@ typedef struct {
   // (d = 3 with tt_set_profile(1): per thread, the mean over the threads, within 1), 5 the radix
   // sort (within 0).
   // Backward: 0 setup, 1 sort+runs, 2 gradient gather, 3 chains + dP, 4 last core, 5 middle
-  // cores, 6 first core.
-  double seconds[8];
+  // cores, 6 first core; d = 3: 7 the i2 buckets and, with tt_set_profile(1), parts of them (per
+  // thread, the mean over the threads, within 7): 8 the upstream gradient rows' gather, 9 the
+  // per-row products (dP and dG_d), 10 the chain GEMMs (dG_2 and dP_1).
+  double seconds[11];
 } tt_stats_t;
 
 // out (n_bags x D) = pooled rows. Returns 0.
@@ -862,8 +864,13 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
     float* const g1 = grad_cores[1];
     const bool fast16 = D == 16 && with_row16_shape(qd, R2, [](auto, auto) {});
     const bool fused = up.optimizer != 0;  // (one chunk: the caller checks)
+    const bool profile = stats && g_profile.load(std::memory_order_relaxed);
 #pragma omp parallel num_threads(threads)
     {
+      // (profile) this thread's seconds in the gather, the per-row products and the chain GEMMs
+      double in_gather = 0, in_rows = 0, in_gemms = 0, mark = 0;
+      auto clock_in = [&]() { if (profile) mark = omp_get_wtime(); };
+      auto clock_out = [&](double& into) { if (profile) into += omp_get_wtime() - mark; };
       fvec Ap, BT((size_t)N * R1), dPb((size_t)kPiece * MR2),
           dP1((size_t)kPiece * w1), g(D), dg2(fused ? (size_t)R1 * N : 0);
       // a segment's gathered gradient rows (up to megabytes): kept by each pool thread across calls,
@@ -883,6 +890,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
         // of random reads (many in flight) instead of one read per step of the row loop
         const int64_t xs = runs[pl->buckets[seg[sg]]], xe = runs[pl->buckets[seg[sg + 1]]];
         if (fast16) {
+          clock_in();
           gs.resize((size_t)(xe - xs) * 16);
           for (int64_t y = xs; y < xe; ++y) {
             prefetch_ahead(y, cn, s0, sorted.data(), bag_of, lookup_w, grad_out, D);
@@ -890,6 +898,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
             store16(gs.data() + (y - xs) * 16, bag_of ? splat16(lookup_w[j]) * load16(grad_out + (int64_t)bag_of[j] * D)
                                                       : load16(grad_out + j * D));
           }
+          clock_out(in_gather);
         }
         for (int64_t b = seg[sg]; b < seg[sg + 1]; ++b) {
           const int64_t tb0 = pl->buckets[b], tb1 = pl->buckets[b + 1], i2 = digits[2 * tb0 + 1];
@@ -913,6 +922,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           if (tile) std::fill(dg2.begin(), dg2.end(), 0.f);
           for (int64_t ta = tb0; ta < tb1; ta += kPiece) {
             const int64_t tb = std::min(tb1, ta + kPiece), np = tb - ta;
+            clock_in();
             if (fast16) {  // D = 16, R_2 in {8, 16, 32, 64}: see piece_grads16 (it writes all of dP)
               const float* const gsp = gs.data();
               const int32_t* const slot = ctx.last.slot.data();
@@ -973,6 +983,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
                 }
               }
             }
+            clock_out(in_rows);
             // stacked G_1 rows of the piece (np q1 x R1); dP viewed as (np q1 x q2 R2)
             Ap.resize((size_t)np * w1);
             for (int64_t t = ta; t < tb; ++t) {
@@ -981,6 +992,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               if (sgd) scale_floats(dst, src, -up.lr, w1);
               else copy_floats(dst, src, w1);
             }
+            clock_in();
             if (few) {  // (dg2_out: G_2's slice itself, rows dg2_ld apart)
               auto pass = [&](auto nv) {
                 slice_sgd_dp1<decltype(nv)::value>((int)(np * q1), R1, Ap.data(), dPb.data(), dg2_out, dg2_ld, dP1.data());
@@ -994,6 +1006,7 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
               gemm_tn_acc((int)(np * q1), N, R1, Ap.data(), R1, dPb.data(), N, dg2_out, dg2_ld);
               gemm_nn((int)(np * q1), R1, N, dPb.data(), N, BT.data(), R1, dP1.data(), R1);
             }
+            clock_out(in_gemms);
             for (int64_t t = ta; t < tb; ++t) {
               const int32_t v = first.slot[digits[2 * t]];
               float* c1 = a1 + (size_t)v * w1;
@@ -1004,6 +1017,14 @@ static void backward_d3(const tt_shape_t* s, const float* const* cores, const in
           }
           if (tile)
             for (int r = 0; r < R1; ++r) up.row(1, ((int64_t)r * p1 + i2) * N, dg2.data() + (size_t)r * N, N);
+        }
+      }
+      if (profile) {
+#pragma omp critical(tt_backward_stats)
+        {
+          stats->seconds[8] += in_gather / omp_get_num_threads();
+          stats->seconds[9] += in_rows / omp_get_num_threads();
+          stats->seconds[10] += in_gemms / omp_get_num_threads();
         }
       }
     }
@@ -1538,9 +1559,10 @@ double tt_fma_peak_gflops(int threads, int64_t max_iters, double budget_s, float
   return short_of_threads ? -1 : rate;
 }
 
-int tt_abi_version(void) { return 9; }
+int tt_abi_version(void) { return 10; }
 
-// Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]): a
+// Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]), and d = 3
+// backwards the parts of their i2 buckets (seconds[8] to [10]): a
 // clock read per GEMM piece and part, about 3% of the chains-and-last-core phase of a 16,384-lookup
 // forward on one thread of an Intel Xeon VM, so off unless a profile is asked for (benches.cpu_kernel).
 void tt_set_profile(int on) { g_profile.store(on != 0, std::memory_order_relaxed); }

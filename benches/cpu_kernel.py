@@ -315,15 +315,16 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
 
 
 PROFILE_CALLS = 30  # native forwards, and fused training steps, whose phase timers give the profiles (medians per phase)
-# timed only with ops.set_profile(True), per thread: the forward's chains and last core, the backward's
-# parts of its i2 buckets
-PROFILED_PHASES = ("seconds_chains", "seconds_last_core", "seconds_buckets_gather", "seconds_buckets_rows",
-                   "seconds_buckets_gemms")
+# timed only with ops.set_profile(True), per thread: the forward's chains and last core, the backward's parts
+# of its i2 buckets (the backward's last_core is a phase of its own, d = 2 and 4, always timed)
+PROFILED_PHASES = {"forward": ("seconds_chains", "seconds_last_core"),
+                   "backward": ("seconds_buckets_gather", "seconds_buckets_rows", "seconds_buckets_gemms")}
 
 
-def _unprofiled(stats: dict[str, float]) -> dict[str, float]:
-    """A native call's phase timers without those its profile was off for (they read 0 s, not the time taken)."""
-    return {k: v for k, v in stats.items() if k not in PROFILED_PHASES}
+def _unprofiled(stats: dict[str, float], call: str) -> dict[str, float]:
+    """A native ``call``'s ("forward", "backward") phase timers without those its profile was off for (they
+    read 0 s, not the time taken)."""
+    return {k: v for k, v in stats.items() if k not in PROFILED_PHASES[call]}
 
 
 def _timed_calls(step: Callable[[], object], calls: int, read: Callable[[], dict]) -> list[dict]:
@@ -369,8 +370,8 @@ def _median_step_phases(step: Callable[[], object], calls: int) -> dict:
     (the Python path: module, bag checks, autograd, the update's checks; and each call's entry and exit)."""
     from ttrec.cpu import ops
 
-    samples = _timed_calls(step, calls, lambda: {"forward": _unprofiled(ops.last_stats("forward")),
-                                                 "backward": _unprofiled(ops.last_stats("backward"))})
+    samples = _timed_calls(step, calls, lambda: {call: _unprofiled(ops.last_stats(call), call)
+                                                 for call in ("forward", "backward")})
     outside = [s["seconds_call"] - sum(s["forward"][f"seconds_{p}"] for p in FORWARD_TOP_PHASES)
                - sum(v for k, v in s["backward"].items() if k.startswith("seconds_")) for s in samples]
     return {"forward": _medians([s["forward"] for s in samples]), "backward": _medians([s["backward"] for s in samples]),

@@ -211,21 +211,25 @@ def test_step_profile_counts_each_top_level_phase_once(monkeypatch):
     monkeypatch.setattr(cpu_kernel.time, "perf_counter", lambda: float(next(clock)))
     fwd = {"lookups": 8, "seconds_sort": 0.1, "seconds_chains_and_last_core": 0.3, "seconds_pool": 0.0,
            "seconds_chains": 0.2, "seconds_last_core": 0.05, "seconds_sort_radix": 0.08}
-    bwd = [{"seconds_setup": 0.01, "seconds_sort": 0.0, "seconds_i2_buckets": b, "seconds_first_core": 0.04}
-           for b in (0.2, 0.4, 0.3)]
+    # (last_core: a backward phase of its own (d = 2, 4), counted; buckets_rows: a part within i2_buckets, read
+    # only with the profile on, not counted)
+    bwd = [{"seconds_setup": 0.01, "seconds_sort": 0.0, "seconds_i2_buckets": b, "seconds_first_core": 0.04,
+            "seconds_last_core": 0.02, "seconds_buckets_rows": 5.0} for b in (0.2, 0.4, 0.3)]
     calls = iter(bwd)
     last = {}
     monkeypatch.setattr(ops, "last_stats", lambda which="forward": fwd if which == "forward" else last["b"])
     profile = cpu_kernel._median_step_phases(lambda: last.update(b=next(calls)), 3)
-    # outside per step: 1 - (0.1 + 0.3 + 0.0) - (0.01 + b + 0.04) = 0.35, 0.15, 0.25 -> median 0.25
-    assert profile["step"] == 1.0 and profile["outside"] == pytest.approx(0.25)
+    # outside per step: 1 - (0.1 + 0.3 + 0.0) - (0.01 + b + 0.04 + 0.02) = 0.33, 0.13, 0.23 -> median 0.23
+    assert profile["step"] == 1.0 and profile["outside"] == pytest.approx(0.23)
+    assert "seconds_buckets_rows" not in profile["backward"] and profile["backward"]["seconds_last_core"] == 0.02
     assert "seconds_chains" not in profile["forward"] and profile["forward"]["seconds_sort_radix"] == 0.08
     assert profile["backward"]["seconds_i2_buckets"] == pytest.approx(0.3)
     rows = cpu_kernel._step_profile_rows(profile)
     assert [(c, n) for c, n, _ in rows] == [("forward", "sort"), ("forward", "chains_and_last_core"),
                                             ("backward", "setup"), ("backward", "i2_buckets"),
-                                            ("backward", "first_core"), ("step", "total"), ("step", "outside_phases")]
+                                            ("backward", "first_core"), ("backward", "last_core"), ("step", "total"),
+                                            ("step", "outside_phases")]
     text = cpu_kernel._step_lines(profile, floor=0.2, dense=0.8, fused=0.9)[2]
     assert "the step took **1000.00 ms** (in the rounds above 900.00 ms" in text
-    assert "outside them **250.00 ms** (25% of the step" in text
+    assert "outside them **230.00 ms** (23% of the step" in text
     assert "backward i2 buckets 300.00" in text and "sort radix" not in text

@@ -116,7 +116,7 @@ def test_zen4_sgemm_share_count_matches_the_runs():
     at 60% or more (interleaved), the range is theirs and each run below is named with its share."""
     text = README.replace("\n", " ")
     m = re.search(r"Met on the Zen 4 VM in ([0-9]+) of its ([0-9]+) runs \(([0-9]+)-([0-9]+)%; ([^)]*)\)", text)
-    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-j")
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
     shares = {r: _interleaved_share(r) for r in runs}
     met = [s for s in shares.values() if s >= 60]
     assert (int(m.group(1)), int(m.group(2))) == (len(met), len(runs))
@@ -132,7 +132,7 @@ def test_zen4_row_interleaved_range_is_the_runs():
     interleaved share over the runs the row names (the same runs as the count above)."""
     row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
     lo, hi = map(int, re.search(r"\| \*\*([0-9]+)-([0-9]+)%\*\* \(", row).groups())
-    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-j")
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
     shares = [_interleaved_share(r) for r in runs]
     assert (lo, hi) == (min(shares), max(shares))
 
@@ -187,7 +187,7 @@ def test_zen4_row_training_ranges_are_the_runs():
     since 2026-12-06l with 3 or more rounds in that state, and the latest run's four ratios; the bullet's
     counts of near runs inside and outside its ranges."""
     row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
-    runs = _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-j")
+    runs = _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
     states = {r: _by_state(r) for r in runs}
 
     def values(state: str, which: int) -> list[float]:
@@ -198,25 +198,27 @@ def test_zen4_row_training_ranges_are_the_runs():
     got = [float(x) for x in m.groups()]
     assert got == [*_range(values("far", 1)), *_range(values("far", 2)), *_range(values("near", 1)),
                    *_range(values("near", 2))]
-    m = re.search(r"latest run \(2026-12-07j\): near \*\*([0-9.]+)x\*\* replayed and \*\*([0-9.]+)x\*\* on the "
+    m = re.search(r"latest run \(2026-12-07k\): near \*\*([0-9.]+)x\*\* replayed and \*\*([0-9.]+)x\*\* on the "
                   r"stream, far ([0-9.]+)x and ([0-9.]+)x", row)
-    j = states["2026-12-07j"]
+    j = states["2026-12-07k"]
     assert [float(x) for x in m.groups()] == [j["near"][1], j["near"][2], j["far"][1], j["far"][2]]
     text = re.sub(r"\s+", " ", README)
     m = re.search(r"reached ([0-9.]+)-([0-9.]+)x in the near rounds of (\w+) of the (\w+) runs since 2026-12-06l that "
                   r"had three or more \(([0-9.]+)-([0-9.]+)x in the other (\w+)\)", text)
-    words = {"three": 3, "five": 5, "six": 6, "seven": 7, "ten": 10}
+    words = {"two": 2, "three": 3, "five": 5, "six": 6, "seven": 7, "eight": 8, "ten": 10, "eleven": 11}
     near = values("near", 1)
     inside = [v for v in near if v < 1]
     assert (float(m.group(1)), float(m.group(2))) == _range(inside)
     assert (words[m.group(3)], words[m.group(4)], words[m.group(7)]) == (len(inside), len(near), len(near) - len(inside))
     assert (float(m.group(5)), float(m.group(6))) == _range([v for v in near if v >= 1])
-    m = re.search(r"([0-9.]+)-([0-9.]+)x in (\w+) of the (\w+) runs that time it \(([0-9.]+)x in the\s+sixth\)", text)
+    m = re.search(r"([0-9.]+)-([0-9.]+)x in (\w+) of the (\w+) runs that time it \(([0-9.]+)x and ([0-9.]+)x in the other "
+                  r"(\w+),", text)
     stream = values("near", 2)
-    top = max(stream)
-    rest = [v for v in stream if v != top]
-    assert (float(m.group(1)), float(m.group(2))) == _range(rest)
-    assert (words[m.group(3)], words[m.group(4)], float(m.group(5))) == (len(rest), len(stream), top)
+    lo, hi = float(m.group(1)), float(m.group(2))
+    inside = [v for v in stream if lo <= v <= hi]
+    assert (lo, hi) == _range(inside)
+    assert sorted(v for v in stream if v not in inside) == [float(m.group(5)), float(m.group(6))]
+    assert (words[m.group(3)], words[m.group(4)], words[m.group(7)]) == (len(inside), len(stream), len(stream) - len(inside))
 
 
 def test_zen2_row_is_the_runs():
@@ -235,3 +237,21 @@ def test_zen2_row_is_the_runs():
     m = re.search(r"\*\*([0-9.]+)-([0-9.]+)x\*\*: ([0-9.]+)-([0-9.]+)x in 2026-12-06 a-k", row)
     assert [float(x) for x in m.groups()] == [*_range(list(train.values())),
                                              *_range([v for r, v in train.items() if r.startswith("2026-12-06")])]
+
+
+def test_step_profile_shares_are_run_ks():
+    """'Per thread (run 2026-12-07k's profile of the step) its chain GEMMs run at A% of the peak in the forward and
+    B% in the backward, while the forward's last core ... runs at C% and the backward's per-row products at D%':
+    the shares of the FMA peak per thread that run k's report gives for those parts."""
+    text = re.sub(r"\s+", " ", README)
+    m = re.search(r"\(run 2026-12-07k's profile of the step\) its chain GEMMs run at ([0-9]+)% of the peak in the forward "
+                  r"and ([0-9]+)% in the backward, while the forward's last core, .*? runs at ([0-9]+)% and the "
+                  r"backward's per-row products at ([0-9]+)%", text)
+    k = re.sub(r"\s+", " ", _kernel_report("2026-12-07k"))
+
+    def share(part: str) -> int:
+        return int(re.search(re.escape(part) + r" [0-9.]+ ms \([0-9]+ MFLOP per thread: [0-9.]+ GFLOP/s, \*\*([0-9]+)%\*\* "
+                             r"of the FMA peak's per thread\)", k).group(1))
+
+    assert [int(x) for x in m.groups()] == [share("- forward: chain GEMMs"), share("(dG_2 and dP_1)"),
+                                            share("; last core"), share("(dP and dG_3)")]

@@ -26,11 +26,12 @@ from ttrec.workloads import Batch, batch_stats
 from .cache_experiments import (build_cached, comparison_configs, stability_rows, warm_up, workload_axes,
                                 workload_columns, workload_stream)
 from . import analytic, paper, training
-from .config import BenchConfig, Task, check_output_dirs, check_override_keys, check_values, register, to_objects
+from .config import (BenchConfig, Task, check_output_dirs, check_override_keys, check_point, check_values, register,
+                     to_objects)
 from .environment import CpuWait, capture, steady_heap
 from .gpu import cuda_peak_bytes, nvml_telemetry
 from .memory import measure_in_child
-from .callbacks import drop_job_log, own_job_log
+from .callbacks import NOT_MEASURED, drop_job_log, own_job_log
 from .results import (IGNORED_SECTIONS, RESULTS_FILE, PointRefused, claim_point, clear_failure, measured_twin,
                       mark_run, record_failure, record_twin, write_rows)
 from .timing import Stats, measure
@@ -275,7 +276,7 @@ COMPUTED_TASKS = {  # task -> rows(cfg, experiment): experiments that compute ra
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> str | None:
     """One job. A job that fails writes its error and traceback to ``failed.txt`` in its directory.
     In a sweep the sweep goes on: its end aggregates the jobs that finished, then lists every failure
     and exits 1 (:class:`benches.callbacks.AggregateResults`). A single run prints the error on
@@ -284,7 +285,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(hc.runtime.output_dir)
     try:
         clear_failure(out)
-        _run(cfg, hc, out)
+        return _run(cfg, hc, out)  # (NOT_MEASURED: the sweep's time estimate leaves the job out)
     except Exception as exc:
         drop_job_log() if isinstance(exc, PointRefused) else own_job_log()  # (the directory is another run's)
         path = record_failure(out, exc)
@@ -308,12 +309,9 @@ def save_run_config(out: Path, cfg: DictConfig, hc: HydraConfig) -> None:
     OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), run / "overrides.yaml")
 
 
-def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
+def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> str | None:
     bench, experiment = to_objects(cfg), hc.runtime.choices.get("experiment") or "none"
-    if experiment == "none" and bench.scale.name != "default":
-        raise ValueError(f"scale: got {bench.scale.name!r} without an experiment; scale= sizes the experiment "
-                         f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
-                         f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
+    check_point(bench, experiment)
     if bench.task in (Task.paper, Task.training):
         own_job_log()
         save_run_config(out, cfg, hc)  # the preset's own directory (each experiment's jobs write theirs)
@@ -333,12 +331,12 @@ def _run(cfg: DictConfig, hc: HydraConfig, out: Path) -> None:
         log.info("not measured again: impl=%s reads no %s setting, and this sweep measured the same point in %s "
                  "(redo=true measures it here too)", bench.impl.name.value,
                  "/".join(f"{k}.*" for k in IGNORED_SECTIONS[bench.impl.name.value]), twin)
-        return
+        return NOT_MEASURED
     if not claim_point(out, cfg, redo=bench.redo):
         drop_job_log()  # the finished point's log is the run's that measured it
         mark_run(out)  # (a later job of this sweep may take it as its twin)
         log.info("already measured, skipped: %s (redo=true measures it again)", out / RESULTS_FILE)
-        return
+        return NOT_MEASURED
     own_job_log()
     save_run_config(out, cfg, hc)
     if bench.task in COMPUTED_TASKS:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobStatus
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.utils import to_absolute_path
@@ -96,11 +97,17 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+# a job's return value when it measured nothing (its point finished already, or a twin's): benches.app
+NOT_MEASURED = "not measured"
+
+
 class Progress(Callback):
     """One line per job of a sweep: jobs started/total, the point (its overrides), elapsed time and
-    an estimate of the time left: the mean time of the jobs done so far, less the first once there
-    are others (it carries the one-time costs: the native kernel's first compile, about 20 s, made
-    a 47 s sweep's estimate 9 minutes), x jobs left."""
+    an estimate of the time left: the mean time of the jobs measured so far, less the first once
+    there are others (it carries the one-time costs: the native kernel's first compile, about 20 s,
+    made a 47 s sweep's estimate 9 minutes), x jobs left. Jobs that measured nothing (a resumed
+    sweep's finished points) are left out of the mean: they take no time, and made a resumed sweep's
+    estimate a fraction of the time left."""
 
     def __init__(self) -> None:
         self.total, self.start, self.done, self.job_start = None, None, 0, None
@@ -125,8 +132,14 @@ class Progress(Callback):
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
         if self.start is not None:
             self.done += 1
-            if self.job_start is not None:
+            if self.job_start is not None and not _measured_nothing(job_return):
                 self.seconds.append(time.monotonic() - self.job_start)
+
+
+def _measured_nothing(job_return) -> bool:
+    """Whether a finished job returned NOT_MEASURED (a failed job's return value raises its error: no)."""
+    return (job_return is not None and job_return.status == JobStatus.COMPLETED
+            and job_return.return_value == NOT_MEASURED)
 
 
 class AggregateResults(Callback):
@@ -141,6 +154,7 @@ class AggregateResults(Callback):
 
     def __init__(self) -> None:
         self.start = 0.0
+        self.figure_error: str | None = None  # why the figures could not be written (the run then exits 1)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.start = time.time()  # failures recorded before this belong to earlier sweeps
@@ -178,22 +192,31 @@ class AggregateResults(Callback):
         experiment = config.hydra.runtime.choices.get("experiment")
         from reports.report import ARTIFACTS, draw
 
-        if experiment in ARTIFACTS:
-            pngs = draw(experiment, df, out)
-        elif is_cache_experiment(df):  # Figures 9, 10, 12 (their rank sweeps are not Figure 11's)
-            pngs = plot_cache_figures(df, out)
-        elif "tt_rank" in df.columns and df["tt_rank"].nunique() >= 2:
-            # (not named fig11_*: that name is the fig11 preset's, which would overwrite it in figures_dir)
-            pngs = [plot_rank_sweep(df, out, name="time_vs_rank" + ("" if mode == "forward" else f"_{mode}"),
-                                    mode=mode) for mode in sorted(df["mode"].unique())]
-        else:
-            pngs = []
+        try:
+            if experiment in ARTIFACTS:
+                pngs = draw(experiment, df, out)
+            elif is_cache_experiment(df):  # Figures 9, 10, 12 (their rank sweeps are not Figure 11's)
+                pngs = plot_cache_figures(df, out)
+            elif "tt_rank" in df.columns and df["tt_rank"].nunique() >= 2:
+                # (not named fig11_*: that name is the fig11 preset's, which would overwrite it in figures_dir)
+                pngs = [plot_rank_sweep(df, out, name="time_vs_rank" + ("" if mode == "forward" else f"_{mode}"),
+                                        mode=mode) for mode in sorted(df["mode"].unique())]
+            else:
+                pngs = []
+        except OSError as exc:  # (Hydra turns a callback's exception into a warning, and the run exited 0)
+            self.figure_error = (f"figures_dir: got {config.figures_dir!r}, which cannot be written ({exc}); it must be "
+                                 f"a directory this user can create and write. No figure was drawn; the results are "
+                                 f"in {Path(root) / AGGREGATE_FILE}")
+            log.error("%s", self.figure_error)
+            return True
         for png in pngs:
             log.info("figure: %s", png)
         return True
 
     def on_run_end(self, config: DictConfig, **kwargs) -> None:
         self._finish(config.hydra.run.dir, config, ["."])
+        if self.figure_error is not None:
+            raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         root, jobs = config.hydra.sweep.dir, sweep_jobs()
@@ -207,4 +230,5 @@ class AggregateResults(Callback):
                       if aggregated else f"{AGGREGATE_FILE} not written: see above")
             for job, error, path in failed:
                 log.error("  job %s: %s (traceback: %s)", job, error, path)
+        if failed or self.figure_error is not None:
             raise SystemExit(1)

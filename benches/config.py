@@ -452,7 +452,8 @@ def existing_file(key: str, path: str) -> str:
     look at the file system)."""
     if not Path(path).is_file():
         where = "" if Path(path).is_absolute() else f" (a relative path is read from {Path.cwd()}, where the run started)"
-        raise ValueError(f"{key}: got {path!r}; no such file{where}. It names a Criteo text file (Kaggle train.txt "
+        what = "no such file" if not Path(path).exists() else "not a regular file"  # (/dev/null, a directory)
+        raise ValueError(f"{key}: got {path!r}; {what}{where}. It names a Criteo text file (Kaggle train.txt "
                          f"or Terabyte day_N)")
     return path
 
@@ -680,11 +681,17 @@ def check_values(args: list[str]) -> str | None:
 
     overrides = [o for o in _parse_overrides(args) if o.key_or_group.split(".")[0].split("/")[0] != "hydra"]
     choices: list[list[str]] = []
+    def text(v) -> str | None:  # the value as override text that reads back the same, or None
+        if isinstance(v, (str, int, float, bool)) and _PLAIN.fullmatch(str(v)):
+            return str(v)
+        if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):  # tt.p_shapes=[..]
+            return "[" + ",".join(map(str, v)) + "]"
+        return None
+
     try:
         for o in overrides:
-            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
-            if o.is_delete() or not all(isinstance(v, (str, int, float, bool)) and _PLAIN.fullmatch(str(v))
-                                        for v in values):
+            values = [text(v) for v in (o.sweep_iterator() if o.is_sweep_override() else [o.value()])]
+            if o.is_delete() or None in values:
                 return None
             prefix = o.input_line.split("=", 1)[0]
             choices.append([f"{prefix}={v}" for v in values])
@@ -700,12 +707,18 @@ def check_values(args: list[str]) -> str | None:
         except Exception:
             return None
         try:
-            to_objects(cfg)
+            check_point(to_objects(cfg), _experiment(combo))
         except ValueError as exc:
             return str(exc)
         except Exception:
             return None
     return None
+
+
+def _experiment(overrides: list[str]) -> str | None:
+    """The experiment preset a list of overrides chooses (the last ``experiment=``), or None."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "experiment"]
+    return chosen[-1] if chosen else None
 
 
 # command-line keys naming directories the run creates (Hydra creates the run/sweep directory before
@@ -723,6 +736,9 @@ def check_output_dirs(args: list[str]) -> str | None:
             continue
         for value in (o.sweep_iterator() if o.is_sweep_override() else [o.value()]):
             value = str(getattr(value, "text", value))  # a quoted string's text
+            if not value.strip():  # ("results_root=": the run would go under the filesystem's root, /runs/...)
+                return (f"{o.key_or_group}: got {value!r}; {o.key_or_group} must name a directory (relative paths are "
+                        "taken from the current directory, e.g. outputs)")
             if "${" in value:  # an interpolation: resolved later
                 continue
             blocker = next((p for p in (Path(value), *Path(value).parents) if p.exists()), None)
@@ -762,12 +778,64 @@ def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
                          f"change: reuse acts on the batches after it (a cache's warm-up, cache=lfu; task=topk_stability; "
                          f"a stream of two timed batches or more, timing.stream_lookups > batch_size x pooling_factor = "
                          f"{w.batch_size * w.pooling_factor}): leave workload.reuse_fraction at 0.0")
+    per_batch = w.batch_size * w.pooling_factor
+    if cfg.task == Task.time and cfg.timing.stream_lookups > 0 and _stream_batches(cfg) < 2:
+        raise ValueError(f"timing.stream_lookups: got {cfg.timing.stream_lookups}, at most the {per_batch} lookups of one "
+                         f"batch (workload.batch_size x workload.pooling_factor): the stream would be batch 0 alone, "
+                         f"replayed as with timing.stream_lookups=0; give more than {per_batch} for a stream of two "
+                         f"batches or more, or 0 to replay one batch")
 
 
 def _stream_batches(cfg: BenchConfig) -> int:
     """How many batches ``timing.stream_lookups`` takes at the workload's nominal batch_size x pooling_factor
     lookups per batch (benches.app.stream_length counts batch 0's, which a spread of bag sizes moves)."""
     return max(1, -(-cfg.timing.stream_lookups // (cfg.workload.batch_size * cfg.workload.pooling_factor)))
+
+
+def _as_override_keys(message: str) -> str:
+    """A library message's argument names as the command line's keys (tt_p_shapes -> tt.p_shapes ...)."""
+    for arg, key in (("tt_p_shapes", "tt.p_shapes"), ("tt_q_shapes", "tt.q_shapes"), ("tt_ranks", "tt.rank")):
+        message = re.sub(rf"\b{arg}\b", key, message)
+    return message
+
+
+def check_point(cfg: BenchConfig, experiment: str | None) -> None:
+    """What a job of this config (under ``experiment``, None or "none" without one) would refuse before
+    measuring, as a ValueError: a scale without an experiment; for a timed point of a TT implementation,
+    a TT format that cannot be made (shapes, ranks, the cores' memory: ttrec.tt.tt_spec's and the cores'
+    own checks) and a backend this machine cannot run (impl.backend=cuda without CUDA, =cpu without the
+    native kernel or for a format it does not support). Called by the job and, before Hydra makes any
+    directory, by :func:`check_values` (one message, exit 2, instead of a failed job per point)."""
+    if experiment in (None, "none") and cfg.scale.name != "default":
+        raise ValueError(f"scale: got {cfg.scale.name!r} without an experiment; scale= sizes the experiment "
+                         f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
+                         f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
+    if cfg.task == Task.train_dlrm and cfg.dlrm.source == ClickSource.criteo:  # (every job of the sweep reads it)
+        existing_file("dlrm.criteo_path", cfg.dlrm.criteo_path)
+        if cfg.dlrm.criteo_eval_path is not None:
+            existing_file("dlrm.criteo_eval_path", cfg.dlrm.criteo_eval_path)
+    if cfg.task != Task.time or cfg.impl.name == Impl.dense:
+        return
+    from ttrec import init as tt_init
+    from ttrec.cpu import ops as cpu_ops
+    from ttrec.tt import backend_status, tt_spec
+
+    t = cfg.tt
+    given = (f"tt.rank={t.rank}, tt.d={t.d}, tt.p_shapes={t.p_shapes}, tt.q_shapes={t.q_shapes}, table.num_embeddings="
+             f"{cfg.table.num_embeddings}, table.embedding_dim={cfg.table.embedding_dim}")
+    try:
+        spec = tt_spec(cfg.table.num_embeddings, cfg.table.embedding_dim, t.rank, t.p_shapes, t.q_shapes, t.d)
+        tt_init.check_memory(spec, 4)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{_as_override_keys(str(exc))} (from {given})") from None
+    backend = cfg.impl.backend
+    if cfg.impl.name == Impl.tt and backend in (Backend.cpu, Backend.cuda):
+        reason = backend_status(backend.value)
+        if reason is None and backend == Backend.cpu:
+            reason = cpu_ops.spec_unsupported(spec)
+        if reason is not None:
+            raise ValueError(f"impl.backend: got {backend.value!r}, which cannot run here ({given}): {reason}; "
+                             f"impl.backend=auto takes the fastest backend that can")
 
 
 def to_objects(cfg: DictConfig) -> BenchConfig:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, T
                      WorkloadConfig, Distribution)
 from .environment import capture, fma_peak, steady_heap, thread_round_trip_ns, usable_cpus
 from .memory import measure_in_child
-from .results import RESULTS_FILE, write_rows
+from .results import RESULTS_FILE, new_run_dir, write_rows
 from .timing import Stats, measure
 
 SCALES = {
@@ -225,17 +224,22 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
         return step
 
     native_fwd = built("native", _cfg(scale, "native", rank=32, pooling=1, batch=B, threads=threads))
-    fwd_states, train_states = [], []  # each round's thread round trips (see interleaved)
+    # each round's thread round trips (see interleaved); not probed with one thread: where the vCPUs sit
+    # then moves no step (each round is recorded unprobed)
+    fwd_states, train_states = [], []
+    probe = threads > 1
     # the cores' FMA peak (benches.environment.fma_peak) taking turns with them: the ceiling under the sgemm
     # (not with more threads than CPUs: that would time their contention)
     peak = fma_peak(threads) if threads <= usable_cpus() else None
     fwd_steps = {"sgemm": sgemm_fn, "native": native_fwd, **({} if peak is None else {FMA_PEAK: peak[0]})}
-    fwd_rounds = interleaved(fwd_steps, scale["rounds"], scale["block_s"], fwd_states)
+    fwd_rounds = interleaved(fwd_steps, scale["rounds"], scale["block_s"], fwd_states if probe else None)
     phases["forward (uniform)"] = _median_phases(native_fwd, PROFILE_CALLS)
     train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                             threads=threads, **kw))
                    for label, impl, kw in TRAIN_KINDS}
-    train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states)
+    train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states if probe else None)
+    if not probe:
+        fwd_states[:] = train_states[:] = [(None, None)] * scale["rounds"]
     step_profile = _median_step_phases(train_steps["native fused SGD"], PROFILE_CALLS)
     phases["training forward (Zipf)"], phases["training backward (Zipf)"] = step_profile["forward"], step_profile["backward"]
     step_parts = _median_step_parts(train_steps["native fused SGD"], PROFILE_CALLS)
@@ -436,7 +440,7 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
         "",
         f"From the median phase timers of {PROFILE_CALLS} native forwards right after the interleaved rounds "
         "(the machine may be in another state than in the rounds above), "
-        f"against the sgemm's interleaved median ({sgemm:.1f} GFLOP/s on {threads} threads, {per_thread:.1f} per "
+        f"against the sgemm's interleaved median ({sgemm:.1f} GFLOP/s on {_threads(threads)}, {per_thread:.1f} per "
         f"thread); the kernel ran {kt} thread{'s' if kt > 1 else ''}:",
         "",
         f"- chain GEMMs: {chain_flops / 1e6:.0f} MFLOP in {1e3 * t_chain:.2f} ms per thread = {chain_rate:.1f} GFLOP/s "
@@ -488,9 +492,14 @@ def _speed_change_lines(sequential: float, interleaved: float) -> list[str]:
             "kernel and the sgemm need not slow alike); run the experiment again."]
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
 def _probe_intro(fastest: float | None) -> str:
     if fastest is None:
-        return "(The rounds were not probed for the threads' round trip: fewer than two CPUs or no native kernel.)"
+        return ("(The rounds were not probed for the threads' round trip: one thread, fewer than two CPUs or no "
+                "native kernel.)")
     return (f"Each round is probed before and after for the round trip of a cache line between two threads "
             f"(benches.environment.thread_round_trip_ns; on a VM it shows whether the hypervisor has put the two vCPUs "
             f"near each other or far apart): fastest probe of this run {fastest:.0f} ns; a round is far when both its "
@@ -513,7 +522,7 @@ def _peak_lines(rounds: dict, peak: float | None, useful: float, threads: int) -
     sgemm_share = _round_ratios([rounds["sgemm_flops"] / t for t in fwd["sgemm"]], peaks)
     native_share = _round_ratios([useful / t for t in fwd["native"]], peaks)
     return ["", f"The cores' FMA peak, timed in the same rounds (the native kernel's 16-float fused multiply-adds on "
-            f"independent accumulators in registers, {threads} threads together, no memory traffic; "
+            f"independent accumulators in registers, {_threads(threads)} together, no memory traffic; "
             f"benches.environment.fma_peak): **{peak / 1e9:.1f} GFLOP/s**, the ceiling of any GEMM here. Per-round "
             "ratios, median [quartiles]: the sgemm ran at **{:.0f}%** [{:.0f}–{:.0f}%] of it, ".format(
                 *(100 * x for x in sgemm_share))
@@ -561,7 +570,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         f"# CPU kernel experiment ({scale_name} scale)",
         "",
         f"Table {t.num_embeddings:,} x {t.embedding_dim} (p, q suggested: {nat['tt_p_shapes']}, {nat['tt_q_shapes']}), "
-        f"fp32, batch {lookups:,} lookups, {threads} threads, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
+        f"fp32, batch {lookups:,} lookups, {_threads(threads)}, {env['cpu_model']} ({env['cpu_count']} CPUs, {env['cpu_isa']}), "
         f"torch {env['torch']}, commit {env['git_sha'][:10]}{' (dirty)' if env['git_dirty'] == 'True' else ''}.",
         "Medians of repeated calls in one process; ratios are of medians.",
         f"Heap: {env.get('malloc', 'not recorded')} (benches.environment.steady_heap; README, Configuration).",
@@ -795,8 +804,11 @@ def main(argv: list[str] | None = None) -> None:
                      "(more threads than CPUs time the contention, not the kernels)")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         parser.error(f"--out: got {str(args.out)!r}, an existing file; allowed: a directory (made if missing)")
-    out = args.out or Path("outputs/cpu_kernel") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # before anything is measured: a directory that cannot be made is a usage error
+        out = args.out or new_run_dir(Path("outputs/cpu_kernel"))
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: got {str(args.out or 'outputs/cpu_kernel/<time>')!r}, which cannot be created ({exc})")
     print(f"[cpu_kernel] scale={args.scale} threads={args.threads} -> {out}", file=sys.stderr)
     run(args.scale, args.threads, out, log=lambda s: print(s, flush=True))
     print(f"[cpu_kernel] report: {out / 'report.md'}, rows: {out / RESULTS_FILE}", file=sys.stderr)

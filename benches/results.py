@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["RESULTS_FILE", "AGGREGATE_FILE", "POINT_FILE", "TWIN_FILE", "RUN_FILE", "FAILED_FILE", "LOCK_FILE",
            "IGNORED_SECTIONS", "PointRefused", "write_rows", "claim_point", "measured_twin", "record_twin", "mark_run",
            "refused_jobs", "collect", "aggregate", "record_failure", "clear_failure", "failures", "begin_sweep",
-           "end_sweep", "sweep_jobs", "run_id", "refusal_file"]
+           "end_sweep", "sweep_jobs", "run_id", "refusal_file", "new_run_dir"]
 
 RESULTS_FILE = "results.csv"
 AGGREGATE_FILE = "results_all.csv"
@@ -460,3 +460,20 @@ def failures(root: str | Path, since: float = 0.0, jobs: Iterable[str] | None = 
     found += [p for p in _job_files(root, jobs, refusal_file(".").name) if p.stat().st_mtime >= since]
     found.sort(key=lambda p: _job_order(p.parent.relative_to(root)))
     return [(str(p.parent.relative_to(root)), p.read_text().split("\n", 1)[0], p) for p in found]
+
+
+def new_run_dir(parent: Path) -> Path:
+    """A directory of its own under ``parent`` for one run (made here, with its parents): named by the
+    local time to the microsecond (``20261207-122210-734935``), with ``-2``, ``-3`` ... when another run
+    made that name first. Runs started in the same second had shared one directory, the later one's
+    files replacing the earlier one's."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        path = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free directory name for {stamp} after 999 tries")

@@ -30,7 +30,7 @@ import torch
 
 from .shapes import TTSpec
 
-__all__ = ["INIT_SCHEMES", "init_tt_cores", "expected_row_std", "target_row_std", "RowStats", "row_stats"]
+__all__ = ["INIT_SCHEMES", "init_tt_cores", "check_memory", "expected_row_std", "target_row_std", "RowStats", "row_stats"]
 
 INIT_SCHEMES = ("uniform", "normal", "sampled_gaussian", "calibrated")
 _TAIL = 2.0  # Algorithm 3 redraws entries with |x| < 2
@@ -66,6 +66,32 @@ def expected_row_std(spec: TTSpec, scheme: str) -> float:
     return math.sqrt(math.prod(spec.tt_ranks)) * _core_std(spec, scheme) ** spec.d
 
 
+def _available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(spec: TTSpec, itemsize: int = 4) -> None:
+    """A ValueError naming the ranks and shapes when the cores cannot fit in the memory available: drawn in
+    float64 and cast, they need their own bytes plus 8 per entry of the largest core at once (a rank of
+    100,000 had reached the allocator, whose error names neither)."""
+    largest = max(math.prod(shape) for shape in spec.core_shapes)
+    need = spec.param_count * itemsize + largest * 8
+    available = _available_bytes()
+    if available is not None and need > available:
+        raise ValueError(f"tt_ranks: got {list(spec.tt_ranks)} with tt_p_shapes={list(spec.tt_p_shapes)}, "
+                         f"tt_q_shapes={list(spec.tt_q_shapes)}: the cores hold {spec.param_count:,} parameters and "
+                         f"need {need / 2**30:.1f} GiB to be made, but {available / 2**30:.1f} GiB of memory is "
+                         "available; lower the ranks (or the shapes)")
+
+
 def init_tt_cores(
     spec: TTSpec, scheme: str = "calibrated", generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
@@ -73,6 +99,7 @@ def init_tt_cores(
     """New cores for ``spec``: a list of d tensors, core k of shape (R_{k-1}, p_k, q_k, R_k)."""
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"init scheme must be one of {INIT_SCHEMES}, got {scheme!r}")
+    check_memory(spec, torch.empty((), dtype=dtype).element_size())
     c = target_row_std(spec.num_embeddings) ** (1.0 / spec.d)
     cores = []
     for shape in spec.core_shapes:

@@ -26,7 +26,7 @@ from .optim import check_eps, check_lr, check_optimizer
 from .reference import tt_embedding_bag, tt_to_dense
 from .shapes import TTSpec, check_flag, check_size, suggest_tt_shapes
 
-__all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status"]
+__all__ = ["TTEmbeddingBag", "BACKENDS", "register_backend", "backend_status", "tt_spec"]
 
 # name -> (forward(cores, spec, bags, mode) -> (num_bags, D), availability() -> None | reason)
 BackendFn = Callable[[list[torch.Tensor], TTSpec, Bags, str], torch.Tensor]
@@ -109,6 +109,23 @@ def _check_shape_arg(name: str, value) -> tuple | None:
     return factors
 
 
+def tt_spec(num_embeddings: int, embedding_dim: int, tt_ranks: int | Sequence[int],
+            tt_p_shapes: Sequence[int] | None = None, tt_q_shapes: Sequence[int] | None = None, d: int = 3) -> TTSpec:
+    """The TT format TTEmbeddingBag makes of these arguments (its own), checked, allocating nothing: the
+    shapes suggested where None (d from the one given, else ``d``), one rank for every bond or d - 1."""
+    num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
+    tt_ranks = _check_ranks(tt_ranks)
+    tt_p_shapes, tt_q_shapes = _check_shape_arg("tt_p_shapes", tt_p_shapes), _check_shape_arg("tt_q_shapes", tt_q_shapes)
+    if tt_p_shapes is None or tt_q_shapes is None:
+        given = tt_p_shapes if tt_p_shapes is not None else tt_q_shapes  # its length is d, else d is
+        p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if given is None else len(given))
+        tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
+        tt_q_shapes = q if tt_q_shapes is None else tt_q_shapes
+    d = len(tt_p_shapes)
+    ranks = (tt_ranks,) * (d - 1) if isinstance(tt_ranks, int) else tuple(tt_ranks)
+    return TTSpec(num_embeddings, embedding_dim, tuple(tt_p_shapes), tuple(tt_q_shapes), ranks)
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bag over a TT-compressed (num_embeddings x embedding_dim) table.
 
@@ -169,17 +186,8 @@ class TTEmbeddingBag(nn.Module):
         check_eps(eps)
         include_last_offset, seed, dtype = check_flag("include_last_offset", include_last_offset), check_seed(seed), \
             check_dtype(dtype)
-        num_embeddings, embedding_dim = check_size("num_embeddings", num_embeddings), check_size("embedding_dim", embedding_dim)
-        tt_ranks = _check_ranks(tt_ranks)
-        tt_p_shapes, tt_q_shapes = _check_shape_arg("tt_p_shapes", tt_p_shapes), _check_shape_arg("tt_q_shapes", tt_q_shapes)
-        if tt_p_shapes is None or tt_q_shapes is None:
-            given = tt_p_shapes if tt_p_shapes is not None else tt_q_shapes  # its length is d, else d is
-            p, q = suggest_tt_shapes(num_embeddings, embedding_dim, d if given is None else len(given))
-            tt_p_shapes = p if tt_p_shapes is None else tt_p_shapes
-            tt_q_shapes = q if tt_q_shapes is None else tt_q_shapes
-        d = len(tt_p_shapes)
-        ranks = (tt_ranks,) * (d - 1) if isinstance(tt_ranks, int) else tuple(tt_ranks)
-        self.spec = TTSpec(num_embeddings, embedding_dim, tuple(tt_p_shapes), tuple(tt_q_shapes), ranks)
+        self.spec = tt_spec(num_embeddings, embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes, d)
+        num_embeddings, embedding_dim = self.spec.num_embeddings, self.spec.embedding_dim
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.mode, self.include_last_offset, self.init, self.backend = mode, include_last_offset, init, backend
         gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -217,9 +217,10 @@ def test_app_bad_override_exits_nonzero_with_message(tmp_path):
 @pytest.mark.slow
 def test_a_failed_job_does_not_cost_the_sweep_the_other_jobs_results(tmp_path):
     sweep = tmp_path / "sweep"
-    # (scale= without an experiment fails in the job: the values themselves pass the check before Hydra)
-    done = _run_app(tmp_path, "-m", "scale=smoke,default", "tt.rank=2,4", "table=tiny", "workload.batch_size=8",
-                    *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={tmp_path / 'figs'}")
+    # (scale= without an experiment fails in the job: a quoted value the check before Hydra cannot read back as
+    # plain text leaves the whole command line to the jobs, as for a launcher's jobs, which run the same check)
+    done = _run_app(tmp_path, "-m", "scale=smoke,default", "tt.rank=2,4", "table=tiny", "table.name='tiny table'",
+                    "workload.batch_size=8", *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={tmp_path / 'figs'}")
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     df = pd.read_csv(sweep / AGGREGATE_FILE)  # jobs 2 and 3 finished after jobs 0 and 1 failed
     assert sorted(df["job_dir"].astype(str).unique()) == ["2", "3"] and set(df["tt_rank"]) == {2, 4}
@@ -230,10 +231,11 @@ def test_a_failed_job_does_not_cost_the_sweep_the_other_jobs_results(tmp_path):
 
 @pytest.mark.slow
 def test_scale_without_an_experiment_is_a_clear_error(tmp_path):
+    """Refused before Hydra makes any directory (exit 2), as the job would refuse it."""
     done = _run_app(tmp_path, "scale=smoke", f"hydra.run.dir={tmp_path / 'run'}")
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "scale: got 'smoke' without an experiment" in done.stderr
-    assert not (tmp_path / "run" / "results.csv").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_results_are_collected_in_job_order(tmp_path):
@@ -513,3 +515,18 @@ def test_a_tt_point_that_falls_back_to_the_reference_says_why(caplog):
         if unavailable_reason() is None:
             build_module(to_objects(_compose("table=tiny")))
     assert asked.fallback_reason() is None and caplog.text == ""
+
+
+@pytest.mark.slow
+def test_a_figures_dir_that_cannot_be_written_fails_the_run(tmp_path):
+    """A sweep whose figure cannot be written exits 1 with an error naming figures_dir (Hydra had turned the
+    callback's exception into a warning, and the run exited 0 without its figure); its results are kept."""
+    unwritable = Path("/proc/ttrec-no-such-dir/figs")  # (no directory can be made under /proc, even by root)
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    sweep = tmp_path / "sweep"
+    r = run_app("-m", "tt.rank=4,8", "table=tiny", "workload.batch_size=8", *QUICK, f"hydra.sweep.dir={sweep}",
+                f"figures_dir={unwritable}", timeout=300)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"figures_dir: got '{unwritable}', which cannot be written" in r.stdout + r.stderr
+    assert (sweep / AGGREGATE_FILE).exists() and not unwritable.exists()

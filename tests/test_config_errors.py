@@ -87,6 +87,16 @@ def test_output_directories_blocked_by_a_file_are_named(tmp_path):
     assert check_output_dirs([f"results_root={tmp_path}/new/deeper", "tt.rank=8"]) is None
 
 
+@pytest.mark.parametrize("key", ["results_root", "figures_dir", "hydra.run.dir"])
+def test_an_empty_output_directory_is_refused(key):
+    """``results_root=`` (an empty value) put the run under the filesystem's root (/runs/<time>): refused."""
+    from benches.config import check_output_dirs
+
+    assert check_output_dirs([f"{key}="]) == (f"{key}: got ''; {key} must name a directory (relative paths are taken "
+                                               "from the current directory, e.g. outputs)")
+    assert check_output_dirs([f"{key}=''"]) is not None
+
+
 @pytest.mark.slow
 def test_app_refuses_a_results_root_that_is_a_file_before_hydra(tmp_path):
     file = tmp_path / "somefile"
@@ -205,10 +215,41 @@ def test_bad_values_are_found_before_hydra_makes_a_directory():
     assert check_values(["-m", "tt.rank=4,8", "workload.batch_size=8,-5"]) == "workload.batch_size: got -5; must be >= 1"
     assert check_values(["experiment=fig11", "scale=smoke", "workload.batch_size=-5"]).startswith(
         "workload.batch_size: got -5")
-    # what it leaves to Hydra or the job: types, unknown groups, sweeps of quoted text, hydra's own keys,
-    # and settings that are fine here but refused by the job (scale= without an experiment)
+    # what it leaves to Hydra or the job: types, unknown groups, sweeps of quoted text, hydra's own keys
     for args in (["tt.rank=abc"], ["table=nope"], ["-m", "results_root='a b',c"], ["hydra.run.dir=/x"],
-                 ["hydra/launcher=cpu_pool"], ["scale=smoke"], ["-m", "tt.rank=4,8", "impl=dense,tt"], []):
+                 ["hydra/launcher=cpu_pool"], ["-m", "tt.rank=4,8", "impl=dense,tt"], []):
+        assert check_values(args) is None, args
+
+
+def test_what_a_job_would_refuse_is_found_before_hydra_too():
+    """The job's own checks before it measures (benches.config.check_point) run in the early check as well:
+    a scale without an experiment, list values (shapes, an analysis preset's lists), a TT format that cannot
+    be made (named by the command line's keys), cores too big for the memory, a backend this machine lacks.
+    Each had been one failed job per point, with a directory and failed.txt, and exit 1."""
+    from benches.config import check_values
+    from ttrec.tt import backend_status
+
+    assert check_values(["scale=smoke"]).startswith("scale: got 'smoke' without an experiment")
+    assert check_values(["tt.p_shapes=[10,10]"]) == ("tt.p_shapes: got [10, 10] (2 factors) with tt.d=3; give d "
+                                                      "factors, or set tt.d=2")
+    assert check_values(["tt.q_shapes=[2,2,2]"]).startswith("tt.q_shapes=(2, 2, 2) has prod=8 != embedding_dim=16")
+    assert check_values(["tt.p_shapes=[10,10,10]", "tt.q_shapes=[2,2,4]"]).startswith(
+        "tt.p_shapes=(10, 10, 10) covers prod=1000 rows < num_embeddings=100000")
+    assert check_values(["-m", "tt.rank=4,100000"]).startswith("tt.rank: got [100000, 100000] with tt.p_shapes=")
+    assert check_values(["experiment=table2", "analysis.ranks=[0]"]) == "analysis.ranks[0]: got 0; must be >= 1"
+    assert check_values(["impl.backend=torch", "tt.d=5"]) is None  # (the reference runs any d)
+    if backend_status("cuda") is not None:
+        assert check_values(["impl.backend=cuda"]).startswith("impl.backend: got 'cuda', which cannot run here")
+    if backend_status("cpu") is None:
+        assert check_values(["impl.backend=cpu", "tt.d=5"]).endswith(
+            "d=5 cores; the native kernel supports 2..4; impl.backend=auto takes the fastest backend that can")
+    assert check_values(["experiment=table1", "dlrm.source=criteo", "dlrm.criteo_path=/nonexistent/day_0"]) == (
+        "dlrm.criteo_path: got '/nonexistent/day_0'; no such file. It names a Criteo text file (Kaggle train.txt or "
+        "Terabyte day_N)")
+    assert check_values(["experiment=table1", "dlrm.source=criteo", "dlrm.criteo_path=/"]).startswith(
+        "dlrm.criteo_path: got '/'; not a regular file.")
+    for args in (["tt.p_shapes=[50,50,40]", "tt.q_shapes=[2,2,4]"], ["experiment=default", "scale=smoke"],
+                 ["impl=dense", "tt.rank=100000"]):  # (nn.EmbeddingBag reads no tt.* setting)
         assert check_values(args) is None, args
 
 
@@ -220,3 +261,21 @@ def test_every_preset_passes_the_check_before_hydra(preset):
 
     for scale in sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "scale").glob("*.yaml")):
         assert check_values([f"experiment={preset}", f"scale={scale}"]) is None
+
+
+def test_new_run_dirs_are_distinct_within_a_second(tmp_path, monkeypatch):
+    """Runs started in the same second (two gates at once) get directories of their own: the stamp has
+    microseconds, and a name taken already gets a suffix."""
+    import datetime as dt
+
+    from benches import results
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 7, 12, 22, 10, 734935)
+
+    monkeypatch.setattr(results.dt, "datetime", Frozen)
+    made = [results.new_run_dir(tmp_path / "gate") for _ in range(3)]
+    assert [p.name for p in made] == ["20261207-122210-734935", "20261207-122210-734935-2", "20261207-122210-734935-3"]
+    assert all(p.is_dir() for p in made)

@@ -138,6 +138,10 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
                            for pair in r["note"].split(":")[1].split()]
               for _, r in stored[stored["metric"] == "thread_round_trip"].iterrows()}
     assert set(probes) == {"forward rounds", "training rounds"} and all(len(v) == 3 for v in probes.values())
+    # one thread: where the vCPUs sit moves no step, so no round is probed (each recorded unprobed)
+    assert all(pair == (None, None) for v in probes.values() for pair in v)
+    assert "(The rounds were not probed for the threads' round trip: one thread" in report
+    assert "1 threads" not in report and "batch 512 lookups, 1 thread," in report
     states = round_states(probes["training rounds"])
     line = next(x for x in report.splitlines() if x.startswith("Training step vs nn.EmbeddingBag by the vCPUs' state"))
     for state in ("near", "far"):

@@ -501,6 +501,35 @@ def test_progress_line_counts_jobs_and_estimates_what_is_left(monkeypatch, caplo
     assert single.done == 0
 
 
+def test_progress_estimate_leaves_out_jobs_that_measured_nothing(monkeypatch):
+    """A resumed sweep's finished points are skipped in no time: they count as done but not in the mean
+    time per job (with them, the estimate read a fraction of the time left); a failed job's return
+    value (its error) is not read."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from benches import callbacks
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: now[0])
+    progress = callbacks.Progress()
+    progress.total, progress.start, progress.done = 6, 0.0, 0
+    cfg = OmegaConf.create({"hydra": {"job": {"num": 0, "override_dirname": "tt.rank=8"}}})
+
+    def job(start, end, returned, status=JobStatus.COMPLETED):
+        ret = JobReturn()
+        ret.status, ret.return_value = status, returned
+        now[0] = start
+        progress.on_job_start(cfg)
+        now[0] = end
+        progress.on_job_end(cfg, job_return=ret)
+
+    job(0.0, 0.1, callbacks.NOT_MEASURED)  # skipped
+    job(10.0, 50.0, None)  # measured, 40 s
+    job(60.0, 60.2, callbacks.NOT_MEASURED)  # skipped
+    job(70.0, 71.0, RuntimeError("failed"), JobStatus.FAILED)  # failed: timed
+    assert progress.done == 4 and progress.seconds == [40.0, 1.0]
+
+
 def test_job_log_keeps_the_latest_held_records_and_a_dropped_log_stays_dropped(tmp_path, monkeypatch):
     import logging
 

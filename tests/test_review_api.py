@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import io
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from ttrec.baselines import DenseEmbeddingBag, T3nsorEmbeddingBag
 from ttrec.cpu import ops as cpu_ops
 from ttrec.reference import tt_to_dense
+import ttrec
 from ttrec.tt import TTEmbeddingBag
 
 N, D, R, P, Q = 50, 8, 4, (2, 5, 5), (2, 2, 2)
@@ -261,3 +263,23 @@ def test_the_fused_updates_scratch_is_made_again_after_the_module_moves():
     m.to(torch.float32)
     m(torch.tensor([1, 2, 59]), torch.tensor([0, 2])).sum().backward()
     assert [s.shape for s in m._scratch] == [c.shape for c in m.tt_cores] and not any(s.any() for s in m._scratch)
+
+
+def test_ranks_whose_cores_cannot_fit_in_memory_are_refused_by_name(monkeypatch):
+    """A rank of 100,000 reached torch's allocator ("DefaultCPUAllocator: can't allocate memory: you tried
+    to allocate 8000000000000 bytes"), which names neither the argument nor the cores: refused first."""
+    import ttrec.init as init
+
+    with pytest.raises(ValueError, match=r"^tt_ranks: got \[100000, 100000\] with tt_p_shapes=\[10, 10, 10\], "
+                                         r"tt_q_shapes=\[2, 2, 4\]: the cores hold 200,006,000,000 parameters"):
+        ttrec.TTEmbeddingBag(1000, 16, 100000)
+    # the bound: the cores' own bytes plus the largest core's in float64 (drawn so, then cast)
+    spec = ttrec.TTSpec(1000, 16, (10, 10, 10), (2, 2, 4), (8, 8))
+    need = spec.param_count * 4 + max(math.prod(s) for s in spec.core_shapes) * 8
+    monkeypatch.setattr(init, "_available_bytes", lambda: need)
+    ttrec.TTEmbeddingBag(1000, 16, 8, tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 4])
+    monkeypatch.setattr(init, "_available_bytes", lambda: need - 1)
+    with pytest.raises(ValueError, match="memory is available; lower the ranks"):
+        ttrec.TTEmbeddingBag(1000, 16, 8, tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 4])
+    monkeypatch.setattr(init, "_available_bytes", lambda: None)  # (no /proc/meminfo: not checked)
+    ttrec.TTEmbeddingBag(1000, 16, 8, tt_p_shapes=[10, 10, 10], tt_q_shapes=[2, 2, 4])

@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..results import new_run_dir
 from .run import ROOT
 
 GATED = "tt_cpu_train_fused_sgd"  # the metric whose detection rate the evidence reports
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         p.error(f"--runs: got {args.runs}; must be >= 1")
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    artifacts = args.artifacts or ROOT / "outputs" / "gate-evidence" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    artifacts = args.artifacts or new_run_dir(ROOT / "outputs" / "gate-evidence")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     env, threshold = {}, "?"

@@ -14,7 +14,6 @@ pytest-benchmark's own JSON of every run, the decision and the environment.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 from ttrec.cpu import plant
 
 from ..environment import capture, steady_heap
+from ..results import new_run_dir
 from . import baselines
 from .calibration import IDENTITY
 from .decision import (DEFAULT_THRESHOLD, FASTER, NO_BASELINE, Measurement, confirm, confirmation_bar, decide,
@@ -179,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"directory of baselines (record one into it with `nox -s gate -- --update-baseline "
                        f"--baseline-dir {args.baseline_dir}`)")
     again_with = f" --baseline-dir {args.baseline_dir}" if own_dir else ""  # (the hints below name the user's directory)
-    out = args.out or ROOT / "outputs" / "gate" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:  # (a run of its own: runs started in the same second had shared one directory)
+        out = args.out or new_run_dir(ROOT / "outputs" / "gate")
+    except OSError as exc:
+        parser().error(f"--out: got {str(ROOT / 'outputs' / 'gate')!r} (the default), which cannot be created ({exc})")
     for flag, directory in (("--out", out), *((("--baseline-dir", args.baseline_dir),) if recording else ())):
         try:  # before any benchmark runs: a directory that cannot be written is a usage error
             directory.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,8 @@ from .build import TT_MAX_D, TTShape, TTStats, library, unavailable_reason
 from . import plant
 
 __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "set_profile", "sort_way", "last_sort_way",
-           "force_sort_way", "check_supported", "unavailable_reason", "DEFAULT_CHUNK_BYTES", "MIN_LOOKUPS_PER_THREAD",
+           "force_sort_way", "check_supported", "spec_unsupported", "unavailable_reason", "DEFAULT_CHUNK_BYTES",
+           "MIN_LOOKUPS_PER_THREAD",
            "threads_for", "SavedForward", "live_saved_forwards"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
@@ -152,6 +153,12 @@ def _widest_int32(spec: TTSpec) -> int:
 # The checks below run several times per training step, right after native calls, when every
 # tensor attribute read is a cache miss: they read the fewest attributes (is_cpu, dtype, shape)
 # against shapes computed once per spec.
+def spec_unsupported(spec: TTSpec) -> str | None:
+    """None if the native kernel can run the TT format ``spec`` (cores still to be checked:
+    :func:`check_supported`), else why not."""
+    return _spec_facts(spec)[0]
+
+
 def check_supported(cores: list[torch.Tensor], spec: TTSpec) -> str | None:
     """None if the native kernel can run these cores, else why not."""
     reason, shapes = _spec_facts(spec)

@@ -1,6 +1,7 @@
 """The CPU-kernel experiment runs end to end at smoke scale and reports what it measured."""
 
 import statistics
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -237,3 +238,22 @@ def test_step_profile_counts_each_top_level_phase_once(monkeypatch):
     assert "the step took **1000.00 ms** (in the rounds above 900.00 ms" in text
     assert "outside them **230.00 ms** (23% of the step" in text
     assert "backward i2 buckets 300.00" in text and "sort radix" not in text
+
+
+@pytest.mark.parametrize("out,why", [("file", "an existing file; allowed: a directory"),
+                                     ("/proc/ttrec-no-such-dir/x", "which cannot be created")])
+def test_an_out_directory_that_cannot_be_made_is_a_usage_error(tmp_path, capsys, out, why):
+    """--out is checked before anything is measured: a file in the way, or a directory that cannot be made
+    (it had been a FileNotFoundError traceback from pathlib), is argparse's error, exit 2, naming --out."""
+    from benches import cpu_kernel
+
+    if out == "file":
+        out = tmp_path / "file"
+        out.write_text("")
+    elif not Path("/proc").is_dir():
+        pytest.skip("no /proc")
+    with pytest.raises(SystemExit) as exc:
+        cpu_kernel.main(["--scale", "smoke", "--threads", "1", "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out: got '{out}'" in err and why in err

@@ -291,7 +291,7 @@ def main(cfg: DictConfig) -> str | None:
         path = record_failure(out, exc)
         if hc.mode == RunMode.MULTIRUN:
             log.error("job %s failed: %s: %s (traceback: %s)", hc.job.num, type(exc).__name__, exc, path)
-            return
+            return NOT_MEASURED if isinstance(exc, PointRefused) else None
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(traceback: {path})", file=sys.stderr)

@@ -204,9 +204,9 @@ class AggregateResults(Callback):
             else:
                 pngs = []
         except OSError as exc:  # (Hydra turns a callback's exception into a warning, and the run exited 0)
-            self.figure_error = (f"figures_dir: got {config.figures_dir!r}, which cannot be written ({exc}); it must be "
-                                 f"a directory this user can create and write. No figure was drawn; the results are "
-                                 f"in {Path(root) / AGGREGATE_FILE}")
+            self.figure_error = (f"figures_dir: got {config.figures_dir!r}; a figure could not be written there ({exc}): "
+                                 f"figures_dir must be a directory this user can create and write. The results are in "
+                                 f"{Path(root) / AGGREGATE_FILE}")
             log.error("%s", self.figure_error)
             return True
         for png in pngs:

@@ -671,7 +671,8 @@ _PLAIN = re.compile(r"[\w.+\-/:]*")  # a value that reads back the same as an ov
 
 def check_values(args: list[str]) -> str | None:
     """Why the config that the command line composes is refused by :func:`to_objects` (its range
-    checks: ``tt.rank=0``, ``workload.batch_size=-5``), or None; run before Hydra creates a run or
+    checks: ``tt.rank=0``, ``workload.batch_size=-5``) or by the job's own :func:`check_point`, or None;
+    run before Hydra creates a run or
     sweep directory, so that a bad value is one message and exit 2 rather than a failed job's
     directory (a sweep: one per job). Each value of a command-line sweep (``tt.rank=0,4``) is
     checked, the other sweeps at their first value; the sweeps an experiment preset defines are
@@ -684,8 +685,8 @@ def check_values(args: list[str]) -> str | None:
     def text(v) -> str | None:  # the value as override text that reads back the same, or None
         if isinstance(v, (str, int, float, bool)) and _PLAIN.fullmatch(str(v)):
             return str(v)
-        if isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v):  # tt.p_shapes=[..]
-            return "[" + ",".join(map(str, v)) + "]"
+        if isinstance(v, list) and all(isinstance(x, (str, int)) and _PLAIN.fullmatch(str(x)) for x in v):
+            return "[" + ",".join(map(str, v)) + "]"  # (tt.p_shapes=[..], analysis.inits=[..])
         return None
 
     try:
@@ -707,12 +708,22 @@ def check_values(args: list[str]) -> str | None:
         except Exception:
             return None
         try:
-            check_point(to_objects(cfg), _experiment(combo))
+            check_point(to_objects(cfg), _experiment(combo), here=_launcher(args) in LOCAL_LAUNCHERS)
         except ValueError as exc:
             return str(exc)
         except Exception:
             return None
     return None
+
+
+# launchers whose jobs run on the machine the command is typed on (conf/hydra/launcher; basic: Hydra's)
+LOCAL_LAUNCHERS = (None, "basic", "cpu_pool")
+
+
+def _launcher(args: list[str]) -> str | None:
+    """The launcher the command line chooses (the last ``hydra/launcher=``), or None (Hydra's basic)."""
+    chosen = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
+    return chosen[-1] if chosen else None
 
 
 def _experiment(overrides: list[str]) -> str | None:
@@ -778,12 +789,6 @@ def _reject_unread_by_timed_point(cfg: BenchConfig) -> None:
                          f"change: reuse acts on the batches after it (a cache's warm-up, cache=lfu; task=topk_stability; "
                          f"a stream of two timed batches or more, timing.stream_lookups > batch_size x pooling_factor = "
                          f"{w.batch_size * w.pooling_factor}): leave workload.reuse_fraction at 0.0")
-    per_batch = w.batch_size * w.pooling_factor
-    if cfg.task == Task.time and cfg.timing.stream_lookups > 0 and _stream_batches(cfg) < 2:
-        raise ValueError(f"timing.stream_lookups: got {cfg.timing.stream_lookups}, at most the {per_batch} lookups of one "
-                         f"batch (workload.batch_size x workload.pooling_factor): the stream would be batch 0 alone, "
-                         f"replayed as with timing.stream_lookups=0; give more than {per_batch} for a stream of two "
-                         f"batches or more, or 0 to replay one batch")
 
 
 def _stream_batches(cfg: BenchConfig) -> int:
@@ -799,18 +804,21 @@ def _as_override_keys(message: str) -> str:
     return message
 
 
-def check_point(cfg: BenchConfig, experiment: str | None) -> None:
+def check_point(cfg: BenchConfig, experiment: str | None, here: bool = True) -> None:
     """What a job of this config (under ``experiment``, None or "none" without one) would refuse before
     measuring, as a ValueError: a scale without an experiment; for a timed point of a TT implementation,
-    a TT format that cannot be made (shapes, ranks, the cores' memory: ttrec.tt.tt_spec's and the cores'
-    own checks) and a backend this machine cannot run (impl.backend=cuda without CUDA, =cpu without the
-    native kernel or for a format it does not support). Called by the job and, before Hydra makes any
-    directory, by :func:`check_values` (one message, exit 2, instead of a failed job per point)."""
+    a TT format that cannot be made (shapes, ranks: ttrec.tt.tt_spec's checks); and with ``here`` (the
+    jobs run on this machine) what this machine cannot give it: the cores' memory, a backend
+    (impl.backend=cuda without CUDA, =cpu without the native kernel or for a format it does not support),
+    the Criteo file of dlrm.source=criteo. Called by the job and, before Hydra makes any directory, by
+    :func:`check_values` (one message, exit 2, instead of a failed job per point), whose ``here`` is false
+    for a launcher that runs the jobs elsewhere (a SLURM login node need not have the compute nodes'
+    compiler, memory or files)."""
     if experiment in (None, "none") and cfg.scale.name != "default":
         raise ValueError(f"scale: got {cfg.scale.name!r} without an experiment; scale= sizes the experiment "
                          f"presets (experiment=default, the default sweep, or experiment=NAME). A single point "
                          f"takes its sizes from table.num_embeddings=, workload.batch_size= etc.")
-    if cfg.task == Task.train_dlrm and cfg.dlrm.source == ClickSource.criteo:  # (every job of the sweep reads it)
+    if here and cfg.task == Task.train_dlrm and cfg.dlrm.source == ClickSource.criteo:  # (every job reads it)
         existing_file("dlrm.criteo_path", cfg.dlrm.criteo_path)
         if cfg.dlrm.criteo_eval_path is not None:
             existing_file("dlrm.criteo_eval_path", cfg.dlrm.criteo_eval_path)
@@ -825,11 +833,12 @@ def check_point(cfg: BenchConfig, experiment: str | None) -> None:
              f"{cfg.table.num_embeddings}, table.embedding_dim={cfg.table.embedding_dim}")
     try:
         spec = tt_spec(cfg.table.num_embeddings, cfg.table.embedding_dim, t.rank, t.p_shapes, t.q_shapes, t.d)
-        tt_init.check_memory(spec, 4)
+        if here:
+            tt_init.check_memory(spec, 4)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{_as_override_keys(str(exc))} (from {given})") from None
     backend = cfg.impl.backend
-    if cfg.impl.name == Impl.tt and backend in (Backend.cpu, Backend.cuda):
+    if here and cfg.impl.name == Impl.tt and backend in (Backend.cpu, Backend.cuda):
         reason = backend_status(backend.value)
         if reason is None and backend == Backend.cpu:
             reason = cpu_ops.spec_unsupported(spec)

@@ -441,7 +441,7 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
         f"From the median phase timers of {PROFILE_CALLS} native forwards right after the interleaved rounds "
         "(the machine may be in another state than in the rounds above), "
         f"against the sgemm's interleaved median ({sgemm:.1f} GFLOP/s on {_threads(threads)}, {per_thread:.1f} per "
-        f"thread); the kernel ran {kt} thread{'s' if kt > 1 else ''}:",
+        f"thread); the kernel ran {_threads(kt)}:",
         "",
         f"- chain GEMMs: {chain_flops / 1e6:.0f} MFLOP in {1e3 * t_chain:.2f} ms per thread = {chain_rate:.1f} GFLOP/s "
         f"per thread, **{100 * chain_rate / per_thread:.0f}%** of the sgemm's rate per thread{of_peak(chain_rate)};",
@@ -767,7 +767,7 @@ def _step_part_lines(parts: dict[str, float], table: TableConfig, lookups: int, 
 
     timed = sum(parts[f"backward buckets_{k}"] for k in ("gather", "rows", "gemms"))
     return ["Per thread, from " + f"{PROFILE_CALLS} more fused steps with the kernel's per-thread timers on (ops.set_profile; "
-            f"{1e3 * parts['step']:.2f} ms a step; the kernel ran {kt} thread{'s' if kt > 1 else ''}; each part the mean over them):",
+            f"{1e3 * parts['step']:.2f} ms a step; the kernel ran {_threads(kt)}; each part the mean over them):",
             "",
             f"- forward: chain GEMMs {part('forward chains', prefixes * chain)}; last core "
             f"{part('forward last_core', rows * last)};",

@@ -79,11 +79,12 @@ def _available_bytes() -> int | None:
 
 
 def check_memory(spec: TTSpec, itemsize: int = 4) -> None:
-    """A ValueError naming the ranks and shapes when the cores cannot fit in the memory available: drawn in
-    float64 and cast, they need their own bytes plus 8 per entry of the largest core at once (a rank of
-    100,000 had reached the allocator, whose error names neither)."""
+    """A ValueError naming the ranks and shapes when the cores cannot fit in the memory available
+    (MemAvailable: swap and cgroup limits not counted): drawn in float64 and cast, they need their own bytes
+    plus about three float64 temporaries of the largest core at once (a rank of 100,000 had reached the
+    allocator, whose error names neither)."""
     largest = max(math.prod(shape) for shape in spec.core_shapes)
-    need = spec.param_count * itemsize + largest * 8
+    need = spec.param_count * itemsize + largest * 8 * 3
     available = _available_bytes()
     if available is not None and need > available:
         raise ValueError(f"tt_ranks: got {list(spec.tt_ranks)} with tt_p_shapes={list(spec.tt_p_shapes)}, "

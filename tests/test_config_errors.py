@@ -221,14 +221,16 @@ def test_bad_values_are_found_before_hydra_makes_a_directory():
         assert check_values(args) is None, args
 
 
-def test_what_a_job_would_refuse_is_found_before_hydra_too():
+def test_what_a_job_would_refuse_is_found_before_hydra_too(monkeypatch):
     """The job's own checks before it measures (benches.config.check_point) run in the early check as well:
     a scale without an experiment, list values (shapes, an analysis preset's lists), a TT format that cannot
     be made (named by the command line's keys), cores too big for the memory, a backend this machine lacks.
     Each had been one failed job per point, with a directory and failed.txt, and exit 1."""
+    import ttrec.init
     from benches.config import check_values
     from ttrec.tt import backend_status
 
+    monkeypatch.setattr(ttrec.init, "_available_bytes", lambda: 64 * 2**30)  # (not this machine's MemAvailable)
     assert check_values(["scale=smoke"]).startswith("scale: got 'smoke' without an experiment")
     assert check_values(["tt.p_shapes=[10,10]"]) == ("tt.p_shapes: got [10, 10] (2 factors) with tt.d=3; give d "
                                                       "factors, or set tt.d=2")
@@ -248,9 +250,18 @@ def test_what_a_job_would_refuse_is_found_before_hydra_too():
         "Terabyte day_N)")
     assert check_values(["experiment=table1", "dlrm.source=criteo", "dlrm.criteo_path=/"]).startswith(
         "dlrm.criteo_path: got '/'; not a regular file.")
+    assert check_values(["experiment=fig3", "analysis.inits=[uniform,normal]", "tt.rank=0"]) == (
+        "tt.rank: got 0; must be >= 1")  # (a list of names read too: it had switched the whole check off)
     for args in (["tt.p_shapes=[50,50,40]", "tt.q_shapes=[2,2,4]"], ["experiment=default", "scale=smoke"],
                  ["impl=dense", "tt.rank=100000"]):  # (nn.EmbeddingBag reads no tt.* setting)
         assert check_values(args) is None, args
+    # a launcher that runs the jobs elsewhere (a SLURM login node): what this machine lacks is the job's to
+    # find there, where it runs; what the config alone refuses is still found here
+    for args in (["impl.backend=cuda"], ["-m", "tt.rank=4,100000"],
+                 ["experiment=table1", "dlrm.source=criteo", "dlrm.criteo_path=/nonexistent/day_0"]):
+        assert check_values([*args, "hydra/launcher=slurm"]) is None, args
+        assert check_values([*args, "hydra/launcher=cpu_pool"]) is not None or args == ["impl.backend=cuda"], args
+    assert check_values(["tt.p_shapes=[10,10]", "hydra/launcher=slurm"]).startswith("tt.p_shapes: got [10, 10]")
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment")

@@ -78,8 +78,8 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     assert set(part) == {"forward chains", "forward last_core", "backward i2_buckets", "backward buckets_gather",
                          "backward buckets_rows", "backward buckets_gemms", "step"}
     assert (parts["n"] == 30).all() and all(v > 0 for v in part.values())
-    assert part["backward buckets_gather"] + part["backward buckets_rows"] + part["backward buckets_gemms"] <= part[
-        "backward i2_buckets"]
+    # (each part lies within the phase in every call, so its median within the phase's)
+    assert all(part[f"backward buckets_{k}"] <= part["backward i2_buckets"] for k in ("gather", "rows", "gemms"))
     smoke = SCALES["smoke"]["table"]
     chain, last = TTSpec.suggest(smoke.num_embeddings, smoke.embedding_dim, 32).chain_flops()
     fused_row = stored[(stored["mode"] == "train") & stored["fused"].astype(bool) & (stored["metric"] == "throughput")

@@ -79,9 +79,10 @@ def test_a_sweep_whose_jobs_all_fail_leaves_the_earlier_table_and_figure_alone(t
     first = run_app("-m", "impl=dense", "tt.rank=4", *QUICK, f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
     assert first.returncode == 0, first.stderr[-3000:]
     table, written = (sweep / AGGREGATE_FILE).read_bytes(), (sweep / AGGREGATE_FILE).stat().st_mtime_ns
-    # (scale= without an experiment: refused by each job, not by the check before Hydra)
-    second = run_app("-m", "impl=dense", "tt.rank=4", *QUICK, "scale=smoke", f"hydra.sweep.dir={sweep}",
-                     f"figures_dir={figs}")
+    # (scale= without an experiment: refused by each job; a quoted value the check before Hydra cannot read
+    # back as plain text leaves the command line to the jobs, as for a launcher's jobs)
+    second = run_app("-m", "impl=dense", "tt.rank=4", *QUICK, "scale=smoke", "table.name='small table'",
+                     f"hydra.sweep.dir={sweep}", f"figures_dir={figs}")
     assert second.returncode == 1 and "job 0: ValueError: scale: got 'smoke' without an experiment" in second.stdout, \
         second.stdout[-3000:]
     assert f"{AGGREGATE_FILE} not written" in second.stdout

@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         p.error(f"--runs: got {args.runs}; must be >= 1")
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
-    artifacts = args.artifacts or new_run_dir(ROOT / "outputs" / "gate-evidence")
+    try:
+        artifacts = args.artifacts or new_run_dir(ROOT / "outputs" / "gate-evidence")
+    except OSError as exc:
+        p.error(f"--artifacts: got {str(ROOT / 'outputs' / 'gate-evidence')!r} (the default), which cannot be created "
+                f"({exc}); give --artifacts DIR, a directory this user can create")
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     env, threshold = {}, "?"

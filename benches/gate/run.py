@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # (a run of its own: runs started in the same second had shared one directory)
         out = args.out or new_run_dir(ROOT / "outputs" / "gate")
     except OSError as exc:
-        parser().error(f"--out: got {str(ROOT / 'outputs' / 'gate')!r} (the default), which cannot be created ({exc})")
+        parser().error(f"--out: got {str(ROOT / 'outputs' / 'gate')!r} (the default), which cannot be created ({exc}); "
+                       "give --out DIR, a directory this user can create")
     for flag, directory in (("--out", out), *((("--baseline-dir", args.baseline_dir),) if recording else ())):
         try:  # before any benchmark runs: a directory that cannot be written is a usage error
             directory.mkdir(parents=True, exist_ok=True)

@@ -462,15 +462,19 @@ def _gap_lines(phases: dict[str, float], sgemm: float, threads: int, chain_flops
     ]
 
 
-def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[str, float]) -> float:
-    """The arithmetic of one TT training step with the reuse the native kernel exploits: the prefix
-    chain once per distinct prefix and the last core's step once per distinct row in the forward,
-    and twice each in the backward (a product's two operand gradients cost what the product did;
-    a row's repeats are summed before them). ``reuse``: the batch's unique_prefix_ratio and
-    unique_row_ratio (ttrec.workloads.batch_stats). The update itself adds a few FLOPs per touched
-    core entry: left out."""
+def forward_work(table: TableConfig, rank: int, lookups: int, reuse: dict[str, float]) -> tuple[float, float]:
+    """The FLOPs of a training forward's two parts with the reuse the native kernel exploits: (the prefix
+    chains, once per distinct prefix; the last core's step, once per distinct row). The backward does twice
+    each (a product's two operand gradients cost what the product did; a row's repeats are summed before
+    them). ``reuse``: the batch's unique_prefix_ratio and unique_row_ratio (ttrec.workloads.batch_stats)."""
     chain, last = _chain_flops(table, rank)
-    return 3 * lookups * (reuse["unique_prefix_ratio"] * chain + reuse["unique_row_ratio"] * last)
+    return reuse["unique_prefix_ratio"] * lookups * chain, reuse["unique_row_ratio"] * lookups * last
+
+
+def train_step_flops(table: TableConfig, rank: int, lookups: int, reuse: dict[str, float]) -> float:
+    """The arithmetic of one TT training step: the forward's (forward_work) and twice it in the backward.
+    The update itself adds a few FLOPs per touched core entry: left out."""
+    return 3 * sum(forward_work(table, rank, lookups, reuse))
 
 
 # The interleaved sgemm's rate against its sequential calibration, outside which a run is flagged: the
@@ -748,13 +752,12 @@ def _step_part_lines(parts: dict[str, float], table: TableConfig, lookups: int, 
     """The fused step's parts per thread (a _median_step_parts profile) with their arithmetic's rate against
     ``ref`` (FLOP/s on ``threads`` threads, and its name): the forward's chains once per distinct prefix and its
     last core once per distinct row, the backward's per-row products (dP and dG_d) twice the last core's and its
-    chain GEMMs (dG_2 and dP_1) twice the chains' (the counts of train_step_flops), split evenly over the
-    threads the kernel ran; and what the i2 buckets spent outside their three timed parts."""
+    chain GEMMs (dG_2 and dP_1) twice the chains' (forward_work), split evenly over the threads the kernel ran;
+    and what the i2 buckets spent outside their three timed parts."""
     from ttrec.cpu import ops
 
     kt = ops.threads_for(lookups)
-    chain, last = _chain_flops(table, 32)
-    prefixes, rows = reuse["unique_prefix_ratio"] * lookups, reuse["unique_row_ratio"] * lookups
+    chains, last = forward_work(table, 32, lookups, reuse)
     ref_rate, ref_name = ref
     per_ref = ref_rate / threads
 
@@ -769,11 +772,10 @@ def _step_part_lines(parts: dict[str, float], table: TableConfig, lookups: int, 
     return ["Per thread, from " + f"{PROFILE_CALLS} more fused steps with the kernel's per-thread timers on (ops.set_profile; "
             f"{1e3 * parts['step']:.2f} ms a step; the kernel ran {_threads(kt)}; each part the mean over them):",
             "",
-            f"- forward: chain GEMMs {part('forward chains', prefixes * chain)}; last core "
-            f"{part('forward last_core', rows * last)};",
+            f"- forward: chain GEMMs {part('forward chains', chains)}; last core {part('forward last_core', last)};",
             f"- backward, its i2 buckets ({1e3 * parts['backward i2_buckets']:.2f} ms wall): the upstream gradient rows' gather "
-            f"{part('backward buckets_gather')}; the per-row products (dP and dG_3) {part('backward buckets_rows', 2 * rows * last)}; "
-            f"the chain GEMMs (dG_2 and dP_1) {part('backward buckets_gemms', 2 * prefixes * chain)}; the rest "
+            f"{part('backward buckets_gather')}; the per-row products (dP and dG_3) {part('backward buckets_rows', 2 * last)}; "
+            f"the chain GEMMs (dG_2 and dP_1) {part('backward buckets_gemms', 2 * chains)}; the rest "
             f"{1e3 * (parts['backward i2_buckets'] - timed):.2f} ms (the G_2 slices, the stacked G_1 rows, the dG_1 sums, "
             "the threads' wait for each other at the end)."]
 

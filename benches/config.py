@@ -448,8 +448,8 @@ class DLRMConfig:
 
 def existing_file(key: str, path: str) -> str:
     """``path`` (a data file named by config key ``key``), or a ValueError naming the key when there
-    is no such file: checked by the job that reads it, before any reading (the config itself does not
-    look at the file system)."""
+    is no such file: checked by the job that reads it, before any reading, and by :func:`check_point`
+    (the config itself does not look at the file system)."""
     if not Path(path).is_file():
         where = "" if Path(path).is_absolute() else f" (a relative path is read from {Path.cwd()}, where the run started)"
         what = "no such file" if not Path(path).exists() else "not a regular file"  # (/dev/null, a directory)
@@ -682,6 +682,8 @@ def check_values(args: list[str]) -> str | None:
 
     overrides = [o for o in _parse_overrides(args) if o.key_or_group.split(".")[0].split("/")[0] != "hydra"]
     choices: list[list[str]] = []
+    here = _chosen(args, "hydra/launcher") in LOCAL_LAUNCHERS
+
     def text(v) -> str | None:  # the value as override text that reads back the same, or None
         if isinstance(v, (str, int, float, bool)) and _PLAIN.fullmatch(str(v)):
             return str(v)
@@ -708,7 +710,7 @@ def check_values(args: list[str]) -> str | None:
         except Exception:
             return None
         try:
-            check_point(to_objects(cfg), _experiment(combo), here=_launcher(args) in LOCAL_LAUNCHERS)
+            check_point(to_objects(cfg), _chosen(combo, "experiment"), here=here)
         except ValueError as exc:
             return str(exc)
         except Exception:
@@ -720,15 +722,10 @@ def check_values(args: list[str]) -> str | None:
 LOCAL_LAUNCHERS = (None, "basic", "cpu_pool")
 
 
-def _launcher(args: list[str]) -> str | None:
-    """The launcher the command line chooses (the last ``hydra/launcher=``), or None (Hydra's basic)."""
-    chosen = [a.split("=", 1)[1] for a in args if a.split("=", 1)[0].lstrip("+") == "hydra/launcher"]
-    return chosen[-1] if chosen else None
-
-
-def _experiment(overrides: list[str]) -> str | None:
-    """The experiment preset a list of overrides chooses (the last ``experiment=``), or None."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == "experiment"]
+def _chosen(overrides: list[str], group: str) -> str | None:
+    """The option a list of overrides chooses for ``group`` (the last ``group=``, e.g. ``experiment``,
+    ``hydra/launcher``), or None: the default (no experiment; Hydra's basic launcher)."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+") == group]
     return chosen[-1] if chosen else None
 
 

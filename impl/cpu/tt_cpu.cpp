@@ -1562,9 +1562,9 @@ double tt_fma_peak_gflops(int threads, int64_t max_iters, double budget_s, float
 int tt_abi_version(void) { return 10; }
 
 // Whether forwards time their chain GEMMs and last core per thread (stats seconds[3], [4]), and d = 3
-// backwards the parts of their i2 buckets (seconds[8] to [10]): a
-// clock read per GEMM piece and part, about 3% of the chains-and-last-core phase of a 16,384-lookup
-// forward on one thread of an Intel Xeon VM, so off unless a profile is asked for (benches.cpu_kernel).
+// backwards the parts of their i2 buckets (seconds[8] to [10]): a clock read per GEMM piece and part,
+// about 3% of the chains-and-last-core phase of a 16,384-lookup forward on one thread of an Intel Xeon
+// VM, so off unless a profile is asked for (benches.cpu_kernel).
 void tt_set_profile(int on) { g_profile.store(on != 0, std::memory_order_relaxed); }
 
 // The sort's way for two or more threads (SortWay) at the key width of the last such sort: -1

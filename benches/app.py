@@ -80,13 +80,7 @@ def _step(module: torch.nn.Module, batches: list[Batch], cfg: BenchConfig) -> Ca
             with torch.no_grad():
                 return module(*next(calls))
         return forward
-    # one upstream gradient for every batch of the stream (a training step's comes from the layers above,
-    # in cache either way); seeded, so the same for every implementation
-    gen = torch.Generator().manual_seed(cfg.seed)
-    grad_out = torch.randn(batches[0].offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batches[0].indices.device)
-    if any(b.offsets.numel() != grad_out.shape[0] for b in batches):
-        raise ValueError(f"timing.stream_lookups: the timed batches hold different numbers of bags "
-                         f"({sorted({b.offsets.numel() for b in batches})}); a stream needs batches of one size")
+    grad_out = upstream_gradient(batches, cfg)
     if getattr(module, "optimizer", None) is not None:  # fused: the update runs inside backward
         def fused_step():
             module(*next(calls)).backward(grad_out)
@@ -101,6 +95,17 @@ def _step(module: torch.nn.Module, batches: list[Batch], cfg: BenchConfig) -> Ca
         module(*next(calls)).backward(grad_out)
         opt.step()
     return train_step
+
+
+def upstream_gradient(batches: Sequence[Batch], cfg: BenchConfig) -> torch.Tensor:
+    """The training steps' upstream gradient (bags x D): one for every batch of the stream (a training
+    step's comes from the layers above, in cache either way); seeded, so the same for every implementation."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    grad_out = torch.randn(batches[0].offsets.numel(), cfg.table.embedding_dim, generator=gen).to(batches[0].indices.device)
+    if any(b.offsets.numel() != grad_out.shape[0] for b in batches):
+        raise ValueError(f"timing.stream_lookups: the timed batches hold different numbers of bags "
+                         f"({sorted({b.offsets.numel() for b in batches})}); a stream needs batches of one size")
+    return grad_out
 
 
 def stream_length(cfg: BenchConfig, first: Batch) -> int:

@@ -24,7 +24,7 @@ from typing import Callable
 import pandas as pd
 import torch
 
-from .app import build_point, config_columns, measure_point, point_columns, step_for_memory_probe
+from .app import build_point, config_columns, measure_point, point_columns, step_for_memory_probe, upstream_gradient
 from .config import (Backend, BenchConfig, ImplConfig, Impl, Mode, ModeConfig, TableConfig, TimingConfig, TTConfig,
                      WorkloadConfig, Distribution)
 from .environment import capture, fma_peak, steady_heap, thread_round_trip_ns, usable_cpus
@@ -55,6 +55,11 @@ TRAIN_KINDS = [(label + suffix, impl, {**kw, "stream": bool(suffix)})
                for label, impl, kw in (("native fused SGD", "native", {"fused": True}),
                                        ("native autograd + SGD", "native", {}), (DENSE, "dense", {}))
                if not (suffix and label == "native autograd + SGD")]
+
+
+# In the training rounds only: the fused step's two native calls with every argument prepared once
+# (ttrec.cpu.ops.native_calls_step), replaying the fused step's batch: the fused step less its Python path
+KERNEL_ALONE = "native calls alone (fused SGD)"
 
 
 def dense_of(label: str) -> str:
@@ -237,6 +242,8 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     train_steps = {label: built(label, _cfg(scale, impl, rank=32, pooling=1, batch=B, mode="train", distribution="zipf",
                                             threads=threads, **kw))
                    for label, impl, kw in TRAIN_KINDS}
+    train_steps[KERNEL_ALONE] = kernel_alone(_cfg(scale, "native", rank=32, pooling=1, batch=B, mode="train",
+                                                  distribution="zipf", threads=threads, fused=True), columns)
     train_rounds = interleaved(train_steps, scale["rounds"], scale["block_s"], train_states if probe else None)
     if not probe:
         fwd_states[:] = train_states[:] = [(None, None)] * scale["rounds"]
@@ -318,6 +325,21 @@ def _run(scale_name: str, threads: int, out_dir: Path, log=print) -> pd.DataFram
     (out_dir / "report.md").write_text(report)
     log(report)
     return pd.DataFrame(rows)
+
+
+def kernel_alone(cfg: BenchConfig, columns: dict[tuple[str, int], dict]) -> Callable[[], None]:
+    """The KERNEL_ALONE step of the fused training point ``cfg``: its module's cores (a module of its own,
+    built as the fused step's, so the same cores and batch), its batch through make_bags once, its upstream
+    gradient; records the point's columns under KERNEL_ALONE in ``columns``."""
+    from ttrec.bags import make_bags
+    from ttrec.cpu import ops
+
+    module, batch, step = build_point(cfg)
+    columns[KERNEL_ALONE, cfg.workload.batch_size] = point_columns(cfg, module, batch, "cpu_kernel", len(step.batches))
+    bags = make_bags(batch.indices, batch.offsets, batch.per_sample_weights, num_embeddings=module.num_embeddings,
+                     mode=module.mode)
+    return ops.native_calls_step(module._core_list(), module.spec, bags, module.mode, upstream_gradient(step.batches, cfg),
+                                 module.learning_rate)
 
 
 PROFILE_CALLS = 30  # native forwards, and fused training steps, whose phase timers give the profiles (medians per phase)
@@ -556,6 +578,21 @@ def _vs_dense(times: dict[str, list[float]], key: str, picked: list[int] | None 
     return out
 
 
+def _kernel_alone_lines(tr: dict[str, list[float]], states: list[str | None]) -> list[str]:
+    """The fused step against its two native calls alone (KERNEL_ALONE) in the same rounds: the Python
+    path's share, and the calls alone against nn.EmbeddingBag, over all rounds and by the vCPUs' state."""
+    fused, alone = statistics.median(tr["native fused SGD"]), statistics.median(tr[KERNEL_ALONE])
+    extra = [f - a for f, a in zip(tr["native fused SGD"], tr[KERNEL_ALONE])]
+    return [f"The native calls alone (\"{KERNEL_ALONE}\": the fused step's forward and backward calls with every argument "
+            "prepared once, ttrec.cpu.ops.native_calls_step; no module, make_bags, autograd or per-call checks), in the "
+            f"same rounds: {1e3 * alone:.2f} ms against the fused step's {1e3 * fused:.2f} ms (round medians); the Python "
+            f"path around the calls took **{1e3 * statistics.median(extra):.2f} ms** a step (median of the rounds' "
+            f"differences, {100 * statistics.median(extra) / fused:.0f}% of the step). Throughput vs nn.EmbeddingBag: "
+            + _vs_dense(tr, KERNEL_ALONE) + ".",
+            "", _split_line("The native calls alone vs nn.EmbeddingBag", lambda picked: _vs_dense(
+                tr, KERNEL_ALONE, picked, with_times=True), states)]
+
+
 def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, mem, env, phases, rounds) -> str:
     tp = {k: _median(v, "throughput") for k, v in fwd.items()}
     sgemm = gflops[sgemm_name]
@@ -621,7 +658,7 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
     for k, v in train.items():  # (each against nn.EmbeddingBag timed the same way: replayed, or on the stream)
         lines.append(f"| {k} | {_median(v, 'time_per_batch'):.2f} | {_median(v, 'throughput'):,.0f} | "
                      f"{_median(v, 'throughput') / _median(train[dense_of(k)], 'throughput'):.2f}x |")
-    replayed = [k for k in tr if not k.endswith(STREAM) and k != DENSE]
+    replayed = [k for k in tr if not k.endswith(STREAM) and k not in (DENSE, KERNEL_ALONE)]  # (the calls alone: below)
     streamed = [k for k in tr if k.endswith(STREAM) and k != DENSE + STREAM]
     k_stream = int(train["native fused SGD" + STREAM][0]["timed_batches"])  # (benches.app.stream_length)
 
@@ -638,6 +675,8 @@ def _report(scale_name, scale, threads, gflops, sgemm_name, fwd, train, grid, me
         return ", ".join(f"{name} " + _vs_dense(tr, key, picked, with_times=True)
                          for key, name in (("native fused SGD", "fused SGD"), ("native fused SGD" + STREAM, "on the stream")))
     lines += ["", _split_line("Training step vs nn.EmbeddingBag", by_state, train_states)]
+    if KERNEL_ALONE in tr:
+        lines += ["", *_kernel_alone_lines(tr, train_states)]
     # each step in its quickest round: on a VM whose state swings (where the vCPUs sit, see
     # round_states; nn.EmbeddingBag's step swings most), the ratio when both run in its quickest state
     best = {k: min(v) for k, v in tr.items()}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benches.cpu_kernel import SCALES, round_states, run
+from benches.cpu_kernel import KERNEL_ALONE, SCALES, round_states, run
 from ttrec import TTSpec
 from ttrec.baselines import tltorch_unavailable_reason
 
@@ -39,7 +39,14 @@ def test_smoke_run_writes_rows_and_report(tmp_path):
     rounds = stored[stored["metric"] == "interleaved_round_time"]
     assert set(rounds["label"]) == {"sgemm", "fma peak", "native", "native fused SGD", "native autograd + SGD",
                                     "nn.EmbeddingBag sparse + SGD", "native fused SGD (batch stream)",
-                                    "nn.EmbeddingBag sparse + SGD (batch stream)"}
+                                    "nn.EmbeddingBag sparse + SGD (batch stream)", KERNEL_ALONE}
+    # the fused step's native calls alone, in the training rounds: the Python path is the rounds' differences
+    at_b = rounds[rounds["batch_size"] == SCALES["smoke"]["batch"]]
+    per = {label: [float(v) for v in note.split(":")[1].split()] for label, note in zip(at_b["label"], at_b["note"])}
+    extra = statistics.median(f - a for f, a in zip(per["native fused SGD"], per[KERNEL_ALONE]))
+    assert f"the Python path around the calls took **{1e3 * extra:.2f} ms** a step" in report
+    alone = rounds[rounds["label"] == KERNEL_ALONE].iloc[0]
+    assert (alone["impl"], alone["mode"], bool(alone["fused"]), alone["timed_batches"]) == ("tt", "train", True, 1)
     # the stream's steps took ceil(2,048 stream lookups / lookups per batch) distinct batches, the others one
     streamed = rounds["label"].str.endswith("(batch stream)")
     steps = ~streamed & ~rounds["impl"].isin(["sgemm", "fma peak"])  # (the rates' calibrations have no batches)

@@ -218,3 +218,55 @@ def test_chunked_batches_keep_nothing_and_stay_right():
     want = ops.backward([c.detach() for c in cores], spec, bags, "sum", g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("p,q,r", SHAPES)
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_native_calls_step_makes_the_modules_fused_sgd_steps(p, q, r, mode, weighted):
+    """ops.native_calls_step (the fused step's two native calls, prepared once; benches.cpu_kernel times it
+    beside the module's step) computes the module's forward output and leaves the cores bitwise equal to the
+    module's fused SGD steps on the same batch, step after step (the same calls on the same values)."""
+    spec = _spec(p, q, r)
+    kw = dict(tt_ranks=r, tt_p_shapes=p, tt_q_shapes=q, backend="cpu", seed=3, mode=mode, optimizer="sgd",
+              learning_rate=0.05)
+    module, twin = (ttrec.TTEmbeddingBag(spec.num_embeddings, spec.embedding_dim, **kw) for _ in range(2))
+    bags = _bags(spec, 4100, 5, mode, weighted)  # (two threads at two or more: ops.MIN_LOOKUPS_PER_THREAD)
+    grad_out = torch.randn(bags.num_bags, spec.embedding_dim, generator=torch.Generator().manual_seed(1))
+    step = ops.native_calls_step(twin._core_list(), spec, bags, mode, grad_out, 0.05)
+    for _ in range(3):
+        out = module(bags.indices, bags.offsets[:-1], bags.per_sample_weights)
+        out.backward(grad_out)
+        step()
+        assert torch.equal(step.keep[2], out.detach())  # the forward's output, before this step's update
+        for a, b in zip(module.tt_cores, twin.tt_cores):
+            assert torch.equal(a.detach(), b.detach())
+    assert not torch.equal(module.tt_cores[1].detach(), ttrec.TTEmbeddingBag(spec.num_embeddings, spec.embedding_dim,
+                                                                             **kw).tt_cores[1].detach())  # (it moved)
+    assert ops.live_saved_forwards() == 0
+
+
+def test_native_calls_step_makes_kept_plans_stale_and_checks_its_arguments():
+    """Its update changes the cores in place: a forward plan kept before it is stale afterwards (the
+    backward recomputes), as after any fused update. Bad arguments are refused by name, before any native call."""
+    fused, _ = _fused_pair("sgd")
+    spec = fused.spec
+    bags = _bags(spec, 300, 2)
+    grad_out = torch.randn(bags.num_bags, 16, generator=torch.Generator().manual_seed(0))
+    step = ops.native_calls_step(fused._core_list(), spec, bags, "sum", grad_out, 0.1)
+    out = fused(bags.indices, bags.offsets[:-1])
+    assert out.grad_fn.saved_plan.current()
+    step()
+    assert not out.grad_fn.saved_plan.current()
+    with pytest.raises(ValueError, match=r"grad_out: got shape \(3, 16\); expected \(100, 16\)"):
+        ops.native_calls_step(fused._core_list(), spec, bags, "sum", grad_out[:3], 0.1)
+    with pytest.raises(ValueError, match="lr: got 0"):
+        ops.native_calls_step(fused._core_list(), spec, bags, "sum", grad_out, 0)
+    cores = [c.detach().transpose(0, 3) for c in fused._core_list()]
+    with pytest.raises(ValueError, match="backend='cpu': core 0 has shape"):
+        ops.native_calls_step(cores, spec, bags, "sum", grad_out, 0.1)
+    cores = fused._core_list()
+    cores[1] = torch.zeros(tuple(cores[1].shape)[::-1]).permute(3, 2, 1, 0)  # the right shape, not contiguous
+    with pytest.raises(ValueError, match=r"cores\[1\]: got a non-contiguous tensor"):
+        ops.native_calls_step(cores, spec, bags, "sum", grad_out, 0.1)
+    with pytest.raises(ValueError, match="mode: got 'max'"):
+        ops.native_calls_step(fused._core_list(), spec, bags, "max", grad_out, 0.1)

@@ -533,3 +533,31 @@ def test_report_warns_when_the_sgemm_ran_at_another_speed_in_the_rounds():
         assert ("Warning: the machine's speed changed during this run" in report) == flagged, calibration
         if flagged:
             assert f"{interleaved:.1f} GFLOP/s in the interleaved rounds against {calibration:.1f}" in report
+
+
+def test_report_kernel_alone_lines_match_independent_computations():
+    """The fused step's native calls alone (cpu_kernel.KERNEL_ALONE), timed in the training rounds: the Python
+    path is the median of the rounds' differences, and its ratios to nn.EmbeddingBag are per-round medians
+    and quartiles (numpy), over all rounds and by the vCPUs' state; without that step the lines are absent."""
+    spec = TTSpec.suggest(100_000, 16, 32)
+    reuse = {"unique_prefix_ratio": 0.25, "unique_row_ratio": 0.5}
+    a = _fake_run(list(range(512)), spec, reuse, reuse)
+    assert "The native calls alone" not in _report(**a)
+    tr = a["rounds"]["train"]
+    alone = np.random.default_rng(7).uniform(0.5e-3, 1.5e-3, len(tr["native fused SGD"]))
+    tr[cpu_kernel.KERNEL_ALONE] = alone.tolist()
+    lines = _report(**a).splitlines()
+    fused, dense = np.array(tr["native fused SGD"]), np.array(tr["nn.EmbeddingBag sparse + SGD"])
+    line = next(x for x in lines if x.startswith("The native calls alone (\""))
+    assert (f"{1e3 * np.median(alone):.2f} ms against the fused step's {1e3 * np.median(fused):.2f} ms (round medians); "
+            f"the Python path around the calls took **{1e3 * np.median(fused - alone):.2f} ms** a step (median of the "
+            f"rounds' differences, {100 * np.median(fused - alone) / np.median(fused):.0f}% of the step). Throughput vs "
+            f"nn.EmbeddingBag: {_bracket(*_np_quartiles(dense / alone))}.") in line
+    split = next(x for x in lines if x.startswith("The native calls alone vs nn.EmbeddingBag by the vCPUs' state"))
+    near, far = [4], [0, 1, 2, 3]  # (_fake_run's training probes)
+    assert (f"near (1 rounds): {_bracket(*_np_quartiles(dense[near] / alone[near]))} (steps "
+            f"{1e3 * np.median(alone[near]):.2f} against {1e3 * np.median(dense[near]):.2f} ms)") in split
+    assert f"far (4 rounds): {_bracket(*_np_quartiles(dense[far] / alone[far]))}" in split
+    # the product's steps' headline lines leave it out (it is no training step a user runs)
+    headline = next(x for x in lines if x.startswith("Interleaved (") and "native fused SGD:" in x)
+    assert cpu_kernel.KERNEL_ALONE not in headline and "the 6 steps taking turns" in headline

@@ -400,6 +400,54 @@ def sparse_update(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str
     return touched
 
 
+def native_calls_step(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Tensor,
+                      lr: float):
+    """For measurement: a callable that runs the fused SGD step's two native calls and nothing else,
+    every argument checked and prepared here, once: the forward keeping its plan, then the backward
+    with the update through that plan, as a TTEmbeddingBag(optimizer="sgd") step makes them, but
+    without the module, ``make_bags``, autograd and the per-call checks and bookkeeping around them.
+    Timed beside that step (benches.cpu_kernel), the difference is what the Python path costs. Each
+    call updates ``cores`` in place (they must not change shape, dtype or place while it is used);
+    the batch and ``grad_out`` are the same every call. No planted slowdown (plant.py) applies."""
+    check_lr(lr, "lr")
+    bags = _require(cores, spec, bags, mode, in_place=True)
+    _check_grad_out(grad_out, (bags.num_bags, spec.embedding_dim))
+    cores = list(cores)
+    grad_out = _plain(grad_out.detach().to(torch.float32))
+    out = torch.empty(bags.num_bags, spec.embedding_dim, dtype=torch.float32)
+    scratch = [torch.zeros(c.shape, dtype=torch.float32) for c in cores]  # left zero by every update
+    touched = [np.zeros(p, dtype=np.uint8) for p in spec.tt_p_shapes]  # (the kernel sets them; cleared per call)
+    w = bags.float32_weights()
+    lib, stats, plan = library(), TTStats(), ctypes.c_void_p()
+    args = (ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(), bags.num_bags,
+            None if w is None else w.data_ptr(), int(mode == "mean"))
+    threads = threads_for(bags.indices.numel())
+    forward_args = (*args, out.data_ptr(), threads, DEFAULT_CHUNK_BYTES, 1, ctypes.byref(stats), ctypes.byref(plan))
+    touched_ptrs = (ctypes.c_void_p * len(touched))(*[t.ctypes.data for t in touched])
+    backward_args = (*args, grad_out.data_ptr(), _ptrs(scratch), touched_ptrs, threads, DEFAULT_CHUNK_BYTES,
+                     ctypes.byref(stats))
+    sgd = (_OPTIMIZERS["sgd"], lr, 0.0, None)
+
+    def step() -> None:
+        global _update_epoch
+        for t in touched:
+            t.fill(0)
+        rc = lib.tt_forward(*forward_args)
+        if rc != 0:
+            raise RuntimeError(f"native CPU kernel: tt_forward failed (code {rc})")
+        try:
+            rc = lib.tt_backward(*backward_args, plan.value, *sgd)
+        finally:
+            if plan.value:
+                lib.tt_state_free(plan.value)
+                plan.value = None
+            _update_epoch += 1  # the cores changed: every kept forward plan is stale from here on
+        if rc != 0:
+            raise RuntimeError(f"native CPU kernel: tt_backward failed (code {rc})")
+    step.keep = (cores, grad_out, out, scratch, touched, w, bags)  # what the prepared pointers point into
+    return step
+
+
 class _TTBagCPU(torch.autograd.Function):
     """Autograd's inputs are the cores, or with a fused update a 0-d anchor in their place: that
     backward returns no core gradients, and one input instead of three saved ones made an apply and

@@ -116,7 +116,7 @@ def test_zen4_sgemm_share_count_matches_the_runs():
     at 60% or more (interleaved), the range is theirs and each run below is named with its share."""
     text = README.replace("\n", " ")
     m = re.search(r"Met on the Zen 4 VM in ([0-9]+) of its ([0-9]+) runs \(([0-9]+)-([0-9]+)%; ([^)]*)\)", text)
-    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-l")
     shares = {r: _interleaved_share(r) for r in runs}
     met = [s for s in shares.values() if s >= 60]
     assert (int(m.group(1)), int(m.group(2))) == (len(met), len(runs))
@@ -132,7 +132,7 @@ def test_zen4_row_interleaved_range_is_the_runs():
     interleaved share over the runs the row names (the same runs as the count above)."""
     row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
     lo, hi = map(int, re.search(r"\| \*\*([0-9]+)-([0-9]+)%\*\* \(", row).groups())
-    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
+    runs = _runs("2026-12-04", "a-o") + _runs("2026-12-05", "a-c") + _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-l")
     shares = [_interleaved_share(r) for r in runs]
     assert (lo, hi) == (min(shares), max(shares))
 
@@ -187,7 +187,7 @@ def test_zen4_row_training_ranges_are_the_runs():
     since 2026-12-06l with 3 or more rounds in that state, and the latest run's four ratios; the bullet's
     counts of near runs inside and outside its ranges."""
     row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
-    runs = _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-k")
+    runs = _runs("2026-12-06", "l-n") + _runs("2026-12-07", "a-l")
     states = {r: _by_state(r) for r in runs}
 
     def values(state: str, which: int) -> list[float]:
@@ -198,14 +198,14 @@ def test_zen4_row_training_ranges_are_the_runs():
     got = [float(x) for x in m.groups()]
     assert got == [*_range(values("far", 1)), *_range(values("far", 2)), *_range(values("near", 1)),
                    *_range(values("near", 2))]
-    m = re.search(r"latest run \(2026-12-07k\): near \*\*([0-9.]+)x\*\* replayed and \*\*([0-9.]+)x\*\* on the "
+    m = re.search(r"latest run \(2026-12-07l\): near \*\*([0-9.]+)x\*\* replayed and \*\*([0-9.]+)x\*\* on the "
                   r"stream, far ([0-9.]+)x and ([0-9.]+)x", row)
-    j = states["2026-12-07k"]
+    j = states["2026-12-07l"]
     assert [float(x) for x in m.groups()] == [j["near"][1], j["near"][2], j["far"][1], j["far"][2]]
     text = re.sub(r"\s+", " ", README)
     m = re.search(r"reached ([0-9.]+)-([0-9.]+)x in the near rounds of (\w+) of the (\w+) runs since 2026-12-06l that "
                   r"had three or more \(([0-9.]+)-([0-9.]+)x in the other (\w+)\)", text)
-    words = {"two": 2, "three": 3, "five": 5, "six": 6, "seven": 7, "eight": 8, "ten": 10, "eleven": 11}
+    words = {"two": 2, "three": 3, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10, "eleven": 11, "twelve": 12}
     near = values("near", 1)
     inside = [v for v in near if v < 1]
     assert (float(m.group(1)), float(m.group(2))) == _range(inside)
@@ -255,3 +255,23 @@ def test_step_profile_shares_are_run_ks():
 
     assert [int(x) for x in m.groups()] == [share("- forward: chain GEMMs"), share("(dG_2 and dP_1)"),
                                             share("; last core"), share("(dP and dG_3)")]
+
+
+def test_native_calls_alone_sentence_is_run_ls():
+    """'there the Python path cost P ms of the S ms step, and the calls alone reached **Ax** nn.EmbeddingBag's step
+    in the near rounds (N), against the fused step's Fx': as run 2026-12-07l's report gives them."""
+    text = re.sub(r"\s+", " ", README)
+    m = re.search(r"there the Python path cost ([0-9.]+) ms of the ([0-9.]+) ms step, and the calls alone reached "
+                  r"\*\*([0-9.]+)x\*\* nn.EmbeddingBag's step in the near rounds \(([0-9]+)\), against the fused step's "
+                  r"([0-9.]+)x", text)
+    assert m, "the sentence"
+    report = re.sub(r"\s+", " ", _kernel_report("2026-12-07l"))
+    alone = re.search(r"against the fused step's ([0-9.]+) ms \(round medians\); the Python path around the calls took "
+                      r"\*\*([0-9.]+) ms\*\*", report)
+    near = re.search(r"The native calls alone vs nn.EmbeddingBag by the vCPUs' state, near \(([0-9]+) rounds\): "
+                     r"\*\*([0-9.]+)x\*\*", report)
+    assert (float(m.group(1)), float(m.group(2))) == (float(alone.group(2)), float(alone.group(1)))
+    assert (float(m.group(3)), int(m.group(4))) == (float(near.group(2)), int(near.group(1)))
+    assert float(m.group(5)) == _by_state("2026-12-07l")["near"][1]
+    row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
+    assert f"its two native calls alone, without the Python around them, near **{near.group(2)}x** replayed" in row

@@ -23,7 +23,7 @@ from . import plant
 __all__ = ["forward", "backward", "sparse_update", "tt_bag_cpu", "last_stats", "set_profile", "sort_way", "last_sort_way",
            "force_sort_way", "check_supported", "spec_unsupported", "unavailable_reason", "DEFAULT_CHUNK_BYTES",
            "MIN_LOOKUPS_PER_THREAD",
-           "threads_for", "SavedForward", "live_saved_forwards"]
+           "threads_for", "SavedForward", "live_saved_forwards", "native_calls_step"]
 
 DEFAULT_CHUNK_BYTES = 128 << 20  # scratch bound per chunk of lookups (bytes)
 KERNEL = "native CPU kernel"  # its name in the backward's errors (ttrec.autograd_guards)

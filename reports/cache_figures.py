@@ -20,7 +20,7 @@ import seaborn as sns  # noqa: E402
 
 from benches.cache_experiments import break_even  # noqa: E402
 
-from .figures import _machine, _style, save  # noqa: E402
+from .figures import _machine, _style, save, title  # noqa: E402
 
 __all__ = ["is_cache_experiment", "plot_cache_figures", "plot_topk_stability", "plot_hit_rate_sweep",
            "plot_cache_size_warmup"]
@@ -57,25 +57,29 @@ def _batch_label(r: pd.Series) -> str:
     return batch if pd.isna(pooling) else f"{batch} x pooling {int(pooling)}"
 
 
-def plot_cache_figures(df: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+def plot_cache_figures(df: pd.DataFrame, out_dir: str | Path, headlines: dict[str, str] | None = None) -> list[Path]:
     """Every cache figure ``df`` supports: Figure 9 for top-k windows, Figure 12 for a sweep over the
-    hot-set hit rate (plus its break-even table, CSV), Figure 10 for a sweep over cache size or warm-up."""
+    hot-set hit rate (plus its break-even table, CSV), Figure 10 for a sweep over cache size or warm-up.
+    ``headlines``: a first title line per figure ("fig9", "fig10", "fig12"; the report names the paper's figure)."""
+    h = headlines or {}
     out: list[Path] = []
     if (df["metric"] == "topk_change").any():
-        out.append(plot_topk_stability(df, out_dir))
+        out.append(plot_topk_stability(df, out_dir, headline=h.get("fig9")))
     cached = df[_cached(df)]
     if cached.empty:
         return out
     if (cached["distribution"] == "hot_set").any() and cached["hit_rate"].nunique() >= 2:
-        out += plot_hit_rate_sweep(df, out_dir)
+        out += plot_hit_rate_sweep(df, out_dir, headline=h.get("fig12"))
     if cached["cache_fraction"].nunique() >= 2 or cached["cache_warmup_iters"].nunique() >= 2:
-        out.append(plot_cache_size_warmup(df, out_dir))
+        out.append(plot_cache_size_warmup(df, out_dir, headline=h.get("fig10")))
     return out
+
 
 
 # ---- Figure 9 ----
 
-def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9_topk_stability") -> Path:
+def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9_topk_stability",
+                        headline: str | None = None) -> Path:
     """Per window of the stream: change of the top-k set (log scale above 1/k, linear below, so that 0
     shows), the hit ratio a cache holding the previous window's top-k would have had (exact counts as a
     wide pale line, the bounded counter's dashed on top: the two often coincide), and the bounded
@@ -120,10 +124,10 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), bbox_to_anchor=(0.5, -0.07), frameon=False)
     r = d.iloc[0]
-    fig.suptitle(f"top-{int(r['topk_rows']):,} rows ({100 * r['cache_fraction']:g}% of {int(r['num_embeddings']):,}), "
-                 f"{int(r['stability_batches'])} batches ({_batch_label(r)}); "
-                 f"bounded counter {int(r['counter_slots']):,} slots ({r['counter_bytes'] / 2**20:.1f} MiB "
-                 f"vs exact {r['exact_counter_bytes'] / 2**20:.0f} MiB)", fontsize=9)
+    fig.suptitle(title(headline, f"top-{int(r['topk_rows']):,} rows ({100 * r['cache_fraction']:g}% of "
+                        f"{int(r['num_embeddings']):,}), {int(r['stability_batches'])} batches ({_batch_label(r)}); "
+                        f"bounded counter {int(r['counter_slots']):,} slots ({r['counter_bytes'] / 2**20:.1f} MiB "
+                        f"vs exact {r['exact_counter_bytes'] / 2**20:.0f} MiB)"), fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)
 
@@ -131,7 +135,7 @@ def plot_topk_stability(df: pd.DataFrame, out_dir: str | Path, name: str = "fig9
 # ---- Figure 12 ----
 
 def plot_hit_rate_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig12_time_vs_hit_rate",
-                        metric: str = "time_per_lookup") -> list[Path]:
+                        metric: str = "time_per_lookup", headline: str | None = None) -> list[Path]:
     """Time per lookup (ns, median with IQR bars) against the measured hit ratio of the timed batch,
     one panel per pooling factor: TT + cache (solid, per rank), TT without cache (dotted, per rank),
     nn.EmbeddingBag (black dashed). Break-even hit rates are marked and written to ``<name>_break_even.csv``."""
@@ -170,7 +174,7 @@ def plot_hit_rate_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig1
         text = "\n".join(
             f"rank {int(r['tt_rank'])}: " + (f"break-even at {100 * r['break_even_hit_ratio']:.1f}%" if r["reached"]
                                              else f"no break-even up to {100 * r['max_hit_ratio']:.0f}% "
-                                                  f"({r['time_ratio_at_max_hit']:.1f}x slower there)")
+                                                  f"({r['time_ratio_at_max_hit']:.2f}x slower there)")
             for _, r in be[be["pooling_factor"] == pooling].sort_values("tt_rank").iterrows()) or (
             "no nn.EmbeddingBag timed in these jobs (cache.compare=true): no break-even")
         ax.set_yscale("log")
@@ -191,9 +195,9 @@ def plot_hit_rate_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig1
                frameon=False, fontsize=8)
     r = d.iloc[0]
     cache_pct = 100 * float(d.loc[cached, "cache_fraction"].iloc[0])
-    fig.suptitle(f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x {int(r['embedding_dim'])}), "
-                 f"batch {int(r['batch_size'])}, cache {cache_pct:g}% of rows; "
-                 f"{_machine(d)}", fontsize=9)
+    fig.suptitle(title(headline, f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x "
+                        f"{int(r['embedding_dim'])}), batch {int(r['batch_size'])}, cache {cache_pct:g}% of rows; "
+                        f"{_machine(d)}"), fontsize=9)
     fig.tight_layout()
     png = save(fig, out_dir, name)
     csv = Path(out_dir) / f"{name}_break_even.csv"
@@ -205,7 +209,7 @@ def plot_hit_rate_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig1
 # ---- Figure 10 ----
 
 def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "fig10_cache_size_warmup",
-                           metric: str = "time_per_batch") -> Path:
+                           metric: str = "time_per_batch", headline: str | None = None) -> Path:
     """Held-out hit ratio (top) and time per training iteration (bottom, ms) against the cache size
     (left, % of the table, one line per warm-up length) and the warm-up length (right, one line
     per cache size); TT without cache and nn.EmbeddingBag timed in the same jobs as horizontal lines."""
@@ -253,7 +257,8 @@ def plot_cache_size_warmup(df: pd.DataFrame, out_dir: str | Path, name: str = "f
                             ncol=3, fontsize=7, title_fontsize=8, frameon=False)
     r = d.iloc[0]
     workload = _workload_label(r)
-    fig.suptitle(f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x {int(r['embedding_dim'])}), "
-                 f"TT rank {int(float(r['tt_rank']))}, {workload}, {_batch_label(r)}; {_machine(d)}", fontsize=9)
+    fig.suptitle(title(headline, f"{r['mode']} step: {r['table']} table ({int(r['num_embeddings']):,} x "
+                        f"{int(r['embedding_dim'])}), TT rank {int(float(r['tt_rank']))}, {workload}, {_batch_label(r)}; "
+                        f"{_machine(d)}"), fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

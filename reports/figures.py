@@ -66,6 +66,12 @@ def _machine(df: pd.DataFrame) -> str:
                f"(times inflated; see their note)" if flagged else ""))
 
 
+def title(headline: str | None, detail: str) -> str:
+    """A figure's title: the paper's figure it stands for (``headline``, when drawn for the report), then
+    what was run (``detail``)."""
+    return detail if headline is None else f"{headline}\n{detail}"
+
+
 def _plain(v) -> str:
     """4096.0 -> '4096' (integers read back from CSV as floats), anything else as str."""
     numeric = isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
@@ -107,7 +113,7 @@ def _impl_palette(d: pd.DataFrame) -> dict:
 
 
 def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_time_vs_rank",
-                    mode: str = "forward") -> Path:
+                    mode: str = "forward", headline: str | None = None) -> Path:
     """Time per lookup (ns, median with IQR bars) against TT rank, one panel per pooling factor.
 
     The shape of the paper's Figure 11. nn.EmbeddingBag has no rank: it is drawn as a horizontal
@@ -154,6 +160,6 @@ def plot_rank_sweep(df: pd.DataFrame, out_dir: str | Path, name: str = "fig11_ti
     tables = ", ".join(f"{t} ({int(n):,} x {int(e)})" for t, n, e in
                        d[["table", "num_embeddings", "embedding_dim"]].drop_duplicates().itertuples(index=False))
     batches = ", ".join(str(int(b)) for b in sorted(d["batch_size"].unique()))
-    fig.suptitle(f"{mode}: table {tables}, batch {batches}; {_machine(d)}", fontsize=9)
+    fig.suptitle(title(headline, f"{mode}: table {tables}, batch {batches}; {_machine(d)}"), fontsize=9)
     fig.tight_layout()
     return save(fig, out_dir, name)

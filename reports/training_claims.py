@@ -72,6 +72,10 @@ def _setting(df: pd.DataFrame) -> str:
             f"{int(r['iterations'])} iterations")
 
 
+# the claims table's artifact of the training run's Figure 10 rows (the kernel-level Figure 10 has rows of its own)
+FIG10_TRAINING = "Figure 10 (training)"
+
+
 # ---- Table 1 ----
 
 def table1_claims(df: pd.DataFrame) -> list[dict]:
@@ -92,11 +96,19 @@ def table1_claims(df: pd.DataFrame) -> list[dict]:
                               _acc(acc[init]), None, note=f"the reference row; {_setting(df)}{bayes_text}; "
                               "absolute accuracies are not comparable (synthetic data)"))
             continue
-        diff = acc[init] - uni
+        diff, paper_gap = acc[init] - uni, paper - TABLE1_PAPER["uniform"]
+        measured = f"{_acc(acc[init])} ({diff:+.3f} points)" if np.isfinite(diff) else _acc(acc[init])
+        if abs(paper_gap) <= 2 * se:  # the paper's gap is inside this run's noise: what it shows is a tie
+            out.append(_claim(
+                "Table 1", f"Table 1: tables {label} score on par with uniform ({paper}% vs "
+                f"{TABLE1_PAPER['uniform']}%: a gap inside this run's noise)", f"{paper}% ({paper_gap:+.3f} points)",
+                measured, bool(abs(diff) <= 2 * se), rule=f"on par: within ±{_noise(se)}",
+                note="the paper's gap for this init is smaller than this run's noise band, so the row tests a tie "
+                     "(Section 3.2: the accuracy gap follows the init's KL-divergence to uniform)"))
+            continue
         out.append(_claim(
             "Table 1", f"Table 1: tables {label} score below uniform ({paper}% vs {TABLE1_PAPER['uniform']}%)",
-            f"{paper}% ({paper - TABLE1_PAPER['uniform']:+.3f} points)",
-            f"{_acc(acc[init])} ({diff:+.3f} points)" if np.isfinite(diff) else _acc(acc[init]),
+            f"{paper}% ({paper_gap:+.3f} points)", measured,
             _trend([uni, acc[init]], 2 * se, rises=False), rule=_difference_rule("below uniform", _noise(se))))
     common = [i for i in TABLE1_PAPER if i in acc.index]
     if len(common) >= 3:
@@ -255,7 +267,7 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
         f = smallest[0]
         # a size whose model diverged is not sufficient, whatever the others did (-inf >= -inf - 2 SE holds)
         agrees = bool(t[f] <= (1 + FIG10_TIME_TOL) * t.min() and np.isfinite(a[f]) and a[f] >= a.max() - 2 * se)
-    out.append(_claim("Figure 10", f"6.5 / Fig 10(b): a cache of {_pct(FIG10_FRACTION)} of each table is sufficient "
+    out.append(_claim(FIG10_TRAINING, f"6.5 / Fig 10(b): a cache of {_pct(FIG10_FRACTION)} of each table is sufficient "
                       "for training time and accuracy", f"{_pct(FIG10_FRACTION)} sufficient", text, agrees,
                       rule="" if agrees is None else f"{_pct(FIG10_FRACTION)}: time within {_pct(FIG10_TIME_TOL)} of "
                       f"the fastest size's, accuracy within {_noise(se)} of the best",
@@ -276,18 +288,19 @@ def fig10_training_claims(df: pd.DataFrame) -> list[dict]:
         if lo and hi:
             growth = tt[hi[0]] / tt[lo[0]] - 1
             out.append(_claim(
-                "Figure 10", "6.5 / Fig 10(a): warm-up from 10% to 30% of training raises the total training time by "
+                FIG10_TRAINING, "6.5 / Fig 10(a): warm-up from 10% to 30% of training raises the total training time by "
                 f"{_pct(FIG10_WARMUP_GROWTH)} (Kaggle)", f"+{_pct(FIG10_WARMUP_GROWTH)}",
                 f"{_pct(growth)} (total time / TT without cache: "
                 + ", ".join(f"warm-up {_pct(s)}: {v:.3g}x" for s, v in tt.items()) + ")", None,
                 note="total training time (sum over iterations) over the TT model's without cache in the same job, "
                 "median over cache sizes; not compared: its sign depends on whether cached lookups are cheaper than "
-                "TT ones on the machine (on this CPU they are not, so a longer warm-up shortens training)"))
+                "TT ones on the machine (" + ("here the longer warm-up shortened training: they are not" if growth < 0
+                                              else "here the longer warm-up lengthened training: they are") + ")"))
     g = gain.groupby("cache_fraction")["median"].median()
     everywhere = gain["median"].median()
     dataset = str(gain["dataset"].iloc[0])
     paper = FIG10_CACHE_GAIN[dataset]
-    out.append(_claim("Figure 10", f"6.5: the cache adds {paper} accuracy points ({dataset.capitalize()})",
+    out.append(_claim(FIG10_TRAINING, f"6.5: the cache adds {paper} accuracy points ({dataset.capitalize()})",
                       f"+{paper} points", f"{everywhere:+.3f} points (median over all {len(gain)} points; "
                       "median by size: " + ", ".join(f"{_pct(f)}: {v:+.3f}" for f, v in g.items()) + ")",
                       _trend([0, everywhere], 2 * se, rises=True),

@@ -243,14 +243,19 @@ def plot_fig10_training(df: pd.DataFrame, out_dir: str | Path, name: str = "fig1
     pw = dict(zip(wu, sns.color_palette("colorblind", len(wu))))
     panels = [(ratio, "time per iteration / TT without cache", 1.0), (acc, "held-out accuracy (%)", ref_acc),
               (hit, "cache hit ratio (after warm-up)", None)]
+    def dodge(i: int, n: int) -> float:  # series i of n, centred on 0: its x offset, so that error bars do not hide each other
+        return i - (n - 1) / 2
+
     for col, (d, ylabel, ref) in enumerate(panels):
         ax, bx = axes[0][col], axes[1][col]
-        for f, g in d.groupby("cache_fraction"):
+        for i, (f, g) in enumerate(d.groupby("cache_fraction")):  # (a) warm-up, linear: 0.8 points apart
             g = g.groupby("cache_warmup_share")[["median", "q1", "q3"]].median()
-            _errorbar(ax, 100 * g.index.values, g, color=pf[f], label=f"cache {100 * f:g}% of rows")
-        for w, g in d.groupby("cache_warmup_share"):
+            _errorbar(ax, 100 * g.index.values + 0.8 * dodge(i, len(fr)), g, color=pf[f],
+                      label=f"cache {100 * f:g}% of rows")
+        for i, (w, g) in enumerate(d.groupby("cache_warmup_share")):  # (b) size, log: 4% of a decade apart
             g = g.groupby("cache_fraction")[["median", "q1", "q3"]].median()
-            _errorbar(bx, 100 * g.index.values, g, color=pw[w], label=f"warm-up {100 * w:.0f}%")
+            _errorbar(bx, 100 * g.index.values * 10 ** (0.04 * dodge(i, len(wu))), g, color=pw[w],
+                      label=f"warm-up {100 * w:.0f}%")
         for a in (ax, bx):
             if ref is not None and not pd.isna(ref):
                 a.axhline(ref, color="gray", ls="--", lw=1, label="TT without cache")
@@ -258,8 +263,9 @@ def plot_fig10_training(df: pd.DataFrame, out_dir: str | Path, name: str = "fig1
         ax.set_xlabel("cache warm-up (% of training iterations)")
         bx.set_xlabel("cache size (% of each TT table's rows)")
         bx.set_xscale("log")
-    axes[0][0].legend(fontsize=7)
-    axes[1][0].legend(fontsize=7)
+    for row in axes:  # each row's legend right of its last panel, clear of the data
+        row[2].legend(*row[0].get_legend_handles_labels(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5),
+                      frameon=False)
     axes[0][0].set_title("(a) warm-up")
     axes[1][0].set_title("(b) cache size")
     _title(fig, df, "Figure 10 (training): LFU cache warm-up and size against time and accuracy "

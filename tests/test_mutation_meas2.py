@@ -720,3 +720,34 @@ def test_the_progress_estimate_leaves_out_the_first_jobs_one_time_costs(monkeypa
     assert lines[0].endswith("left ~?") and lines[1].endswith("left ~0:06:00")  # only the first job: 40 s x 9
     assert lines[2].endswith("elapsed 0:00:42, left ~0:00:16")  # job 2's 2 s x 8, not (42 s / 2) x 8
     assert progress.seconds == [40.0, 2.0, 2.0]
+
+
+def test_table1_inits_whose_paper_gap_is_inside_the_noise_are_tested_for_a_tie():
+    """The paper's N(0, 1/3n) is 0.007 points below uniform and N(0, 1/9n^2) 0.043: inside a noise band of 0.34
+    points, so their rows test "on par" (|measured gap| within 2 SE), not "below"; N(0, 1) (1.14 points in the
+    paper) still tests "below". A measured gap beyond the band fails the tie."""
+    import pandas as pd
+
+    from reports.training_claims import table1_claims
+
+    acc = {"uniform": 76.5, "gauss_1": 76.1, "gauss_1_3n": 76.45, "gauss_1_9n2": 76.0}
+    df = pd.DataFrame([{**_SETTING, "metric": "accuracy", "dense_init": i, "median": a} for i, a in acc.items()])
+    out = {c["claim"].split("tables ")[1].split(" score")[0]: c for c in table1_claims(df) if "tables " in c["claim"]}
+    assert "score on par with uniform" in out["N(0, 1/3n)"]["claim"] and out["N(0, 1/3n)"]["agrees"] == "yes"
+    assert "score on par with uniform" in out["N(0, 1/9n²)"]["claim"] and out["N(0, 1/9n²)"]["agrees"] == "no"
+    assert out["N(0, 1/9n²)"]["rule"].startswith("on par: within ±0.34 points")
+    assert "score below uniform" in out["N(0, 1)"]["claim"] and out["N(0, 1)"]["agrees"] == "yes"
+
+
+@pytest.mark.parametrize("tt_totals,says", [((10.0, 10.0), "lengthened training: they are"),
+                                            ((10.0, 13.0), "shortened training: they are not")])
+def test_fig10_training_warm_up_note_says_what_this_run_measured(tt_totals, says):
+    """The warm-up row's note says which way the longer warm-up moved the total training time in this run
+    (it was typed in as "on this CPU they are not", which a GPU run would contradict); its rows are labelled
+    apart from the kernel-level Figure 10's."""
+    from reports.training_claims import fig10_training_claims
+
+    df = _fig10_training([(1e-4, 0.1, 1.2, 77.0, 12.0, tt_totals[0]), (1e-4, 0.3, 1.2, 77.0, 12.5, tt_totals[1])])
+    (row,) = [c for c in fig10_training_claims(df) if "warm-up from 10% to 30%" in c["claim"]]
+    assert f"here the longer warm-up {says})" in row["note"]
+    assert row["artifact"] == "Figure 10 (training)"

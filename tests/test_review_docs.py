@@ -275,3 +275,14 @@ def test_native_calls_alone_sentence_is_run_ls():
     assert float(m.group(5)) == _by_state("2026-12-07l")["near"][1]
     row = next(line for line in README.splitlines() if line.startswith("| Zen 4 VM"))
     assert f"its two native calls alone, without the Python around them, near **{near.group(2)}x** replayed" in row
+
+
+def test_fig7_overhead_range_is_the_reports_statistic():
+    """'the time overhead reading +A% to +B% as the report gives it': the lowest and highest of the committed fig7
+    run's per-point medians of the paired per-iteration time ratios (the report's Figure 7 rows), as percentages."""
+    import pandas as pd
+
+    m = re.search(r"the time overhead reading \+([0-9]+)% to \+([0-9]+)% as the report gives it", re.sub(r"\s+", " ", README))
+    d = pd.read_csv(ROOT / "reports" / "results" / "fig7.csv")
+    per_point = d[d["metric"] == "time_vs_reference"].groupby(["tt_tables", "tt_rank"])["median"].median()
+    assert (int(m.group(1)), int(m.group(2))) == (round(100 * (per_point.min() - 1)), round(100 * (per_point.max() - 1)))

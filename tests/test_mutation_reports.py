@@ -171,9 +171,10 @@ def test_table2_tables_largest_first_and_reduction_is_dense_over_tt_parameters(d
         np.testing.assert_allclose(red.datavalues, np.array(rows) * dim / params.datavalues, rtol=1e-6)
 
 
-def test_fig5_baseline_on_top_and_tt_bar_ends_at_the_tt_bytes(drawn, tmp_path):
-    """Per dataset: the baseline is the top bar; the hatched TT bar ends at tt_bytes and the stacked
-    uncompressed bar adds uncompressed_bytes on it; the text's reduction is baseline / model bytes."""
+def test_fig5_baseline_on_top_bars_end_at_the_model_bytes_and_markers_at_the_tt_bytes(drawn, tmp_path):
+    """Per dataset: the baseline is the top bar; each bar ends at the model's bytes (no stack: on a log axis a
+    stacked segment's length is not its share), a marker sits at the TT tables' bytes of each compressed row;
+    the text's reduction is baseline / model bytes."""
     df = _csv(model_size_rows(BenchConfig()))
     paper_figures.plot_model_size(df, tmp_path)
     wide = df.pivot_table(index=["dataset", "tt_tables"], columns="metric", values="median")
@@ -182,18 +183,34 @@ def test_fig5_baseline_on_top_and_tt_bar_ends_at_the_tt_bytes(drawn, tmp_path):
         part = wide.loc[dataset].sort_index(ascending=False)  # bottom (y = 0) to top
         labels = [t.get_text() for t in ax.get_yticklabels()]
         assert labels[-1] == "baseline (uncompressed)" and labels[0] == f"{int(part.index[0])} largest in TT"
-        tt_bars, rest_bars = ax.containers[:2]
-        for k, tt_patch, rest_patch in zip(part.index, tt_bars.patches, rest_bars.patches):
-            tt, rest = part.loc[k, "tt_bytes"], part.loc[k, "uncompressed_bytes"]
-            if tt > 0:
-                assert tt_patch.get_x() + tt_patch.get_width() == pytest.approx(tt, rel=1e-9)
-                assert rest_patch.get_x() == pytest.approx(tt, rel=1e-9)
-            assert rest_patch.get_x() + rest_patch.get_width() == pytest.approx(max(tt, ax.get_xlim()[0]) + rest,
-                                                                                rel=1e-9)
+        (bars,) = ax.containers
+        for k, patch in zip(part.index, bars.patches):
+            assert patch.get_x() == pytest.approx(ax.get_xlim()[0], rel=1e-9)
+            assert patch.get_x() + patch.get_width() == pytest.approx(part.loc[k, "model_bytes"], rel=1e-9)
+        (markers,) = ax.collections
+        compressed = part[part["tt_bytes"] > 0]
+        np.testing.assert_allclose(markers.get_offsets()[:, 0], compressed["tt_bytes"], rtol=1e-9)
+        np.testing.assert_array_equal(markers.get_offsets()[:, 1], np.flatnonzero((part["tt_bytes"] > 0).to_numpy()))
         baseline = part.loc[0, "model_bytes"]
         smaller = [t.get_text() for t in ax.texts if "smaller" in t.get_text()]
         expected = [f"{baseline / part.loc[k, 'model_bytes']:.3g}x smaller" for k in part.index if k > 0]
         assert [s.split(", ")[-1] for s in smaller] == expected
+
+
+def test_fig3_a_nearly_empty_scale_panel_says_why_in_the_panel(drawn, tmp_path):
+    """An init whose entries mostly fall outside the +-5 target stds (std ratio 32: 87.5% outside) gets, inside its
+    near-empty top panel, the std ratio and the share outside; an init on target gets no such note."""
+    xs = np.linspace(-4.5, 4.5, 10)
+    rows = [{"metric": "density", "init": init, "x": x, "median": 0.01, "num_embeddings": 1000, "embedding_dim": 16,
+             "tt_rank": 8, "samples": 1600, **ENV} for init in ("uniform", "calibrated") for x in xs]
+    for init, ratio, outside in (("uniform", 32.2, 0.875), ("calibrated", 1.01, 0.0)):
+        rows += [{"metric": m, "init": init, "median": v, **ENV}
+                 for m, v in (("std_ratio", ratio), ("outside_fraction", outside), ("ks_distance", 0.4))]
+    paper_figures.plot_init_distribution(_csv(rows), tmp_path)
+    uniform, calibrated = drawn["fig3_init_distribution"].axes[:2]
+    assert [t.get_text() for t in uniform.texts] == [
+        "entries 32.2x as wide as the target:\n87.5% fall outside this range\n(their shape: below)"]
+    assert len(calibrated.texts) == 0
 
 
 def test_fig3_target_curve_is_the_standard_normal_density(drawn, tmp_path):

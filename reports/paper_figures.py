@@ -139,7 +139,7 @@ def plot_model_size(df: pd.DataFrame, out_dir: str | Path, name: str = "fig5_mod
         part = wide.loc[dataset].sort_index(ascending=False)
         labels = ["baseline (uncompressed)" if k == 0 else f"{int(k)} largest in TT" for k in part.index]
         y = np.arange(len(part))
-        tt, rest = part["tt_bytes"].to_numpy(float), part["uncompressed_bytes"].to_numpy(float)
+        tt = part["tt_bytes"].to_numpy(float)
         total = part["model_bytes"].to_numpy(float)
         # each bar starts at the axis' lower edge (a log axis has no zero) and ends at the model's bytes
         ax.barh(y, total - low, left=low, color=colors[1], label="all embedding tables (uncompressed fp32 + TT)")

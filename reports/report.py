@@ -159,7 +159,55 @@ def _caveats(results: dict[str, pd.DataFrame]) -> list[str]:
         out += [f"**Busy machine.** Timed points of {', '.join(sorted(busy))} ran while their threads waited for a "
                 f"CPU{most}, behind other work or each other: their times are inflated, and verdicts on them are not "
                 f"this machine's (`note` and `cpu_wait` in their tables).", ""]
-    return out
+    return out + _repeats_apart(results)
+
+
+# What makes two timed points the same setting (seeds aside: another draw of the same workload), and how far
+# apart their medians may be before the report says so
+SETTING = ("impl", "backend", "device", "num_embeddings", "embedding_dim", "tt_rank", "tt_p_shapes", "tt_q_shapes",
+           "batch_size", "pooling_factor", "distribution", "zipf_alpha", "permute", "weighted", "hit_rate",
+           "hot_fraction", "mode", "optimizer", "fused", "sparse", "cache_enabled", "cache_fraction", "cpu_model",
+           "threads")
+REPEAT_SPREAD = 1.5
+
+
+def _repeats_apart(results: dict[str, pd.DataFrame]) -> list[str]:
+    """Settings timed by two or more experiments (each experiment's median time per lookup of the setting)
+    whose medians differ by more than REPEAT_SPREAD times: runs minutes or hours apart on a machine whose
+    speed drifts. The reader should compare within an experiment, not across."""
+    frames = [df.assign(_experiment=name) for name, df in results.items()
+              if "metric" in df.columns and (df["metric"] == "time_per_lookup").any()]
+    if len(frames) < 2:
+        return []
+    t = pd.concat(frames, ignore_index=True)
+    t = t[t["metric"] == "time_per_lookup"]
+    key = [c for c in SETTING if c in t.columns]
+    t = t.assign(**{c: t[c].astype(str) for c in key})  # (NaN and mixed dtypes group as their text)
+    per = t.groupby(key + ["_experiment"], dropna=False)["median"].median().reset_index()
+    apart = []
+    for setting, g in per.groupby(key, dropna=False):
+        if g["_experiment"].nunique() < 2 or g["median"].min() <= 0:
+            continue
+        spread = g["median"].max() / g["median"].min()
+        if spread > REPEAT_SPREAD:
+            r = dict(zip(key, setting))
+
+            def n(c: str, r: dict = r) -> str:  # a count as the setting's text holds it ("4096.0")
+                return f"{int(float(r[c])):,}" if r.get(c, "nan") != "nan" else "?"
+            impl = str(r.get("impl"))
+            if impl == "tt" and r.get("tt_rank", "nan") != "nan":
+                impl += f"[{r.get('backend')}] rank {n('tt_rank')}"
+            g = g.sort_values("_experiment", key=lambda e: e.map(lambda x: ARTIFACTS.index(x) if x in ARTIFACTS else 99))
+            times = ", ".join(f"{e} {m:.3g}" for e, m in zip(g["_experiment"], g["median"]))  # (in report order)
+            apart.append(f"{impl}, {r.get('mode')}, {n('num_embeddings')} x {n('embedding_dim')}, batch {n('batch_size')}, "
+                         f"pooling {n('pooling_factor')}, {r.get('distribution')}: {times} ({spread:.2f}x)")
+    if not apart:
+        return []
+    unit = ", ".join(sorted(t["unit"].dropna().astype(str).unique())) if "unit" in t.columns else "as stored"
+    return [f"**The same setting timed apart.** {len(apart)} setting(s) timed by more than one experiment read medians "
+            f"more than {REPEAT_SPREAD:g}x apart (time per lookup, {unit}): "
+            + "; ".join(apart) + ". The experiments ran minutes to hours apart on a machine whose speed drifts: "
+            "compare implementations within one experiment (its figure and claims do), not across experiments.", ""]
 
 
 def _scales(results: dict[str, pd.DataFrame]) -> set[str]:

@@ -151,3 +151,21 @@ def test_a_smoke_scale_or_busy_run_is_flagged_before_its_numbers(tmp_path):
     head = report[:report.index("## Machine and versions")]
     assert "**Smoke scale.**" in head
     assert "**Busy machine.** Timed points of fig11 ran while their threads waited for a CPU (up to 1.10 threads waiting)" in head
+
+
+def test_report_says_when_one_setting_timed_by_two_experiments_reads_far_apart():
+    """The committed run timed nn.EmbeddingBag's 100,000 x 16 training step at batch 4,096 in fig8 (186 ns a
+    lookup) and fig11 (93.8 ns): the caveat names it with both medians and their ratio. A setting within 1.5x
+    across experiments, or timed by one experiment only, is not named."""
+    from reports.report import _repeats_apart
+
+    base = {"metric": "time_per_lookup", "unit": "ns", "impl": "dense", "mode": "train", "num_embeddings": 100000,
+            "embedding_dim": 16, "batch_size": 4096, "pooling_factor": 1, "distribution": "uniform"}
+    results = {"fig8": pd.DataFrame([{**base, "median": 186.4}, {**base, "batch_size": 512, "median": 50.0}]),
+               "fig11": pd.DataFrame([{**base, "median": 93.8}, {**base, "pooling_factor": 10, "median": 40.0}]),
+               "fig12": pd.DataFrame([{**base, "batch_size": 512, "median": 60.0}])}
+    (line, blank) = _repeats_apart(results)
+    assert "1 setting(s)" in line and "(time per lookup, ns)" in line
+    assert "dense, train, 100,000 x 16, batch 4,096, pooling 1, uniform: fig8 186, fig11 93.8 (1.99x)" in line
+    assert "batch 512" not in line and "pooling 10" not in line and blank == ""
+    assert _repeats_apart({"fig8": results["fig8"]}) == []

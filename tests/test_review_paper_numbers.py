@@ -88,7 +88,8 @@ def test_terabytes_training_claims_use_its_112x_model_and_no_borrowed_optimal_ra
     tb = pd.DataFrame(fig7_claims(_fig7("terabyte", ratios)))
     headline = _row(tb, "6: terabyte, 7 TT tables at rank 8: training time +13.9%")
     assert headline["agrees"] == "yes" and headline["measured"] == "14%"
-    assert not tb["claim"].str.contains("7 TT tables at rank 32").any()
+    measured = tb[~tb["measured"].astype(str).str.startswith("not run")]  # (Kaggle's claims are listed as not run)
+    assert not measured["claim"].str.contains("7 TT tables at rank 32").any()
     optimal = _row(tb, "6.3: terabyte, 3 -> 7 TT tables at the optimal ranks")
     assert pd.isna(optimal["agrees"]) and "gives Terabyte no optimal ranks" in optimal["note"]
     kg = pd.DataFrame(fig7_claims(_fig7("kaggle", ratios)))

@@ -3,6 +3,7 @@ incomplete table is stated in the report, never fatal to it nor a claim silently
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -169,3 +170,16 @@ def test_report_says_when_one_setting_timed_by_two_experiments_reads_far_apart()
     assert "dense, train, 100,000 x 16, batch 4,096, pooling 1, uniform: fig8 186, fig11 93.8 (1.99x)" in line
     assert "batch 512" not in line and "pooling 10" not in line and blank == ""
     assert _repeats_apart({"fig8": results["fig8"]}) == []
+
+
+def test_the_committed_report_tests_the_order_of_magnitude_claim_against_figure_8():
+    """Section 6.4's "order-of-magnitude more efficient than ... T3nsor" (compute and memory) has a row: the
+    committed fig8 run's time and memory ratios, each at least 10x for a yes."""
+    from reports.claims import fig8_claims
+
+    df = pd.read_csv(Path(__file__).resolve().parent.parent / "reports" / "results" / "fig8.csv")
+    (row,) = [c for c in fig8_claims(df) if c["claim"].startswith("6.4: \"order-of-magnitude")]
+    time, memory = (float(x) for x in re.findall(r"(?:time|memory) ([0-9.]+)x", row["measured"]))
+    assert row["agrees"] == ("yes" if min(time, memory) >= 10 else "partly" if max(time, memory) >= 10 else "no")
+    direction = [c for c in fig8_claims(df) if c["claim"].startswith("6.4: TT-EmbeddingBag is faster")][0]
+    assert f"{time:g}x" in direction["measured"] or f"{time}x" in direction["measured"]

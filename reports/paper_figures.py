@@ -61,8 +61,10 @@ def _bytes_axis(axis) -> None:
     axis.set_minor_formatter(_BytesLogFormatter())
 
 
-def _suptitle(fig: plt.Figure, df: pd.DataFrame, what: str) -> None:
-    fig.suptitle(f"{what}\n{_machine(df)}", fontsize=9)
+def _suptitle(fig: plt.Figure, df: pd.DataFrame, what: str, timed: bool = True) -> None:
+    """``what``, then the machine of the rows for a timed figure; a figure of counts (or of sampled values)
+    says it holds no timing instead."""
+    fig.suptitle(f"{what}\n{_machine(df) if timed else 'computed, not timed'}", fontsize=9)
 
 
 # ---- Table 2 ----
@@ -106,7 +108,7 @@ def plot_tt_shapes(df: pd.DataFrame, out_dir: str | Path, name: str = "table2_tt
                frameon=False, fontsize=8, title_fontsize=9)
     q = ", ".join(sorted(d["tt_q_shapes"].astype(str).unique())) if "tt_q_shapes" in d else "?"
     dim = int(d["embedding_dim"].iloc[0]) if "embedding_dim" in d else "?"
-    _suptitle(fig, d, f"Table 2: TT format of Kaggle's {len(order)} largest tables (dim {dim}, q-shapes {q})")
+    _suptitle(fig, d, f"Table 2: TT format of Kaggle's {len(order)} largest tables (dim {dim}, q-shapes {q})", timed=False)
     fig.tight_layout()
     return save(fig, out_dir, name)
 
@@ -160,7 +162,7 @@ def plot_model_size(df: pd.DataFrame, out_dir: str | Path, name: str = "fig5_mod
         ax.set_title(f"{dataset}: " + ", ".join(facts), fontsize=9)
         ax.set_xlabel("embedding tables (bytes, log scale; decimal MB/GB)")
     axes[0, 0].legend(loc="lower right", fontsize=7)
-    _suptitle(fig, d, "Figure 5: model size with the k largest tables in TT format")
+    _suptitle(fig, d, "Figure 5: model size with the k largest tables in TT format", timed=False)
     fig.tight_layout()
     return save(fig, out_dir, name)
 
@@ -220,7 +222,7 @@ def plot_init_distribution(df: pd.DataFrame, out_dir: str | Path, name: str = "f
     what = (f"Figure 3: {int(r['samples']):,} entries of {rows:,} random rows reconstructed from fresh cores; "
             f"table {int(r['num_embeddings']):,} x {int(r['embedding_dim'])}, p {r.get('tt_p_shapes', '?')}, "
             f"q {r.get('tt_q_shapes', '?')}, TT rank {int(r['tt_rank'])}; target N(0, 1/(3N))")
-    _suptitle(fig, dens, what)
+    _suptitle(fig, dens, what, timed=False)
     fig.tight_layout()
     return save(fig, out_dir, name)
 

@@ -117,8 +117,10 @@ def test_claims_of_timed_experiments_from_their_tables():
                   "median": 0.4 / 4 ** (w - 1)} for w in (1, 2, 3, 4)])
     out = claims({"fig8": fig8, "fig11": fig11, "fig12": fig12, "fig9": fig9})
     by = out.groupby("artifact")["agrees"].apply(list).to_dict()
-    # faster; the 2.4x magnitude not compared; within 3x of #rows/batch smaller; T3nsor ~ EmbeddingBag's
-    assert [None if pd.isna(v) else v for v in by["Figure 8"]] == ["yes", None, "yes", "yes"]
+    # faster; the 2.4x magnitude not compared; within 3x of #rows/batch smaller; an order of magnitude in memory
+    # (1.3e8 / 1.12e6 = 116x at 1,000,000 rows) but not in time (geometric mean of 0.67, 6.7, 67 = 6.7x): partly;
+    # T3nsor ~ EmbeddingBag's
+    assert [None if pd.isna(v) else v for v in by["Figure 8"]] == ["yes", None, "yes", "partly", "yes"]
     assert by["Figure 11"] == ["yes"] * 3      # both fall with P; the gap grows
     assert by["Figure 12"] == ["yes"]
     assert pd.isna(by["Figure 9"]).all()  # a synthetic stream cannot test it: not compared (blank)

@@ -171,6 +171,13 @@ SETTING = ("impl", "backend", "device", "num_embeddings", "embedding_dim", "tt_r
 REPEAT_SPREAD = 1.5
 
 
+def _setting_text(col: pd.Series) -> pd.Series:
+    """A setting column as text that groups equal values of any table alike: numbers as %g (an int column of
+    one table, 4096, and a float one of another, 4096.0, read the same), the rest as str (NaN: "nan")."""
+    num = pd.to_numeric(col, errors="coerce")
+    return num.map(lambda v: f"{v:g}").where(num.notna(), col.astype(str))
+
+
 def _repeats_apart(results: dict[str, pd.DataFrame]) -> list[str]:
     """Settings timed by two or more experiments (each experiment's median time per lookup of the setting)
     whose medians differ by more than REPEAT_SPREAD times: runs minutes or hours apart on a machine whose
@@ -182,7 +189,7 @@ def _repeats_apart(results: dict[str, pd.DataFrame]) -> list[str]:
     t = pd.concat(frames, ignore_index=True)
     t = t[t["metric"] == "time_per_lookup"]
     key = [c for c in SETTING if c in t.columns]
-    t = t.assign(**{c: t[c].astype(str) for c in key})  # (NaN and mixed dtypes group as their text)
+    t = t.assign(**{c: _setting_text(t[c]) for c in key})
     per = t.groupby(key + ["_experiment"], dropna=False)["median"].median().reset_index()
     apart = []
     for setting, g in per.groupby(key, dropna=False):

@@ -162,7 +162,8 @@ def test_report_says_when_one_setting_timed_by_two_experiments_reads_far_apart()
 
     base = {"metric": "time_per_lookup", "unit": "ns", "impl": "dense", "mode": "train", "num_embeddings": 100000,
             "embedding_dim": 16, "batch_size": 4096, "pooling_factor": 1, "distribution": "uniform"}
-    results = {"fig8": pd.DataFrame([{**base, "median": 186.4}, {**base, "batch_size": 512, "median": 50.0}]),
+    results = {"fig8": pd.DataFrame([{**base, "median": 186.4}, {**base, "batch_size": 512, "median": 50.0}]).astype(
+                   {"batch_size": float, "num_embeddings": float}),  # (another table's column read back as floats)
                "fig11": pd.DataFrame([{**base, "median": 93.8}, {**base, "pooling_factor": 10, "median": 40.0}]),
                "fig12": pd.DataFrame([{**base, "batch_size": 512, "median": 60.0}])}
     (line, blank) = _repeats_apart(results)

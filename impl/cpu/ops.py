@@ -236,11 +236,21 @@ def _check_grad_out(grad_out, shape: tuple[int, int]) -> None:
 
 
 def _call(fn, *args) -> None:
-    rc = plant.call(fn, *args)  # fn(*args), slowed only when TTREC_PLANT_SLOWDOWN is set (gate tests)
+    _check_rc(plant.call(fn, *args), fn)  # fn(*args), slowed only when TTREC_PLANT_SLOWDOWN is set (gate tests)
+
+
+def _check_rc(rc: int, fn) -> None:
+    """A native call's return code as an error: 1 out of memory, any other nonzero a failure."""
     if rc == 1:
         raise MemoryError(f"native CPU kernel: out of memory in {fn.__name__}")
     if rc != 0:
         raise RuntimeError(f"native CPU kernel: {fn.__name__} failed (code {rc})")
+
+
+def _batch_args(spec: TTSpec, cores, bags: Bags, mode: str, w: torch.Tensor | None) -> tuple:
+    """tt_forward's and tt_backward's leading arguments: the shape, the cores, the batch and the mode."""
+    return (ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(), bags.num_bags,
+            None if w is None else w.data_ptr(), int(mode == "mean"))
 
 
 def _planted_repeat() -> int:
@@ -271,10 +281,8 @@ def _run_forward(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode: str,
     w = bags.float32_weights()
     stats = TTStats()
     state = ctypes.c_void_p()
-    _call(library().tt_forward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
-          bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-          out.data_ptr(), threads_for(bags.indices.numel()), chunk_bytes, _planted_repeat(), ctypes.byref(stats),
-          ctypes.byref(state) if keep else None)
+    _call(library().tt_forward, *_batch_args(spec, cores, bags, mode, w), out.data_ptr(), threads_for(bags.indices.numel()),
+          chunk_bytes, _planted_repeat(), ctypes.byref(stats), ctypes.byref(state) if keep else None)
     _last["forward"] = stats
     return out, (SavedForward(state.value, given, bags) if state.value else None)
 
@@ -360,11 +368,9 @@ def _run_backward(cores, spec: TTSpec, bags: Bags, mode: str, grad_out: torch.Te
     w = bags.float32_weights()
     stats = TTStats()
     try:
-        _call(library().tt_backward, ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(),
-              bags.offsets.data_ptr(), bags.num_bags, None if w is None else w.data_ptr(), int(mode == "mean"),
-              grad_out.data_ptr(), _ptrs(grads), None if touched is None else _ptrs(touched),
-              threads_for(bags.indices.numel()), chunk_bytes, ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0),
-              lr, eps, None if state is None else _ptrs(state))
+        _call(library().tt_backward, *_batch_args(spec, cores, bags, mode, w), grad_out.data_ptr(), _ptrs(grads),
+              None if touched is None else _ptrs(touched), threads_for(bags.indices.numel()), chunk_bytes,
+              ctypes.byref(stats), plan, _OPTIMIZERS.get(optimizer, 0), lr, eps, None if state is None else _ptrs(state))
     finally:
         if plan is not None:  # used once: the backward takes parts of it (a second use read an emptied table)
             saved.release()
@@ -419,8 +425,7 @@ def native_calls_step(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode:
     touched = [np.zeros(p, dtype=np.uint8) for p in spec.tt_p_shapes]  # (the kernel sets them; cleared per call)
     w = bags.float32_weights()
     lib, stats, plan = library(), TTStats(), ctypes.c_void_p()
-    args = (ctypes.byref(_shape(spec)), _ptrs(cores), bags.indices.data_ptr(), bags.offsets.data_ptr(), bags.num_bags,
-            None if w is None else w.data_ptr(), int(mode == "mean"))
+    args = _batch_args(spec, cores, bags, mode, w)
     threads = threads_for(bags.indices.numel())
     forward_args = (*args, out.data_ptr(), threads, DEFAULT_CHUNK_BYTES, 1, ctypes.byref(stats), ctypes.byref(plan))
     touched_ptrs = (ctypes.c_void_p * len(touched))(*[t.ctypes.data for t in touched])
@@ -432,9 +437,7 @@ def native_calls_step(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode:
         global _update_epoch
         for t in touched:
             t.fill(0)
-        rc = lib.tt_forward(*forward_args)
-        if rc != 0:
-            raise RuntimeError(f"native CPU kernel: tt_forward failed (code {rc})")
+        _check_rc(lib.tt_forward(*forward_args), lib.tt_forward)
         try:
             rc = lib.tt_backward(*backward_args, plan.value, *sgd)
         finally:
@@ -442,8 +445,7 @@ def native_calls_step(cores: list[torch.Tensor], spec: TTSpec, bags: Bags, mode:
                 lib.tt_state_free(plan.value)
                 plan.value = None
             _update_epoch += 1  # the cores changed: every kept forward plan is stale from here on
-        if rc != 0:
-            raise RuntimeError(f"native CPU kernel: tt_backward failed (code {rc})")
+        _check_rc(rc, lib.tt_backward)
     step.keep = (cores, grad_out, out, scratch, touched, w, bags)  # what the prepared pointers point into
     return step
 
